@@ -1,0 +1,61 @@
+//! The differentiable quantizer interface: what LoRA-QAT layers call.
+//!
+//! A differentiable quantizer maps a weight matrix `w` (`(out, in)`) to integer codes and
+//! their dequantized values `ŵ` in the forward pass, and in the backward pass turns `∂L/∂ŵ`
+//! into `∂L/∂w` (through a straight-through estimator) and `∂L/∂θ` for its own learnable
+//! step/scale parameters `θ` (LSQ). Implementations live beside their grids (uniform, Pi,
+//! NF4-grid) and wrappers (Hadamard incoherence); the factory from a serde config builds them.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::error::Result;
+
+/// What a forward pass produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizerOutput {
+    /// Unsigned codes, one per weight, in `0..2^bits` (uniform: `q − qmin`; codebook: index).
+    pub codes: Array2<u8>,
+    /// The dequantized weights `ŵ` the layer computes with.
+    pub dequantized: Array2<f32>,
+}
+
+/// What a backward pass produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizerGrads {
+    /// `∂L/∂w`, same shape as the forward input.
+    pub input: Array2<f32>,
+    /// `∂L/∂θ` for each learnable parameter, in the order of [`DifferentiableQuantizer::params`]
+    /// (empty when the quantizer learns nothing).
+    pub params: Vec<f32>,
+}
+
+/// How a quantizer initialises its step/scale parameters from weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitMethod {
+    /// The grid's extreme level lands on max |w| of each group.
+    Absmax,
+    /// The clip ratio that minimises the mean squared quantization error of each group.
+    MseClipSearch,
+}
+
+/// A quantizer with a forward pass that keeps what its backward pass needs.
+pub trait DifferentiableQuantizer: Send + Sync + std::fmt::Debug {
+    /// Bits per code.
+    fn bits(&self) -> u32;
+
+    /// Sets the learnable parameters from `w` (called once before training, or on calibration).
+    fn init_from_weights(&mut self, w: ArrayView2<'_, f32>, method: InitMethod) -> Result<()>;
+
+    /// Quantizes `w` with the current parameters; remembers what [`Self::backward`] needs.
+    fn forward(&mut self, w: ArrayView2<'_, f32>) -> Result<QuantizerOutput>;
+
+    /// `∂L/∂ŵ` → (`∂L/∂w`, `∂L/∂θ`) for the last forward input.
+    fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads>;
+
+    /// The learnable parameters θ (steps, scales, α), flattened.
+    fn params(&self) -> &[f32];
+
+    /// Mutable access for optimizers.
+    fn params_mut(&mut self) -> &mut [f32];
+}
