@@ -119,7 +119,9 @@ mod tests {
         let (m, k) = a.dim();
         let n = b.ncols();
         Array2::from_shape_fn((m, n), |(i, j)| {
-            (0..k).map(|p| a[[i, p]] as f64 * b[[p, j]] as f64).sum::<f64>() as f32
+            (0..k)
+                .map(|p| a[[i, p]] as f64 * b[[p, j]] as f64)
+                .sum::<f64>() as f32
         })
     }
 
@@ -162,8 +164,16 @@ mod tests {
             12,
         );
         let dy = random(&mut rng, 20, 9);
-        assert_close(&matmul(dy.view(), w.view()).unwrap(), &naive(dy.view(), w.view()), 9);
-        assert_close(&matmul(x.t(), dy.view()).unwrap(), &naive(x.t(), dy.view()), 20);
+        assert_close(
+            &matmul(dy.view(), w.view()).unwrap(),
+            &naive(dy.view(), w.view()),
+            9,
+        );
+        assert_close(
+            &matmul(x.t(), dy.view()).unwrap(),
+            &naive(x.t(), dy.view()),
+            20,
+        );
         // Every other row and column, and a reversed axis.
         let big = random(&mut rng, 40, 30);
         let a = big.slice(s![..;2, 1..;3]);
@@ -173,11 +183,7 @@ mod tests {
         // Output into a strided view.
         let mut out = Array2::<f32>::from_elem((40, 30), f32::NAN);
         gemm(1.0, a, bv, 0.0, out.slice_mut(s![..;2, 5..30])).unwrap();
-        assert_close(
-            &out.slice(s![..;2, 5..30]).to_owned(),
-            &naive(a, bv),
-            10,
-        );
+        assert_close(&out.slice(s![..;2, 5..30]).to_owned(), &naive(a, bv), 10);
         assert!(out[[1, 0]].is_nan(), "rows outside the view are untouched");
     }
 

@@ -1,0 +1,139 @@
+//! Reading and writing safetensors files: dtype conversion to `f32` and crash-safe saves.
+//!
+//! Every crate above reads weights through [`tensor_to_f32`] (f32, f16 and bf16 are accepted,
+//! as Hugging Face checkpoints use all three) and writes files through [`write_atomic`], so a
+//! failed or interrupted save never leaves a half-written file under the final name.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use crate::error::{QuantError, Result};
+
+/// The elements of a floating-point tensor as `f32` (f32 copied, f16/bf16 widened exactly).
+///
+/// ```
+/// use safetensors::{tensor::TensorView, Dtype};
+/// let bytes: Vec<u8> = [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)]
+///     .iter().flat_map(|h| h.to_le_bytes()).collect();
+/// let view = TensorView::new(Dtype::F16, vec![2], &bytes).unwrap();
+/// assert_eq!(quant_core::io::tensor_to_f32("w", &view).unwrap(), vec![1.5, -2.0]);
+/// ```
+pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
+    let data = view.data();
+    let values = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => return Err(QuantError::format(
+            format!("tensor `{name}`"),
+            format!(
+                "dtype {other:?} is not a floating-point type this crate reads (f32, f16, bf16)"
+            ),
+        )),
+    };
+    Ok(values)
+}
+
+/// Little-endian bytes of `f32` values, as safetensors stores them.
+pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
+/// the file under `path` is either the old one, whole, or the new one, whole.
+///
+/// ```
+/// let dir = std::env::temp_dir().join(format!("quant-core-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("a.bin");
+/// quant_core::io::write_atomic(&path, b"hello").unwrap();
+/// assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// Like [`write_atomic`], with the content produced by a writer callback (for streaming).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let io_err = |what: &str, p: &Path, e: std::io::Error| {
+        QuantError::format(format!("file {}", p.display()), format!("{what}: {e}"))
+    };
+    let tmp = temp_path(path);
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
+        let mut writer = std::io::BufWriter::new(file);
+        write(&mut writer).map_err(|e| io_err("write failed", &tmp, e))?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| io_err("write failed", &tmp, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| io_err("sync failed", &tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err("rename failed", path, e))
+    })();
+    if result.is_err() {
+        // Best effort: the temporary file is garbage whatever happened to it.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_save_leaves_the_old_file_whole() {
+        let dir = std::env::temp_dir().join(format!("qc-io-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.bin");
+        write_atomic(&path, b"old contents").unwrap();
+        let err = write_atomic_with(&path, |w| {
+            w.write_all(b"partial")?;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old contents");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unwritable_directory_is_an_error_naming_the_file() {
+        let err = write_atomic(Path::new("/nonexistent-dir-xyz/out.bin"), b"x").unwrap_err();
+        assert!(err.to_string().contains("out.bin"), "{err}");
+    }
+
+    #[test]
+    fn integer_tensors_are_rejected_with_their_name() {
+        let bytes = [0u8; 8];
+        let view = TensorView::new(Dtype::I64, vec![1], &bytes).unwrap();
+        let err = tensor_to_f32("input_ids", &view).unwrap_err();
+        assert!(err.to_string().contains("input_ids"), "{err}");
+    }
+}
