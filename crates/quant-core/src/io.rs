@@ -7,7 +7,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::TensorView;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use safetensors::tensor::{TensorView, View};
 use safetensors::Dtype;
 
 use crate::error::{QuantError, Result};
@@ -36,12 +39,14 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
-        other => return Err(QuantError::format(
-            format!("tensor `{name}`"),
-            format!(
+        other => {
+            return Err(QuantError::format(
+                format!("tensor `{name}`"),
+                format!(
                 "dtype {other:?} is not a floating-point type this crate reads (f32, f16, bf16)"
             ),
-        )),
+            ))
+        }
     };
     Ok(values)
 }
@@ -91,6 +96,120 @@ pub fn write_atomic_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// A tensor that owns its little-endian bytes, ready to be written to a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedTensor {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape (row-major).
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes.
+    pub data: Vec<u8>,
+}
+
+impl OwnedTensor {
+    /// An `f32` tensor; errors when `values.len()` is not the product of `shape`.
+    ///
+    /// ```
+    /// let t = quant_core::io::OwnedTensor::f32(vec![2], &[1.0, 2.0]).unwrap();
+    /// assert_eq!(t.data.len(), 8);
+    /// ```
+    pub fn f32(shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        let expected: usize = shape.iter().product();
+        if expected != values.len() {
+            return Err(QuantError::shape(
+                "OwnedTensor::f32",
+                format!("{expected} values for shape {shape:?}"),
+                values.len(),
+            ));
+        }
+        Ok(Self {
+            dtype: Dtype::F32,
+            shape,
+            data: f32_to_le_bytes(values),
+        })
+    }
+
+    /// A `u8` tensor; errors when `bytes.len()` is not the product of `shape`.
+    pub fn u8(shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
+        let expected: usize = shape.iter().product();
+        if expected != bytes.len() {
+            return Err(QuantError::shape(
+                "OwnedTensor::u8",
+                format!("{expected} bytes for shape {shape:?}"),
+                bytes.len(),
+            ));
+        }
+        Ok(Self {
+            dtype: Dtype::U8,
+            shape,
+            data: bytes,
+        })
+    }
+
+    /// A copy of a tensor read from a file.
+    pub fn from_view(view: &TensorView<'_>) -> Self {
+        Self {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: view.data().to_vec(),
+        }
+    }
+}
+
+impl View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Serializes named tensors (and optional `__metadata__`) into safetensors bytes.
+pub fn serialize_safetensors(
+    tensors: &[(String, OwnedTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| QuantError::format("safetensors serialization", e.to_string()))
+}
+
+/// Serializes and writes a safetensors file crash-safely (see [`write_atomic`]).
+///
+/// ```
+/// use quant_core::io::{write_safetensors, OwnedTensor};
+/// let dir = std::env::temp_dir().join(format!("qc-st-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let path = dir.join("t.safetensors");
+/// let t = OwnedTensor::f32(vec![1, 2], &[0.5, -1.0]).unwrap();
+/// write_safetensors(&path, &[("w".to_string(), t)], None).unwrap();
+/// let bytes = std::fs::read(&path).unwrap();
+/// let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+/// assert_eq!(st.tensor("w").unwrap().shape(), &[1, 2]);
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, OwnedTensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, metadata)?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads a whole file, with an error that names it.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| QuantError::format(format!("file {}", path.display()), e.to_string()))
 }
 
 fn temp_path(path: &Path) -> PathBuf {
