@@ -58,9 +58,9 @@ pub fn gemm(
         }
         return Ok(());
     }
-    let [rsa, csa] = strides(&a.strides());
-    let [rsb, csb] = strides(&b.strides());
-    let [rsc, csc] = strides(&c.strides());
+    let [rsa, csa] = strides(a.strides());
+    let [rsb, csb] = strides(b.strides());
+    let [rsc, csc] = strides(c.strides());
     // SAFETY: the pointers and strides come from live ndarray views of the stated shapes, so
     // every index matrixmultiply forms (i·rs + j·cs for i < rows, j < cols) is in bounds; `c`
     // is a unique mutable borrow, so it cannot alias `a` or `b`. matrixmultiply accepts any
