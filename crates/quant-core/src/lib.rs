@@ -23,6 +23,7 @@
 
 pub mod codebook;
 pub mod error;
+pub mod hadamard;
 pub mod linalg;
 pub mod quantizer;
 pub mod rounding;
