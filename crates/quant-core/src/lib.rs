@@ -24,6 +24,7 @@
 pub mod codebook;
 pub mod error;
 pub mod hadamard;
+pub mod incoherence;
 pub mod linalg;
 pub mod quantizer;
 pub mod rounding;
