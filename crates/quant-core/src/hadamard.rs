@@ -17,6 +17,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{QuantError, Result};
 
@@ -322,6 +323,9 @@ pub fn hadamard_matrix(n: usize) -> Result<Array2<f32>> {
 /// transform re-concentrates much of what the first one spread (measured: max/rms of an
 /// outlier-heavy 384-column matrix only halved, instead of dropping to Gaussian levels).
 ///
+/// **Serialization.** Serde stores only `{"dim": n, "seed": s}`; deserializing re-draws the
+/// signs, which the seed determines, so a checkpoint stays small and the rotation exact.
+///
 /// ```
 /// use quant_core::hadamard::HadamardRotation;
 /// let rotation = HadamardRotation::new(6, 42).unwrap();
@@ -335,7 +339,8 @@ pub fn hadamard_matrix(n: usize) -> Result<Array2<f32>> {
 ///     assert!((a - b).abs() < 1e-5);
 /// }
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RotationSpec", into = "RotationSpec")]
 pub struct HadamardRotation {
     dim: usize,
     seed: u64,
@@ -345,6 +350,31 @@ pub struct HadamardRotation {
     middle_signs: Vec<f32>,
     /// Largest power of two `≤ dim`: the Hadamard window length.
     window: usize,
+}
+
+/// What a [`HadamardRotation`] is serialized as: everything else follows from it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotationSpec {
+    dim: usize,
+    seed: u64,
+}
+
+impl From<HadamardRotation> for RotationSpec {
+    fn from(rotation: HadamardRotation) -> Self {
+        Self {
+            dim: rotation.dim,
+            seed: rotation.seed,
+        }
+    }
+}
+
+impl TryFrom<RotationSpec> for HadamardRotation {
+    type Error = QuantError;
+
+    fn try_from(spec: RotationSpec) -> Result<Self> {
+        Self::new(spec.dim, spec.seed)
+    }
 }
 
 impl HadamardRotation {

@@ -198,8 +198,8 @@ fn fine_inner_quantizer_gives_back_the_weights() {
         .unwrap();
     let step = wrapper.params()[0];
     let out = wrapper.forward(w.view()).unwrap();
-    // Each rotated weight moves by ≤ step/2; rotating back keeps the Frobenius norm of the
-    // error, so no single weight moves by more than step/2·√(out·in).
+    // Each rotated weight moves by ≤ step/2, so the error has Frobenius norm
+    // ≤ step/2·√(out·in) in the rotated basis, and rotating back keeps that norm.
     let error = (&out.dequantized - &w)
         .iter()
         .map(|d| d * d)

@@ -123,6 +123,18 @@ fn rotation_is_deterministic_in_its_seed() {
 }
 
 #[test]
+fn rotation_serializes_as_dim_and_seed() {
+    let rotation = HadamardRotation::new(300, 12345).unwrap();
+    let json = serde_json::to_string(&rotation).unwrap();
+    assert_eq!(json, r#"{"dim":300,"seed":12345}"#);
+    let back: HadamardRotation = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, rotation);
+    let err = serde_json::from_str::<HadamardRotation>(r#"{"dim":0,"seed":1}"#).unwrap_err();
+    assert!(err.to_string().contains("dim"), "{err}");
+    assert!(serde_json::from_str::<HadamardRotation>(r#"{"dim":4,"seed":1,"signs":[]}"#).is_err());
+}
+
+#[test]
 fn rotation_errors_on_length_mismatch_and_zero_dim() {
     assert!(matches!(
         HadamardRotation::new(0, 1),
