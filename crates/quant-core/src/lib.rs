@@ -21,8 +21,11 @@
 //! assert_eq!(y, array![[1.0, 2.0, 3.0], [3.0, 4.0, 7.0]]);
 //! ```
 
+pub mod calibration;
 pub mod codebook;
 pub mod error;
+pub mod hadamard;
+pub mod incoherence;
 pub mod io;
 pub mod linalg;
 pub mod quantizer;
