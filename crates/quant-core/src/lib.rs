@@ -24,6 +24,7 @@
 pub mod codebook;
 pub mod error;
 pub mod linalg;
+pub mod nf4;
 pub mod quantizer;
 pub mod rounding;
 
