@@ -87,10 +87,10 @@ fn multi_row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize)
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ROWS {
-                let lower = acc[j - 1][k];
-                add(&mut acc[j][k], lower);
-                acc[j - 1][k] = [0.0; W];
+            let (below, above) = acc.split_at_mut(j);
+            for (lower, upper) in below[j - 1].iter_mut().zip(above[0].iter_mut()) {
+                add(upper, *lower);
+                *lower = [0.0; W];
             }
             if i & (level_mask << (j as u32 * level_power)) != 0 {
                 break;
@@ -103,10 +103,10 @@ fn multi_row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize)
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..ROWS {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], upper);
+    let (first, rest) = acc.split_at_mut(1);
+    for level in rest.iter() {
+        for (row, upper) in first[0].iter_mut().zip(level) {
+            add(row, *upper);
         }
     }
     acc[0]
@@ -158,18 +158,41 @@ pub fn torch_cpu_mean_f32(values: &[f32]) -> f32 {
 
 /// Index of the entry of the sorted `map` nearest to `x`, ties to the lower index — what
 /// `torch.argmin(|x − map|)` picks.
+#[cfg(test)]
+fn nearest_in_sorted_map(map: &[f32; DYNAMIC_MAP_LEN], x: f32) -> u8 {
+    let mut out = [0u8; 1];
+    nearest_batch(map, &[x], &mut out);
+    out[0]
+}
+
+/// [`nearest_in_sorted_map`] for a batch of up to `NEAREST_BATCH` values. The binary searches
+/// of the batch run in lock-step, so their dependent loads overlap instead of queueing.
+const NEAREST_BATCH: usize = 8;
+
 #[inline]
-pub(crate) fn nearest_in_sorted_map(map: &[f32], x: f32) -> u8 {
-    let upper = map.partition_point(|&c| c <= x);
-    let mut best = upper.saturating_sub(1);
-    if upper < map.len() && (x - map[upper]).abs() < (x - map[best]).abs() {
-        best = upper;
+fn nearest_batch(map: &[f32; DYNAMIC_MAP_LEN], xs: &[f32], out: &mut [u8]) {
+    debug_assert!(xs.len() <= NEAREST_BATCH && out.len() == xs.len());
+    // count[j] = number of map entries <= xs[j], capped at 255 (binary lifting, branch-free).
+    let mut count = [0usize; NEAREST_BATCH];
+    let mut step = DYNAMIC_MAP_LEN / 2;
+    while step > 0 {
+        for (c, &x) in count.iter_mut().zip(xs) {
+            *c += step * usize::from(map[*c + step - 1] <= x);
+        }
+        step /= 2;
     }
-    // Equal rounded distances further left would win argmin's first-index rule.
-    while best > 0 && (x - map[best - 1]).abs() == (x - map[best]).abs() {
-        best -= 1;
+    for ((o, &c), &x) in out.iter_mut().zip(&count).zip(xs) {
+        // The nearest entry is the last one <= x or the first one above it.
+        let mut best = c.saturating_sub(1);
+        if (x - map[c]).abs() < (x - map[best]).abs() {
+            best = c;
+        }
+        // Equal rounded distances further left would win argmin's first-index rule.
+        while best > 0 && (x - map[best - 1]).abs() == (x - map[best]).abs() {
+            best -= 1;
+        }
+        *o = best as u8;
     }
-    best as u8
 }
 
 /// bitsandbytes' `quantize_blockwise` with a sorted 8-bit `map`: per block of `blocksize` the
@@ -177,7 +200,7 @@ pub(crate) fn nearest_in_sorted_map(map: &[f32], x: f32) -> u8 {
 /// Returns `(codes, block_absmax)`. An all-zero block gets absmax 0 and the code of 0.
 pub(crate) fn quantize_blockwise_8bit(
     values: &[f32],
-    map: &[f32],
+    map: &[f32; DYNAMIC_MAP_LEN],
     blocksize: usize,
 ) -> (Vec<u8>, Vec<f32>) {
     let absmax: Vec<f32> = values
@@ -191,8 +214,15 @@ pub(crate) fn quantize_blockwise_8bit(
         .zip(absmax.par_iter())
         .for_each(|((out, block), &amax)| {
             let inv = if amax > 0.0 { 1.0 / amax } else { 0.0 };
-            for (o, &v) in out.iter_mut().zip(block) {
-                *o = nearest_in_sorted_map(map, (v * inv).clamp(-1.0, 1.0));
+            for (o, v) in out
+                .chunks_mut(NEAREST_BATCH)
+                .zip(block.chunks(NEAREST_BATCH))
+            {
+                let mut scaled = [0.0f32; NEAREST_BATCH];
+                for (s, &x) in scaled.iter_mut().zip(v) {
+                    *s = (x * inv).clamp(-1.0, 1.0);
+                }
+                nearest_batch(map, &scaled[..v.len()], o);
             }
         });
     (codes, absmax)
@@ -218,12 +248,40 @@ mod tests {
     }
 
     #[test]
+    fn batched_search_equals_exhaustive_argmin() {
+        let map: Vec<f32> = bnb_dynamic_map_signed();
+        let map: [f32; DYNAMIC_MAP_LEN] = map.try_into().unwrap();
+        let mut probes: Vec<f32> = map.to_vec();
+        for w in map.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            probes.extend([
+                mid,
+                f32::from_bits(mid.to_bits() + 1),
+                f32::from_bits(mid.to_bits().wrapping_sub(1)),
+            ]);
+        }
+        probes.extend((0..2001).map(|i| i as f32 / 1000.0 - 1.0));
+        for &x in &probes {
+            let x = x.clamp(-1.0, 1.0);
+            let mut best = 0;
+            for (k, &v) in map.iter().enumerate() {
+                if (x - v).abs() < (x - map[best]).abs() {
+                    best = k;
+                }
+            }
+            assert_eq!(nearest_in_sorted_map(&map, x) as usize, best, "x = {x}");
+        }
+    }
+
+    #[test]
     fn nearest_prefers_lower_on_ties() {
-        let map = [-1.0, 0.0, 1.0];
-        assert_eq!(nearest_in_sorted_map(&map, 0.5), 1);
-        assert_eq!(nearest_in_sorted_map(&map, 0.6), 2);
-        assert_eq!(nearest_in_sorted_map(&map, -0.5), 0);
-        assert_eq!(nearest_in_sorted_map(&map, -2.0), 0);
-        assert_eq!(nearest_in_sorted_map(&map, 2.0), 2);
+        let map: [f32; DYNAMIC_MAP_LEN] = std::array::from_fn(|i| i as f32 - 128.0);
+        assert_eq!(nearest_in_sorted_map(&map, 0.5), 128);
+        assert_eq!(nearest_in_sorted_map(&map, 0.6), 129);
+        assert_eq!(nearest_in_sorted_map(&map, -0.5), 127);
+        assert_eq!(nearest_in_sorted_map(&map, -200.0), 0);
+        assert_eq!(nearest_in_sorted_map(&map, 200.0), 255);
+        assert_eq!(nearest_in_sorted_map(&map, 127.0), 255);
+        assert_eq!(nearest_in_sorted_map(&map, -128.0), 0);
     }
 }
