@@ -434,27 +434,36 @@ impl QuantizeTask<'_> {
     }
 }
 
+/// The unscaled code values of both nibbles of every byte: `(code[b >> 4], code[b & 15])`.
+/// One load per byte then a multiply by the block scale gives the same bits as looking up
+/// each nibble and multiplying.
+type PairTable = [[f32; 2]; 256];
+
+fn pair_table(code: &[f32; 16]) -> Box<PairTable> {
+    Box::new(std::array::from_fn(|b| [code[b >> 4], code[b & 15]]))
+}
+
 /// Writes `code_value · scale` for the flat elements `start..start + out.len()` of one block,
 /// reading codes from `packed` (indexed by flat element / 2).
 #[inline]
-fn dequantize_segment(code: &[f32; 16], scale: f32, packed: &[u8], start: usize, out: &mut [f32]) {
-    let table: [f32; 16] = std::array::from_fn(|i| code[i] * scale);
+fn dequantize_segment(pairs: &PairTable, scale: f32, packed: &[u8], start: usize, out: &mut [f32]) {
     let mut out = out;
     let mut index = start;
     if index % 2 == 1 && !out.is_empty() {
-        out[0] = table[(packed[index / 2] & 0x0f) as usize];
+        out[0] = pairs[packed[index / 2] as usize][1] * scale;
         out = &mut out[1..];
         index += 1;
     }
     let bytes = &packed[index / 2..];
     let tail_byte = out.len() / 2;
-    let mut pairs = out.chunks_exact_mut(2);
-    for (pair, &byte) in (&mut pairs).zip(bytes) {
-        pair[0] = table[(byte >> 4) as usize];
-        pair[1] = table[(byte & 0x0f) as usize];
+    let mut chunks = out.chunks_exact_mut(2);
+    for (pair, &byte) in (&mut chunks).zip(bytes) {
+        let [hi, lo] = pairs[byte as usize];
+        pair[0] = hi * scale;
+        pair[1] = lo * scale;
     }
-    if let [last] = pairs.into_remainder() {
-        *last = table[(bytes[tail_byte] >> 4) as usize];
+    if let [last] = chunks.into_remainder() {
+        *last = pairs[bytes[tail_byte] as usize][0] * scale;
     }
 }
 
@@ -732,7 +741,7 @@ impl FourBitTensor {
     }
 
     fn dequantize_flat(&self, out: &mut [f32]) {
-        let code = self.quant_type.code();
+        let pairs = pair_table(self.quant_type.code());
         let bs = self.blocksize;
         let task_values = BLOCKS_PER_TASK * bs;
         let scales = self.absmax_values();
@@ -742,7 +751,7 @@ impl FourBitTensor {
                 let first_block = task * BLOCKS_PER_TASK;
                 for (k, block_out) in chunk.chunks_mut(bs).enumerate() {
                     let block = first_block + k;
-                    dequantize_segment(code, scales[block], &self.packed, block * bs, block_out);
+                    dequantize_segment(&pairs, scales[block], &self.packed, block * bs, block_out);
                 }
             });
     }
@@ -774,7 +783,7 @@ impl FourBitTensor {
                 out.len(),
             ));
         }
-        let code = self.quant_type.code();
+        let pairs = pair_table(self.quant_type.code());
         let bs = self.blocksize;
         let mut index = start;
         let mut out = out;
@@ -786,7 +795,7 @@ impl FourBitTensor {
                 BlockScales::DoubleQuant(dq) => dq.scale(block),
             };
             let (seg, rest) = out.split_at_mut(seg_end - index);
-            dequantize_segment(code, scale, &self.packed, index, seg);
+            dequantize_segment(&pairs, scale, &self.packed, index, seg);
             out = rest;
             index = seg_end;
         }
