@@ -126,32 +126,72 @@ fn row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize) -> [f
     total
 }
 
-/// `torch.Tensor.mean()` of a contiguous `f32` vector on a single CPU thread with AVX2 (8-lane)
-/// vectors: PyTorch's cascade sum (`SumKernel.cpp`), divided by the count.
-///
-/// PyTorch splits reductions of 32768 or more elements across its threads, so for such inputs
-/// the last bit can depend on the thread count bitsandbytes ran with.
-pub fn torch_cpu_mean_f32(values: &[f32]) -> f32 {
+/// PyTorch's `cascade_sum` of one contiguous run with AVX2 (8-lane) vectors.
+fn cascade_sum(values: &[f32]) -> f32 {
     const LANES: usize = 8;
     let n = values.len();
-    let sum = if n >= LANES {
-        let vectors = n / LANES;
-        let load = |i: usize| -> [f32; LANES] {
-            let mut v = [0.0f32; LANES];
-            v.copy_from_slice(&values[i * LANES..(i + 1) * LANES]);
-            v
-        };
-        let lanes = row_sum(&load, vectors);
-        let mut total = 0.0f32;
-        for &v in &values[vectors * LANES..] {
-            total += v;
-        }
-        for lane in lanes {
-            total += lane;
-        }
-        total
+    if n < LANES {
+        return row_sum(&|i: usize| [values[i]], n)[0];
+    }
+    let vectors = n / LANES;
+    let load = |i: usize| -> [f32; LANES] {
+        let mut v = [0.0f32; LANES];
+        v.copy_from_slice(&values[i * LANES..(i + 1) * LANES]);
+        v
+    };
+    let lanes = row_sum(&load, vectors);
+    let mut total = 0.0f32;
+    for &v in &values[vectors * LANES..] {
+        total += v;
+    }
+    for lane in lanes {
+        total += lane;
+    }
+    total
+}
+
+/// PyTorch's `at::internal::GRAIN_SIZE`: reductions below it always run on one thread.
+const TORCH_GRAIN_SIZE: usize = 32768;
+
+/// `torch.Tensor.mean()` of a contiguous `f32` vector on the CPU with AVX2, as PyTorch computes
+/// it with a single thread: its cascade sum (`SumKernel.cpp`) divided by the count.
+///
+/// ```
+/// use quant_core::nf4::torch_cpu_mean_f32;
+/// assert_eq!(torch_cpu_mean_f32(&[1.0, 2.0, 6.0]), 3.0);
+/// ```
+pub fn torch_cpu_mean_f32(values: &[f32]) -> f32 {
+    torch_cpu_mean_f32_threads(values, 1)
+}
+
+/// `torch.Tensor.mean()` as PyTorch computes it with `torch_threads` intra-op threads.
+///
+/// From 32768 elements on (PyTorch's `GRAIN_SIZE`), PyTorch cuts the vector into
+/// `min(threads, ceil(n / 32768))` equal chunks, cascade-sums each into a per-thread slot and
+/// cascade-sums the `threads` slots, so the last bit of the mean depends on the thread count
+/// the reference ran with (`torch.get_num_threads()`). Below that, every thread count gives
+/// the single-thread result.
+///
+/// ```
+/// use quant_core::nf4::torch_cpu_mean_f32_threads;
+/// let v: Vec<f32> = (0..100_000).map(|i| (i % 977) as f32 * 0.001).collect();
+/// let one = torch_cpu_mean_f32_threads(&v, 1);
+/// let two = torch_cpu_mean_f32_threads(&v, 2);
+/// assert!((one - two).abs() <= 1e-6 * one);
+/// ```
+pub fn torch_cpu_mean_f32_threads(values: &[f32], torch_threads: usize) -> f32 {
+    let n = values.len();
+    let threads = torch_threads.max(1);
+    let sum = if n < TORCH_GRAIN_SIZE || threads == 1 {
+        cascade_sum(values)
     } else {
-        row_sum(&|i: usize| [values[i]], n)[0]
+        let used = threads.min(n.div_ceil(TORCH_GRAIN_SIZE));
+        let chunk = n.div_ceil(used);
+        let mut slots = vec![0.0f32; threads];
+        for (slot, part) in slots.iter_mut().zip(values.chunks(chunk)) {
+            *slot = cascade_sum(part);
+        }
+        cascade_sum(&slots)
     };
     sum / n as f32
 }
@@ -271,6 +311,28 @@ mod tests {
             }
             assert_eq!(nearest_in_sorted_map(&map, x) as usize, best, "x = {x}");
         }
+    }
+
+    #[test]
+    fn threaded_mean_splits_like_torch() {
+        let small: Vec<f32> = (0..TORCH_GRAIN_SIZE - 1)
+            .map(|i| (i % 97) as f32 * 0.013)
+            .collect();
+        for threads in [1, 2, 3, 16] {
+            assert_eq!(
+                torch_cpu_mean_f32_threads(&small, threads).to_bits(),
+                torch_cpu_mean_f32(&small).to_bits()
+            );
+        }
+        // 8 threads, but ceil(120000 / 32768) = 4 chunks of 30000; the unused slots stay 0.
+        let big: Vec<f32> = (0..120_000).map(|i| (i % 1013) as f32 * 0.0071).collect();
+        let parts: Vec<f32> = big.chunks(30_000).map(cascade_sum).collect();
+        let slots = [parts[0], parts[1], parts[2], parts[3], 0.0, 0.0, 0.0, 0.0];
+        let want = cascade_sum(&slots) / 120_000.0;
+        assert_eq!(
+            torch_cpu_mean_f32_threads(&big, 8).to_bits(),
+            want.to_bits()
+        );
     }
 
     #[test]

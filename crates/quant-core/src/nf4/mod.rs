@@ -24,6 +24,34 @@
 //!   256 with bitsandbytes' signed 8-bit dynamic map ([`bnb_dynamic_map_signed`]) to the
 //!   nearest entry (ties to the lower index), keeping one `f32` absmax per 256 scales. The
 //!   effective scale of block `b` is `map[code_b] · absmax2[b / 256] + offset`.
+//! * **Storage.** [`FourBitTensor::stored_bytes`] counts `ceil(n/2)` packed bytes plus either
+//!   4 bytes per block, or 1 byte per block + 4 per 256 blocks + 4 (offset) + 1024 (the map).
+//!   NF4 with blocksize 64: 4.5 bits per weight plain, ≈4.127 double-quantized (large tensors).
+//!
+//! # Exact arithmetic (what reproduces bitsandbytes' bits)
+//!
+//! * Scaling is `x · (1/a)` with the reciprocal rounded to `f32` first (bitsandbytes' CPU
+//!   kernel); on the reference data `x / a` happens to give the same codes.
+//! * The 256-entry dynamic map comes out bit-identical only when `torch.linspace` is emulated
+//!   as PyTorch's CPU kernel computes it (`f32` step; first half `start + step·i`, second half
+//!   `end − step·(steps−1−i)`, each a fused multiply-add).
+//! * The offset is PyTorch's CPU `mean` (cascade sum with 8-lane vectors, 4-way interleaving,
+//!   then `/ n`). From 32768 blocks on (e.g. 4096×4096 at blocksize 64) PyTorch splits the sum
+//!   across its threads, so the last bit of the offset depends on `torch.get_num_threads()`;
+//!   [`FourBitTensor::quantize`] matches one thread, [`FourBitTensor::into_double_quant`]
+//!   any given count. bitsandbytes on CUDA sums in yet another order.
+//! * The 8-bit codes take the nearest map entry (`argmin`, ties to the lower index).
+//!
+//! # Against the reference data
+//!
+//! Packed codes, absmaxes, offsets, second-level absmaxes, 8-bit codes and the map are
+//! bit-identical to all eight `tests/data/nf4` files. Two observations differ from the
+//! reference README: the odd-length padding nibble is the code of 0.0 (7 for NF4), not
+//! code 0; and requantizing the f32 llama checkpoint reproduces every tensor of the
+//! transformers bnb-4bit checkpoint byte for byte (packed, quant_map, nested_absmax,
+//! nested_quant_map, quant-state JSON) except one of the 288 absmax codes, which the
+//! checkpoint could only have produced with an offset one ulp below the one it stores (see
+//! `tests/nf4_bnb_layout.rs`).
 //!
 //! ```
 //! use quant_core::nf4::{FourBitTensor, FourBitType};
@@ -47,7 +75,9 @@ use rayon::prelude::*;
 use crate::codebook::{FP4_CODE, NF4_CODE};
 use crate::error::{check_finite, check_non_empty, QuantError, Result};
 
-pub use dynamic_map::{bnb_dynamic_map_signed, torch_cpu_mean_f32, DYNAMIC_MAP_LEN};
+pub use dynamic_map::{
+    bnb_dynamic_map_signed, torch_cpu_mean_f32, torch_cpu_mean_f32_threads, DYNAMIC_MAP_LEN,
+};
 
 /// Smallest block size bitsandbytes supports for 4-bit quantization.
 pub const MIN_BLOCKSIZE: usize = 32;
@@ -205,9 +235,16 @@ impl DoubleQuantAbsmax {
     /// assert!(back.iter().zip([1.0, 2.0, 3.0]).all(|(a, b)| (a - b).abs() < 1e-2));
     /// ```
     pub fn quantize(absmax: &[f32]) -> Result<Self> {
+        Self::quantize_with_torch_threads(absmax, 1)
+    }
+
+    /// [`DoubleQuantAbsmax::quantize`] with the offset computed as PyTorch does with
+    /// `torch_threads` intra-op threads (see [`torch_cpu_mean_f32_threads`]); only matters
+    /// from 32768 blocks on.
+    pub fn quantize_with_torch_threads(absmax: &[f32], torch_threads: usize) -> Result<Self> {
         check_non_empty("DoubleQuantAbsmax::quantize absmax", absmax.len())?;
         check_finite("DoubleQuantAbsmax::quantize absmax", absmax)?;
-        let offset = torch_cpu_mean_f32(absmax);
+        let offset = torch_cpu_mean_f32_threads(absmax, torch_threads);
         let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
         let map: [f32; DYNAMIC_MAP_LEN] = bnb_dynamic_map_signed()
             .try_into()
@@ -549,6 +586,30 @@ impl FourBitTensor {
             quant_type,
             packed,
             scales,
+        })
+    }
+
+    /// Replaces plain `f32` block scales by double-quantized ones, computing the offset as
+    /// PyTorch does with `torch_threads` intra-op threads — for bit-identity with a
+    /// bitsandbytes run on a CPU with that many threads when the tensor has 32768 blocks or
+    /// more ([`FourBitTensor::quantize`] matches one thread). Already double-quantized scales
+    /// are returned unchanged.
+    ///
+    /// ```
+    /// use quant_core::nf4::{FourBitTensor, FourBitType};
+    /// let w = vec![0.5f32; 4096];
+    /// let direct = FourBitTensor::quantize(&w, &[4096], 64, FourBitType::Nf4, true).unwrap();
+    /// let plain = FourBitTensor::quantize(&w, &[4096], 64, FourBitType::Nf4, false).unwrap();
+    /// assert_eq!(plain.into_double_quant(1).unwrap(), direct);
+    /// ```
+    pub fn into_double_quant(self, torch_threads: usize) -> Result<Self> {
+        let BlockScales::Plain(absmax) = &self.scales else {
+            return Ok(self);
+        };
+        let dq = DoubleQuantAbsmax::quantize_with_torch_threads(absmax, torch_threads)?;
+        Ok(FourBitTensor {
+            scales: BlockScales::DoubleQuant(dq),
+            ..self
         })
     }
 
