@@ -286,6 +286,19 @@ pub fn from_bnb_tensors(
     name: &str,
     mut lookup: impl FnMut(&str) -> Option<BnbTensor>,
 ) -> Result<FourBitTensor> {
+    // The key's suffix tells the type; the JSON must agree.
+    let (state_key, key_type, state_tensor) = [FourBitType::Nf4, FourBitType::Fp4]
+        .into_iter()
+        .find_map(|t| {
+            let key = quant_state_key(name, t);
+            lookup(&key).map(|tensor| (key, t, tensor))
+        })
+        .ok_or_else(|| {
+            QuantError::format(
+                format!("bnb weight {name}"),
+                format!("missing tensor {name}.quant_state.bitsandbytes__<nf4|fp4>"),
+            )
+        })?;
     let mut get = |key: String| {
         lookup(&key).ok_or_else(|| {
             QuantError::format(
@@ -294,19 +307,6 @@ pub fn from_bnb_tensors(
             )
         })
     };
-    // The key's suffix tells the type; the JSON must agree.
-    let (state_key, key_type, state_tensor) = [FourBitType::Nf4, FourBitType::Fp4]
-        .into_iter()
-        .find_map(|t| {
-            let key = quant_state_key(name, t);
-            lookup_state(&mut get, &key).map(|tensor| (key, t, tensor))
-        })
-        .ok_or_else(|| {
-            QuantError::format(
-                format!("bnb weight {name}"),
-                format!("missing tensor {name}.quant_state.bitsandbytes__<nf4|fp4>"),
-            )
-        })?;
     let ctx = state_key.as_str();
     let json_bytes = state_tensor.to_u8(ctx)?;
     let state: Value = serde_json::from_slice(&json_bytes)
@@ -386,10 +386,6 @@ pub fn from_bnb_tensors(
             format!("inconsistent parts: {e}"),
         )
     })
-}
-
-fn lookup_state(get: &mut impl FnMut(String) -> Result<BnbTensor>, key: &str) -> Option<BnbTensor> {
-    get(key.to_string()).ok()
 }
 
 /// [`from_bnb_tensors`] reading from a loaded safetensors file.
