@@ -28,6 +28,7 @@ pub mod hadamard;
 pub mod incoherence;
 pub mod io;
 pub mod linalg;
+pub mod nf4;
 pub mod quantizer;
 pub mod rounding;
 
