@@ -90,23 +90,24 @@ impl QuantError {
 /// assert!(err.to_string().contains("index 1"));
 /// ```
 pub fn check_finite(context: &str, values: &[f32]) -> Result<()> {
-    // Fast path: a sum over finite values is finite unless it overflows, which is rare;
-    // fall back to a scan only when the sum says something may be wrong.
-    let mut acc = 0.0f32;
-    for &v in values {
-        acc += v * 0.0;
+    // Fast path: a non-short-circuiting OR over fixed-size chunks vectorizes; the exact index
+    // is searched for only in a chunk that holds a bad value.
+    const CHUNK: usize = 256;
+    for (c, chunk) in values.chunks(CHUNK).enumerate() {
+        let any_bad = chunk.iter().fold(false, |bad, v| {
+            bad | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+        });
+        if any_bad {
+            let offset = chunk.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            let index = c * CHUNK + offset;
+            return Err(QuantError::NonFinite {
+                context: context.to_string(),
+                index,
+                value: values[index],
+            });
+        }
     }
-    if acc == 0.0 {
-        return Ok(());
-    }
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(QuantError::NonFinite {
-            context: context.to_string(),
-            index,
-            value: values[index],
-        }),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// Errors unless `values` is non-empty.
@@ -131,5 +132,26 @@ pub fn check_bits(context: &str, bits: u32, min: u32, max: u32) -> Result<()> {
             min,
             max,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_names_the_first_bad_index_in_any_chunk() {
+        let mut v = vec![1.0f32; 1000];
+        assert!(check_finite("v", &v).is_ok());
+        v[700] = f32::NEG_INFINITY;
+        v[900] = f32::NAN;
+        match check_finite("v", &v).unwrap_err() {
+            QuantError::NonFinite { index, value, .. } => {
+                assert_eq!(index, 700);
+                assert_eq!(value, f32::NEG_INFINITY);
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert!(check_finite("v", &[f32::MAX, f32::MIN_POSITIVE, -0.0]).is_ok());
     }
 }
