@@ -1,0 +1,556 @@
+//! The parameter-free pieces of the decoder layer and RMSNorm, each with an explicit forward
+//! and backward: RMSNorm, rotary embeddings, causal grouped-query attention and SwiGLU.
+//!
+//! Activations are row-major `(tokens, features)` matrices with `tokens = batch·seq` (row
+//! `b·seq + t`); heads are contiguous column blocks of `head_dim`, so a head of a batch row is
+//! a strided view and every product goes to `quant_core::linalg::gemm` without copies.
+
+use ndarray::{s, Array2, Array3, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
+use quant_core::linalg::gemm;
+use rayon::prelude::*;
+
+use crate::error::{LmError, Result};
+
+/// `y = x·rsqrt(mean(x²) + eps)·w` per row, in `f32` as transformers' `LlamaRMSNorm`;
+/// writes the per-row `rsqrt(mean(x²) + eps)` into `rstd` for the backward pass.
+///
+/// ```
+/// use lm::layers::rms_norm_forward;
+/// use ndarray::{array, Array2};
+/// let x = array![[3.0f32, 4.0]];
+/// let mut y = Array2::zeros((1, 2));
+/// let mut rstd = [0.0f32];
+/// rms_norm_forward(x.view(), array![1.0f32, 2.0].view(), 0.0, y.view_mut(), &mut rstd).unwrap();
+/// let r = 1.0 / 12.5f32.sqrt();
+/// assert!((y[[0, 1]] - 8.0 * r).abs() < 1e-6);
+/// ```
+pub fn rms_norm_forward(
+    x: ArrayView2<'_, f32>,
+    weight: ArrayView1<'_, f32>,
+    eps: f32,
+    mut out: ArrayViewMut2<'_, f32>,
+    rstd: &mut [f32],
+) -> Result<()> {
+    let (rows, dim) = x.dim();
+    if weight.len() != dim || out.dim() != (rows, dim) || rstd.len() != rows {
+        return Err(LmError::shape(
+            "rms_norm_forward (x, weight, out, rstd)",
+            format!("x {rows}×{dim}, weight {dim}, out {rows}×{dim}, rstd {rows}"),
+            format!(
+                "weight {}, out {}×{}, rstd {}",
+                weight.len(),
+                out.nrows(),
+                out.ncols(),
+                rstd.len()
+            ),
+        ));
+    }
+    out.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(x.axis_iter(Axis(0)).into_par_iter())
+        .zip(rstd.par_iter_mut())
+        .for_each(|((mut y, xr), r)| {
+            let mean_sq = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            *r = 1.0 / (mean_sq + eps).sqrt();
+            for ((yv, &xv), &wv) in y.iter_mut().zip(xr.iter()).zip(weight.iter()) {
+                *yv = wv * (xv * *r);
+            }
+        });
+    Ok(())
+}
+
+/// Backward of [`rms_norm_forward`]: **adds** `∂L/∂x` into `grad_input` (the residual stream's
+/// gradient is already there) and adds `∂L/∂w` into `grad_weight` when given.
+///
+/// With `g = dy⊙w` and `r = rstd`: `dx = r·g − x·r³·mean(g⊙x)`, `dw = Σ_rows dy⊙x·r`.
+pub fn rms_norm_backward(
+    x: ArrayView2<'_, f32>,
+    weight: ArrayView1<'_, f32>,
+    rstd: &[f32],
+    grad_output: ArrayView2<'_, f32>,
+    mut grad_input: ArrayViewMut2<'_, f32>,
+    grad_weight: Option<ArrayViewMut1<'_, f32>>,
+) -> Result<()> {
+    let (rows, dim) = x.dim();
+    if weight.len() != dim
+        || rstd.len() != rows
+        || grad_output.dim() != (rows, dim)
+        || grad_input.dim() != (rows, dim)
+    {
+        return Err(LmError::shape(
+            "rms_norm_backward (x, weight, rstd, grad_output, grad_input)",
+            format!("x {rows}×{dim}, weight {dim}, rstd {rows}, grads {rows}×{dim}"),
+            format!(
+                "weight {}, rstd {}, grad_output {:?}, grad_input {:?}",
+                weight.len(),
+                rstd.len(),
+                grad_output.dim(),
+                grad_input.dim()
+            ),
+        ));
+    }
+    grad_input
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(x.axis_iter(Axis(0)).into_par_iter())
+        .zip(grad_output.axis_iter(Axis(0)).into_par_iter())
+        .zip(rstd.par_iter())
+        .for_each(|(((mut dx, xr), dy), &r)| {
+            let dot: f32 = dy
+                .iter()
+                .zip(weight.iter())
+                .zip(xr.iter())
+                .map(|((d, w), xv)| d * w * xv)
+                .sum();
+            let coef = r * r * r * dot / dim as f32;
+            for (((dxv, &dyv), &wv), &xv) in dx
+                .iter_mut()
+                .zip(dy.iter())
+                .zip(weight.iter())
+                .zip(xr.iter())
+            {
+                *dxv += r * dyv * wv - coef * xv;
+            }
+        });
+    if let Some(mut gw) = grad_weight {
+        if gw.len() != dim {
+            return Err(LmError::shape(
+                "rms_norm_backward grad_weight",
+                dim,
+                gw.len(),
+            ));
+        }
+        // Sequential over rows: a column sum shared by all rows cannot be split without a reduction.
+        for ((xr, dy), &r) in x
+            .axis_iter(Axis(0))
+            .zip(grad_output.axis_iter(Axis(0)))
+            .zip(rstd)
+        {
+            for ((g, &xv), &dyv) in gw.iter_mut().zip(xr.iter()).zip(dy.iter()) {
+                *g += dyv * xv * r;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cosines and sines of rotary embeddings for a run of positions, transformers' default RoPE:
+/// `inv_freq[i] = 1/θ^(2i/d)`, angle = position·inv_freq, both halves of a head share them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTable {
+    head_dim: usize,
+    first_position: usize,
+    /// `(positions, head_dim/2)`.
+    cos: Array2<f32>,
+    sin: Array2<f32>,
+}
+
+impl RopeTable {
+    /// The table for positions `first_position .. first_position + len`.
+    ///
+    /// ```
+    /// use lm::layers::RopeTable;
+    /// let table = RopeTable::new(10000.0, 4, 0, 3).unwrap();
+    /// // Position 0 does not rotate.
+    /// let mut x = ndarray::array![[1.0f32, 2.0, 3.0, 4.0]];
+    /// table.apply(x.view_mut(), &[0], 1, false).unwrap();
+    /// assert_eq!(x, ndarray::array![[1.0, 2.0, 3.0, 4.0]]);
+    /// ```
+    pub fn new(theta: f32, head_dim: usize, first_position: usize, len: usize) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(LmError::invalid(
+                "head_dim",
+                head_dim,
+                "RoPE needs a positive even head_dim",
+            ));
+        }
+        let half = head_dim / 2;
+        // In f32 as transformers computes inv_freq and the angles (float32 pow and matmul).
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Array2::zeros((len, half));
+        let mut sin = Array2::zeros((len, half));
+        for p in 0..len {
+            let pos = (first_position + p) as f32;
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let angle = (pos * f) as f64;
+                cos[[p, i]] = angle.cos() as f32;
+                sin[[p, i]] = angle.sin() as f32;
+            }
+        }
+        Ok(RopeTable {
+            head_dim,
+            first_position,
+            cos,
+            sin,
+        })
+    }
+
+    /// Rotates every head of every row in place: `x·cos + rotate_half(x)·sin` (forward), or
+    /// by the opposite angle (`inverse`, which is the backward pass: the rotation is orthogonal).
+    /// `positions[r]` is the position of row `r`; `x` has `n_heads·head_dim` columns.
+    pub fn apply(
+        &self,
+        mut x: ArrayViewMut2<'_, f32>,
+        positions: &[usize],
+        n_heads: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        if x.ncols() != n_heads * hd || positions.len() != x.nrows() {
+            return Err(LmError::shape(
+                "RoPE input (rows, n_heads·head_dim) and positions",
+                format!("{} positions, {} columns", x.nrows(), n_heads * hd),
+                format!("{} positions, {} columns", positions.len(), x.ncols()),
+            ));
+        }
+        let table_len = self.cos.nrows();
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p < self.first_position || p - self.first_position >= table_len)
+        {
+            return Err(LmError::invalid(
+                "position",
+                p,
+                format!(
+                    "outside the RoPE table {}..{}",
+                    self.first_position,
+                    self.first_position + table_len
+                ),
+            ));
+        }
+        let sign = if inverse { -1.0f32 } else { 1.0 };
+        x.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .zip(positions.par_iter())
+            .for_each(|(mut row, &p)| {
+                let cos = self.cos.row(p - self.first_position);
+                let sin = self.sin.row(p - self.first_position);
+                for h in 0..n_heads {
+                    let mut head = row.slice_mut(s![h * hd..(h + 1) * hd]);
+                    for i in 0..half {
+                        let (c, sn) = (cos[i], sign * sin[i]);
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * c - b * sn;
+                        head[i + half] = b * c + a * sn;
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The geometry of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn check(&self, what: &str, a: &ArrayView2<'_, f32>, heads: usize) -> Result<()> {
+        let expected = (self.batch * self.seq, heads * self.head_dim);
+        if a.dim() != expected {
+            return Err(LmError::shape(
+                format!("attention {what}"),
+                format!("{}×{}", expected.0, expected.1),
+                format!("{}×{}", a.nrows(), a.ncols()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(LmError::invalid(
+                "n_kv_heads",
+                self.n_kv_heads,
+                format!("must divide n_heads = {}", self.n_heads),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One head of causal attention with the softmax probabilities written to `probs`.
+///
+/// Query row `i` sits at position `query_offset + i` and attends to keys `j <= query_offset + i`
+/// whose `key_mask[j]` is true. A query with no visible key gets probability 0 everywhere and
+/// a zero output (transformers' output there is unspecified; such rows carry no loss).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_head(
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    key_mask: Option<&[bool]>,
+    query_offset: usize,
+    scale: f32,
+    mut probs: ArrayViewMut2<'_, f32>,
+    out: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    gemm(scale, q, k.t(), 0.0, probs.view_mut())?;
+    for (i, mut row) in probs.axis_iter_mut(Axis(0)).enumerate() {
+        let visible = |j: usize| j <= query_offset + i && key_mask.is_none_or(|m| m[j]);
+        let mut max = f32::NEG_INFINITY;
+        for (j, &sv) in row.iter().enumerate() {
+            if visible(j) && sv > max {
+                max = sv;
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let mut sum = 0.0f32;
+        for (j, p) in row.iter_mut().enumerate() {
+            *p = if visible(j) { (*p - max).exp() } else { 0.0 };
+            sum += *p;
+        }
+        let inv = 1.0 / sum;
+        row.mapv_inplace(|p| p * inv);
+    }
+    gemm(1.0, probs.view(), v, 0.0, out)?;
+    Ok(())
+}
+
+/// Splits a view into consecutive chunks of `size` along `axis` (the last may be shorter),
+/// all borrowing from the original so they can go to different threads.
+pub(crate) fn split_chunks<'a>(
+    view: ArrayViewMut2<'a, f32>,
+    axis: Axis,
+    size: usize,
+) -> Vec<ArrayViewMut2<'a, f32>> {
+    let mut chunks = Vec::new();
+    let mut rest = view;
+    if size == 0 {
+        return vec![rest];
+    }
+    while rest.len_of(axis) > size {
+        let (head, tail) = rest.split_at(axis, size);
+        chunks.push(head);
+        rest = tail;
+    }
+    chunks.push(rest);
+    chunks
+}
+
+/// Causal grouped-query attention over a batch.
+///
+/// `q: (batch·seq, n_heads·head_dim)`, `k`, `v: (batch·seq, n_kv_heads·head_dim)` (already
+/// rotated), query head `h` uses key/value head `h / (n_heads / n_kv_heads)` as transformers'
+/// `repeat_kv`. Scores are scaled by `1/√head_dim`. `key_mask` (one flag per row, false =
+/// padding) hides padded keys. Writes softmax probabilities into `probs: (batch·n_heads, seq,
+/// seq)` for the backward pass and the per-head outputs into `out: (batch·seq, n_heads·head_dim)`.
+/// Runs (batch, head) pairs in parallel.
+pub fn attention_forward(
+    shape: AttentionShape,
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    key_mask: Option<&[bool]>,
+    probs: &mut Array3<f32>,
+    out: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    let AttentionShape {
+        batch,
+        seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
+    shape.validate()?;
+    shape.check("q", &q, n_heads)?;
+    shape.check("k", &k, n_kv_heads)?;
+    shape.check("v", &v, n_kv_heads)?;
+    shape.check("output", &out.view(), n_heads)?;
+    if probs.dim() != (batch * n_heads, seq, seq) {
+        return Err(LmError::shape(
+            "attention probabilities (batch·heads, seq, seq)",
+            format!("{:?}", (batch * n_heads, seq, seq)),
+            format!("{:?}", probs.dim()),
+        ));
+    }
+    if let Some(m) = key_mask {
+        if m.len() != batch * seq {
+            return Err(LmError::shape("attention key mask", batch * seq, m.len()));
+        }
+    }
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut tasks = Vec::with_capacity(batch * n_heads);
+    for (b, rows) in split_chunks(out, Axis(0), seq).into_iter().enumerate() {
+        for (h, head_out) in split_chunks(rows, Axis(1), head_dim)
+            .into_iter()
+            .enumerate()
+        {
+            tasks.push((b, h, head_out));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .zip(probs.outer_iter_mut().into_par_iter())
+        .try_for_each(|((b, h, head_out), p)| {
+            let rows = b * seq..(b + 1) * seq;
+            let kv = h / group;
+            attend_head(
+                q.slice(s![rows.clone(), h * head_dim..(h + 1) * head_dim]),
+                k.slice(s![rows.clone(), kv * head_dim..(kv + 1) * head_dim]),
+                v.slice(s![rows.clone(), kv * head_dim..(kv + 1) * head_dim]),
+                key_mask.map(|m| &m[rows.clone()]),
+                0,
+                scale,
+                p,
+                head_out,
+            )
+        })
+}
+
+/// Backward of [`attention_forward`]: from the saved `q, k, v, probs` and `∂L/∂out`, writes
+/// `∂L/∂q`, `∂L/∂k`, `∂L/∂v` (overwriting). Runs (batch, key/value head) pairs in parallel;
+/// the query heads of a group are summed into their shared key/value gradient in order.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    shape: AttentionShape,
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    probs: &Array3<f32>,
+    grad_out: ArrayView2<'_, f32>,
+    grad_q: ArrayViewMut2<'_, f32>,
+    grad_k: ArrayViewMut2<'_, f32>,
+    grad_v: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    let AttentionShape {
+        batch,
+        seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = shape;
+    shape.validate()?;
+    shape.check("q", &q, n_heads)?;
+    shape.check("k", &k, n_kv_heads)?;
+    shape.check("v", &v, n_kv_heads)?;
+    shape.check("grad_out", &grad_out, n_heads)?;
+    shape.check("grad_q", &grad_q.view(), n_heads)?;
+    shape.check("grad_k", &grad_k.view(), n_kv_heads)?;
+    shape.check("grad_v", &grad_v.view(), n_kv_heads)?;
+    if probs.dim() != (batch * n_heads, seq, seq) {
+        return Err(LmError::shape(
+            "attention probabilities (batch·heads, seq, seq)",
+            format!("{:?}", (batch * n_heads, seq, seq)),
+            format!("{:?}", probs.dim()),
+        ));
+    }
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut tasks = Vec::with_capacity(batch * n_kv_heads);
+    let q_rows = split_chunks(grad_q, Axis(0), seq);
+    let k_rows = split_chunks(grad_k, Axis(0), seq);
+    let v_rows = split_chunks(grad_v, Axis(0), seq);
+    for (b, ((gq, gk), gv)) in q_rows.into_iter().zip(k_rows).zip(v_rows).enumerate() {
+        let gqs = split_chunks(gq, Axis(1), group * head_dim);
+        let gks = split_chunks(gk, Axis(1), head_dim);
+        let gvs = split_chunks(gv, Axis(1), head_dim);
+        for (j, ((gq, gk), gv)) in gqs.into_iter().zip(gks).zip(gvs).enumerate() {
+            tasks.push((b, j, gq, gk, gv));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .try_for_each(|(b, j, mut gq, mut gk, mut gv)| {
+            let rows = b * seq..(b + 1) * seq;
+            let kj = k.slice(s![rows.clone(), j * head_dim..(j + 1) * head_dim]);
+            let vj = v.slice(s![rows.clone(), j * head_dim..(j + 1) * head_dim]);
+            // One scratch matrix per task, reused across the query heads of the group.
+            let mut ds = Array2::<f32>::zeros((seq, seq));
+            for g in 0..group {
+                let h = j * group + g;
+                let cols = h * head_dim..(h + 1) * head_dim;
+                let p = probs.index_axis(Axis(0), b * n_heads + h);
+                let d_o = grad_out.slice(s![rows.clone(), cols.clone()]);
+                let qh = q.slice(s![rows.clone(), cols]);
+                let beta = if g == 0 { 0.0 } else { 1.0 };
+                // dV += Pᵀ·dO
+                gemm(1.0, p.t(), d_o, beta, gv.view_mut())?;
+                // dP = dO·Vᵀ, then dS = P⊙(dP − rowsum(dP⊙P)) in place.
+                gemm(1.0, d_o, vj.t(), 0.0, ds.view_mut())?;
+                for (mut dsr, pr) in ds.axis_iter_mut(Axis(0)).zip(p.axis_iter(Axis(0))) {
+                    let dot: f32 = dsr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in dsr.iter_mut().zip(pr.iter()) {
+                        *d = pv * (*d - dot);
+                    }
+                }
+                // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                gemm(
+                    scale,
+                    ds.view(),
+                    kj,
+                    0.0,
+                    gq.slice_mut(s![.., g * head_dim..(g + 1) * head_dim]),
+                )?;
+                gemm(scale, ds.t(), qh, beta, gk.view_mut())?;
+            }
+            Ok::<(), LmError>(())
+        })
+}
+
+/// `out = silu(gate)⊙up` with `gate_up: (rows, 2·intermediate)` holding `gate | up`.
+pub fn swiglu_forward(gate_up: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
+    let inter = out.ncols();
+    if gate_up.dim() != (out.nrows(), 2 * inter) {
+        return Err(LmError::shape(
+            "swiglu gate|up vs output",
+            format!("{}×{}", out.nrows(), 2 * inter),
+            format!("{}×{}", gate_up.nrows(), gate_up.ncols()),
+        ));
+    }
+    out.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(gate_up.axis_iter(Axis(0)).into_par_iter())
+        .for_each(|(mut o, gu)| {
+            let (g, u) = gu.split_at(Axis(0), inter);
+            for ((ov, &gv), &uv) in o.iter_mut().zip(g.iter()).zip(u.iter()) {
+                *ov = gv / (1.0 + (-gv).exp()) * uv;
+            }
+        });
+    Ok(())
+}
+
+/// Backward of [`swiglu_forward`]: writes `∂L/∂gate | ∂L/∂up` into `grad_gate_up`.
+/// `d up = d out·silu(g)`, `d gate = d out·u·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward(
+    gate_up: ArrayView2<'_, f32>,
+    grad_out: ArrayView2<'_, f32>,
+    mut grad_gate_up: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    let inter = grad_out.ncols();
+    if gate_up.dim() != (grad_out.nrows(), 2 * inter) || grad_gate_up.dim() != gate_up.dim() {
+        return Err(LmError::shape(
+            "swiglu backward gate|up, grad_out, grad_gate_up",
+            format!("{}×{}", grad_out.nrows(), 2 * inter),
+            format!("{:?}, {:?}", gate_up.dim(), grad_gate_up.dim()),
+        ));
+    }
+    grad_gate_up
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(gate_up.axis_iter(Axis(0)).into_par_iter())
+        .zip(grad_out.axis_iter(Axis(0)).into_par_iter())
+        .for_each(|((dgu, gu), d_o)| {
+            let (g, u) = gu.split_at(Axis(0), inter);
+            let (mut dg, mut du) = dgu.split_at(Axis(0), inter);
+            for i in 0..inter {
+                let (gv, uv, dov) = (g[i], u[i], d_o[i]);
+                let sig = 1.0 / (1.0 + (-gv).exp());
+                du[i] = dov * gv * sig;
+                dg[i] = dov * uv * sig * (1.0 + gv * (1.0 - sig));
+            }
+        });
+    Ok(())
+}
