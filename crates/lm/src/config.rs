@@ -71,11 +71,7 @@ impl LlamaConfig {
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
-            head_dim: if num_attention_heads == 0 {
-                0
-            } else {
-                hidden_size / num_attention_heads
-            },
+            head_dim: hidden_size.checked_div(num_attention_heads).unwrap_or(0),
             rms_norm_eps: 1e-6,
             rope_theta: 10000.0,
             max_position_embeddings: 2048,

@@ -554,3 +554,210 @@ pub fn swiglu_backward(
         });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Central finite differences of `L = Σ out ⊙ R` (R fixed random) against each backward.
+    //! Sums are taken in f64; the tolerances catch a wrong sign or factor, not rounding.
+
+    use super::*;
+    use ndarray::{Array1, Array2};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const EPS: f32 = 1e-2;
+
+    fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Array2<f32> {
+        Array2::from_shape_fn((rows, cols), |_| rng.random_range(-1.0f32..1.0))
+    }
+
+    fn weighted_sum(out: &Array2<f32>, weights: &Array2<f32>) -> f64 {
+        out.iter()
+            .zip(weights)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    }
+
+    /// Compares `analytic` with central differences of `loss` over every element of `input`.
+    fn check(
+        what: &str,
+        input: &mut Array2<f32>,
+        analytic: &Array2<f32>,
+        loss: impl Fn(&Array2<f32>) -> f64,
+    ) {
+        for idx in 0..input.len() {
+            let (r, c) = (idx / input.ncols(), idx % input.ncols());
+            let orig = input[[r, c]];
+            input[[r, c]] = orig + EPS;
+            let plus = loss(input);
+            input[[r, c]] = orig - EPS;
+            let minus = loss(input);
+            input[[r, c]] = orig;
+            let numeric = (plus - minus) / (2.0 * EPS as f64);
+            let a = analytic[[r, c]] as f64;
+            assert!(
+                (numeric - a).abs() <= 2e-3 + 2e-2 * a.abs(),
+                "{what}[{r}, {c}]: analytic {a}, numeric {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut x = random(&mut rng, 4, 6);
+        let weight = Array1::from_shape_fn(6, |_| rng.random_range(0.5f32..1.5));
+        let r = random(&mut rng, 4, 6);
+        let forward = |x: &Array2<f32>, w: &Array1<f32>| {
+            let mut y = Array2::zeros((4, 6));
+            let mut rstd = vec![0.0; 4];
+            rms_norm_forward(x.view(), w.view(), 1e-5, y.view_mut(), &mut rstd).unwrap();
+            (y, rstd)
+        };
+        let (_, rstd) = forward(&x, &weight);
+        let mut dx = Array2::zeros((4, 6));
+        let mut dw = Array1::zeros(6);
+        rms_norm_backward(
+            x.view(),
+            weight.view(),
+            &rstd,
+            r.view(),
+            dx.view_mut(),
+            Some(dw.view_mut()),
+        )
+        .unwrap();
+        check("rmsnorm dx", &mut x, &dx, |x| {
+            weighted_sum(&forward(x, &weight).0, &r)
+        });
+        let mut w2 = weight.clone().insert_axis(Axis(0));
+        let dw2 = dw.insert_axis(Axis(0));
+        check("rmsnorm dw", &mut w2, &dw2, |w| {
+            weighted_sum(&forward(&x, &w.row(0).to_owned()).0, &r)
+        });
+    }
+
+    #[test]
+    fn rope_backward_matches_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let table = RopeTable::new(10000.0, 8, 3, 6).unwrap();
+        let positions = [3, 5, 8, 4];
+        let mut x = random(&mut rng, 4, 16);
+        let r = random(&mut rng, 4, 16);
+        let forward = |x: &Array2<f32>| {
+            let mut y = x.clone();
+            table.apply(y.view_mut(), &positions, 2, false).unwrap();
+            y
+        };
+        let mut dx = r.clone();
+        table.apply(dx.view_mut(), &positions, 2, true).unwrap();
+        check("rope dx", &mut x, &dx, |x| weighted_sum(&forward(x), &r));
+        // Rotation preserves each pair's norm; an unrotated position 0 is the identity.
+        let y = forward(&x);
+        let norm = |a: &Array2<f32>| a.iter().map(|v| v * v).sum::<f32>();
+        assert!((norm(&y) - norm(&x)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn gqa_attention_backward_matches_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let shape = AttentionShape {
+            batch: 2,
+            seq: 5,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 4,
+        };
+        let n = 10;
+        let mut q = random(&mut rng, n, 16);
+        let mut k = random(&mut rng, n, 8);
+        let mut v = random(&mut rng, n, 8);
+        let r = random(&mut rng, n, 16);
+        // Row 1 is right-padded after 3 tokens.
+        let mask: Vec<bool> = (0..n).map(|i| i < 8).collect();
+        let forward = |q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>| {
+            let mut probs = Array3::zeros((8, 5, 5));
+            let mut out = Array2::zeros((n, 16));
+            attention_forward(
+                shape,
+                q.view(),
+                k.view(),
+                v.view(),
+                Some(&mask),
+                &mut probs,
+                out.view_mut(),
+            )
+            .unwrap();
+            (out, probs)
+        };
+        let (_, probs) = forward(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (
+            Array2::zeros((n, 16)),
+            Array2::zeros((n, 8)),
+            Array2::zeros((n, 8)),
+        );
+        attention_backward(
+            shape,
+            q.view(),
+            k.view(),
+            v.view(),
+            &probs,
+            r.view(),
+            dq.view_mut(),
+            dk.view_mut(),
+            dv.view_mut(),
+        )
+        .unwrap();
+        // Causality: a key after the query gets no probability.
+        assert_eq!(probs[[0, 1, 2]], 0.0);
+        // Padded keys get none either, and their values get no gradient.
+        assert_eq!(probs[[4, 4, 3]], 0.0);
+        assert!(dv.row(8).iter().all(|&g| g == 0.0));
+        let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
+        check("attention dq", &mut q, &dq, |q| {
+            weighted_sum(&forward(q, &k0, &v0).0, &r)
+        });
+        check("attention dk", &mut k, &dk, |k| {
+            weighted_sum(&forward(&q0, k, &v0).0, &r)
+        });
+        check("attention dv", &mut v, &dv, |v| {
+            weighted_sum(&forward(&q0, &k0, v).0, &r)
+        });
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut gate_up = random(&mut rng, 3, 10).mapv(|v| 3.0 * v);
+        let r = random(&mut rng, 3, 5);
+        let forward = |gu: &Array2<f32>| {
+            let mut out = Array2::zeros((3, 5));
+            swiglu_forward(gu.view(), out.view_mut()).unwrap();
+            out
+        };
+        let mut grad = Array2::zeros((3, 10));
+        swiglu_backward(gate_up.view(), r.view(), grad.view_mut()).unwrap();
+        check("swiglu d(gate|up)", &mut gate_up, &grad, |gu| {
+            weighted_sum(&forward(gu), &r)
+        });
+    }
+
+    #[test]
+    fn shape_errors_name_the_argument() {
+        let x = Array2::<f32>::zeros((2, 4));
+        let mut y = Array2::<f32>::zeros((2, 4));
+        let e = rms_norm_forward(
+            x.view(),
+            Array1::zeros(3).view(),
+            1e-6,
+            y.view_mut(),
+            &mut [0.0; 2],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rms_norm_forward"), "{e}");
+        let e = RopeTable::new(1e4, 5, 0, 2).unwrap_err();
+        assert!(e.to_string().contains("head_dim"), "{e}");
+        let table = RopeTable::new(1e4, 4, 0, 2).unwrap();
+        let e = table.apply(y.view_mut(), &[0, 2], 1, false).unwrap_err();
+        assert!(e.to_string().contains("position = 2"), "{e}");
+    }
+}

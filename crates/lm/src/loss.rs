@@ -114,3 +114,62 @@ pub fn cross_entropy(
         grad_logits,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut logits = Array3::from_shape_fn((2, 4, 7), |_| rng.random_range(-2.0f32..2.0));
+        let labels = array![[3i64, 1, -100, 6], [-100, 0, 2, -100]];
+        let ce = cross_entropy(logits.view(), labels.view()).unwrap();
+        assert_eq!(ce.counted, 4);
+        let eps = 1e-2f32;
+        for idx in 0..logits.len() {
+            let i = (idx / 28, idx / 7 % 4, idx % 7);
+            let orig = logits[i];
+            logits[i] = orig + eps;
+            let plus = cross_entropy(logits.view(), labels.view()).unwrap().loss as f64;
+            logits[i] = orig - eps;
+            let minus = cross_entropy(logits.view(), labels.view()).unwrap().loss as f64;
+            logits[i] = orig;
+            let numeric = (plus - minus) / (2.0 * eps as f64);
+            let a = ce.grad_logits[i] as f64;
+            assert!(
+                (numeric - a).abs() <= 1e-3 + 1e-2 * a.abs(),
+                "{i:?}: {a} vs {numeric}"
+            );
+        }
+        // The last position and positions whose next label is ignored get no gradient.
+        assert!(ce
+            .grad_logits
+            .slice(ndarray::s![.., 3, ..])
+            .iter()
+            .all(|&g| g == 0.0));
+        assert!(ce
+            .grad_logits
+            .slice(ndarray::s![0, 1, ..])
+            .iter()
+            .all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn caller_mistakes_are_errors_with_where() {
+        let logits = Array3::<f32>::zeros((1, 3, 4));
+        let e = cross_entropy(logits.view(), array![[0i64, 4, 1]].view()).unwrap_err();
+        assert!(e.to_string().contains("position 1"), "{e}");
+        let e = cross_entropy(logits.view(), array![[0i64, -100, -100]].view()).unwrap_err();
+        assert!(matches!(e, LmError::NoLabels), "{e}");
+        let e = cross_entropy(logits.view(), array![[0i64, 1]].view()).unwrap_err();
+        assert!(e.to_string().contains("labels"), "{e}");
+        let mut bad = logits.clone();
+        bad[[0, 2, 3]] = f32::NAN;
+        let e = cross_entropy(bad.view(), array![[0i64, 1, 2]].view()).unwrap_err();
+        assert!(e.to_string().contains("position 2, vocab 3"), "{e}");
+    }
+}

@@ -30,6 +30,11 @@ pub const LAYER_LINEAR_NAMES: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Builds the linear module at a path (`model.layers.0.self_attn.q_proj`, `lm_head`) of shape
+/// `(out, in)` from checkpoint tensors, taking (removing) what it uses.
+pub type LinearLoader<'a> =
+    dyn FnMut(&str, [usize; 2], &mut Checkpoint) -> Result<LinearModule> + 'a;
+
 /// One decoder layer: pre-norm attention and pre-norm SwiGLU MLP, each with a residual.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecoderLayer {
@@ -188,7 +193,7 @@ impl LlamaModel {
     pub fn from_checkpoint(
         config: LlamaConfig,
         ckpt: &mut Checkpoint,
-        load_linear: &mut dyn FnMut(&str, [usize; 2], &mut Checkpoint) -> Result<LinearModule>,
+        load_linear: &mut LinearLoader<'_>,
     ) -> Result<Self> {
         config.validate()?;
         let c = &config;
