@@ -565,6 +565,35 @@ impl LlamaModel {
         input_ids: ArrayView2<'_, u32>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<ForwardPass> {
+        self.forward_impl(input_ids, attention_mask, true)
+    }
+
+    /// Logits `(batch, seq, vocab)` as [`LlamaModel::forward`] computes them, keeping only one
+    /// layer's activations at a time (evaluation: no backward pass possible).
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 16, 2, 2, 1).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 0).unwrap();
+    /// let ids = ndarray::array![[1u32, 2, 3]];
+    /// let logits = model.logits(ids.view(), None).unwrap();
+    /// assert_eq!(logits, model.forward(ids.view(), None).unwrap().into_logits());
+    /// ```
+    pub fn logits(
+        &mut self,
+        input_ids: ArrayView2<'_, u32>,
+        attention_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Array3<f32>> {
+        Ok(self
+            .forward_impl(input_ids, attention_mask, false)?
+            .into_logits())
+    }
+
+    fn forward_impl(
+        &mut self,
+        input_ids: ArrayView2<'_, u32>,
+        attention_mask: Option<ArrayView2<'_, bool>>,
+        keep_activations: bool,
+    ) -> Result<ForwardPass> {
         let (batch, seq) = input_ids.dim();
         let (ids, key_mask) = self.check_inputs(input_ids, attention_mask)?;
         let c = self.config.clone();
@@ -598,8 +627,11 @@ impl LlamaModel {
                 shape,
                 key_mask.as_deref(),
             )?;
-            residuals.push(std::mem::replace(&mut x, x_out));
-            saved.push(acts);
+            let x_in = std::mem::replace(&mut x, x_out);
+            if keep_activations {
+                residuals.push(x_in);
+                saved.push(acts);
+            }
         }
         let mut normed_final = Array2::<f32>::zeros((n, c.hidden_size));
         let mut rstd_final = vec![0.0; n];
@@ -821,8 +853,8 @@ impl LlamaModel {
         labels: ArrayView2<'_, i64>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<f32> {
-        let pass = self.forward(input_ids, attention_mask)?;
-        Ok(cross_entropy(pass.logits().view(), labels)?.loss)
+        let logits = self.logits(input_ids, attention_mask)?;
+        Ok(cross_entropy(logits.view(), labels)?.loss)
     }
 
     /// Forward, mean shifted cross-entropy and backward in one call; returns the loss.
