@@ -59,6 +59,51 @@ pub fn rms_norm_forward(
     Ok(())
 }
 
+/// Recomputes [`rms_norm_forward`]'s output from its input and saved `rstd` (bit-identical),
+/// so a backward pass need not keep the normalised activations.
+///
+/// ```
+/// use lm::layers::{rms_norm_apply, rms_norm_forward};
+/// use ndarray::{array, Array2};
+/// let (x, w) = (array![[1.0f32, -2.0, 0.5]], array![0.9f32, 1.1, 1.0]);
+/// let (mut y, mut again) = (Array2::zeros((1, 3)), Array2::zeros((1, 3)));
+/// let mut rstd = [0.0f32];
+/// rms_norm_forward(x.view(), w.view(), 1e-6, y.view_mut(), &mut rstd).unwrap();
+/// rms_norm_apply(x.view(), w.view(), &rstd, again.view_mut()).unwrap();
+/// assert_eq!(y, again);
+/// ```
+pub fn rms_norm_apply(
+    x: ArrayView2<'_, f32>,
+    weight: ArrayView1<'_, f32>,
+    rstd: &[f32],
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    let (rows, dim) = x.dim();
+    if weight.len() != dim || out.dim() != (rows, dim) || rstd.len() != rows {
+        return Err(LmError::shape(
+            "rms_norm_apply (x, weight, rstd, out)",
+            format!("x {rows}×{dim}, weight {dim}, rstd {rows}, out {rows}×{dim}"),
+            format!(
+                "weight {}, rstd {}, out {}×{}",
+                weight.len(),
+                rstd.len(),
+                out.nrows(),
+                out.ncols()
+            ),
+        ));
+    }
+    out.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(x.axis_iter(Axis(0)).into_par_iter())
+        .zip(rstd.par_iter())
+        .for_each(|((mut y, xr), &r)| {
+            for ((yv, &xv), &wv) in y.iter_mut().zip(xr.iter()).zip(weight.iter()) {
+                *yv = wv * (xv * r);
+            }
+        });
+    Ok(())
+}
+
 /// Backward of [`rms_norm_forward`]: **adds** `∂L/∂x` into `grad_input` (the residual stream's
 /// gradient is already there) and adds `∂L/∂w` into `grad_weight` when given.
 ///

@@ -12,8 +12,8 @@ use crate::checkpoint::{save_f32_safetensors, write_atomically, Checkpoint};
 use crate::config::LlamaConfig;
 use crate::error::{check_finite_at, LmError, Result};
 use crate::layers::{
-    attention_backward, attention_forward, rms_norm_backward, rms_norm_forward, swiglu_backward,
-    swiglu_forward, AttentionShape, RopeTable,
+    attention_backward, attention_forward, rms_norm_apply, rms_norm_backward, rms_norm_forward,
+    swiglu_backward, swiglu_forward, AttentionShape, RopeTable,
 };
 use crate::linear::{DenseLinear, LinearModule};
 use crate::loss::cross_entropy;
@@ -109,19 +109,18 @@ pub struct LlamaModel {
     pub(crate) lm_head: Option<LinearModule>,
 }
 
-/// What one decoder layer's forward keeps for its backward. The SwiGLU product
-/// `silu(gate)⊙up`, one elementwise pass, is recomputed in backward instead of kept.
+/// What one decoder layer's forward keeps for its backward. The two norms' outputs (from
+/// their input and `rstd`) and the SwiGLU product `silu(gate)⊙up` are one elementwise pass
+/// each, so backward recomputes them instead of keeping them.
 #[derive(Debug)]
 struct LayerActivations {
     rstd_attn: Vec<f32>,
-    normed_attn: Array2<f32>,
     /// `q | k | v` after RoPE, `(tokens, (heads + 2·kv_heads)·head_dim)`.
     qkv: Array2<f32>,
     probs: Array3<f32>,
     attn_out: Array2<f32>,
     residual_mid: Array2<f32>,
     rstd_mlp: Vec<f32>,
-    normed_mlp: Array2<f32>,
     /// `gate | up` before the activation, `(tokens, 2·intermediate)`.
     gate_up: Array2<f32>,
 }
@@ -975,13 +974,11 @@ fn layer_forward(
         x_out,
         LayerActivations {
             rstd_attn,
-            normed_attn,
             qkv,
             probs,
             attn_out,
             residual_mid,
             rstd_mlp,
-            normed_mlp,
             gate_up,
         },
     ))
@@ -1021,15 +1018,22 @@ fn layer_backward(
         grad_gate_up.view_mut(),
     )?;
     drop(grad_act);
+    let mut normed = Array2::<f32>::zeros((n, hidden));
+    rms_norm_apply(
+        acts.residual_mid.view(),
+        layer.post_attention_layernorm.value().view(),
+        &acts.rstd_mlp,
+        normed.view_mut(),
+    )?;
     let mut grad_normed = Array2::<f32>::zeros((n, hidden));
     layer.gate_proj.backward(
-        acts.normed_mlp.view(),
+        normed.view(),
         grad_gate_up.slice(s![.., ..intermediate]),
         grad_normed.view_mut(),
         false,
     )?;
     layer.up_proj.backward(
-        acts.normed_mlp.view(),
+        normed.view(),
         grad_gate_up.slice(s![.., intermediate..]),
         grad_normed.view_mut(),
         true,
@@ -1078,21 +1082,26 @@ fn layer_backward(
         shape.n_heads + shape.n_kv_heads,
         true,
     )?;
-    grad_normed.fill(0.0);
+    rms_norm_apply(
+        x_in.view(),
+        layer.input_layernorm.value().view(),
+        &acts.rstd_attn,
+        normed.view_mut(),
+    )?;
     layer.q_proj.backward(
-        acts.normed_attn.view(),
+        normed.view(),
         grad_qkv.slice(s![.., ..q_width]),
         grad_normed.view_mut(),
         false,
     )?;
     layer.k_proj.backward(
-        acts.normed_attn.view(),
+        normed.view(),
         grad_qkv.slice(s![.., q_width..q_width + kv_width]),
         grad_normed.view_mut(),
         true,
     )?;
     layer.v_proj.backward(
-        acts.normed_attn.view(),
+        normed.view(),
         grad_qkv.slice(s![.., q_width + kv_width..]),
         grad_normed.view_mut(),
         true,
