@@ -22,6 +22,17 @@ pub struct StoredTensor {
 
 /// All tensors of a checkpoint by name. Builders [`Checkpoint::take_f32`] what they need;
 /// [`Checkpoint::finish`] then reports the first tensor nobody took.
+///
+/// ```
+/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama/base");
+/// let mut ckpt = lm::Checkpoint::open_dir(dir).unwrap();
+/// let norm = ckpt.take_f32("model.norm.weight", &[32]).unwrap();
+/// assert_eq!(norm.shape(), &[32]);
+/// // A wrong shape names the tensor; what nobody took is reported by `finish`.
+/// let err = ckpt.take_f32("lm_head.weight", &[32, 64]).unwrap_err();
+/// assert!(err.to_string().contains("lm_head.weight"));
+/// assert!(ckpt.finish().unwrap_err().to_string().contains("unexpected tensor"));
+/// ```
 #[derive(Debug, Default)]
 pub struct Checkpoint {
     tensors: BTreeMap<String, StoredTensor>,

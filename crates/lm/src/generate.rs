@@ -67,6 +67,19 @@ impl LlamaModel {
     /// values, appends theirs, and returns their logits `(tokens.len(), vocab)`. Equal (up to
     /// rounding) to the rows of a full [`LlamaModel::forward`] over all tokens so far. On error
     /// the cache is left as it was.
+    ///
+    /// ```
+    /// use lm::{LlamaConfig, LlamaModel};
+    /// let mut model = LlamaModel::random(LlamaConfig::new(32, 16, 32, 1, 4, 2).unwrap(), 5).unwrap();
+    /// let mut cache = model.new_kv_cache();
+    /// model.forward_cached(&[3, 1, 4], &mut cache).unwrap();
+    /// let step = model.forward_cached(&[1], &mut cache).unwrap();
+    /// let full = model.logits(ndarray::array![[3u32, 1, 4, 1]].view(), None).unwrap();
+    /// for v in 0..32 {
+    ///     assert!((step[[0, v]] - full[[0, 3, v]]).abs() < 1e-5);
+    /// }
+    /// assert_eq!(cache.len(), 4);
+    /// ```
     pub fn forward_cached(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Array2<f32>> {
         let c = self.config.clone();
         if tokens.is_empty() {

@@ -392,6 +392,23 @@ pub(crate) fn split_chunks<'a>(
 /// padding) hides padded keys. Writes softmax probabilities into `probs: (batch·n_heads, seq,
 /// seq)` for the backward pass and the per-head outputs into `out: (batch·seq, n_heads·head_dim)`.
 /// Runs (batch, head) pairs in parallel.
+///
+/// ```
+/// use lm::layers::{attention_forward, AttentionShape};
+/// use ndarray::{array, Array2, Array3};
+/// // One sequence of two tokens, two query heads sharing one key/value head (GQA).
+/// let shape = AttentionShape { batch: 1, seq: 2, n_heads: 2, n_kv_heads: 1, head_dim: 2 };
+/// let q = array![[1.0f32, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0]];
+/// let k = array![[1.0f32, 0.0], [0.0, 1.0]];
+/// let v = array![[1.0f32, 2.0], [3.0, 4.0]];
+/// let mut probs = Array3::zeros((2, 2, 2));
+/// let mut out = Array2::zeros((2, 4));
+/// attention_forward(shape, q.view(), k.view(), v.view(), None, &mut probs, out.view_mut()).unwrap();
+/// // The first token sees only itself (causal); the second weighs both keys.
+/// assert_eq!(out.row(0).to_vec(), vec![1.0, 2.0, 1.0, 2.0]);
+/// let p = 1.0 / (1.0 + (-1.0f32 / 2f32.sqrt()).exp()); // softmax of scores 1/√2 and 0
+/// assert!((probs[[0, 1, 0]] - p).abs() < 1e-6 && (probs[[1, 1, 1]] - p).abs() < 1e-6);
+/// ```
 pub fn attention_forward(
     shape: AttentionShape,
     q: ArrayView2<'_, f32>,
@@ -546,6 +563,17 @@ pub fn attention_backward(
 }
 
 /// `out = silu(gate)⊙up` with `gate_up: (rows, 2·intermediate)` holding `gate | up`.
+///
+/// ```
+/// use lm::layers::swiglu_forward;
+/// use ndarray::{array, Array2};
+/// let gate_up = array![[0.0f32, 2.0, 5.0, 3.0]]; // gate [0, 2], up [5, 3]
+/// let mut out = Array2::zeros((1, 2));
+/// swiglu_forward(gate_up.view(), out.view_mut()).unwrap();
+/// let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
+/// assert_eq!(out[[0, 0]], 0.0);
+/// assert!((out[[0, 1]] - silu2 * 3.0).abs() < 1e-6);
+/// ```
 pub fn swiglu_forward(gate_up: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
     let inter = out.ncols();
     if gate_up.dim() != (out.nrows(), 2 * inter) {

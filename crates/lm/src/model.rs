@@ -298,6 +298,15 @@ impl LlamaModel {
 
     /// Writes `config.json` and `model.safetensors` (f32, Hugging Face names) into `dir`,
     /// each through a temporary file and a rename.
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 16, 1, 2, 1).unwrap();
+    /// let model = lm::LlamaModel::random(config, 0).unwrap();
+    /// let dir = std::env::temp_dir().join(format!("lm-doc-save-{}", std::process::id()));
+    /// model.save_pretrained(&dir).unwrap();
+    /// assert_eq!(lm::LlamaModel::from_pretrained(&dir).unwrap(), model);
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
