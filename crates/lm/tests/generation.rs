@@ -111,3 +111,31 @@ fn bad_generation_arguments_are_errors() {
         .fold(0.0f32, |m, &v| m.max(v));
     assert!(diff < 1e-5, "{diff}");
 }
+
+#[test]
+fn long_prefill_spanning_several_query_blocks_matches_full_forward() {
+    let mut config = lm::LlamaConfig::new(48, 16, 32, 2, 4, 2).unwrap();
+    config.max_position_embeddings = 200;
+    config.initializer_range = 0.2;
+    let mut model = LlamaModel::random(config, 21).unwrap();
+    let tokens: Vec<u32> = (0..140u32).map(|i| (i * 7 + 3) % 48).collect();
+    let full = model
+        .logits(
+            Array2::from_shape_vec((1, 140), tokens.clone())
+                .unwrap()
+                .view(),
+            None,
+        )
+        .unwrap();
+    let mut cache = model.new_kv_cache();
+    // A 100-token prefill (two query blocks), a 30-token chunk at offset 100, then single steps.
+    let mut rows = model.forward_cached(&tokens[..100], &mut cache).unwrap();
+    for chunk in [&tokens[100..130], &tokens[130..131], &tokens[131..140]] {
+        let more = model.forward_cached(chunk, &mut cache).unwrap();
+        rows = ndarray::concatenate(Axis(0), &[rows.view(), more.view()]).unwrap();
+    }
+    let diff = (&rows - &full.index_axis(Axis(0), 0))
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &v| m.max(v));
+    assert!(diff < 1e-4, "cached vs full logits differ by {diff}");
+}
