@@ -365,6 +365,24 @@ impl LlamaModel {
         save_f32_safetensors(&dir.join("model.safetensors"), &tensors)
     }
 
+    /// Number of scalars in all parameters (the tied head counts once).
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 12, 1, 2, 1).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 0).unwrap();
+    /// // embed 16·8, norms 2·8, q 8·8, k and v 4·8 each, o 8·8, gate/up/down 3·12·8, norm 8, head 16·8
+    /// assert_eq!(model.num_parameters(), 128 + 16 + 64 + 64 + 64 + 288 + 8 + 128);
+    /// ```
+    pub fn num_parameters(&mut self) -> usize {
+        let mut total = 0;
+        // The visitor never fails here: every parameter is kept contiguous.
+        let _ = self.visit_parameters(|_, p| {
+            total += p.value.len();
+            Ok(())
+        });
+        total
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
@@ -704,6 +722,18 @@ impl LlamaModel {
                 format!("{batch}×{seq}×{}", c.vocab_size),
                 format!("{:?}", grad_logits.dim()),
             ));
+        }
+        if let Some(&id) = pass
+            .input_ids
+            .iter()
+            .find(|&&id| id as usize >= c.vocab_size)
+        {
+            return Err(LmError::Backward {
+                reason: format!(
+                    "the forward pass has token id {id}, outside this model's vocabulary 0..{}",
+                    c.vocab_size
+                ),
+            });
         }
         if pass.layers.len() != self.layers.len() || pass.normed_final.ncols() != c.hidden_size {
             return Err(LmError::Backward {

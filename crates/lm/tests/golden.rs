@@ -62,7 +62,12 @@ fn logits_and_loss_match_transformers() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(max_diff <= 1e-4, "max |logits − transformers| = {max_diff}");
+    eprintln!("max |logits − transformers| = {max_diff:e}");
     let ce = cross_entropy(pass.logits().view(), io.labels.view()).unwrap();
+    eprintln!(
+        "|loss − transformers| = {:e}",
+        (ce.loss - io.base_loss).abs()
+    );
     assert!(
         (ce.loss - io.base_loss).abs() <= 1e-5,
         "loss {} vs transformers {}",
