@@ -2,6 +2,46 @@
 //!
 //! A Llama-architecture decoder (embedding, RMSNorm, rotary attention with grouped-query heads,
 //! SwiGLU MLP, LM head) with explicit forward and backward passes, loaded from Hugging Face
-//! `config.json` + safetensors checkpoints (including bitsandbytes 4-bit ones), whose linear
-//! layers can be replaced by the adapters of `lora-core` by PEFT's `target_modules` rules.
-//! It computes logits, the shifted cross-entropy and gradients; it knows nothing of training.
+//! `config.json` + safetensors checkpoints (`f32`/`f16`/`bf16`, single file or sharded) and
+//! saved back in the same layout. Every projection is a [`LinearModule`] addressed by its
+//! Hugging Face module path (`model.layers.{i}.self_attn.q_proj`, ...): the point where the
+//! adapters of `lora-core` and quantized base weights are plugged in. It computes logits, the
+//! shifted cross-entropy and gradients (of every parameter, or only of the inputs with a
+//! frozen base), and decodes with a key/value cache; it knows nothing of training.
+//!
+//! ```
+//! use lm::{cross_entropy, LlamaModel};
+//! use ndarray::array;
+//!
+//! let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama/base");
+//! let mut model = LlamaModel::from_pretrained(dir).unwrap();
+//! let ids = array![[1u32, 17, 4, 9]];
+//! let pass = model.forward(ids.view(), None).unwrap();
+//! assert_eq!(pass.logits().dim(), (1, 4, 64));
+//! let labels = array![[1i64, 17, 4, 9]];
+//! let ce = cross_entropy(pass.logits().view(), labels.view()).unwrap();
+//! // Frozen base: only the gradient into the embedding outputs flows.
+//! let grad_embedded = model.backward(pass, ce.grad_logits.view()).unwrap();
+//! assert_eq!(grad_embedded.dim(), (1, 4, 32));
+//! ```
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod layers;
+pub mod linear;
+pub mod loss;
+pub mod model;
+pub mod param;
+
+pub use checkpoint::Checkpoint;
+pub use config::LlamaConfig;
+pub use error::{LmError, Result};
+pub use generate::{KvCache, Sampling};
+pub use linear::{DenseLinear, LinearModule};
+pub use loss::{cross_entropy, CrossEntropy, IGNORE_INDEX};
+pub use model::{
+    dense_linear_from_checkpoint, DecoderLayer, ForwardPass, LlamaModel, LAYER_LINEAR_NAMES,
+};
+pub use param::{ParamMut, Parameter};

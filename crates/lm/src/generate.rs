@@ -1,0 +1,343 @@
+//! Incremental decoding with a key/value cache, and greedy or temperature sampling.
+
+use ndarray::{s, Array2, ArrayView1, ArrayView2, Axis};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::error::{check_finite_at, LmError, Result};
+use crate::layers::{attend_head, rms_norm_forward, split_chunks, swiglu_forward, RopeTable};
+use crate::model::LlamaModel;
+
+/// Rotated keys and values of every layer for the positions decoded so far (one sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCache {
+    /// Per layer, row-major `(len, kv_heads·head_dim)`.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    kv_width: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position (the buffers keep their capacity).
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    fn truncate(&mut self, len: usize) {
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            buf.truncate(len * self.kv_width);
+        }
+        self.len = len;
+    }
+}
+
+/// How the next token is chosen from the last position's logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (the first one on ties).
+    Greedy,
+    /// A draw from `softmax(logits / temperature)` with `ChaCha8Rng(seed)`.
+    Temperature { temperature: f32, seed: u64 },
+}
+
+impl LlamaModel {
+    /// An empty cache shaped for this model.
+    pub fn new_kv_cache(&self) -> KvCache {
+        let c = &self.config;
+        KvCache {
+            keys: vec![Vec::new(); c.num_hidden_layers],
+            values: vec![Vec::new(); c.num_hidden_layers],
+            kv_width: c.num_key_value_heads * c.head_dim,
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` (one sequence) at positions `cache.len() ..` against the cached keys and
+    /// values, appends theirs, and returns their logits `(tokens.len(), vocab)`. Equal (up to
+    /// rounding) to the rows of a full [`LlamaModel::forward`] over all tokens so far. On error
+    /// the cache is left as it was.
+    ///
+    /// ```
+    /// use lm::{LlamaConfig, LlamaModel};
+    /// let mut model = LlamaModel::random(LlamaConfig::new(32, 16, 32, 1, 4, 2).unwrap(), 5).unwrap();
+    /// let mut cache = model.new_kv_cache();
+    /// model.forward_cached(&[3, 1, 4], &mut cache).unwrap();
+    /// let step = model.forward_cached(&[1], &mut cache).unwrap();
+    /// let full = model.logits(ndarray::array![[3u32, 1, 4, 1]].view(), None).unwrap();
+    /// for v in 0..32 {
+    ///     assert!((step[[0, v]] - full[[0, 3, v]]).abs() < 1e-5);
+    /// }
+    /// assert_eq!(cache.len(), 4);
+    /// ```
+    pub fn forward_cached(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Array2<f32>> {
+        let c = self.config.clone();
+        if tokens.is_empty() {
+            return Err(LmError::invalid(
+                "tokens",
+                "[]",
+                "at least one token is needed",
+            ));
+        }
+        if cache.keys.len() != self.layers.len()
+            || cache.kv_width != c.num_key_value_heads * c.head_dim
+        {
+            return Err(LmError::invalid(
+                "cache",
+                format!("{} layers of width {}", cache.keys.len(), cache.kv_width),
+                "the cache was made for a different model; use new_kv_cache",
+            ));
+        }
+        let offset = cache.len;
+        let n = tokens.len();
+        if offset + n > c.max_position_embeddings {
+            return Err(LmError::SequenceTooLong {
+                len: offset + n,
+                max: c.max_position_embeddings,
+            });
+        }
+        if let Some((i, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= c.vocab_size)
+        {
+            return Err(LmError::TokenOutOfRange {
+                what: "token id".into(),
+                value: id as i64,
+                batch: 0,
+                position: offset + i,
+                vocab: c.vocab_size,
+            });
+        }
+        let result = self.forward_cached_unchecked(tokens, cache);
+        match result {
+            Ok(logits) => {
+                cache.len = offset + n;
+                Ok(logits)
+            }
+            Err(e) => {
+                cache.truncate(offset);
+                Err(e)
+            }
+        }
+    }
+
+    fn forward_cached_unchecked(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Array2<f32>> {
+        let c = self.config.clone();
+        let (n, offset) = (tokens.len(), cache.len);
+        let total = offset + n;
+        let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        let group = heads / kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let positions: Vec<usize> = (offset..total).collect();
+        let rope = RopeTable::new(c.rope_theta, hd, offset, n)?;
+        let inter = c.intermediate_size;
+
+        let mut x = Array2::<f32>::zeros((n, c.hidden_size));
+        for (mut row, &id) in x.axis_iter_mut(Axis(0)).zip(tokens) {
+            row.assign(&self.embed_tokens.value().row(id as usize));
+        }
+        let mut normed = Array2::<f32>::zeros((n, c.hidden_size));
+        let mut rstd = vec![0.0; n];
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            rms_norm_forward(
+                x.view(),
+                layer.input_layernorm.value().view(),
+                c.rms_norm_eps,
+                normed.view_mut(),
+                &mut rstd,
+            )?;
+            let mut qkv = Array2::<f32>::zeros((n, q_width + 2 * kv_width));
+            {
+                let (q, rest) = qkv.view_mut().split_at(Axis(1), q_width);
+                let (k, v) = rest.split_at(Axis(1), kv_width);
+                layer.q_proj.forward(normed.view(), q, false)?;
+                layer.k_proj.forward(normed.view(), k, false)?;
+                layer.v_proj.forward(normed.view(), v, false)?;
+            }
+            rope.apply(
+                qkv.slice_mut(s![.., ..q_width + kv_width]),
+                &positions,
+                heads + kv_heads,
+                false,
+            )?;
+            for row in qkv.axis_iter(Axis(0)) {
+                cache.keys[l].extend(row.slice(s![q_width..q_width + kv_width]).iter());
+                cache.values[l].extend(row.slice(s![q_width + kv_width..]).iter());
+            }
+            let keys = ArrayView2::from_shape((total, kv_width), &cache.keys[l][..])
+                .map_err(|e| LmError::shape("cached keys", format!("{total}×{kv_width}"), e))?;
+            let values = ArrayView2::from_shape((total, kv_width), &cache.values[l][..])
+                .map_err(|e| LmError::shape("cached values", format!("{total}×{kv_width}"), e))?;
+            let mut attn_out = Array2::<f32>::zeros((n, q_width));
+            split_chunks(attn_out.view_mut(), Axis(1), hd)
+                .into_par_iter()
+                .enumerate()
+                .try_for_each(|(h, out)| {
+                    let kv = h / group;
+                    let mut probs = Array2::<f32>::zeros((n, total));
+                    attend_head(
+                        qkv.slice(s![.., h * hd..(h + 1) * hd]),
+                        keys.slice(s![.., kv * hd..(kv + 1) * hd]),
+                        values.slice(s![.., kv * hd..(kv + 1) * hd]),
+                        None,
+                        offset,
+                        scale,
+                        probs.view_mut(),
+                        out,
+                    )
+                })?;
+            layer.o_proj.forward(attn_out.view(), x.view_mut(), true)?;
+            rms_norm_forward(
+                x.view(),
+                layer.post_attention_layernorm.value().view(),
+                c.rms_norm_eps,
+                normed.view_mut(),
+                &mut rstd,
+            )?;
+            let mut gate_up = Array2::<f32>::zeros((n, 2 * inter));
+            {
+                let (g, u) = gate_up.view_mut().split_at(Axis(1), inter);
+                layer.gate_proj.forward(normed.view(), g, false)?;
+                layer.up_proj.forward(normed.view(), u, false)?;
+            }
+            let mut act = Array2::<f32>::zeros((n, inter));
+            swiglu_forward(gate_up.view(), act.view_mut())?;
+            layer.down_proj.forward(act.view(), x.view_mut(), true)?;
+        }
+        rms_norm_forward(
+            x.view(),
+            self.norm.value().view(),
+            c.rms_norm_eps,
+            normed.view_mut(),
+            &mut rstd,
+        )?;
+        let mut logits = Array2::<f32>::zeros((n, c.vocab_size));
+        match &mut self.lm_head {
+            Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
+            None => quant_core::linalg::gemm(
+                1.0,
+                normed.view(),
+                self.embed_tokens.value().t(),
+                0.0,
+                logits.view_mut(),
+            )?,
+        }
+        let vocab = c.vocab_size;
+        check_finite_at("logits", logits.as_slice().unwrap_or_default(), |i| {
+            format!("(position {}, vocab {})", offset + i / vocab, i % vocab)
+        })?;
+        Ok(logits)
+    }
+
+    /// Continues `prompt_ids` by up to `max_new` tokens with a key/value cache, stopping after
+    /// `eos` if it is produced (it is included). Returns only the new tokens.
+    ///
+    /// ```
+    /// use lm::{LlamaConfig, LlamaModel, Sampling};
+    /// let mut model = LlamaModel::random(LlamaConfig::new(32, 16, 32, 2, 4, 2).unwrap(), 3).unwrap();
+    /// let greedy = model.generate(&[1, 7, 4], 5, &Sampling::Greedy, None).unwrap();
+    /// assert_eq!(greedy.len(), 5);
+    /// let sampling = Sampling::Temperature { temperature: 0.8, seed: 42 };
+    /// let a = model.generate(&[1, 7, 4], 5, &sampling, None).unwrap();
+    /// assert_eq!(a, model.generate(&[1, 7, 4], 5, &sampling, None).unwrap(), "seeded");
+    /// ```
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        max_new: usize,
+        sampling: &Sampling,
+        eos: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if prompt_ids.is_empty() {
+            return Err(LmError::invalid(
+                "prompt_ids",
+                "[]",
+                "generation needs at least one prompt token",
+            ));
+        }
+        let mut rng = match *sampling {
+            Sampling::Greedy => None,
+            Sampling::Temperature { temperature, seed } => {
+                if !(temperature.is_finite() && temperature > 0.0) {
+                    return Err(LmError::invalid(
+                        "temperature",
+                        temperature,
+                        "must be finite and positive",
+                    ));
+                }
+                Some((temperature, ChaCha8Rng::seed_from_u64(seed)))
+            }
+        };
+        // The last new token is never fed back, so it needs no position of its own.
+        let needed = prompt_ids.len() + max_new.saturating_sub(1);
+        if needed > self.config.max_position_embeddings {
+            return Err(LmError::SequenceTooLong {
+                len: needed,
+                max: self.config.max_position_embeddings,
+            });
+        }
+        let mut out = Vec::with_capacity(max_new);
+        if max_new == 0 {
+            return Ok(out);
+        }
+        let mut cache = self.new_kv_cache();
+        let mut logits = self.forward_cached(prompt_ids, &mut cache)?;
+        loop {
+            let last = logits.row(logits.nrows() - 1);
+            let next = match &mut rng {
+                None => argmax(last),
+                Some((temperature, rng)) => sample(last, *temperature, rng),
+            };
+            out.push(next);
+            if Some(next) == eos || out.len() == max_new {
+                return Ok(out);
+            }
+            logits = self.forward_cached(&[next], &mut cache)?;
+        }
+    }
+}
+
+fn argmax(logits: ArrayView1<'_, f32>) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn sample(logits: ArrayView1<'_, f32>, temperature: f32, rng: &mut ChaCha8Rng) -> u32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let t = temperature as f64;
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&v| ((v - max) as f64 / t).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    // Rounding can leave u just above the last weight; the most likely token is the fallback.
+    argmax(logits)
+}

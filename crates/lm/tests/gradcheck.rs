@@ -1,0 +1,240 @@
+//! Whole-model gradients against central finite differences of the loss, with the base
+//! trainable (every parameter kind, tied and untied heads) and frozen (input gradient only).
+
+use std::collections::HashMap;
+
+use lm::{LlamaConfig, LlamaModel};
+use ndarray::{array, Array2};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const EPS: f32 = 1e-2;
+
+/// A tiny GQA model with weights large enough for non-trivial gradients and norms away from 1.
+fn tiny_model(tied: bool, seed: u64) -> LlamaModel {
+    let mut config = LlamaConfig::new(16, 8, 12, 2, 2, 1).unwrap();
+    config.tie_word_embeddings = tied;
+    config.initializer_range = 0.4;
+    config.max_position_embeddings = 16;
+    let mut model = LlamaModel::random(config, seed).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    model
+        .visit_parameters(|name, p| {
+            if name.contains("norm") {
+                p.value
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(0.5..1.5));
+            }
+            Ok(())
+        })
+        .unwrap();
+    model
+}
+
+fn batch() -> (Array2<u32>, Array2<i64>) {
+    let ids = array![[1u32, 4, 7, 2, 9, 11], [3, 5, 0, 13, 6, 8]];
+    let labels = array![[1i64, 4, 7, -100, 9, 11], [3, 5, 0, 13, 6, -100]];
+    (ids, labels)
+}
+
+/// Sets element `index` of parameter `name` to `value`; returns the old value.
+fn set(model: &mut LlamaModel, name: &str, index: usize, value: f32) -> f32 {
+    let mut old = f32::NAN;
+    model
+        .visit_parameters(|n, p| {
+            if n == name {
+                old = std::mem::replace(&mut p.value[index], value);
+            }
+            Ok(())
+        })
+        .unwrap();
+    old
+}
+
+/// Central difference of the loss in element `index` of `name`; the element is restored exactly.
+fn numeric_grad(
+    model: &mut LlamaModel,
+    name: &str,
+    index: usize,
+    ids: &Array2<u32>,
+    labels: &Array2<i64>,
+) -> f64 {
+    numeric_grad_masked(model, name, index, ids, labels, None)
+}
+
+fn numeric_grad_masked(
+    model: &mut LlamaModel,
+    name: &str,
+    index: usize,
+    ids: &Array2<u32>,
+    labels: &Array2<i64>,
+    mask: Option<&Array2<bool>>,
+) -> f64 {
+    let orig = set(model, name, index, 0.0);
+    set(model, name, index, orig + EPS);
+    let plus = model
+        .loss(ids.view(), labels.view(), mask.map(|m| m.view()))
+        .unwrap() as f64;
+    set(model, name, index, orig - EPS);
+    let minus = model
+        .loss(ids.view(), labels.view(), mask.map(|m| m.view()))
+        .unwrap() as f64;
+    set(model, name, index, orig);
+    (plus - minus) / (2.0 * EPS as f64)
+}
+
+fn grads(model: &mut LlamaModel) -> HashMap<String, Vec<f32>> {
+    let mut out = HashMap::new();
+    model
+        .visit_parameters(|name, p| {
+            if let Some(g) = p.grad {
+                out.insert(name.to_string(), g.to_vec());
+            }
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+fn check_parameters(tied: bool) {
+    let mut model = tiny_model(tied, 11);
+    let (ids, labels) = batch();
+    model.set_base_trainable(true);
+    model
+        .loss_and_backward(ids.view(), labels.view(), None)
+        .unwrap();
+    let analytic = grads(&mut model);
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let mut names: Vec<&String> = analytic.keys().collect();
+    names.sort();
+    let mut checked = 0;
+    for name in names {
+        let g = &analytic[name];
+        // Three random elements of every parameter, plus its largest-gradient element.
+        let largest = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let picks = [
+            largest,
+            rng.random_range(0..g.len()),
+            rng.random_range(0..g.len()),
+        ];
+        for &i in &picks {
+            let numeric = numeric_grad(&mut model, name, i, &ids, &labels);
+            let a = g[i] as f64;
+            assert!(
+                (numeric - a).abs() <= 1e-3 + 3e-2 * a.abs(),
+                "{name}[{i}] (tied = {tied}): analytic {a}, numeric {numeric}"
+            );
+            checked += 1;
+        }
+    }
+    let kinds = if tied { 1 + 2 * 9 + 1 } else { 1 + 2 * 9 + 2 };
+    assert_eq!(checked, 3 * kinds);
+}
+
+#[test]
+fn full_parameter_gradients_match_finite_differences() {
+    check_parameters(false);
+}
+
+#[test]
+fn tied_embedding_gradient_sums_both_uses() {
+    check_parameters(true);
+}
+
+#[test]
+fn frozen_base_passes_correct_input_gradient_without_weight_gradients() {
+    let mut model = tiny_model(false, 5);
+    let (ids, labels) = batch();
+    let pass = model.forward(ids.view(), None).unwrap();
+    let ce = lm::cross_entropy(pass.logits().view(), labels.view()).unwrap();
+    let grad_in = model.backward(pass, ce.grad_logits.view()).unwrap();
+    assert!(
+        grads(&mut model).is_empty(),
+        "a frozen base allocates no gradient buffers"
+    );
+    // Every id occurs once, so d loss / d embedding row `id` is the input gradient at its position.
+    let hidden = model.config().hidden_size;
+    for ((b, t), &id) in ids.indexed_iter() {
+        for d in [0, 3, hidden - 1] {
+            let index = id as usize * hidden + d;
+            let numeric = numeric_grad(
+                &mut model,
+                "model.embed_tokens.weight",
+                index,
+                &ids,
+                &labels,
+            );
+            let a = grad_in[[b, t, d]] as f64;
+            assert!(
+                (numeric - a).abs() <= 1e-3 + 3e-2 * a.abs(),
+                "input gradient at ({b}, {t}, {d}): analytic {a}, numeric {numeric}"
+            );
+        }
+    }
+    // The same input gradient flows when the base trains.
+    model.set_base_trainable(true);
+    let pass = model.forward(ids.view(), None).unwrap();
+    let ce = lm::cross_entropy(pass.logits().view(), labels.view()).unwrap();
+    let trained = model.backward(pass, ce.grad_logits.view()).unwrap();
+    assert_eq!(trained, grad_in);
+}
+
+#[test]
+fn gradients_accumulate_until_zeroed() {
+    let mut model = tiny_model(false, 7);
+    let (ids, labels) = batch();
+    model.set_base_trainable(true);
+    model
+        .loss_and_backward(ids.view(), labels.view(), None)
+        .unwrap();
+    let once = grads(&mut model);
+    model
+        .loss_and_backward(ids.view(), labels.view(), None)
+        .unwrap();
+    let twice = grads(&mut model);
+    for (name, g) in &once {
+        for (a, b) in g.iter().zip(&twice[name]) {
+            assert!((2.0 * a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{name}");
+        }
+    }
+    model.zero_grad();
+    assert!(grads(&mut model)
+        .values()
+        .all(|g| g.iter().all(|&v| v == 0.0)));
+}
+
+#[test]
+fn right_padded_batch_gradients_match_finite_differences() {
+    let mut model = tiny_model(false, 13);
+    let (mut ids, mut labels) = batch();
+    let mut mask = Array2::from_elem(ids.dim(), true);
+    for t in 4..6 {
+        ids[[1, t]] = 15;
+        labels[[1, t]] = -100;
+        mask[[1, t]] = false;
+    }
+    model.set_base_trainable(true);
+    model
+        .loss_and_backward(ids.view(), labels.view(), Some(mask.view()))
+        .unwrap();
+    let analytic = grads(&mut model);
+    // Padding never influences the loss: the padded token's embedding row gets no gradient.
+    let hidden = model.config().hidden_size;
+    let embed = &analytic["model.embed_tokens.weight"];
+    assert!(embed[15 * hidden..16 * hidden].iter().all(|&g| g == 0.0));
+    for (name, index) in [
+        ("model.layers.0.self_attn.k_proj.weight", 5),
+        ("model.layers.1.self_attn.v_proj.weight", 17),
+        ("model.layers.0.mlp.down_proj.weight", 40),
+        ("model.embed_tokens.weight", 13 * hidden + 2),
+    ] {
+        let numeric = numeric_grad_masked(&mut model, name, index, &ids, &labels, Some(&mask));
+        let a = analytic[name][index] as f64;
+        assert!(
+            (numeric - a).abs() <= 1e-3 + 3e-2 * a.abs(),
+            "{name}[{index}]: analytic {a}, numeric {numeric}"
+        );
+    }
+}
