@@ -434,3 +434,16 @@ pub fn bnb_weight_names(file: &SafeTensors<'_>) -> Vec<String> {
     names.sort();
     names
 }
+
+impl From<BnbTensor> for crate::io::OwnedTensor {
+    fn from(t: BnbTensor) -> Self {
+        crate::io::OwnedTensor {
+            dtype: match t.dtype {
+                BnbDtype::U8 => safetensors::Dtype::U8,
+                BnbDtype::F32 => safetensors::Dtype::F32,
+            },
+            shape: t.shape,
+            data: t.bytes,
+        }
+    }
+}
