@@ -22,9 +22,15 @@
 //! ```
 
 pub mod codebook;
+pub mod config;
 pub mod error;
 pub mod linalg;
+pub mod nf4_grid;
+pub mod packing;
+pub mod pi;
 pub mod quantizer;
 pub mod rounding;
+pub mod ste;
+pub mod uniform;
 
 pub use error::{QuantError, Result};
