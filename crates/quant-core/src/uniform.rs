@@ -246,14 +246,21 @@ impl UniformGrid {
     /// Absmax parameters for a group whose values lie in `[lo, hi]` (`lo ≤ 0 ≤ hi`).
     fn params_for_range(&self, lo: f32, hi: f32) -> GroupParams {
         let levels = ((1u32 << self.bits) - 1) as f32;
-        let (scale, zero_point) = if self.symmetric {
-            (hi.max(-lo) / self.qmax(), 0)
+        let (mut scale, zero_point) = if self.symmetric {
+            (hi.max(-lo) / self.qmax(), 0.0)
         } else {
             // Divide before subtracting so that a range near f32::MAX cannot overflow.
             let scale = hi / levels - lo / levels;
-            let zp = round_half_even(-lo / scale).clamp(0.0, levels);
-            (scale, zp as i32)
+            (scale, round_half_even(-lo / scale).clamp(0.0, levels))
         };
+        // Near f32::MAX the end levels (q − z)·s could round past f32::MAX (a rounded-up
+        // scale, or a zero point shifting the grid by half a step): shrink the step so that
+        // every level stays finite.
+        let reach = (zero_point - self.qmin()).max(self.qmax() - zero_point);
+        if scale.is_finite() && !(reach * scale).is_finite() {
+            scale = f32::MAX / reach * (1.0 - f32::EPSILON);
+        }
+        let zero_point = zero_point as i32;
         if scale.is_finite() && scale >= f32::MIN_POSITIVE {
             GroupParams { scale, zero_point }
         } else {
