@@ -118,6 +118,11 @@ impl PiQuantizer {
         self.k
     }
 
+    /// The zero points fixed at initialisation (all 0 when symmetric), one per group.
+    pub fn zero_points(&self) -> &[f32] {
+        self.inner.zero_points()
+    }
+
     /// The current steps `α·π/k`, one per group.
     pub fn steps(&self) -> Vec<f32> {
         self.alphas.iter().map(|&a| pi_step(a, self.k)).collect()

@@ -56,7 +56,7 @@
 
 use std::ops::Range;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::error::{check_bits, check_finite, check_non_empty, QuantError, Result};
@@ -486,8 +486,16 @@ pub fn init_params(
         .collect()
 }
 
-/// A 2-D tensor quantized to a uniform grid, as stored: packed unsigned codes (`q − qmin`),
-/// one `f32` scale per group and, for asymmetric grids only, one `u8` zero point per group.
+/// A 2-D tensor quantized to a uniform grid, as stored.
+///
+/// * `codes`: the unsigned codes `q − qmin` of all `rows·cols` values in row-major order,
+///   packed as in [`crate::packing`] (`bits` wide).
+/// * `scales`: one `f32` per group, in group order (see [`GroupLayout`]: per-tensor 1;
+///   per-channel / per-token one per row; per-block `row·⌈cols/size⌉ + block`).
+/// * `zero_points`: for asymmetric grids one `u8` per group in the same order (the code of
+///   0.0); empty for symmetric grids, whose zero point is 0.
+///
+/// Value `i` of group `g` dequantizes to `(codes[i] + qmin − zero_points[g])·scales[g]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "UniformQuantizedParts")]
 pub struct UniformQuantized {
@@ -714,11 +722,12 @@ impl UniformQuantized {
         }
         .qmin();
         let codes = self.codes.unpack();
-        let mut out = vec![0.0f32; rows * cols];
-        out.par_chunks_mut(cols)
+        let mut out = Array2::<f32>::zeros((rows, cols));
+        out.axis_iter_mut(Axis(0))
+            .into_par_iter()
             .zip(codes.par_chunks(cols))
             .enumerate()
-            .for_each(|(r, (out_row, code_row))| {
+            .for_each(|(r, (mut out_row, code_row))| {
                 for (g, range) in layout.row_segments(r) {
                     let zp = self.zero_points.get(g).map_or(0.0, |&z| f32::from(z));
                     for c in range {
@@ -726,7 +735,7 @@ impl UniformQuantized {
                     }
                 }
             });
-        Array2::from_shape_vec((rows, cols), out).unwrap_or_else(|_| Array2::zeros((rows, cols)))
+        out
     }
 
     /// Storage cost in bits per weight, from what is actually stored: packed code bytes,
@@ -849,7 +858,9 @@ pub fn quantize_tensor(w: ArrayView2<'_, f32>, spec: &TensorQuantSpec) -> Result
 /// of [`GroupLayout`]. On an asymmetric grid the zero points are set by
 /// [`DifferentiableQuantizer::init_from_weights`] and then **kept fixed**: only the steps are
 /// learned. The weight gradient follows the configured [`Ste`] and the step gradient is LSQ's
-/// (see [`crate::ste`]). The quantizer is bound to the shape it was initialised with.
+/// (see [`crate::ste`]); with [`Ste::Lsq`] it is scaled by `1/√(N·Qp)` with `Qp = qmax`
+/// (`2^(b−1) − 1` symmetric; `2^b − 1` asymmetric, LSQ's choice for unsigned data). The
+/// quantizer is bound to the shape it was initialised with.
 ///
 /// ```
 /// use ndarray::array;

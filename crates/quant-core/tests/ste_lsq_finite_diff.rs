@@ -226,13 +226,20 @@ fn pi_alpha_gradient_is_pi_over_k_times_the_step_gradient() {
     let w = Array2::from_shape_fn((3, 24), |_| rng.random_range(-1.0f32..1.0));
     let g = random_grad(&mut rng, 3, 24);
     for k in 2..=5u32 {
-        for ste in [Ste::Lsq, Ste::Ewgs { delta: 0.3 }] {
-            let mut pi = PiQuantizer::new(3, true, Granularity::PerChannel, ste, k).unwrap();
+        for (ste, symmetric) in [
+            (Ste::Lsq, true),
+            (Ste::Ewgs { delta: 0.3 }, true),
+            (Ste::Lsq, false),
+        ] {
+            let mut pi = PiQuantizer::new(3, symmetric, Granularity::PerChannel, ste, k).unwrap();
             pi.init_from_weights(w.view(), InitMethod::MseClipSearch)
                 .unwrap();
             let steps = pi.steps();
-            let mut uniform = UniformQuantizer::new(3, true, Granularity::PerChannel, ste).unwrap();
-            uniform.set_params((3, 24), steps, vec![0.0; 3]).unwrap();
+            let mut uniform =
+                UniformQuantizer::new(3, symmetric, Granularity::PerChannel, ste).unwrap();
+            uniform
+                .set_params((3, 24), steps, pi.zero_points().to_vec())
+                .unwrap();
 
             let a = pi.forward(w.view()).unwrap();
             let b = uniform.forward(w.view()).unwrap();
