@@ -23,13 +23,19 @@
 
 pub mod calibration;
 pub mod codebook;
+pub mod config;
 pub mod error;
 pub mod hadamard;
 pub mod incoherence;
 pub mod io;
 pub mod linalg;
 pub mod nf4;
+pub mod nf4_grid;
+pub mod packing;
+pub mod pi;
 pub mod quantizer;
 pub mod rounding;
+pub mod ste;
+pub mod uniform;
 
 pub use error::{QuantError, Result};

@@ -1,0 +1,304 @@
+//! A differentiable quantizer on the NF4 grid with a learned absmax scale per group.
+//!
+//! Forward: each value `w` of a group with scale `a` is normalised, `x = clamp(w/a, −1, 1)`,
+//! and gets the code of the nearest [`NF4_CODE`] value (a value exactly halfway between two
+//! code values takes the lower one, as bitsandbytes' bucketize on the midpoints does); it
+//! dequantizes to `ŵ = NF4_CODE[code]·a`. Groups follow [`Granularity`] on the 2-D weight;
+//! per-block groups are blocks along each row, which coincide with bitsandbytes' blocks over
+//! the flattened tensor when the row length is a multiple of the block size.
+//!
+//! Backward, with `g = ∂L/∂ŵ`:
+//! * `∂L/∂w` follows the configured [`Ste`] on the normalised grid (`x = w/a`, `x_q` = the code
+//!   value, range `[−1, 1]`, local step = the gap between the two code values around `x`).
+//! * `∂L/∂a = Σ g·NF4_CODE[code]` over the group: the exact derivative of `ŵ = c(w/a)·a`
+//!   wherever the codes do not change (almost everywhere). With [`Ste::Lsq`] it is multiplied
+//!   by `1/√N` (`N` values per group): LSQ's `1/√(N·Qp)` balances a step that is about
+//!   `|w|/√Qp`, whereas an absmax scale is on the order of `|w|` itself, so the `Qp` factor is
+//!   dropped.
+//!
+//! Initialisation: [`InitMethod::Absmax`] sets `a = max|w|` of each group (1 for an all-zero
+//! group); [`InitMethod::MseClipSearch`] tries `a = r·max|w|` over the ratios of
+//! [`ClipSearch`] and keeps the one with the least squared error.
+//!
+//! ```
+//! use ndarray::array;
+//! use quant_core::nf4_grid::Nf4GridQuantizer;
+//! use quant_core::quantizer::{DifferentiableQuantizer, InitMethod};
+//! use quant_core::ste::Ste;
+//! use quant_core::uniform::Granularity;
+//!
+//! let w = array![[2.0f32, -2.0, 0.0, 0.5]];
+//! let mut q = Nf4GridQuantizer::new(Granularity::PerChannel, Ste::Standard).unwrap();
+//! q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+//! assert_eq!(q.params(), &[2.0]);
+//! let out = q.forward(w.view()).unwrap();
+//! assert_eq!(out.codes.row(0).to_vec(), vec![15, 0, 7, 10]);
+//! assert!((out.dequantized[[0, 3]] - 0.246_112_3 * 2.0).abs() < 1e-6);
+//! ```
+
+use ndarray::ArrayView2;
+use rayon::prelude::*;
+
+use crate::codebook::NF4_CODE;
+use crate::error::{check_finite, QuantError, Result};
+use crate::quantizer::{DifferentiableQuantizer, InitMethod, QuantizerGrads, QuantizerOutput};
+use crate::ste::{GridPoint, Ste};
+use crate::uniform::{row_major, shaped, ClipSearch, Granularity, GroupLayout};
+
+/// The NF4 code nearest to `x` (clamped to [−1, 1] first); exact midpoints go to the lower
+/// code.
+///
+/// ```
+/// use quant_core::nf4_grid::nearest_nf4_code;
+/// assert_eq!(nearest_nf4_code(0.0), 7);
+/// assert_eq!(nearest_nf4_code(3.0), 15);
+/// assert_eq!(nearest_nf4_code(-0.7), 1);
+/// ```
+#[inline]
+pub fn nearest_nf4_code(x: f32) -> u8 {
+    let x = x.clamp(-1.0, 1.0);
+    // Number of midpoints strictly below x: bucketize(x, midpoints, right=False).
+    NF4_CODE
+        .windows(2)
+        .filter(|pair| (pair[0] + pair[1]) / 2.0 < x)
+        .count() as u8
+}
+
+/// Spacing of the NF4 grid around `x` for the code `code` it rounds to: the gap to the next
+/// code value on the side where `x` lies (the outermost gap at the ends).
+#[inline]
+fn local_gap(x: f32, code: u8) -> f32 {
+    let c = usize::from(code);
+    let above = x >= NF4_CODE[c];
+    match (above, c) {
+        (true, 15) => NF4_CODE[15] - NF4_CODE[14],
+        (true, _) => NF4_CODE[c + 1] - NF4_CODE[c],
+        (false, 0) => NF4_CODE[1] - NF4_CODE[0],
+        (false, _) => NF4_CODE[c] - NF4_CODE[c - 1],
+    }
+}
+
+/// Sum of squared errors of `values` quantized to NF4 with scale `scale`.
+fn nf4_squared_error(values: &[f32], scale: f32) -> f64 {
+    values
+        .iter()
+        .map(|&w| {
+            let code = nearest_nf4_code(w / scale);
+            let e = f64::from(w - NF4_CODE[usize::from(code)] * scale);
+            e * e
+        })
+        .sum()
+}
+
+/// The scale an all-zero (or underflowing) group gets, so that nothing divides by zero.
+fn usable_scale(scale: f32) -> f32 {
+    if scale.is_finite() && scale >= f32::MIN_POSITIVE {
+        scale
+    } else {
+        1.0
+    }
+}
+
+/// NF4-grid quantizer with one learned scale per group (see the [module docs](self)).
+#[derive(Debug, Clone)]
+pub struct Nf4GridQuantizer {
+    granularity: Granularity,
+    ste: Ste,
+    clip_search: ClipSearch,
+    layout: Option<GroupLayout>,
+    scales: Vec<f32>,
+    /// Last forward input (row-major) and the scales it was quantized with.
+    last_forward: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Nf4GridQuantizer {
+    /// A quantizer awaiting [`DifferentiableQuantizer::init_from_weights`].
+    pub fn new(granularity: Granularity, ste: Ste) -> Result<Self> {
+        granularity.validate()?;
+        ste.validate()?;
+        Ok(Nf4GridQuantizer {
+            granularity,
+            ste,
+            clip_search: ClipSearch::default(),
+            layout: None,
+            scales: Vec::new(),
+            last_forward: None,
+        })
+    }
+
+    /// Uses `search` for [`InitMethod::MseClipSearch`].
+    pub fn with_clip_search(mut self, search: ClipSearch) -> Result<Self> {
+        search.validate()?;
+        self.clip_search = search;
+        Ok(self)
+    }
+
+    /// The estimator used in [`DifferentiableQuantizer::backward`].
+    pub fn ste(&self) -> Ste {
+        self.ste
+    }
+
+    fn checked_layout(&self, dim: (usize, usize)) -> Result<GroupLayout> {
+        let layout = self.layout.ok_or_else(|| {
+            QuantError::invalid(
+                "nf4 grid quantizer state",
+                "uninitialised",
+                "call init_from_weights before forward",
+            )
+        })?;
+        if layout.shape() != dim {
+            return Err(QuantError::shape(
+                "nf4 grid quantizer input (shape it was initialised with)",
+                format!("{:?}", layout.shape()),
+                format!("{dim:?}"),
+            ));
+        }
+        Ok(layout)
+    }
+}
+
+impl DifferentiableQuantizer for Nf4GridQuantizer {
+    fn bits(&self) -> u32 {
+        4
+    }
+
+    fn init_from_weights(&mut self, w: ArrayView2<'_, f32>, method: InitMethod) -> Result<()> {
+        let (rows, cols) = w.dim();
+        let layout = GroupLayout::new(rows, cols, self.granularity)?;
+        let data = row_major(w);
+        check_finite("nf4 grid weights to initialise from", &data)?;
+        let search = self.clip_search;
+        self.scales = layout
+            .group_slices(&data)
+            .par_iter()
+            .map(|values| {
+                let absmax = values.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+                match method {
+                    InitMethod::Absmax => usable_scale(absmax),
+                    InitMethod::MseClipSearch => {
+                        let (ratio, _) = search.best_ratio(values.len(), |r| {
+                            nf4_squared_error(values, usable_scale(r * absmax))
+                        });
+                        usable_scale(ratio * absmax)
+                    }
+                }
+            })
+            .collect();
+        self.layout = Some(layout);
+        self.last_forward = None;
+        Ok(())
+    }
+
+    fn forward(&mut self, w: ArrayView2<'_, f32>) -> Result<QuantizerOutput> {
+        let layout = self.checked_layout(w.dim())?;
+        if let Some(i) = self
+            .scales
+            .iter()
+            .position(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(QuantError::invalid(
+                format!("scale[{i}]"),
+                self.scales[i],
+                "must be finite and positive (an optimizer update may have pushed it there)",
+            ));
+        }
+        let data = row_major(w);
+        check_finite("nf4 grid quantizer input", &data)?;
+        let (rows, cols) = w.dim();
+        let mut codes = vec![0u8; data.len()];
+        let mut dequantized = vec![0.0f32; data.len()];
+        let scales = &self.scales;
+        codes
+            .par_chunks_mut(cols)
+            .zip(dequantized.par_chunks_mut(cols))
+            .zip(data.par_chunks(cols))
+            .enumerate()
+            .for_each(|(r, ((code_row, deq_row), row))| {
+                for (g, range) in layout.row_segments(r) {
+                    for c in range {
+                        let code = nearest_nf4_code(row[c] / scales[g]);
+                        code_row[c] = code;
+                        deq_row[c] = NF4_CODE[usize::from(code)] * scales[g];
+                    }
+                }
+            });
+        self.last_forward = Some((data, self.scales.clone()));
+        Ok(QuantizerOutput {
+            codes: shaped(rows, cols, codes)?,
+            dequantized: shaped(rows, cols, dequantized)?,
+        })
+    }
+
+    fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads> {
+        let (data, scales) = self.last_forward.as_ref().ok_or_else(|| {
+            QuantError::invalid(
+                "nf4 grid quantizer state",
+                "no forward pass",
+                "call forward before backward",
+            )
+        })?;
+        let layout = self.checked_layout(grad_output.dim())?;
+        let grad = row_major(grad_output);
+        check_finite("nf4 grid quantizer grad_output", &grad)?;
+        let (rows, cols) = layout.shape();
+        let ste = self.ste;
+        let mut grad_input = vec![0.0f32; data.len()];
+        let partials: Vec<Vec<(usize, f64)>> = grad_input
+            .par_chunks_mut(cols)
+            .zip(data.par_chunks(cols))
+            .zip(grad.par_chunks(cols))
+            .enumerate()
+            .map(|(r, ((gin_row, row), g_row))| {
+                layout
+                    .row_segments(r)
+                    .map(|(g, range)| {
+                        let mut scale_sum = 0.0f64;
+                        for c in range {
+                            let x = row[c] / scales[g];
+                            let code = nearest_nf4_code(x);
+                            let xq = NF4_CODE[usize::from(code)];
+                            let at = GridPoint {
+                                value: x,
+                                quantized: xq,
+                                lower: -1.0,
+                                upper: 1.0,
+                                step: local_gap(x, code),
+                            };
+                            gin_row[c] = ste.input_grad(g_row[c], at);
+                            scale_sum += f64::from(g_row[c]) * f64::from(xq);
+                        }
+                        (g, scale_sum)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut scale_grads = vec![0.0f64; layout.num_groups()];
+        for (g, partial) in partials.into_iter().flatten() {
+            scale_grads[g] += partial;
+        }
+        let params = scale_grads
+            .iter()
+            .zip(layout.group_sizes())
+            .map(|(&sum, n)| {
+                let factor = if ste.scales_step_grad() {
+                    1.0 / (n as f64).sqrt()
+                } else {
+                    1.0
+                };
+                (sum * factor) as f32
+            })
+            .collect();
+        Ok(QuantizerGrads {
+            input: shaped(rows, cols, grad_input)?,
+            params,
+        })
+    }
+
+    fn params(&self) -> &[f32] {
+        &self.scales
+    }
+
+    fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.scales
+    }
+}
