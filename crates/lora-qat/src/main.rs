@@ -1,3 +1,39 @@
-fn main() {
-    println!("lora-qat");
+//! `lora-qat`: the command-line tool. Each subcommand lives in its own module under
+//! `commands/`; this file only parses arguments and reports errors.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune and compress language models with low-rank adapters under quantization.
+#[derive(Debug, Parser)]
+#[command(name = "lora-qat", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Quantize the 2-D floating-point tensors of a safetensors file (NF4/FP4 in the
+    /// bitsandbytes layout transformers reads, or uniform/Pi in this project's packed layout).
+    Quantize(commands::quantize::QuantizeArgs),
+    /// Time the library's kernels on this machine.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Quantize(args) => commands::quantize::run(&args),
+        Command::Bench(cmd) => commands::bench::run(&cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -44,8 +44,8 @@ pub enum QuantizerKind {
     Nf4,
 }
 
-/// Randomized Hadamard incoherence processing around the quantizer. The factory only carries
-/// it; the wrapper that applies it lives with the Hadamard transform.
+/// Randomized Hadamard incoherence processing around the quantizer, applied by
+/// [`QatConfig::build_for_weight`] with [`crate::incoherence::IncoherentQuantizer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IncoherenceConfig {
@@ -168,8 +168,51 @@ impl QatConfig {
 
     /// Validates, then builds the quantizer (uninitialised: call
     /// [`DifferentiableQuantizer::init_from_weights`] with [`QatConfig::init`] next).
-    /// [`QatConfig::incoherence`] is not applied here.
+    /// A Hadamard rotation depends on the weight's shape, so a config with
+    /// [`QatConfig::incoherence`] is an error here: use [`QatConfig::build_for_weight`].
     pub fn build(&self) -> Result<Box<dyn DifferentiableQuantizer>> {
+        if self.incoherence.is_some() {
+            return Err(QuantError::invalid(
+                "incoherence",
+                "set",
+                "a Hadamard rotation needs the weight shape: use build_for_weight(out, in)",
+            ));
+        }
+        self.build_grid()
+    }
+
+    /// Validates, then builds the quantizer for an `(out_features, in_features)` weight,
+    /// wrapped in a seeded Hadamard rotation when [`QatConfig::incoherence`] is set.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use quant_core::config::{IncoherenceConfig, QatConfig};
+    /// use quant_core::quantizer::InitMethod;
+    /// let mut config = QatConfig::piq3();
+    /// config.incoherence = Some(IncoherenceConfig { seed: 1, rotate_output: false });
+    /// let mut q = config.build_for_weight(4, 6).unwrap();
+    /// let w = Array2::from_shape_fn((4, 6), |(i, j)| (i as f32 - j as f32) * 0.1);
+    /// q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+    /// assert_eq!(q.forward(w.view()).unwrap().dequantized.dim(), (4, 6));
+    /// ```
+    pub fn build_for_weight(
+        &self,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Box<dyn DifferentiableQuantizer>> {
+        let grid = self.build_grid()?;
+        Ok(match self.incoherence {
+            None => grid,
+            Some(inc) => Box::new(crate::incoherence::IncoherentQuantizer::with_seed(
+                grid,
+                in_features,
+                inc.rotate_output.then_some(out_features),
+                inc.seed,
+            )?),
+        })
+    }
+
+    fn build_grid(&self) -> Result<Box<dyn DifferentiableQuantizer>> {
         self.validate()?;
         Ok(match self.quantizer {
             QuantizerKind::Uniform => Box::new(UniformQuantizer::new(
@@ -374,5 +417,42 @@ mod tests {
             assert_eq!(grads.params.len(), 3);
             assert!(grads.params.iter().all(|g| g.is_finite()));
         }
+    }
+
+    #[test]
+    fn incoherence_wraps_the_grid_in_a_rotation_of_the_weight_shape() {
+        let w = Array2::from_shape_fn((5, 12), |(r, c)| ((r * 12 + c) as f32 * 0.37).cos());
+        let config = QatConfig {
+            incoherence: Some(IncoherenceConfig {
+                seed: 3,
+                rotate_output: true,
+            }),
+            ..QatConfig::piq3()
+        };
+        let err = config.build().unwrap_err().to_string();
+        assert!(err.contains("build_for_weight"), "{err}");
+        let mut rotated = config.build_for_weight(5, 12).unwrap();
+        let mut plain = QatConfig::piq3().build_for_weight(5, 12).unwrap();
+        rotated
+            .init_from_weights(w.view(), InitMethod::Absmax)
+            .unwrap();
+        plain
+            .init_from_weights(w.view(), InitMethod::Absmax)
+            .unwrap();
+        let r = rotated.forward(w.view()).unwrap().dequantized;
+        let p = plain.forward(w.view()).unwrap().dequantized;
+        assert_eq!(r.dim(), (5, 12));
+        // Both approximate w, but on different grids: the rotation really is applied.
+        assert!(r.iter().zip(p.iter()).any(|(a, b)| (a - b).abs() > 1e-4));
+        let err = |q: &Array2<f32>| {
+            (q - &w).iter().map(|d| d * d).sum::<f32>().sqrt()
+                / w.iter().map(|v| v * v).sum::<f32>().sqrt()
+        };
+        assert!(err(&r) < 0.5 && err(&p) < 0.5);
+        assert!(rotated.backward(r.view()).is_ok());
+        assert!(
+            config.build_for_weight(5, 0).is_err(),
+            "zero-size rotation is an error"
+        );
     }
 }

@@ -31,6 +31,7 @@ pub mod io;
 pub mod linalg;
 pub mod nf4;
 pub mod nf4_grid;
+pub mod packed_layout;
 pub mod packing;
 pub mod pi;
 pub mod quantizer;

@@ -1,0 +1,20 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod quantize;
+
+/// Errors of the command-line tool: library errors plus what only a CLI can get wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From quant-core.
+    #[error(transparent)]
+    Quant(#[from] quant_core::QuantError),
+    /// A file that cannot be parsed.
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    /// A bad combination of options.
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub type CliResult<T = ()> = Result<T, CliError>;
