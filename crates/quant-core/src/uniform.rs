@@ -580,6 +580,20 @@ impl UniformQuantized {
     /// Assembles a stored tensor, checking that every part agrees with the shape, bits and
     /// granularity (code count and width, one positive finite scale per group, one zero point
     /// per group within the code range when asymmetric, none when symmetric).
+    ///
+    /// ```
+    /// use quant_core::packing::PackedCodes;
+    /// use quant_core::uniform::{Granularity, UniformQuantized};
+    ///
+    /// // 2×2, 4-bit asymmetric, per-channel: row 0 has zero point 3, row 1 has 4.
+    /// let codes = PackedCodes::pack(&[0, 3, 4, 15], 4).unwrap();
+    /// let q = UniformQuantized::from_parts(
+    ///     (2, 2), 4, Granularity::PerChannel, false, codes, vec![0.5, 0.25], vec![3, 4],
+    /// ).unwrap();
+    /// assert_eq!(q.dequantize(), ndarray::array![[-1.5, 0.0], [0.0, 2.75]]);
+    /// // 2 code bytes + 2 scales + 2 zero points = 16 + 64 + 16 bits over 4 weights.
+    /// assert_eq!(q.bits_per_weight(), 24.0);
+    /// ```
     pub fn from_parts(
         shape: (usize, usize),
         bits: u32,
