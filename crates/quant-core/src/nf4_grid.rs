@@ -57,12 +57,21 @@ use crate::uniform::{row_major, shaped, ClipSearch, Granularity, GroupLayout};
 #[inline]
 pub fn nearest_nf4_code(x: f32) -> u8 {
     let x = x.clamp(-1.0, 1.0);
-    // Number of midpoints strictly below x: bucketize(x, midpoints, right=False).
-    NF4_CODE
-        .windows(2)
-        .filter(|pair| (pair[0] + pair[1]) / 2.0 < x)
-        .count() as u8
+    // Number of midpoints strictly below x: bucketize(x, midpoints, right=False). Counting
+    // all 15 comparisons without branches is faster than a search on 16 entries.
+    NF4_MIDPOINTS.iter().map(|&m| u8::from(m < x)).sum()
 }
+
+/// Midpoints between consecutive NF4 code values, `(NF4[i] + NF4[i+1]) / 2` in f32.
+const NF4_MIDPOINTS: [f32; 15] = {
+    let mut mid = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        mid[i] = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
+        i += 1;
+    }
+    mid
+};
 
 /// Spacing of the NF4 grid around `x` for the code `code` it rounds to: the gap to the next
 /// code value on the side where `x` lies (the outermost gap at the ends).
@@ -300,5 +309,42 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
 
     fn params_mut(&mut self) -> &mut [f32] {
         &mut self.scales
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn midpoints_go_to_the_lower_code() {
+        for i in 0..15 {
+            let m = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
+            assert_eq!(nearest_nf4_code(m), i as u8, "midpoint {i}");
+            let above = f32::from_bits(if m > 0.0 {
+                m.to_bits() + 1
+            } else {
+                m.to_bits() - 1
+            });
+            assert_eq!(
+                nearest_nf4_code(above),
+                i as u8 + 1,
+                "just above midpoint {i}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_code_is_the_nearest_value(x in -1.5f32..1.5) {
+            let code = usize::from(nearest_nf4_code(x));
+            let xc = x.clamp(-1.0, 1.0);
+            let best = NF4_CODE
+                .iter()
+                .map(|&v| (v - xc).abs())
+                .fold(f32::INFINITY, f32::min);
+            prop_assert!((NF4_CODE[code] - xc).abs() <= best);
+        }
     }
 }

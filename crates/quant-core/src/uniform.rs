@@ -390,7 +390,8 @@ pub fn absmax_params(values: &[f32], grid: UniformGrid) -> Result<GroupParams> {
     Ok(grid.params_for_range(lo, hi))
 }
 
-/// Sum of squared fake-quantization errors of `values` with `params`.
+/// Sum of squared fake-quantization errors of `values` with `params`, exactly as
+/// [`fake_quant_scalar`] quantizes.
 fn squared_error(values: &[f32], grid: UniformGrid, params: GroupParams) -> f64 {
     let (zp, qmin, qmax) = (params.zero_point as f32, grid.qmin(), grid.qmax());
     values
@@ -400,6 +401,45 @@ fn squared_error(values: &[f32], grid: UniformGrid, params: GroupParams) -> f64 
             e * e
         })
         .sum()
+}
+
+/// Adding and subtracting 1.5·2^23 rounds an f32 of magnitude below 2^22 to an integer, half
+/// to even, under the default rounding mode — without the `roundeven` libm call that
+/// `f32::round_ties_even` becomes on baseline x86-64, so the loop below vectorizes.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// Fast estimate of [`squared_error`] for ranking clip ratios: multiplies by `1/scale`
+/// instead of dividing and clamps before rounding (equal to rounding then clamping for
+/// integer bounds). It can differ from the exact error only for values within an ulp of a
+/// rounding boundary, which does not matter for choosing a ratio; the chosen ratio's error
+/// is recomputed exactly.
+fn squared_error_estimate(values: &[f32], grid: UniformGrid, params: GroupParams) -> f64 {
+    const LANES: usize = 8;
+    const BLOCK: usize = 1024;
+    let scale = params.scale;
+    let inv = 1.0 / scale;
+    let zp = params.zero_point as f32;
+    let (lo, hi) = (grid.qmin() - zp, grid.qmax() - zp);
+    let err = |x: f32| {
+        let y = (x * inv).clamp(lo, hi);
+        let e = x - ((y + ROUND_MAGIC) - ROUND_MAGIC) * scale;
+        e * e
+    };
+    let mut total = 0.0f64;
+    // f32 lane sums over short blocks (vectorizable), accumulated in f64.
+    for block in values.chunks(BLOCK) {
+        let mut lanes = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                *lane += err(x);
+            }
+        }
+        let tail_sum: f32 = tail.iter().map(|&x| err(x)).sum();
+        total += lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(tail_sum);
+    }
+    total
 }
 
 /// What [`mse_clip_search`] found for one group.
@@ -436,13 +476,14 @@ pub fn mse_clip_search(
     check_non_empty("clip search group", values.len())?;
     check_finite("clip search group", values)?;
     let (lo, hi) = range_with_zero(values);
-    let (ratio, sse) = search.best_ratio(values.len(), |r| {
-        squared_error(values, grid, grid.params_for_range(r * lo, r * hi))
+    let (ratio, _) = search.best_ratio(values.len(), |r| {
+        squared_error_estimate(values, grid, grid.params_for_range(r * lo, r * hi))
     });
+    let params = grid.params_for_range(ratio * lo, ratio * hi);
     Ok(ClipSearchResult {
-        params: grid.params_for_range(ratio * lo, ratio * hi),
+        params,
         ratio,
-        mse: sse / values.len() as f64,
+        mse: squared_error(values, grid, params) / values.len() as f64,
     })
 }
 
@@ -539,6 +580,20 @@ impl UniformQuantized {
     /// Assembles a stored tensor, checking that every part agrees with the shape, bits and
     /// granularity (code count and width, one positive finite scale per group, one zero point
     /// per group within the code range when asymmetric, none when symmetric).
+    ///
+    /// ```
+    /// use quant_core::packing::PackedCodes;
+    /// use quant_core::uniform::{Granularity, UniformQuantized};
+    ///
+    /// // 2×2, 4-bit asymmetric, per-channel: row 0 has zero point 3, row 1 has 4.
+    /// let codes = PackedCodes::pack(&[0, 3, 4, 15], 4).unwrap();
+    /// let q = UniformQuantized::from_parts(
+    ///     (2, 2), 4, Granularity::PerChannel, false, codes, vec![0.5, 0.25], vec![3, 4],
+    /// ).unwrap();
+    /// assert_eq!(q.dequantize(), ndarray::array![[-1.5, 0.0], [0.0, 2.75]]);
+    /// // 2 code bytes + 2 scales + 2 zero points = 16 + 64 + 16 bits over 4 weights.
+    /// assert_eq!(q.bits_per_weight(), 24.0);
+    /// ```
     pub fn from_parts(
         shape: (usize, usize),
         bits: u32,
@@ -1155,4 +1210,33 @@ impl DifferentiableQuantizer for UniformQuantizer {
 pub(crate) fn shaped<T>(rows: usize, cols: usize, data: Vec<T>) -> Result<Array2<T>> {
     Array2::from_shape_vec((rows, cols), data)
         .map_err(|e| QuantError::shape("row-major buffer", format!("{rows}×{cols}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_error_estimate_matches_the_exact_error() {
+        for bits in 2..=8 {
+            for symmetric in [true, false] {
+                let grid = UniformGrid::new(bits, symmetric).unwrap();
+                let values: Vec<f32> = (0..3001).map(|i| (i as f32 * 0.123).sin() * 3.0).collect();
+                for ratio in [1.0f32, 0.7, 0.31] {
+                    let (lo, hi) = range_with_zero(&values);
+                    let params = grid.params_for_range(ratio * lo, ratio * hi);
+                    let exact = squared_error(&values, grid, params);
+                    let fast = squared_error_estimate(&values, grid, params);
+                    assert!(
+                        (exact - fast).abs() <= 1e-5 * exact,
+                        "{bits} {symmetric} {ratio}"
+                    );
+                }
+            }
+        }
+        // The magic-number rounding is half to even, like round_half_even.
+        for y in [-2.5f32, -1.5, -0.5, 0.5, 1.5, 2.5, 127.5, -128.0] {
+            assert_eq!((y + ROUND_MAGIC) - ROUND_MAGIC, round_half_even(y));
+        }
+    }
 }
