@@ -512,6 +512,12 @@ impl LoraAdapter {
         self.cache = None;
     }
 
+    /// The dropout mask of the last training forward (`0` or `1/(1−p)` per input element),
+    /// if dropout was applied; tests use it to rebuild the same function.
+    pub fn last_dropout_mask(&self) -> Option<&Array2<f32>> {
+        self.cache.as_ref().and_then(|c| c.mask.as_ref())
+    }
+
     /// `A: (r, in)`.
     pub fn a(&self) -> &Array2<f32> {
         &self.a
