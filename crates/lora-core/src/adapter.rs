@@ -320,7 +320,13 @@ impl LoraAdapter {
     /// `ΔW = s·B·A`, `(out, in)`. Used for merging and DoRA's norm, never in the LoRA forward.
     pub fn delta_weight(&self) -> Result<Array2<f32>> {
         let mut delta = Array2::zeros((self.b.nrows(), self.a.ncols()));
-        gemm(self.scale, self.b.view(), self.a.view(), 0.0, delta.view_mut())?;
+        gemm(
+            self.scale,
+            self.b.view(),
+            self.a.view(),
+            0.0,
+            delta.view_mut(),
+        )?;
         Ok(delta)
     }
 
@@ -365,10 +371,7 @@ impl LoraAdapter {
                 let ratio = magnitude / &weight_norm;
                 if let Some(j) = ratio.iter().position(|v| !v.is_finite()) {
                     return Err(LoraError::NonFinite {
-                        context: format!(
-                            "DoRA scale m/‖W + s·B·A‖ (row norm {})",
-                            weight_norm[j]
-                        ),
+                        context: format!("DoRA scale m/‖W + s·B·A‖ (row norm {})", weight_norm[j]),
                         index: j,
                         value: ratio[j],
                     });
@@ -456,13 +459,7 @@ impl LoraAdapter {
             self.grad_b.view_mut(),
         )?;
         let mut d_hidden = Array2::zeros(cache.hidden.dim());
-        gemm(
-            self.scale,
-            dy_lora,
-            self.b.view(),
-            0.0,
-            d_hidden.view_mut(),
-        )?;
+        gemm(self.scale, dy_lora, self.b.view(), 0.0, d_hidden.view_mut())?;
         gemm(1.0, d_hidden.t(), xd, 1.0, self.grad_a.view_mut())?;
         if cache.mask.is_none() && cache.dora.is_none() {
             gemm(1.0, d_hidden.view(), self.a.view(), 1.0, dx)?;

@@ -317,7 +317,11 @@ pub fn random_prune(tensor: &Array2<f32>, density: f64, rng: &mut ChaCha8Rng) ->
 /// TIES' sign election and disjoint merge: per element, the majority sign is the sign of
 /// `Σ tᵢ` (or of the count of signs), ≥ 0 counting as positive; the result is the mean of
 /// `wᵢ·tᵢ` over the tensors whose element has that sign (zeros never agree).
-pub fn disjoint_merge(tensors: &[Array2<f32>], weights: &[f32], method: MajoritySign) -> Array2<f32> {
+pub fn disjoint_merge(
+    tensors: &[Array2<f32>],
+    weights: &[f32],
+    method: MajoritySign,
+) -> Array2<f32> {
     let dim = tensors[0].dim();
     Array2::from_shape_fn(dim, |ij| {
         let election: f32 = match method {

@@ -455,9 +455,11 @@ fn check_pattern(option: &str, key: &str) -> Result<()> {
 fn check_targets(option: &str, targets: &TargetModules) -> Result<()> {
     match targets {
         TargetModules::Regex(pattern) => check_pattern(option, pattern),
-        TargetModules::Names(names) if names.is_empty() => {
-            Err(LoraError::option(option, "[]", "the list selects no module"))
-        }
+        TargetModules::Names(names) if names.is_empty() => Err(LoraError::option(
+            option,
+            "[]",
+            "the list selects no module",
+        )),
         TargetModules::Names(_) => Ok(()),
     }
 }
@@ -501,13 +503,18 @@ mod tests {
         assert_eq!(c.alpha_for("model.layers.0.self_attn.xq_proj"), 8.0);
         // Order survives writing.
         let s = serde_json::to_string(&c).unwrap();
-        assert!(s.find("layers").unwrap() < s.find("\"q_proj\":4").unwrap(), "{s}");
+        assert!(
+            s.find("layers").unwrap() < s.find("\"q_proj\":4").unwrap(),
+            "{s}"
+        );
     }
 
     #[test]
     fn exclude_modules_wins_over_targets() {
         let mut c = LoraConfig::new(4, 8.0, &["q_proj"]);
-        c.exclude_modules = Some(TargetModules::Names(vec!["layers.1.self_attn.q_proj".into()]));
+        c.exclude_modules = Some(TargetModules::Names(vec![
+            "layers.1.self_attn.q_proj".into()
+        ]));
         assert!(c.matches("model.layers.0.self_attn.q_proj"));
         assert!(!c.matches("model.layers.1.self_attn.q_proj"));
     }

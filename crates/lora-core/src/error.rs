@@ -120,11 +120,7 @@ pub(crate) fn check_finite<'a>(
     context: impl FnOnce() -> String,
     values: impl IntoIterator<Item = &'a f32>,
 ) -> Result<()> {
-    match values
-        .into_iter()
-        .enumerate()
-        .find(|(_, v)| !v.is_finite())
-    {
+    match values.into_iter().enumerate().find(|(_, v)| !v.is_finite()) {
         Some((index, &value)) => Err(LoraError::NonFinite {
             context: context(),
             index,

@@ -63,7 +63,10 @@ impl LoraLinear<DenseBase> {
     /// A layer over a dense `f32` weight `(out, in)` and optional bias; `context` (usually the
     /// module path) appears in error messages.
     pub fn dense(weight: Array2<f32>, bias: Option<Array1<f32>>, context: &str) -> Result<Self> {
-        Ok(LoraLinear::new(DenseBase::new(weight, bias, context)?, context))
+        Ok(LoraLinear::new(
+            DenseBase::new(weight, bias, context)?,
+            context,
+        ))
     }
 }
 

@@ -153,7 +153,12 @@ pub fn load_adapter(
     Ok(LoadedAdapter { config, modules })
 }
 
-fn read_f32(tensors: &SafeTensors<'_>, file: &Path, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+fn read_f32(
+    tensors: &SafeTensors<'_>,
+    file: &Path,
+    key: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
     let err = |reason: String| LoraError::Key {
         file: file.to_path_buf(),
         key: key.to_string(),
@@ -163,7 +168,10 @@ fn read_f32(tensors: &SafeTensors<'_>, file: &Path, key: &str, shape: &[usize]) 
         .tensor(key)
         .map_err(|_| err("missing".to_string()))?;
     if view.dtype() != Dtype::F32 {
-        return Err(err(format!("dtype {:?}, only F32 is supported", view.dtype())));
+        return Err(err(format!(
+            "dtype {:?}, only F32 is supported",
+            view.dtype()
+        )));
     }
     if view.shape() != shape {
         return Err(err(format!("shape {:?}, expected {shape:?}", view.shape())));
@@ -174,7 +182,10 @@ fn read_f32(tensors: &SafeTensors<'_>, file: &Path, key: &str, shape: &[usize]) 
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(err(format!("non-finite value {} at flat index {i}", values[i])));
+        return Err(err(format!(
+            "non-finite value {} at flat index {i}",
+            values[i]
+        )));
     }
     Ok(values)
 }
@@ -194,7 +205,11 @@ fn read_f32(tensors: &SafeTensors<'_>, file: &Path, key: &str, shape: &[usize]) 
 /// assert_eq!(&loaded.modules["model.layers.0.self_attn.q_proj"].a, layer.adapter("default").unwrap().a());
 /// std::fs::remove_dir_all(&dir).unwrap();
 /// ```
-pub fn save_adapter<B: FrozenBase + Clone>(dir: &Path, set: &AdapterSet<B>, name: &str) -> Result<()> {
+pub fn save_adapter<B: FrozenBase + Clone>(
+    dir: &Path,
+    set: &AdapterSet<B>,
+    name: &str,
+) -> Result<()> {
     let config = set.config(name)?;
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (module, layer) in set.layers() {

@@ -211,7 +211,10 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
             return Err(LoraError::option(
                 "target_modules",
                 format!("{:?}", config.target_modules),
-                format!("matches none of the {} modules in the set", self.layers.len()),
+                format!(
+                    "matches none of the {} modules in the set",
+                    self.layers.len()
+                ),
             ));
         }
         // Validate every layer first so that a failure leaves the set unchanged.
@@ -222,7 +225,10 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
         for path in &targets {
             let options = AdapterOptions::from_config(&config, path);
             let layer_seed = LoraLinear::<B>::derive_seed(seed, path);
-            let layer = self.layers.get_mut(path).expect("target paths come from the map");
+            let layer = self
+                .layers
+                .get_mut(path)
+                .expect("target paths come from the map");
             if let Err(e) = layer.add_adapter(name, &options, layer_seed) {
                 self.remove_from_layers(name);
                 return Err(e);
@@ -440,10 +446,8 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
         names.sort();
         names.dedup();
         config.target_modules = Some(if names.is_empty() {
-            let alternatives: Vec<String> = combined
-                .iter()
-                .map(|(p, _)| regex::escape(p))
-                .collect();
+            let alternatives: Vec<String> =
+                combined.iter().map(|(p, _)| regex::escape(p)).collect();
             crate::config::TargetModules::Regex(alternatives.join("|"))
         } else {
             crate::config::TargetModules::Names(names)

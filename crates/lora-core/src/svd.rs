@@ -31,7 +31,10 @@ pub fn truncated_svd(m: ArrayView2<'_, f32>, k: usize, context: &str) -> Result<
         return Err(LoraError::option(
             format!("rank for the SVD of {context}"),
             k,
-            format!("must be in 1..={} for a {rows}×{cols} matrix", rows.min(cols)),
+            format!(
+                "must be in 1..={} for a {rows}×{cols} matrix",
+                rows.min(cols)
+            ),
         ));
     }
     check_finite(|| format!("SVD input {context}"), m.iter())?;

@@ -179,7 +179,9 @@ fn check(case: &Case, seed: u64) {
     let mut layer = LoraLinear::dense(w.clone(), bias.clone(), case.name).unwrap();
     let names: Vec<String> = (0..case.adapters.len()).map(|i| format!("ad{i}")).collect();
     for (i, o) in case.adapters.iter().enumerate() {
-        layer.add_adapter(&names[i], o, seed + 100 + i as u64).unwrap();
+        layer
+            .add_adapter(&names[i], o, seed + 100 + i as u64)
+            .unwrap();
         // Move m away from ‖W + s·B·A‖ so that DoRA's g ≠ 1 and every term matters.
         let ad = layer.adapter_mut(&names[i]).unwrap();
         if let Some(m) = ad.magnitude().cloned() {
@@ -214,7 +216,11 @@ fn check(case: &Case, seed: u64) {
             norm: None,
         };
         if case.training && ad.options().dropout > 0.0 {
-            assert!(ra.mask.is_some(), "{}: dropout must have been drawn", case.name);
+            assert!(
+                ra.mask.is_some(),
+                "{}: dropout must have been drawn",
+                case.name
+            );
         }
         if ra.m.is_some() {
             ra.norm = Some(row_norms(&reference.w, &ra));
@@ -227,21 +233,41 @@ fn check(case: &Case, seed: u64) {
     // The forward agrees with the reference.
     let y_ref = reference.forward(&x64);
     for (a, b) in y.iter().zip(y_ref.iter()) {
-        assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()), "{}: y {a} vs {b}", case.name);
+        assert!(
+            (*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()),
+            "{}: y {a} vs {b}",
+            case.name
+        );
     }
 
     let num_dx = numeric_grad(&mut reference, &mut x64, &r64, Param::X);
-    assert_grad_close(&format!("{} dX", case.name), dx.as_slice().unwrap(), &num_dx);
+    assert_grad_close(
+        &format!("{} dX", case.name),
+        dx.as_slice().unwrap(),
+        &num_dx,
+    );
 
     for (k, n) in names.iter().enumerate() {
         let ad = layer.adapter(n).unwrap();
         let num_da = numeric_grad(&mut reference, &mut x64, &r64, Param::A(k));
-        assert_grad_close(&format!("{} {n} dA", case.name), ad.grad_a().as_slice().unwrap(), &num_da);
+        assert_grad_close(
+            &format!("{} {n} dA", case.name),
+            ad.grad_a().as_slice().unwrap(),
+            &num_da,
+        );
         let num_db = numeric_grad(&mut reference, &mut x64, &r64, Param::B(k));
-        assert_grad_close(&format!("{} {n} dB", case.name), ad.grad_b().as_slice().unwrap(), &num_db);
+        assert_grad_close(
+            &format!("{} {n} dB", case.name),
+            ad.grad_b().as_slice().unwrap(),
+            &num_db,
+        );
         if let Some(gm) = ad.grad_magnitude() {
             let num_dm = numeric_grad(&mut reference, &mut x64, &r64, Param::M(k));
-            assert_grad_close(&format!("{} {n} dm", case.name), gm.as_slice().unwrap(), &num_dm);
+            assert_grad_close(
+                &format!("{} {n} dm", case.name),
+                gm.as_slice().unwrap(),
+                &num_dm,
+            );
         }
     }
 }
@@ -341,7 +367,12 @@ fn gradients_accumulate_until_zero_grad() {
     layer.forward(x.view()).unwrap();
     layer.backward(dy.view()).unwrap();
     let once = layer.adapter("a").unwrap().grad_b().clone();
-    let once_m = layer.adapter("a").unwrap().grad_magnitude().unwrap().clone();
+    let once_m = layer
+        .adapter("a")
+        .unwrap()
+        .grad_magnitude()
+        .unwrap()
+        .clone();
     layer.backward(dy.view()).unwrap();
     let ad = layer.adapter("a").unwrap();
     for (t, o) in ad.grad_b().iter().zip(once.iter()) {
@@ -352,6 +383,10 @@ fn gradients_accumulate_until_zero_grad() {
     }
     layer.zero_grad();
     let ad = layer.adapter("a").unwrap();
-    assert!(ad.grad_a().iter().chain(ad.grad_b().iter()).all(|&g| g == 0.0));
+    assert!(ad
+        .grad_a()
+        .iter()
+        .chain(ad.grad_b().iter())
+        .all(|&g| g == 0.0));
     assert!(ad.grad_magnitude().unwrap().iter().all(|&g| g == 0.0));
 }
