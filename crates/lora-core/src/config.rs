@@ -522,7 +522,8 @@ mod tests {
     #[test]
     fn invalid_options_are_named() {
         let base = LoraConfig::new(4, 8.0, &["q_proj"]);
-        let cases: Vec<(Box<dyn Fn(&mut LoraConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut LoraConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.r = 0), "r ="),
             (Box::new(|c| c.lora_alpha = 0.0), "lora_alpha"),
             (Box::new(|c| c.lora_alpha = f64::NAN), "lora_alpha"),
