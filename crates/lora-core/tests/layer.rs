@@ -352,3 +352,37 @@ proptest! {
         }
     }
 }
+
+/// Rough cost of the adapter paths next to the base product (run with `--ignored`; prints).
+#[test]
+#[ignore = "timing, not a check"]
+fn timing_of_forward_and_backward() {
+    use std::time::Instant;
+    let (tokens, width, r) = (512, 1024, 16);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let w = random(&mut rng, width, width);
+    let x = random(&mut rng, tokens, width);
+    for (name, dora) in [
+        ("base only", None),
+        ("lora", Some(false)),
+        ("dora", Some(true)),
+    ] {
+        let mut layer = LoraLinear::dense(w.clone(), None, name).unwrap();
+        if let Some(dora) = dora {
+            let mut o = opts(r, 32.0, InitLoraWeights::Random);
+            o.use_dora = dora;
+            layer.add_adapter("a", &o, 1).unwrap();
+        }
+        let _ = layer.forward(x.view()).unwrap();
+        let start = Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            let y = layer.forward(x.view()).unwrap();
+            layer.backward(y.view()).unwrap();
+        }
+        println!(
+            "{name}: forward+backward {tokens}x{width}x{width} r={r}: {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3 / reps as f64
+        );
+    }
+}
