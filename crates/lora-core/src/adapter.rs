@@ -420,12 +420,17 @@ impl LoraAdapter {
     /// Given `dy = ∂L/∂y: (tokens, out)` and the layer input `x` of the last forward,
     /// accumulates `∂L/∂A`, `∂L/∂B` (and `∂L/∂m`) and adds this adapter's part of `∂L/∂x`
     /// into `dx: (tokens, in)`.
+    ///
+    /// DoRA's part of `∂L/∂x` includes `((g − 1)⊙dy)·W`. Without dropout that term can be
+    /// folded into the layer's own `dy·W` (one product instead of two); a caller that did so
+    /// (see [`LoraAdapter::dora_ratio_without_dropout`]) passes `dora_base_term_folded = true`.
     pub fn backward_into<B: FrozenBase + ?Sized>(
         &mut self,
         base: &B,
         x: ArrayView2<'_, f32>,
         dy: ArrayView2<'_, f32>,
         mut dx: ArrayViewMut2<'_, f32>,
+        dora_base_term_folded: bool,
     ) -> Result<()> {
         let cache = self.cache.as_ref().ok_or_else(|| {
             LoraError::state(
@@ -461,29 +466,33 @@ impl LoraAdapter {
         let mut d_hidden = Array2::zeros(cache.hidden.dim());
         gemm(self.scale, dy_lora, self.b.view(), 0.0, d_hidden.view_mut())?;
         gemm(1.0, d_hidden.t(), xd, 1.0, self.grad_a.view_mut())?;
-        if cache.mask.is_none() && cache.dora.is_none() {
+        if let Some(d) = &cache.dora {
+            // ∂y/∂m_j = (x_d·W'ᵀ)_j / ‖W'_j‖ with W' = W + s·B·A.
+            if let Some(grad_m) = self.grad_magnitude.as_mut() {
+                Zip::from(grad_m)
+                    .and(dy.axis_iter(Axis(1)))
+                    .and(d.direction_out.axis_iter(Axis(1)))
+                    .and(&d.weight_norm)
+                    .for_each(|gm, dy_col, dir_col, &n| {
+                        let dot: f64 = dy_col
+                            .iter()
+                            .zip(dir_col.iter())
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        *gm += (dot / n as f64) as f32;
+                    });
+            }
+        }
+        let base_term = cache
+            .dora
+            .as_ref()
+            .filter(|_| !(dora_base_term_folded && cache.mask.is_none()));
+        if cache.mask.is_none() && base_term.is_none() {
             gemm(1.0, d_hidden.view(), self.a.view(), 1.0, dx)?;
             return Ok(());
         }
         let mut dx_dropped = matmul(d_hidden.view(), self.a.view())?;
-        if let Some(d) = &cache.dora {
-            // ∂y/∂m_j = (x_d·W'ᵀ)_j / ‖W'_j‖ with W' = W + s·B·A.
-            let grad_m = self
-                .grad_magnitude
-                .as_mut()
-                .expect("a DoRA cache exists only for an adapter with a magnitude");
-            Zip::from(grad_m)
-                .and(dy.axis_iter(Axis(1)))
-                .and(d.direction_out.axis_iter(Axis(1)))
-                .and(&d.weight_norm)
-                .for_each(|gm, dy_col, dir_col, &n| {
-                    let dot: f64 = dy_col
-                        .iter()
-                        .zip(dir_col.iter())
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    *gm += (dot / n as f64) as f32;
-                });
+        if let Some(d) = base_term {
             let ratio_minus_one = d.ratio.mapv(|g| g - 1.0).insert_axis(Axis(0));
             let dy_base = &dy * &ratio_minus_one;
             base.matmul_transposed_into(dy_base.view(), 1.0, dx_dropped.view_mut())?;
@@ -493,6 +502,16 @@ impl LoraAdapter {
         }
         dx += &dx_dropped;
         Ok(())
+    }
+
+    /// DoRA's `g = m/‖W + s·B·A‖_row` of the last forward when it ran without dropout: the
+    /// layer may then fold `((g − 1)⊙dy)·W` into its own `dy·W`.
+    pub fn dora_ratio_without_dropout(&self) -> Option<&Array1<f32>> {
+        self.cache
+            .as_ref()
+            .filter(|c| c.mask.is_none())
+            .and_then(|c| c.dora.as_ref())
+            .map(|d| &d.ratio)
     }
 
     /// Sets every gradient to zero.

@@ -1,6 +1,6 @@
 //! [`LoraLinear`]: a frozen base linear with any number of named adapters.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, Axis, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -340,11 +340,28 @@ impl<B: FrozenBase> LoraLinear<B> {
                 ));
             }
             check_finite(|| format!("backward dy of {}", self.context), dy.iter())?;
+            let contributing = self.contributing();
+            // DoRA without dropout adds ((g − 1)⊙dy)·W to dx; fold every such term into the
+            // base product: dx = (dy ⊙ (1 + Σ (g − 1)))·W + low-rank terms.
+            let mut column_scale: Option<Array1<f32>> = None;
+            for &index in &contributing {
+                if let Some(g) = self.adapters[index].1.dora_ratio_without_dropout() {
+                    let scale = column_scale.get_or_insert_with(|| Array1::ones(out_features));
+                    Zip::from(scale).and(g).for_each(|c, &g| *c += g - 1.0);
+                }
+            }
             let mut dx = Array2::zeros((input.nrows(), in_features));
-            self.base.matmul_transposed_into(dy, 0.0, dx.view_mut())?;
-            for index in self.contributing() {
+            match &column_scale {
+                None => self.base.matmul_transposed_into(dy, 0.0, dx.view_mut())?,
+                Some(scale) => {
+                    let scaled = &dy * &scale.view().insert_axis(Axis(0));
+                    self.base
+                        .matmul_transposed_into(scaled.view(), 0.0, dx.view_mut())?
+                }
+            }
+            for index in contributing {
                 let adapter = &mut self.adapters[index].1;
-                adapter.backward_into(&self.base, input.view(), dy, dx.view_mut())?;
+                adapter.backward_into(&self.base, input.view(), dy, dx.view_mut(), true)?;
             }
             Ok(dx)
         })();
