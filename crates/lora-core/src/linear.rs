@@ -202,6 +202,15 @@ impl<B: FrozenBase> LoraLinear<B> {
         Ok(self.adapters.remove(index).1)
     }
 
+    /// Removes a PiSSA adapter and gives its principal part back to the base (`W += s·B·A`),
+    /// undoing [`LoraLinear::add_adapter`]; used to roll back a set-wide creation that failed.
+    pub(crate) fn remove_pissa_adapter(&mut self, name: &str) -> Result<()> {
+        let adapter = self.remove_adapter(name)?;
+        let principal = adapter.delta_weight()?;
+        *self.base.weight_mut()? += &principal;
+        Ok(())
+    }
+
     /// Names of all adapters, in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.iter().map(|(n, _)| n.clone()).collect()

@@ -7,7 +7,7 @@ use ndarray::{Array1, Array2};
 use crate::adapter::AdapterOptions;
 use crate::base::{DenseBase, FrozenBase};
 use crate::combine::{combine, Combination, CombinationType};
-use crate::config::{LoraConfig, PatternMap};
+use crate::config::{InitLoraWeights, LoraConfig, PatternMap};
 use crate::error::{LoraError, Result};
 use crate::linear::LoraLinear;
 
@@ -230,7 +230,7 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
                 .get_mut(path)
                 .expect("target paths come from the map");
             if let Err(e) = layer.add_adapter(name, &options, layer_seed) {
-                self.remove_from_layers(name);
+                self.remove_from_layers(name, config.init_lora_weights == InitLoraWeights::Pissa);
                 return Err(e);
             }
         }
@@ -238,10 +238,19 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
         Ok(targets.len())
     }
 
-    fn remove_from_layers(&mut self, name: &str) {
+    /// Rolls back a partly created adapter; PiSSA's residuals are given back to the bases.
+    fn remove_from_layers(&mut self, name: &str, pissa: bool) {
         for layer in self.layers.values_mut() {
-            // Layers without the adapter report "unknown", which is the expected case here.
-            let _ = layer.remove_adapter(name);
+            if layer.adapter(name).is_err() {
+                continue;
+            }
+            // The adapter exists on this layer, so removal cannot fail on its name; a base
+            // that refused W edits would have refused PiSSA in the first place.
+            let _ = if pissa {
+                layer.remove_pissa_adapter(name)
+            } else {
+                layer.remove_adapter(name).map(|_| ())
+            };
         }
     }
 

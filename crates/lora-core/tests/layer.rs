@@ -386,3 +386,23 @@ fn timing_of_forward_and_backward() {
         );
     }
 }
+
+#[test]
+fn pissa_through_a_config_keeps_the_layer_function() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let w = random(&mut rng, 6, 5);
+    let mut set = AdapterSet::new();
+    set.add_module("model.layers.0.self_attn.q_proj", w.clone(), None)
+        .unwrap();
+    let mut config = LoraConfig::new(2, 4.0, &["q_proj"]);
+    config.init_lora_weights = serde_json::from_str("\"pissa\"").unwrap();
+    config.use_dora = true;
+    set.add_adapter("pissa", config, 0).unwrap();
+    let layer = set.layer("model.layers.0.self_attn.q_proj").unwrap();
+    // Residual + principal = W, and DoRA's m starts at ‖W‖_row, so the merged weight is W.
+    let merged = layer.merged_weight().unwrap();
+    for (a, b) in merged.iter().zip(w.iter()) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    assert_ne!(layer.base().weight(), &w);
+}
