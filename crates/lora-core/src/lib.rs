@@ -7,3 +7,54 @@
 //! explicit `forward` that keeps what its `backward` needs and a `backward` that returns the
 //! input gradient and accumulates the adapter's gradients. Adapter sets group layers by module
 //! path and read and write the PEFT file layout. This crate knows nothing of models or training.
+//! (Today the `f32` base is implemented; the NF4 and fake-quantized bases plug into the same
+//! layer through [`base::FrozenBase`].)
+//!
+//! ## Design
+//!
+//! * [`base::FrozenBase`] is the base product `x·Wᵀ`, its transpose `dy·W`, and `W` as `f32`
+//!   when an operation needs it (DoRA's row norms, merging, PiSSA). [`base::DenseBase`] is the
+//!   `f32` implementation; a quantized base implements the same trait.
+//! * [`LoraAdapter`] is everything of one adapter except the base: `A`, `B`, DoRA's `m`, their
+//!   gradients, the scale, a seeded dropout and the forward/backward of the low-rank path
+//!   (`x·Aᵀ` then `·Bᵀ`; `ΔW` is never formed for LoRA).
+//! * [`LoraLinear`] holds a base and named adapters, some active; its `forward` runs the base
+//!   product once and adds each active adapter's contribution; `backward` returns `dx` and
+//!   accumulates adapter gradients (`+=`, cleared by `zero_grad`).
+//! * [`AdapterSet`] holds layers by module path (`model.layers.0.self_attn.q_proj`) and the
+//!   config of each named adapter; it creates, activates, merges and combines adapters
+//!   ([`combine`]) and reads and writes PEFT's files ([`peft`]).
+//!
+//! Layout: `f32` row-major; `A: (r, in)`, `B: (out, r)`, DoRA's `m: (out)`; `s = α/r`
+//! (`α/√r` for rsLoRA). Every random choice comes from a caller-given seed (ChaCha8).
+//!
+//! ```
+//! use lora_core::{AdapterSet, LoraConfig};
+//! use ndarray::Array2;
+//!
+//! let mut set = AdapterSet::new();
+//! set.add_module("model.layers.0.self_attn.q_proj", Array2::eye(8), None).unwrap();
+//! set.add_module("model.layers.0.mlp.up_proj", Array2::ones((16, 8)), None).unwrap();
+//! set.add_adapter("default", LoraConfig::new(2, 4.0, &["q_proj"]), 0).unwrap();
+//! let summary = set.summary();
+//! assert_eq!(summary.trainable_parameters, 2 * 8 + 8 * 2);
+//! assert_eq!(summary.frozen_parameters, 64 + 128);
+//! ```
+
+pub mod adapter;
+pub mod base;
+pub mod combine;
+pub mod config;
+pub mod error;
+pub mod linear;
+pub mod peft;
+pub mod set;
+pub mod svd;
+
+pub use adapter::{AdapterOptions, LoraAdapter};
+pub use base::{DenseBase, FrozenBase};
+pub use combine::{Combination, CombinationType};
+pub use config::{InitLoraWeights, LoraConfig, TargetModules};
+pub use error::{LoraError, Result};
+pub use linear::LoraLinear;
+pub use set::{AdapterSet, SetSummary};

@@ -1,0 +1,316 @@
+//! PEFT's adapter files: `adapter_config.json` and `adapter_model.safetensors`.
+//!
+//! Keys are `base_model.model.<module>.lora_A.weight` `[r, in]`,
+//! `base_model.model.<module>.lora_B.weight` `[out, r]` and, for DoRA,
+//! `base_model.model.<module>.lora_magnitude_vector` `[out]` (no `.weight` suffix in the
+//! adapter file). Tensors are little-endian `f32`. Saving writes each file to a temporary
+//! name in the same directory and renames it over the old one, so a failed save leaves the
+//! previous files whole.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array1, Array2};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::adapter::{AdapterOptions, LoraAdapter};
+use crate::base::FrozenBase;
+use crate::config::LoraConfig;
+use crate::error::{LoraError, Result};
+use crate::linear::LoraLinear;
+use crate::set::AdapterSet;
+
+/// The config file's name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file's name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix of every key.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The weights of one module's adapter as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterWeights {
+    /// `lora_A`, `(r, in)`.
+    pub a: Array2<f32>,
+    /// `lora_B`, `(out, r)`.
+    pub b: Array2<f32>,
+    /// `lora_magnitude_vector`, `(out)`, for DoRA.
+    pub magnitude: Option<Array1<f32>>,
+}
+
+/// A read adapter: its config and weights by module path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedAdapter {
+    /// The config as read (unknown fields kept).
+    pub config: LoraConfig,
+    /// Weights by module path (`model.layers.0.self_attn.q_proj`).
+    pub modules: BTreeMap<String, AdapterWeights>,
+}
+
+fn key_a(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_A.weight")
+}
+fn key_b(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_B.weight")
+}
+fn key_m(module: &str) -> String {
+    format!("{KEY_PREFIX}{module}.lora_magnitude_vector")
+}
+
+/// Reads the adapter in `dir` for modules of the given `(out, in)` shapes: every module the
+/// config targets must have its tensors, with the shapes the config's rank and the module
+/// imply; a missing key, an extra key, a wrong shape or dtype, a non-finite value or an
+/// unsupported option is an error naming it.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/adapter_lora");
+/// // The tiny Llama of the reference data: hidden 32, 2 kv heads of 8, MLP 64, 2 layers.
+/// let mut shapes = BTreeMap::new();
+/// for layer in 0..2 {
+///     for (module, shape) in [("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (16, 32)),
+///         ("self_attn.v_proj", (16, 32)), ("self_attn.o_proj", (32, 32)),
+///         ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)), ("mlp.down_proj", (32, 64))] {
+///         shapes.insert(format!("model.layers.{layer}.{module}"), shape);
+///     }
+/// }
+/// let loaded = lora_core::peft::load_adapter(dir.as_ref(), &shapes).unwrap();
+/// assert_eq!(loaded.modules.len(), 14);
+/// assert_eq!(loaded.modules["model.layers.1.mlp.down_proj"].a.dim(), (4, 64));
+/// // Without layer 1's modules, its tensors are extra keys: an error naming one.
+/// shapes.retain(|k, _| k.starts_with("model.layers.0."));
+/// let err = lora_core::peft::load_adapter(dir.as_ref(), &shapes).unwrap_err();
+/// assert!(err.to_string().contains("model.layers.1."), "{err}");
+/// ```
+pub fn load_adapter(
+    dir: &Path,
+    shapes: &BTreeMap<String, (usize, usize)>,
+) -> Result<LoadedAdapter> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&config_path).map_err(|source| LoraError::Io {
+        action: "reading",
+        path: config_path.clone(),
+        source,
+    })?;
+    let config: LoraConfig = serde_json::from_str(&text).map_err(|e| LoraError::Parse {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    config.validate()?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = fs::read(&weights_path).map_err(|source| LoraError::Io {
+        action: "reading",
+        path: weights_path.clone(),
+        source,
+    })?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| LoraError::Parse {
+        path: weights_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut unused: std::collections::BTreeSet<String> =
+        tensors.names().into_iter().map(String::from).collect();
+    let mut modules = BTreeMap::new();
+    for (module, &(out_features, in_features)) in shapes {
+        if !config.matches(module) {
+            continue;
+        }
+        let r = config.rank_for(module);
+        let mut take = |key: String, shape: &[usize]| -> Result<Vec<f32>> {
+            unused.remove(&key);
+            read_f32(&tensors, &weights_path, &key, shape)
+        };
+        let a = take(key_a(module), &[r, in_features])?;
+        let b = take(key_b(module), &[out_features, r])?;
+        let magnitude = if config.use_dora {
+            Some(Array1::from_vec(take(key_m(module), &[out_features])?))
+        } else {
+            None
+        };
+        modules.insert(
+            module.clone(),
+            AdapterWeights {
+                a: Array2::from_shape_vec((r, in_features), a).expect("length checked"),
+                b: Array2::from_shape_vec((out_features, r), b).expect("length checked"),
+                magnitude,
+            },
+        );
+    }
+    if let Some(extra) = unused.into_iter().next() {
+        return Err(LoraError::Key {
+            file: weights_path,
+            key: extra,
+            reason: "unexpected: no targeted module of the given shapes uses it".into(),
+        });
+    }
+    if modules.is_empty() {
+        return Err(LoraError::option(
+            "target_modules",
+            format!("{:?}", config.target_modules),
+            format!("matches none of the given modules ({})", dir.display()),
+        ));
+    }
+    Ok(LoadedAdapter { config, modules })
+}
+
+fn read_f32(
+    tensors: &SafeTensors<'_>,
+    file: &Path,
+    key: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let err = |reason: String| LoraError::Key {
+        file: file.to_path_buf(),
+        key: key.to_string(),
+        reason,
+    };
+    let view = tensors
+        .tensor(key)
+        .map_err(|_| err("missing".to_string()))?;
+    if view.dtype() != Dtype::F32 {
+        return Err(err(format!(
+            "dtype {:?}, only F32 is supported",
+            view.dtype()
+        )));
+    }
+    if view.shape() != shape {
+        return Err(err(format!("shape {:?}, expected {shape:?}", view.shape())));
+    }
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(err(format!(
+            "non-finite value {} at flat index {i}",
+            values[i]
+        )));
+    }
+    Ok(values)
+}
+
+/// Writes adapter `name` of `set` to `dir` (created if missing) in PEFT's layout.
+///
+/// ```
+/// use lora_core::{AdapterSet, LoraConfig, peft};
+/// use ndarray::Array2;
+/// let mut set = AdapterSet::new();
+/// set.add_module("model.layers.0.self_attn.q_proj", Array2::eye(4), None).unwrap();
+/// set.add_adapter("default", LoraConfig::new(2, 4.0, &["q_proj"]), 9).unwrap();
+/// let dir = std::env::temp_dir().join(format!("lora-core-doc-{}", std::process::id()));
+/// peft::save_adapter(&dir, &set, "default").unwrap();
+/// let loaded = peft::load_adapter(&dir, &set.shapes()).unwrap();
+/// let layer = set.layer("model.layers.0.self_attn.q_proj").unwrap();
+/// assert_eq!(&loaded.modules["model.layers.0.self_attn.q_proj"].a, layer.adapter("default").unwrap().a());
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn save_adapter<B: FrozenBase + Clone>(
+    dir: &Path,
+    set: &AdapterSet<B>,
+    name: &str,
+) -> Result<()> {
+    let config = set.config(name)?;
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (module, layer) in set.layers() {
+        let Ok(adapter) = layer.adapter(name) else {
+            continue;
+        };
+        let le = |values: &mut dyn Iterator<Item = &f32>| -> Vec<u8> {
+            values.flat_map(|v| v.to_le_bytes()).collect()
+        };
+        tensors.push((
+            key_a(module),
+            Dtype::F32,
+            adapter.a().shape().to_vec(),
+            le(&mut adapter.a().iter()),
+        ));
+        tensors.push((
+            key_b(module),
+            Dtype::F32,
+            adapter.b().shape().to_vec(),
+            le(&mut adapter.b().iter()),
+        ));
+        if let Some(m) = adapter.magnitude() {
+            tensors.push((key_m(module), Dtype::F32, vec![m.len()], le(&mut m.iter())));
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, dtype, shape, data)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| LoraError::Parse {
+            path: dir.join(WEIGHTS_FILE),
+            reason: format!("building tensors: {e}"),
+        })?;
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Parse {
+        path: dir.join(WEIGHTS_FILE),
+        reason: format!("serializing: {e}"),
+    })?;
+    let json = serde_json::to_string_pretty(config).map_err(|e| LoraError::Parse {
+        path: dir.join(CONFIG_FILE),
+        reason: e.to_string(),
+    })?;
+    fs::create_dir_all(dir).map_err(|source| LoraError::Io {
+        action: "creating",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
+    write_atomically(&dir.join(CONFIG_FILE), json.as_bytes())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let io = |action: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| LoraError::Io {
+            action,
+            path: p,
+            source,
+        }
+    };
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        f.write_all(bytes).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        fs::rename(&tmp, path).map_err(io("renaming over", path))
+    })();
+    if result.is_err() {
+        // The temporary file is ours and incomplete; the old file is untouched.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl<B: FrozenBase + Clone> AdapterSet<B> {
+    /// Reads the adapter in `dir` for this set's modules and adds it as `name` (`seed` drives
+    /// its dropout). See [`load_adapter`] for what is checked.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, seed: u64) -> Result<()> {
+        let loaded = load_adapter(dir, &self.shapes())?;
+        let mut adapters = Vec::new();
+        for (module, weights) in loaded.modules {
+            let options = AdapterOptions::from_config(&loaded.config, &module);
+            let adapter = LoraAdapter::from_weights(
+                weights.a,
+                weights.b,
+                weights.magnitude,
+                &options,
+                LoraLinear::<B>::derive_seed(seed, &module),
+                &module,
+            )?;
+            adapters.push((module, adapter));
+        }
+        self.insert_adapter_layers(name, loaded.config, adapters)
+    }
+}
