@@ -514,6 +514,11 @@ impl LoraAdapter {
             .map(|d| &d.ratio)
     }
 
+    /// `(∂L/∂A, ∂L/∂B)` for layers that compute them outside the low-rank path (LoRA-QAT).
+    pub(crate) fn grads_mut(&mut self) -> (&mut Array2<f32>, &mut Array2<f32>) {
+        (&mut self.grad_a, &mut self.grad_b)
+    }
+
     /// Sets every gradient to zero.
     pub fn zero_grad(&mut self) {
         self.grad_a.fill(0.0);

@@ -48,6 +48,8 @@ pub mod config;
 pub mod error;
 pub mod linear;
 pub mod peft;
+pub mod qat;
+pub mod qlora;
 pub mod set;
 pub mod svd;
 
@@ -57,4 +59,6 @@ pub use combine::{Combination, CombinationType};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{LoraError, Result};
 pub use linear::LoraLinear;
+pub use qat::{LoraQatLinear, QatMode};
+pub use qlora::{Nf4Base, Nf4Options, QLoraLinear};
 pub use set::{AdapterSet, SetSummary};

@@ -1,0 +1,502 @@
+//! LoRA-QAT: a LoRA layer trained through a differentiable weight quantizer
+//! ([`LoraQatLinear`]), in two modes ([`QatMode`]).
+//!
+//! * [`QatMode::QuantizeMerged`]: the layer computes with `W_q = Q(W + s·B·A)`, `Q` a
+//!   quantizer from quant-core built from a [`QatConfig`] (uniform, Pi or NF4 grid, any
+//!   granularity, optional Hadamard rotation). Backward: `dx = dy·W_q`, `dŴ = dyᵀ·x`, the
+//!   quantizer's backward turns `dŴ` into `dV = ∂L/∂(W + s·B·A)` (through its STE) and
+//!   `∂L/∂θ` for its steps/scales, then `dA = s·Bᵀ·dV`, `dB = s·dV·Aᵀ`.
+//! * [`QatMode::FrozenQuantizedBase`]: QLoRA-style, `y = x·Q(W)ᵀ + s·x·Aᵀ·Bᵀ` with `Q(W)`
+//!   computed once; the quantizer parameters do not train.
+//!
+//! # Cost
+//!
+//! A LoRA layer needs two full products per step (`x·Wᵀ`, `dy·W`). Quantizing the merged
+//! weight adds a third, `dŴ = dyᵀ·x` (`(out, in)`, `tokens` deep): the quantizer's STE needs
+//! `∂L/∂Ŵ` element by element, and so does LSQ's step gradient `Σ g·∂ŵ/∂s` over each group;
+//! neither factors through the low-rank path. Add two rank-`r` products for `s·B·A` and
+//! `dA`, `dB` and the quantizer's elementwise forward and backward over `out·in` values, and
+//! the floor is about 1.5× the LoRA layer; the merged mode is measured at about that
+//! (`lora-qat bench layer`).
+
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
+use quant_core::config::{QatConfig, QuantizerKind};
+use quant_core::io::OwnedTensor;
+use quant_core::linalg::gemm;
+use quant_core::nf4_grid::Nf4GridQuantizer;
+use quant_core::packed_layout;
+use quant_core::pi::PiQuantizer;
+use quant_core::quantizer::DifferentiableQuantizer;
+use quant_core::uniform::{GridKind, TensorQuantSpec, UniformQuantizer};
+
+use crate::adapter::{AdapterOptions, LoraAdapter};
+use crate::base::{DenseBase, FrozenBase};
+use crate::error::{check_finite, LoraError, Result};
+
+/// Where the quantizer sits in a [`LoraQatLinear`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QatMode {
+    /// `y = x·Q(W + s·B·A)ᵀ`: the adapter is trained through the quantizer, whose steps train
+    /// too.
+    QuantizeMerged,
+    /// `y = x·Q(W)ᵀ + s·x·Aᵀ·Bᵀ` with `Q(W)` computed once (QLoRA-style, any grid).
+    FrozenQuantizedBase,
+}
+
+/// The quantizer, kept concrete so that export can reach each grid's stored form.
+#[derive(Debug)]
+enum Grid {
+    Uniform(UniformQuantizer),
+    Pi(PiQuantizer),
+    Nf4(Nf4GridQuantizer),
+    /// Wrapped in a Hadamard rotation (export is not offered: the rotation is not stored).
+    Rotated(Box<dyn DifferentiableQuantizer>),
+}
+
+impl Grid {
+    fn build(config: &QatConfig, out_features: usize, in_features: usize) -> Result<Self> {
+        config.validate()?;
+        if config.incoherence.is_some() {
+            return Ok(Grid::Rotated(
+                config.build_for_weight(out_features, in_features)?,
+            ));
+        }
+        Ok(match config.quantizer {
+            QuantizerKind::Uniform => Grid::Uniform(UniformQuantizer::new(
+                config.bits,
+                config.symmetric,
+                config.granularity,
+                config.ste,
+            )?),
+            QuantizerKind::Pi => Grid::Pi(PiQuantizer::new(
+                config.bits,
+                config.symmetric,
+                config.granularity,
+                config.ste,
+                config.pi_k.unwrap_or_default(),
+            )?),
+            QuantizerKind::Nf4 => Grid::Nf4(Nf4GridQuantizer::new(config.granularity, config.ste)?),
+        })
+    }
+
+    fn get(&self) -> &dyn DifferentiableQuantizer {
+        match self {
+            Grid::Uniform(q) => q,
+            Grid::Pi(q) => q,
+            Grid::Nf4(q) => q,
+            Grid::Rotated(q) => q.as_ref(),
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut dyn DifferentiableQuantizer {
+        match self {
+            Grid::Uniform(q) => q,
+            Grid::Pi(q) => q,
+            Grid::Nf4(q) => q,
+            Grid::Rotated(q) => q.as_mut(),
+        }
+    }
+}
+
+/// What backward needs from forward.
+#[derive(Debug)]
+struct QatCache {
+    /// The layer input.
+    input: Array2<f32>,
+    /// `W_q` of the forward pass (merged mode).
+    quantized: Option<Array2<f32>>,
+}
+
+/// A linear layer with a LoRA adapter trained under weight quantization (see the
+/// [module docs](self)).
+///
+/// ```
+/// use lora_core::qat::{LoraQatLinear, QatMode};
+/// use lora_core::{config::InitLoraWeights, AdapterOptions};
+/// use quant_core::config::QatConfig;
+/// use ndarray::Array2;
+///
+/// let w = Array2::from_shape_fn((8, 16), |(i, j)| ((i * 16 + j) as f32 * 0.3).sin());
+/// let mut options = AdapterOptions::new(2, 4.0);
+/// options.init = InitLoraWeights::Random;
+/// let mut layer = LoraQatLinear::new(w, None, &options, &QatConfig::piq3(),
+///                                    QatMode::QuantizeMerged, 7, "q_proj").unwrap();
+/// let x = Array2::from_shape_fn((4, 16), |(t, j)| ((t + 2 * j) as f32).cos());
+/// let y = layer.forward(x.view()).unwrap();
+/// let dx = layer.backward(Array2::ones((4, 8)).view()).unwrap();
+/// assert_eq!((y.dim(), dx.dim()), ((4, 8), (4, 16)));
+/// assert_eq!(layer.quantizer_params().len(), 8); // one α per output channel
+/// assert!(layer.grad_quantizer_params().iter().any(|&g| g != 0.0));
+/// ```
+#[derive(Debug)]
+pub struct LoraQatLinear {
+    weight: Array2<f32>,
+    bias: Option<Array1<f32>>,
+    adapter: LoraAdapter,
+    grid: Grid,
+    grad_quantizer: Vec<f32>,
+    config: QatConfig,
+    mode: QatMode,
+    /// `Q(W)`, computed once in [`QatMode::FrozenQuantizedBase`].
+    frozen: Option<DenseBase>,
+    cache: Option<QatCache>,
+    context: String,
+}
+
+impl LoraQatLinear {
+    /// A layer over the frozen `weight: (out, in)` (and optional bias) with a fresh adapter
+    /// initialised as `options.init` says from `seed`, and a quantizer built from `config`
+    /// and initialised (`config.init`) on `W + s·B·A` (merged mode) or `W`.
+    ///
+    /// DoRA is not supported; dropout only in the frozen-base mode (in the merged mode the
+    /// adapter is part of the weight, which sees no input dropout).
+    pub fn new(
+        weight: Array2<f32>,
+        bias: Option<Array1<f32>>,
+        options: &AdapterOptions,
+        config: &QatConfig,
+        mode: QatMode,
+        seed: u64,
+        context: &str,
+    ) -> Result<Self> {
+        let (out_features, in_features) = weight.dim();
+        let adapter = LoraAdapter::new(options, out_features, in_features, seed, context)?;
+        Self::with_adapter(weight, bias, adapter, config, mode, context)
+    }
+
+    /// As [`LoraQatLinear::new`] with a given adapter (loaded, or LoftQ/PiSSA-initialised).
+    pub fn with_adapter(
+        weight: Array2<f32>,
+        bias: Option<Array1<f32>>,
+        adapter: LoraAdapter,
+        config: &QatConfig,
+        mode: QatMode,
+        context: &str,
+    ) -> Result<Self> {
+        // DenseBase checks emptiness, finiteness and the bias length.
+        let dense = DenseBase::new(weight, bias, context)?;
+        let (out_features, in_features) = (dense.weight().nrows(), dense.weight().ncols());
+        if adapter.shape() != (out_features, in_features) {
+            return Err(LoraError::shape(
+                format!("adapter of {context}"),
+                format!("(out, in) = {:?}", (out_features, in_features)),
+                format!("{:?}", adapter.shape()),
+            ));
+        }
+        if adapter.is_dora() {
+            return Err(LoraError::option(
+                format!("use_dora for {context}"),
+                true,
+                "DoRA is not supported under quantization-aware training",
+            ));
+        }
+        if mode == QatMode::QuantizeMerged && adapter.options().dropout > 0.0 {
+            return Err(LoraError::option(
+                format!("lora_dropout for {context}"),
+                adapter.options().dropout,
+                "the merged QAT mode quantizes W + s·B·A, which has no separate input to drop",
+            ));
+        }
+        let mut grid = Grid::build(config, out_features, in_features)?;
+        let weight = dense.weight().clone();
+        let bias = dense.bias().map(|b| b.to_owned());
+        let frozen = match mode {
+            QatMode::QuantizeMerged => {
+                let merged = merged_weight(&weight, &adapter)?;
+                grid.get_mut()
+                    .init_from_weights(merged.view(), config.init)?;
+                None
+            }
+            QatMode::FrozenQuantizedBase => {
+                let q = grid.get_mut();
+                q.init_from_weights(weight.view(), config.init)?;
+                let quantized = q.forward(weight.view())?.dequantized;
+                Some(DenseBase::new(quantized, None, context)?)
+            }
+        };
+        let grad_quantizer = vec![0.0; grid.get().params().len()];
+        Ok(LoraQatLinear {
+            weight,
+            bias,
+            adapter,
+            grid,
+            grad_quantizer,
+            config: *config,
+            mode,
+            frozen,
+            cache: None,
+            context: context.to_string(),
+        })
+    }
+
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        self.weight.dim()
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> QatMode {
+        self.mode
+    }
+
+    /// The quantization config.
+    pub fn config(&self) -> &QatConfig {
+        &self.config
+    }
+
+    /// The frozen `f32` weight `W`.
+    pub fn weight(&self) -> &Array2<f32> {
+        &self.weight
+    }
+
+    /// The frozen bias.
+    pub fn bias(&self) -> Option<ArrayView1<'_, f32>> {
+        self.bias.as_ref().map(|b| b.view())
+    }
+
+    /// The adapter (`A`, `B`, their gradients).
+    pub fn adapter(&self) -> &LoraAdapter {
+        &self.adapter
+    }
+
+    /// The adapter, for an optimizer step ([`LoraAdapter::set_weights`]).
+    pub fn adapter_mut(&mut self) -> &mut LoraAdapter {
+        self.cache = None;
+        &mut self.adapter
+    }
+
+    /// The quantizer's trainable parameters θ (steps, Pi's α, NF4 scales), flattened.
+    pub fn quantizer_params(&self) -> &[f32] {
+        self.grid.get().params()
+    }
+
+    /// θ for an optimizer step.
+    pub fn quantizer_params_mut(&mut self) -> &mut [f32] {
+        self.cache = None;
+        self.grid.get_mut().params_mut()
+    }
+
+    /// `∂L/∂θ` accumulated since the last [`LoraQatLinear::zero_grad`] (zero in the frozen
+    /// mode).
+    pub fn grad_quantizer_params(&self) -> &[f32] {
+        &self.grad_quantizer
+    }
+
+    /// Zeroes the adapter's and the quantizer's gradients.
+    pub fn zero_grad(&mut self) {
+        self.adapter.zero_grad();
+        self.grad_quantizer.fill(0.0);
+    }
+
+    /// Trainable parameters: the adapter, plus θ in the merged mode.
+    pub fn trainable_parameters(&self) -> usize {
+        self.adapter.parameter_count()
+            + match self.mode {
+                QatMode::QuantizeMerged => self.grad_quantizer.len(),
+                QatMode::FrozenQuantizedBase => 0,
+            }
+    }
+
+    /// The weight the layer computes with: `Q(W + s·B·A)` (merged mode) or
+    /// `Q(W) + s·B·A` (frozen mode), as `f32`.
+    pub fn effective_weight(&mut self) -> Result<Array2<f32>> {
+        match &self.frozen {
+            Some(base) => {
+                let mut w = base.weight().clone();
+                w += &self.adapter.delta_weight()?;
+                Ok(w)
+            }
+            None => {
+                let merged = merged_weight(&self.weight, &self.adapter)?;
+                Ok(self.grid.get_mut().forward(merged.view())?.dequantized)
+            }
+        }
+    }
+
+    /// `y = x·W_qᵀ + b` for `x: (tokens, in)`; keeps what backward needs.
+    pub fn forward(&mut self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        let (out_features, in_features) = self.shape();
+        if x.ncols() != in_features {
+            return Err(LoraError::shape(
+                format!("forward input of {}", self.context),
+                format!("(tokens, {in_features})"),
+                format!("{:?}", x.dim()),
+            ));
+        }
+        check_finite(|| format!("forward input of {}", self.context), x.iter())?;
+        let tokens = x.nrows();
+        // y starts as the broadcast bias so that the base product adds to it (β = 1) instead
+        // of a separate pass over y; without a bias it is a fresh zeroed allocation (calloc'd
+        // pages, no pass) that the product overwrites (β = 0).
+        let (mut y, beta) = match &self.bias {
+            Some(b) => (
+                Array2::from_shape_fn((tokens, out_features), |(_, j)| b[j]),
+                1.0,
+            ),
+            None => (Array2::zeros((tokens, out_features)), 0.0),
+        };
+        let quantized = match &self.frozen {
+            Some(base) => {
+                gemm(1.0, x, base.weight().t(), beta, y.view_mut())?;
+                self.adapter
+                    .forward_into(base, x, None, true, y.view_mut())?;
+                None
+            }
+            None => {
+                let merged = merged_weight(&self.weight, &self.adapter)?;
+                let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
+                gemm(1.0, x, w_q.t(), beta, y.view_mut())?;
+                Some(w_q)
+            }
+        };
+        self.cache = Some(QatCache {
+            input: x.to_owned(),
+            quantized,
+        });
+        Ok(y)
+    }
+
+    /// Given `dy: (tokens, out)`, returns `dx` and accumulates `dA`, `dB` (and `dθ` in the
+    /// merged mode).
+    pub fn backward(&mut self, dy: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        let (out_features, in_features) = self.shape();
+        let cache = self.cache.as_ref().ok_or_else(|| {
+            LoraError::state("backward", &self.context, "no forward pass is stored")
+        })?;
+        let tokens = cache.input.nrows();
+        if dy.dim() != (tokens, out_features) {
+            return Err(LoraError::shape(
+                format!("backward dy of {}", self.context),
+                format!("({tokens}, {out_features})"),
+                format!("{:?}", dy.dim()),
+            ));
+        }
+        check_finite(|| format!("backward dy of {}", self.context), dy.iter())?;
+        let mut dx = Array2::<f32>::zeros((tokens, in_features));
+        match (&self.frozen, &cache.quantized) {
+            (Some(base), _) => {
+                gemm(1.0, dy, base.weight().view(), 0.0, dx.view_mut())?;
+                self.adapter
+                    .backward_into(base, cache.input.view(), dy, dx.view_mut(), true)?;
+            }
+            (None, Some(w_q)) => {
+                gemm(1.0, dy, w_q.view(), 0.0, dx.view_mut())?;
+                let mut grad_w = Array2::<f32>::zeros((out_features, in_features));
+                gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
+                let grads = self.grid.get_mut().backward(grad_w.view())?;
+                for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
+                    *acc += g;
+                }
+                let grad_v = grads.input;
+                let scale = self.adapter.scale();
+                let (a, b) = (self.adapter.a().clone(), self.adapter.b().clone());
+                let (grad_a, grad_b) = self.adapter.grads_mut();
+                // dA = s·Bᵀ·dV (r, in); dB = s·dV·Aᵀ (out, r).
+                gemm(scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
+                gemm(scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
+            }
+            (None, None) => {
+                return Err(LoraError::state(
+                    "backward",
+                    &self.context,
+                    "the stored forward has no quantized weight",
+                ))
+            }
+        }
+        Ok(dx)
+    }
+
+    /// The merged weight `W + s·B·A` quantized with the current θ, in a stored layout:
+    ///
+    /// * uniform and Pi grids: quant-core's packed layout ([`packed_layout::to_tensors`]):
+    ///   `name.qweight` (codes, bit-packed), `name.qscale` (one step per group; for Pi the
+    ///   step `α·π/k`), `name.qzero` (asymmetric only), `name.qstate` (JSON);
+    /// * the NF4 grid: `name.qweight` (u8, two 4-bit codes per byte, the first in the high
+    ///   nibble, as bitsandbytes packs), `name.qscale` (f32, one absmax scale per group in
+    ///   row-major group order) and `name.qstate` (JSON: format `lora-qat.nf4_grid`,
+    ///   version 1, granularity, shape). Value `i` of group `g` is `NF4[code_i]·scale_g`.
+    ///
+    /// In the frozen mode the exported weight is `Q(W)` (the adapter stays separate).
+    /// A config with Hadamard incoherence cannot be exported (the rotation is not part of
+    /// these layouts): an error says so.
+    pub fn export(&mut self, name: &str) -> Result<Vec<(String, OwnedTensor)>> {
+        let target = match self.mode {
+            QatMode::QuantizeMerged => merged_weight(&self.weight, &self.adapter)?,
+            QatMode::FrozenQuantizedBase => self.weight.clone(),
+        };
+        let spec = |kind| TensorQuantSpec {
+            kind,
+            bits: self.config.bits,
+            granularity: self.config.granularity,
+            symmetric: self.config.symmetric,
+            init: self.config.init,
+        };
+        match &mut self.grid {
+            Grid::Uniform(q) => {
+                let stored = q.export(target.view())?;
+                Ok(packed_layout::to_tensors(
+                    name,
+                    &stored,
+                    &spec(GridKind::Uniform),
+                )?)
+            }
+            Grid::Pi(q) => {
+                let k = q.k();
+                let stored = q.export(target.view())?;
+                Ok(packed_layout::to_tensors(
+                    name,
+                    &stored,
+                    &spec(GridKind::Pi { k }),
+                )?)
+            }
+            Grid::Nf4(q) => {
+                let out = q.forward(target.view())?;
+                let codes: Vec<u8> = out.codes.iter().copied().collect();
+                let packed: Vec<u8> = codes
+                    .chunks(2)
+                    .map(|pair| (pair[0] << 4) | pair.get(1).copied().unwrap_or(0))
+                    .collect();
+                let scales = q.params().to_vec();
+                let state = serde_json::json!({
+                    "format": "lora-qat.nf4_grid",
+                    "version": 1,
+                    "granularity": self.config.granularity,
+                    "shape": target.dim(),
+                });
+                let json = state.to_string().into_bytes();
+                Ok(vec![
+                    (
+                        format!("{name}.qweight"),
+                        OwnedTensor::u8(vec![packed.len()], packed)?,
+                    ),
+                    (
+                        format!("{name}.qscale"),
+                        OwnedTensor::f32(vec![scales.len()], &scales)?,
+                    ),
+                    (
+                        format!("{name}.qstate"),
+                        OwnedTensor::u8(vec![json.len()], json)?,
+                    ),
+                ])
+            }
+            Grid::Rotated(_) => Err(LoraError::option(
+                format!("incoherence of {}", self.context),
+                "set",
+                "a Hadamard-rotated quantizer cannot be exported to the packed layouts",
+            )),
+        }
+    }
+}
+
+/// `W + s·B·A`.
+fn merged_weight(weight: &Array2<f32>, adapter: &LoraAdapter) -> Result<Array2<f32>> {
+    let mut merged = weight.clone();
+    gemm(
+        adapter.scale(),
+        adapter.b().view(),
+        adapter.a().view(),
+        1.0,
+        merged.view_mut(),
+    )?;
+    Ok(merged)
+}
