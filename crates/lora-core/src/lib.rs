@@ -7,14 +7,19 @@
 //! explicit `forward` that keeps what its `backward` needs and a `backward` that returns the
 //! input gradient and accumulates the adapter's gradients. Adapter sets group layers by module
 //! path and read and write the PEFT file layout. This crate knows nothing of models or training.
-//! (Today the `f32` base is implemented; the NF4 and fake-quantized bases plug into the same
-//! layer through [`base::FrozenBase`].)
+//! The `f32` base is [`base::DenseBase`]; the NF4 base is [`qlora::Nf4Base`] (QLoRA, with
+//! LoftQ initialisation in [`qlora::loftq_init`]); LoRA-QAT, where the quantizer sees
+//! `W + s·B·A` and its steps train, is [`qat::LoraQatLinear`].
 //!
 //! ## Design
 //!
 //! * [`base::FrozenBase`] is the base product `x·Wᵀ`, its transpose `dy·W`, and `W` as `f32`
 //!   when an operation needs it (DoRA's row norms, merging, PiSSA). [`base::DenseBase`] is the
-//!   `f32` implementation; a quantized base implements the same trait.
+//!   `f32` implementation; [`qlora::Nf4Base`] computes both products from NF4 codes one
+//!   dequantized tile at a time, never holding the whole `f32` weight.
+//! * [`qat::LoraQatLinear`] has its own forward/backward: it quantizes the merged weight through
+//!   a quant-core differentiable quantizer (or, QLoRA-style, a frozen `Q(W)` under an `f32`
+//!   adapter).
 //! * [`LoraAdapter`] is everything of one adapter except the base: `A`, `B`, DoRA's `m`, their
 //!   gradients, the scale, a seeded dropout and the forward/backward of the low-rank path
 //!   (`x·Aᵀ` then `·Bᵀ`; `ΔW` is never formed for LoRA).

@@ -297,6 +297,11 @@ impl LoraQatLinear {
             }
     }
 
+    /// `W + s·B·A`: what the merged mode quantizes.
+    pub fn merged_weight(&self) -> Result<Array2<f32>> {
+        merged_weight(&self.weight, &self.adapter)
+    }
+
     /// The weight the layer computes with: `Q(W + s·B·A)` (merged mode) or
     /// `Q(W) + s·B·A` (frozen mode), as `f32`.
     pub fn effective_weight(&mut self) -> Result<Array2<f32>> {
