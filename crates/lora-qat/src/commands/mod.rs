@@ -9,6 +9,9 @@ pub enum CliError {
     /// From quant-core.
     #[error(transparent)]
     Quant(#[from] quant_core::QuantError),
+    /// From lora-core.
+    #[error(transparent)]
+    Lora(#[from] lora_core::LoraError),
     /// A file that cannot be parsed.
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
