@@ -87,7 +87,11 @@ fn layers(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("quantizer_2048x2048");
     group.sample_size(10);
-    for kind in [QuantizerKind::Uniform, QuantizerKind::Pi, QuantizerKind::Nf4] {
+    for kind in [
+        QuantizerKind::Uniform,
+        QuantizerKind::Pi,
+        QuantizerKind::Nf4,
+    ] {
         let mut q = qat_config(kind).build().unwrap();
         q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
         let name = format!("{kind:?}").to_lowercase();

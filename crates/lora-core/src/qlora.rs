@@ -79,7 +79,8 @@ impl Nf4Options {
 /// let w_hat = base.dense_weight().unwrap();
 /// let reference = x.dot(&w_hat.t());
 /// assert!(y.iter().zip(reference.iter()).all(|(a, b)| (a - b).abs() < 1e-4));
-/// assert!(base.storage_bytes() < 8 * 64); // ~4.1 bits per weight plus nothing else
+/// // 4-bit codes plus block scales (and double quant's 256-entry map): below the f32 size.
+/// assert!(base.storage_bytes() < 8 * 64 * 4);
 /// ```
 #[derive(Clone, Debug)]
 pub struct Nf4Base {
@@ -417,6 +418,9 @@ pub struct LoftqConfig {
     pub loftq_bits: u32,
     /// Alternations of quantization and SVD (≥ 1).
     pub loftq_iter: usize,
+    /// How the base is quantized in every iteration and stored (PEFT quantizes with
+    /// blocksize 64 and no double quantization).
+    pub quantization: Nf4Options,
 }
 
 /// What [`loftq_init`] produces.
@@ -440,8 +444,7 @@ pub struct LoftqResult {
 /// PEFT assigns `lora_B = L`, `lora_A = Rᵀ` directly, which reproduces `W` only when the
 /// adapter scale `s = α/r` is 1. Here the scale is folded in — `A = Rᵀ/√s`, `B = L/√s` — so
 /// that `deq(Q) + s·B·A` is the LoftQ approximation for any `α`. Every quantization uses
-/// `nf4_options` (PEFT uses blocksize 64 without double quantization), so the SVD fits the
-/// stored base exactly.
+/// `config.quantization`, so the SVD fits the stored base exactly.
 ///
 /// ```
 /// use lora_core::qlora::{loftq_init, LoftqConfig, Nf4Options};
@@ -449,9 +452,8 @@ pub struct LoftqResult {
 /// use ndarray::Array2;
 ///
 /// let w = Array2::from_shape_fn((32, 64), |(i, j)| ((i * 64 + j) as f32 * 0.7).sin());
-/// let config = LoftqConfig { loftq_bits: 4, loftq_iter: 3 };
-/// let r = loftq_init(w.view(), &AdapterOptions::new(4, 8.0), &config,
-///                    &Nf4Options::default(), "proj").unwrap();
+/// let config = LoftqConfig { loftq_bits: 4, loftq_iter: 3, quantization: Nf4Options::default() };
+/// let r = loftq_init(w.view(), &AdapterOptions::new(4, 8.0), &config, "proj").unwrap();
 /// assert_eq!((r.a.dim(), r.b.dim()), ((4, 64), (32, 4)));
 /// assert!(r.errors[2] <= r.errors[0] * (1.0 + 1e-6));
 /// ```
@@ -459,9 +461,9 @@ pub fn loftq_init(
     weight: ArrayView2<'_, f32>,
     adapter: &AdapterOptions,
     config: &LoftqConfig,
-    nf4_options: &Nf4Options,
     context: &str,
 ) -> Result<LoftqResult> {
+    let nf4_options = &config.quantization;
     let (out_features, in_features) = weight.dim();
     adapter.validate(out_features, in_features, context)?;
     if config.loftq_bits != 4 {
@@ -518,7 +520,6 @@ impl LoraLinear<Nf4Base> {
         name: &str,
         adapter: &AdapterOptions,
         config: &LoftqConfig,
-        nf4_options: &Nf4Options,
         seed: u64,
         context: &str,
     ) -> Result<Self> {
@@ -529,8 +530,9 @@ impl LoraLinear<Nf4Base> {
                 "LoftQ initialises plain LoRA adapters",
             ));
         }
-        let init = loftq_init(weight, adapter, config, nf4_options, context)?;
-        let base = Nf4Base::from_four_bit(init.base.weight, bias, nf4_options.tile, context)?;
+        let init = loftq_init(weight, adapter, config, context)?;
+        let base =
+            Nf4Base::from_four_bit(init.base.weight, bias, config.quantization.tile, context)?;
         let adapter = LoraAdapter::from_weights(init.a, init.b, None, adapter, seed, context)?;
         let mut layer = LoraLinear::new(base, context);
         layer.insert_adapter(name, adapter)?;

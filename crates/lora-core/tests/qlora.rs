@@ -207,8 +207,9 @@ fn loftq_error_decreases_and_beats_plain_nf4() {
     let config = LoftqConfig {
         loftq_bits: 4,
         loftq_iter: 5,
+        quantization: nf4,
     };
-    let result = loftq_init(w.view(), &options, &config, &nf4, "w").unwrap();
+    let result = loftq_init(w.view(), &options, &config, "w").unwrap();
     for pair in result.errors.windows(2) {
         assert!(pair[1] <= pair[0] * 1.001, "{:?}", result.errors);
     }
@@ -220,7 +221,7 @@ fn loftq_error_decreases_and_beats_plain_nf4() {
     );
     // The reported error is the layer's: deq(Q) + s·B·A.
     let mut layer =
-        QLoraLinear::loftq(w.view(), None, "default", &options, &config, &nf4, 0, "w").unwrap();
+        QLoraLinear::loftq(w.view(), None, "default", &options, &config, 0, "w").unwrap();
     layer.set_training(false);
     let approx = layer.merge_to_f32().unwrap();
     let err = frobenius_error(w.view(), approx.view()).unwrap();
@@ -232,8 +233,9 @@ fn loftq_error_decreases_and_beats_plain_nf4() {
     let bad = LoftqConfig {
         loftq_bits: 2,
         loftq_iter: 1,
+        quantization: nf4,
     };
-    let e = loftq_init(w.view(), &options, &bad, &nf4, "w").unwrap_err();
+    let e = loftq_init(w.view(), &options, &bad, "w").unwrap_err();
     assert!(e.to_string().contains("loftq_bits"), "{e}");
 }
 

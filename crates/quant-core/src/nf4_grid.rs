@@ -247,8 +247,16 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
             )
         })?;
         let layout = self.checked_layout(grad_output.dim())?;
-        let grad = row_major(grad_output);
-        check_finite("nf4 grid quantizer grad_output", &grad)?;
+        // A contiguous gradient is read in place (no copy of a weight-sized buffer).
+        let grad_copy;
+        let grad: &[f32] = match grad_output.as_slice() {
+            Some(contiguous) => contiguous,
+            None => {
+                grad_copy = row_major(grad_output);
+                &grad_copy
+            }
+        };
+        check_finite("nf4 grid quantizer grad_output", grad)?;
         let (rows, cols) = layout.shape();
         let ste = self.ste;
         let mut grad_input = vec![0.0f32; data.len()];

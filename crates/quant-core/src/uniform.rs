@@ -1142,8 +1142,16 @@ impl DifferentiableQuantizer for UniformQuantizer {
             )
         })?;
         let layout = self.checked_layout(grad_output.dim())?;
-        let grad = row_major(grad_output);
-        check_finite("uniform quantizer grad_output", &grad)?;
+        // A contiguous gradient is read in place (no copy of a weight-sized buffer).
+        let grad_copy;
+        let grad: &[f32] = match grad_output.as_slice() {
+            Some(contiguous) => contiguous,
+            None => {
+                grad_copy = row_major(grad_output);
+                &grad_copy
+            }
+        };
+        check_finite("uniform quantizer grad_output", grad)?;
         let (rows, cols) = layout.shape();
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (zps, ste) = (&self.zero_points, self.ste);
