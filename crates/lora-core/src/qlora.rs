@@ -33,17 +33,24 @@ pub struct Nf4Options {
     pub double_quant: bool,
     /// Rows (forward) or columns (backward) of `W` dequantized at a time (> 0).
     pub tile: usize,
+    /// Run tiles in parallel on rayon's pool (each product then mostly single-threaded)
+    /// instead of one tile at a time with each product threaded.
+    pub parallel_tiles: bool,
 }
 
 impl Default for Nf4Options {
-    /// Blocksize 64 with double quantization (QLoRA's defaults), 128-wide tiles: a
-    /// `128 × 2048` tile is 1 MiB, which stays in the L2 cache of one core while its product
-    /// runs; on the 2-core reference machine 64 and 256 are within noise of it.
+    /// Blocksize 64 with double quantization (QLoRA's defaults), 256-wide tiles run in
+    /// parallel. Measured at 512×2048×2048 on the 2-core reference machine (under load, so
+    /// ±10%; `qat_timing::nf4_tiling_sweep`): `x·Wᵀ` is within noise of the dense product for
+    /// tiles of 64–256 rows, while `dy·W` needs column tiles of at least 256 (64: ~1.4×,
+    /// 128: ~1.2×, 256: ~1.05× the dense time, 512 no better); parallel and sequential tiles
+    /// were within noise of each other.
     fn default() -> Self {
         Nf4Options {
             blocksize: 64,
             double_quant: true,
-            tile: 128,
+            tile: 256,
+            parallel_tiles: true,
         }
     }
 }
@@ -157,6 +164,7 @@ impl Nf4Base {
                 quant_core::nf4::BlockScales::DoubleQuant(_)
             ),
             tile,
+            parallel_tiles: true,
         };
         options.validate(context)?;
         Ok(Nf4Base {
@@ -213,10 +221,11 @@ impl Nf4Base {
         self.options
     }
 
-    /// Changes the tile width of the products (> 0).
-    pub fn set_tile(&mut self, tile: usize) -> Result<()> {
+    /// Changes the tile width of the products (> 0) and whether tiles run in parallel.
+    pub fn set_tiling(&mut self, tile: usize, parallel_tiles: bool) -> Result<()> {
         let options = Nf4Options {
             tile,
+            parallel_tiles,
             ..self.options
         };
         options.validate(&self.context)?;
@@ -273,20 +282,29 @@ impl FrozenBase for Nf4Base {
             self.out_features,
         )?;
         let (tile, cols) = (self.options.tile, self.in_features);
-        y.axis_chunks_iter_mut(Axis(1), tile)
-            .into_par_iter()
-            .enumerate()
-            .try_for_each_init(Vec::new, |buffer: &mut Vec<f32>, (t, y_tile)| {
-                let row_start = t * tile;
-                let rows = y_tile.ncols();
-                buffer.resize(rows * cols, 0.0);
-                self.weight
-                    .dequantize_rows(row_start, row_start + rows, buffer)?;
-                let w_tile = ArrayView2::from_shape((rows, cols), &buffer[..])
-                    .map_err(|e| LoraError::shape("NF4 row tile", rows * cols, e))?;
-                gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
-                Ok(())
-            })
+        let run_tile = |buffer: &mut Vec<f32>, (t, y_tile): (usize, ArrayViewMut2<'_, f32>)| {
+            let row_start = t * tile;
+            let rows = y_tile.ncols();
+            buffer.resize(rows * cols, 0.0);
+            self.weight
+                .dequantize_rows(row_start, row_start + rows, buffer)?;
+            let w_tile = ArrayView2::from_shape((rows, cols), &buffer[..])
+                .map_err(|e| LoraError::shape("NF4 row tile", rows * cols, e))?;
+            gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
+            Ok(())
+        };
+        let tiles = y.axis_chunks_iter_mut(Axis(1), tile);
+        if self.options.parallel_tiles {
+            tiles
+                .into_par_iter()
+                .enumerate()
+                .try_for_each_init(Vec::new, run_tile)
+        } else {
+            let mut buffer = Vec::new();
+            tiles
+                .enumerate()
+                .try_for_each(|item| run_tile(&mut buffer, item))
+        }
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one tile of columns of `W` at a time:
@@ -305,26 +323,35 @@ impl FrozenBase for Nf4Base {
             self.in_features,
         )?;
         let (tile, rows, cols) = (self.options.tile, self.out_features, self.in_features);
-        dx.axis_chunks_iter_mut(Axis(1), tile)
-            .into_par_iter()
-            .enumerate()
-            .try_for_each_init(Vec::new, |buffer: &mut Vec<f32>, (t, dx_tile)| {
-                let col_start = t * tile;
-                let width = dx_tile.ncols();
-                buffer.resize(rows * width, 0.0);
-                // Row i of the tile is W[i, col_start..col_start + width]: whole blocks when
-                // the tile and the row length are multiples of the blocksize, partial
-                // blocks (still exact) otherwise.
-                for (i, out_row) in buffer.chunks_exact_mut(width).enumerate() {
-                    let start = i * cols + col_start;
-                    self.weight
-                        .dequantize_range(start, start + width, out_row)?;
-                }
-                let w_tile = ArrayView2::from_shape((rows, width), &buffer[..])
-                    .map_err(|e| LoraError::shape("NF4 column tile", rows * width, e))?;
-                gemm(1.0, dy, w_tile, beta, dx_tile)?;
-                Ok(())
-            })
+        let run_tile = |buffer: &mut Vec<f32>, (t, dx_tile): (usize, ArrayViewMut2<'_, f32>)| {
+            let col_start = t * tile;
+            let width = dx_tile.ncols();
+            buffer.resize(rows * width, 0.0);
+            // Row i of the tile is W[i, col_start..col_start + width]: whole blocks when the
+            // tile and the row length are multiples of the blocksize, partial blocks (still
+            // exact) otherwise.
+            for (i, out_row) in buffer.chunks_exact_mut(width).enumerate() {
+                let start = i * cols + col_start;
+                self.weight
+                    .dequantize_range(start, start + width, out_row)?;
+            }
+            let w_tile = ArrayView2::from_shape((rows, width), &buffer[..])
+                .map_err(|e| LoraError::shape("NF4 column tile", rows * width, e))?;
+            gemm(1.0, dy, w_tile, beta, dx_tile)?;
+            Ok(())
+        };
+        let tiles = dx.axis_chunks_iter_mut(Axis(1), tile);
+        if self.options.parallel_tiles {
+            tiles
+                .into_par_iter()
+                .enumerate()
+                .try_for_each_init(Vec::new, run_tile)
+        } else {
+            let mut buffer = Vec::new();
+            tiles
+                .enumerate()
+                .try_for_each(|item| run_tile(&mut buffer, item))
+        }
     }
 
     /// Dequantizes the whole weight (not used by forward or backward).

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use lora_core::base::FrozenBase;
+use lora_core::qlora::{Nf4Base, Nf4Options};
 use ndarray::Array2;
 use quant_core::config::{QatConfig, QuantizerKind};
 use quant_core::linalg::gemm;
@@ -67,4 +69,30 @@ fn quantizer_and_gemm_breakdown() {
         std::hint::black_box(w.clone());
     });
     println!("16 MB clone: {c:.2} ms");
+}
+
+#[test]
+#[ignore]
+fn nf4_tiling_sweep() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let d = 2048;
+    let w = Array2::from_shape_fn((d, d), |_| rng.random_range(-0.05f32..0.05));
+    let x = Array2::from_shape_fn((512, d), |_| rng.random_range(-1.0f32..1.0));
+    let mut base = Nf4Base::quantize(w.view(), None, &Nf4Options::default(), "sweep").unwrap();
+    let mut y = Array2::zeros((512, d));
+    let mut dx = Array2::zeros((512, d));
+    let mut dense = Array2::zeros((512, d));
+    let g = median(|| gemm(1.0, x.view(), w.t(), 0.0, dense.view_mut()).unwrap());
+    println!("dense x·Wᵀ: {g:.2} ms");
+    for parallel in [true, false] {
+        for tile in [64, 128, 256, 512] {
+            base.set_tiling(tile, parallel).unwrap();
+            let f = median(|| base.matmul_into(x.view(), y.view_mut()).unwrap());
+            let b = median(|| {
+                base.matmul_transposed_into(x.view(), 0.0, dx.view_mut())
+                    .unwrap()
+            });
+            println!("parallel {parallel} tile {tile}: x·Wᵀ {f:.2} ms, dy·W {b:.2} ms");
+        }
+    }
 }

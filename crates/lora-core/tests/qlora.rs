@@ -56,11 +56,13 @@ fn assert_rel_close(got: &Array2<f32>, want: &Array2<f32>, rel: f32, what: &str)
 #[test]
 fn tiled_products_equal_the_dequantized_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    for &(out_f, in_f, tile) in &[(40, 96, 16), (33, 70, 7), (64, 64, 128), (130, 192, 64)] {
+    let cases = [(40, 96, 16), (33, 70, 7), (64, 64, 128), (130, 192, 64)];
+    for (&(out_f, in_f, tile), parallel_tiles) in cases.iter().zip([true, false, true, false]) {
         let w = random(&mut rng, out_f, in_f, 1.0);
         let bias = Array1::from_shape_fn(out_f, |i| i as f32 * 0.01);
         let options = Nf4Options {
             tile,
+            parallel_tiles,
             ..Nf4Options::default()
         };
         let mut qlora = QLoraLinear::qlora(w.view(), Some(bias.clone()), &options, "t").unwrap();
