@@ -43,6 +43,7 @@
 //! assert!(cross_entropy(logits.view(), &[2]).unwrap().value < first.unwrap() / 4.0);
 //! ```
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod loss;
