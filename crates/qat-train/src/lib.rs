@@ -47,6 +47,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod schedule;
