@@ -242,7 +242,11 @@ impl Checkpoint {
     pub fn restore_params(&self, params: &mut dyn ParamVisitor) -> Result<()> {
         params.visit_params(&mut |name, value, _| {
             let t = self.tensor(name).ok_or_else(|| {
-                TrainError::invalid("parameter", name, "the checkpoint has no tensor of that name")
+                TrainError::invalid(
+                    "parameter",
+                    name,
+                    "the checkpoint has no tensor of that name",
+                )
             })?;
             if t.values.len() != value.len() {
                 return Err(TrainError::shape(
@@ -259,7 +263,8 @@ impl Checkpoint {
     /// Stores an optimizer state: its buffers as tensors under [`OPTIMIZER_PREFIX`] (replacing
     /// earlier ones) and its metadata in [`optimizer`](Self::optimizer).
     pub fn set_optimizer(&mut self, state: &OptimizerState) -> Result<()> {
-        self.tensors.retain(|t| !t.name.starts_with(OPTIMIZER_PREFIX));
+        self.tensors
+            .retain(|t| !t.name.starts_with(OPTIMIZER_PREFIX));
         for (name, values) in &state.tensors {
             self.add_tensor(
                 &format!("{OPTIMIZER_PREFIX}{name}"),
@@ -441,7 +446,9 @@ impl Checkpoint {
         }
         let mut tensors = Vec::with_capacity(json.tensor_names.len());
         for name in &json.tensor_names {
-            let view = st.tensor(name).map_err(|e| err(&tensor_path, name, e.to_string()))?;
+            let view = st
+                .tensor(name)
+                .map_err(|e| err(&tensor_path, name, e.to_string()))?;
             let values = quant_core::io::tensor_to_f32(name, &view)
                 .map_err(|e| err(&tensor_path, name, e.to_string()))?;
             tensors.push(NamedTensor {
@@ -499,11 +506,7 @@ fn read_json(path: &Path) -> Result<CheckpointJson> {
 }
 
 fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\\')
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\\')
 }
 
 /// 64-bit FNV-1a: a content fingerprint for pairing files, not a defence against tampering.
@@ -622,7 +625,9 @@ mod tests {
     fn parameters_and_optimizer_state_resume_training_exactly() {
         let dir = temp_dir("resume");
         let mut store = ParamStore::new();
-        store.add("q.lora_A", vec![2, 2], vec![0.1, -0.2, 0.3, 0.4]).unwrap();
+        store
+            .add("q.lora_A", vec![2, 2], vec![0.1, -0.2, 0.3, 0.4])
+            .unwrap();
         store.add("q.step", vec![1], vec![0.05]).unwrap();
         let groups = ParamGroups::adapters_and_quantizer_steps(0.01, 0.001, 0.0).unwrap();
         let mut opt = AdamW::new(AdamWConfig::default(), groups.clone()).unwrap();

@@ -57,9 +57,7 @@ impl Example {
         ];
         for (field, len) in lens {
             if let Some(len) = len.filter(|&l| l != n) {
-                return Some(format!(
-                    "{field} has {len} entries but input_ids has {n}"
-                ));
+                return Some(format!("{field} has {len} entries but input_ids has {n}"));
             }
         }
         if let Some(labels) = &self.labels {
@@ -462,7 +460,9 @@ mod tests {
     #[test]
     fn jsonl_errors_name_the_line() {
         let text = "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, 2], \"labels\": [1]}\n";
-        let err = Dataset::from_jsonl_str(text, "d.jsonl").unwrap_err().to_string();
+        let err = Dataset::from_jsonl_str(text, "d.jsonl")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "d.jsonl line 2: labels has 1 entries but input_ids has 2"
@@ -498,7 +498,10 @@ mod tests {
         let steps = batch.step_mask.unwrap();
         assert_eq!(steps.row(0).to_vec(), vec![false, true, false]);
         assert_eq!(steps.row(1).to_vec(), vec![false; 3]);
-        assert_eq!(batch.answer_mask.unwrap().row(0).to_vec(), vec![false, false, true]);
+        assert_eq!(
+            batch.answer_mask.unwrap().row(0).to_vec(),
+            vec![false, false, true]
+        );
     }
 
     #[test]

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{check_finite, Result, TrainError};
 use crate::params::ParamVisitor;
 
+/// Per-parameter buffers of one kind, by parameter name.
+type Buffers = BTreeMap<String, Vec<f32>>;
+
 /// Which parameter names a [`ParamGroup`] takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -211,9 +214,8 @@ impl OptimizerState {
     /// assert_eq!(back, state);
     /// ```
     pub fn from_parts(meta: &serde_json::Value, tensors: Vec<(String, Vec<f32>)>) -> Result<Self> {
-        let meta: StateMeta = serde_json::from_value(meta.clone()).map_err(|e| {
-            TrainError::invalid("optimizer state JSON", "…", e.to_string())
-        })?;
+        let meta: StateMeta = serde_json::from_value(meta.clone())
+            .map_err(|e| TrainError::invalid("optimizer state JSON", "…", e.to_string()))?;
         let mut by_name: BTreeMap<String, Vec<f32>> = tensors.into_iter().collect();
         let mut ordered = Vec::with_capacity(meta.tensor_names.len());
         for name in &meta.tensor_names {
@@ -306,7 +308,10 @@ fn prepare_step(
     Ok(hyper)
 }
 
-fn export(maps: &[(&str, &BTreeMap<String, Vec<f32>>)], order: &[String]) -> Vec<(String, Vec<f32>)> {
+fn export(
+    maps: &[(&str, &BTreeMap<String, Vec<f32>>)],
+    order: &[String],
+) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     for name in order {
         for (suffix, map) in maps {
@@ -333,7 +338,7 @@ fn check_kind(state: &OptimizerState, kind: &str) -> Result<()> {
 fn import(
     tensors: Vec<(String, Vec<f32>)>,
     suffixes: &[&str],
-) -> Result<(Vec<BTreeMap<String, Vec<f32>>>, Vec<String>)> {
+) -> Result<(Vec<Buffers>, Vec<String>)> {
     let mut maps = vec![BTreeMap::new(); suffixes.len()];
     let mut order = Vec::new();
     for (full, t) in tensors {
@@ -444,7 +449,10 @@ impl Optimizer for AdamW {
             &[&self.exp_avg, &self.exp_avg_sq],
         )?;
         let t = self.step + 1;
-        let (beta1, beta2) = (f64::from(self.config.betas.0), f64::from(self.config.betas.1));
+        let (beta1, beta2) = (
+            f64::from(self.config.betas.0),
+            f64::from(self.config.betas.1),
+        );
         let bias_correction1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
         let bias_correction2_sqrt = (1.0 - beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
         let eps = self.config.eps;
@@ -572,7 +580,10 @@ impl Sgd {
     /// An SGD with no state; errors on a momentum or dampening outside `[0, 1]` or Nesterov
     /// without momentum or with dampening.
     pub fn new(config: SgdConfig, groups: ParamGroups) -> Result<Self> {
-        for (name, v) in [("momentum", config.momentum), ("dampening", config.dampening)] {
+        for (name, v) in [
+            ("momentum", config.momentum),
+            ("dampening", config.dampening),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(TrainError::invalid(
                     format!("SgdConfig.{name}"),
@@ -613,7 +624,10 @@ impl Optimizer for Sgd {
             index += 1;
             let (lr, wd) = (lr as f32, wd as f32);
             let mut d: Vec<f32> = if wd != 0.0 {
-                grad.iter().zip(value.iter()).map(|(&g, &p)| g + wd * p).collect()
+                grad.iter()
+                    .zip(value.iter())
+                    .map(|(&g, &p)| g + wd * p)
+                    .collect()
             } else {
                 grad.to_vec()
             };
@@ -739,7 +753,8 @@ mod tests {
 
     fn store(values: &[f32], grads: &[f32]) -> ParamStore {
         let mut s = ParamStore::new();
-        s.add("lora_A", vec![values.len()], values.to_vec()).unwrap();
+        s.add("lora_A", vec![values.len()], values.to_vec())
+            .unwrap();
         s.set_grad("lora_A", grads).unwrap();
         s
     }
@@ -830,8 +845,11 @@ mod tests {
         s.add("b", vec![2], vec![1.0, 1.0]).unwrap();
         s.set_grad("a", &[1.0]).unwrap();
         s.set_grad("b", &[1.0, f32::INFINITY]).unwrap();
-        let mut opt = AdamW::new(AdamWConfig::default(), ParamGroups::single(0.1, 0.0).unwrap())
-            .unwrap();
+        let mut opt = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
         let err = opt.step(&mut s, 1.0).unwrap_err().to_string();
         assert!(err.contains("`b`") && err.contains("index 1"), "{err}");
         assert_eq!(s.get("a").unwrap().value, vec![1.0]);
@@ -861,16 +879,22 @@ mod tests {
     #[test]
     fn loading_a_state_of_another_kind_or_size_is_an_error() {
         let mut s = store(&[1.0, 2.0], &[0.1, 0.2]);
-        let mut adam =
-            AdamW::new(AdamWConfig::default(), ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
+        let mut adam = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
         adam.step(&mut s, 1.0).unwrap();
-        let mut sgd = Sgd::new(SgdConfig::default(), ParamGroups::single(0.1, 0.0).unwrap())
-            .unwrap();
+        let mut sgd =
+            Sgd::new(SgdConfig::default(), ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
         assert!(sgd.load_state(adam.state()).is_err());
         let mut state = adam.state();
         state.tensors[0].1.push(0.0);
-        let mut other =
-            AdamW::new(AdamWConfig::default(), ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
+        let mut other = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
         other.load_state(state).unwrap();
         let err = other.step(&mut s, 1.0).unwrap_err().to_string();
         assert!(err.contains("optimizer state of `lora_A`"), "{err}");

@@ -173,7 +173,10 @@ pub fn grad_norm(params: &mut dyn ParamVisitor) -> Result<f64> {
     let mut sum_sq = 0.0f64;
     params.visit_params(&mut |name, _, grad| {
         crate::error::check_finite(&format!("gradient of `{name}`"), grad)?;
-        sum_sq += grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>();
+        sum_sq += grad
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>();
         Ok(())
     })?;
     // Finite elements can still overflow the sum of squares only beyond f64's range.

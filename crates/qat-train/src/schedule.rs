@@ -173,7 +173,11 @@ mod tests {
             total_steps: 10,
             min_ratio: 0.0,
         };
-        assert!(bad.factor(0).unwrap_err().to_string().contains("warmup_steps"));
+        assert!(bad
+            .factor(0)
+            .unwrap_err()
+            .to_string()
+            .contains("warmup_steps"));
         let s = LrSchedule::WarmupLinear {
             warmup_steps: 3,
             total_steps: 30,

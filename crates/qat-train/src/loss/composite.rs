@@ -213,7 +213,10 @@ pub fn composite_loss(
             TrainError::invalid(
                 "composite_loss teacher_logits",
                 "None",
-                format!("the KD weight is {} so teacher logits are needed", weights.kd),
+                format!(
+                    "the KD weight is {} so teacher logits are needed",
+                    weights.kd
+                ),
             )
         })?;
         let out = kd_loss(logits, teacher, weights.temperature, inputs.kd_row_mask)?;

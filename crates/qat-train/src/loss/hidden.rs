@@ -41,7 +41,11 @@ pub fn hidden_state_loss(
     row_mask: Option<&[bool]>,
 ) -> Result<LossOutput> {
     const CONTEXT: &str = "hidden_state_loss";
-    same_shape("hidden_state_loss teacher hidden states", &student, &teacher)?;
+    same_shape(
+        "hidden_state_loss teacher hidden states",
+        &student,
+        &teacher,
+    )?;
     let (rows, dim) = student.dim();
     check_len(CONTEXT, "row_mask", row_mask, rows)?;
     let student = checked_matrix("hidden_state_loss student hidden states", student)?;
@@ -151,7 +155,8 @@ pub fn multi_layer_hidden_loss(
         })?;
         out.value += scale * layer.value;
         out.per_layer.push(layer.value);
-        out.grads.push(layer.grad.mapv(|g| (f64::from(g) * scale) as f32));
+        out.grads
+            .push(layer.grad.mapv(|g| (f64::from(g) * scale) as f32));
     }
     Ok(out)
 }
@@ -173,7 +178,11 @@ mod tests {
                 check_gradient(
                     &s,
                     &out.grad,
-                    |z| hidden_state_loss(z.view(), t.view(), kind, m).unwrap().value,
+                    |z| {
+                        hidden_state_loss(z.view(), t.view(), kind, m)
+                            .unwrap()
+                            .value
+                    },
                     1e-4,
                 );
             }
@@ -201,7 +210,10 @@ mod tests {
         };
         check_gradient(&s1, &out.grads[1], f, 1e-4);
         let err = multi_layer_hidden_loss(
-            &[(s0.view(), t0.view()), (s1.view(), t0.slice(ndarray::s![..1, ..]))],
+            &[
+                (s0.view(), t0.view()),
+                (s1.view(), t0.slice(ndarray::s![..1, ..])),
+            ],
             HiddenLossKind::Mse,
             None,
         )

@@ -97,7 +97,11 @@ mod tests {
                 check_gradient(
                     &s,
                     &out.grad,
-                    |z| kd_loss(z.view(), t.view(), temperature, mask).unwrap().value,
+                    |z| {
+                        kd_loss(z.view(), t.view(), temperature, mask)
+                            .unwrap()
+                            .value
+                    },
                     1e-4,
                 );
             }

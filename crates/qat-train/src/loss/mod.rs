@@ -100,7 +100,8 @@ pub(crate) fn check_output(context: &str, value: f64, grad: &Array2<f32>) -> Res
     let cols = grad.ncols();
     check_finite_2d(
         &format!("{context} gradient"),
-        grad.as_slice().expect("gradients are built in standard layout"),
+        grad.as_slice()
+            .expect("gradients are built in standard layout"),
         cols,
     )
 }
