@@ -1,8 +1,9 @@
 //! Cross-entropy over logits with an ignore index, and its weighted variants.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::parallel::prelude::*;
+use ndarray::{Array2, ArrayView2, Axis};
 
-use super::{check_len, check_output, checked_matrix, log_softmax, LossOutput};
+use super::{check_len, check_output, checked_matrix, shifted_exps, LossOutput};
 use crate::error::{Result, TrainError};
 
 /// Target value of rows that do not count (PyTorch's and Hugging Face's `-100`).
@@ -129,23 +130,34 @@ fn weighted_ce(
             counted: 0,
         });
     }
-    let mut log_probs = Vec::with_capacity(vocab);
-    let mut value = 0.0;
-    for &i in &counted_rows {
-        let row = logits.row(i);
-        log_softmax(
-            row.as_slice().expect("standard layout rows are contiguous"),
-            1.0,
-            &mut log_probs,
-        );
-        let target = targets[i] as usize;
-        let w = weight_of(i) / total_weight;
-        value -= w * log_probs[target];
-        for (g, &lp) in grad.row_mut(i).iter_mut().zip(&log_probs) {
-            *g = (w * lp.exp()) as f32;
-        }
-        grad[[i, target]] = (w * (log_probs[target].exp() - 1.0)) as f32;
-    }
+    // Rows in parallel; per-row values are summed afterwards in row order so the result does
+    // not depend on how rayon split the work.
+    let row_values: Vec<f64> = grad
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .map_init(
+            || Vec::with_capacity(vocab),
+            |exps, (i, mut grad_row)| {
+                if targets[i] == IGNORE_INDEX {
+                    return 0.0;
+                }
+                let row = logits.row(i);
+                let row = row.as_slice().expect("standard layout rows are contiguous");
+                let (max, sum) = shifted_exps(row, 1.0, exps);
+                let target = targets[i] as usize;
+                let w = weight_of(i) / total_weight;
+                let scale = w / sum;
+                for (g, &e) in grad_row.iter_mut().zip(exps.iter()) {
+                    *g = (scale * e) as f32;
+                }
+                grad_row[target] = (w * (exps[target] / sum - 1.0)) as f32;
+                // −log softmax[target] = m + ln Σ − x_target
+                w * (max + sum.ln() - f64::from(row[target]))
+            },
+        )
+        .collect();
+    let value: f64 = row_values.iter().sum();
     check_output(context, value, &grad)?;
     Ok(LossOutput {
         value,

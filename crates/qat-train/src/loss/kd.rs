@@ -1,8 +1,9 @@
 //! Knowledge distillation on logits with a temperature.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::parallel::prelude::*;
+use ndarray::{Array2, ArrayView2, Axis};
 
-use super::{check_len, check_output, checked_matrix, log_softmax, same_shape, LossOutput};
+use super::{check_len, check_output, checked_matrix, same_shape, shifted_exps, LossOutput};
 use crate::error::{Result, TrainError};
 
 /// `T²·KL(softmax(teacher/T) ‖ softmax(student/T))`, averaged over rows (over the rows where
@@ -56,22 +57,43 @@ pub fn kd_loss(
     }
     let t = f64::from(temperature);
     let inv_rows = 1.0 / counted.len() as f64;
-    let (mut log_q, mut log_p) = (Vec::with_capacity(vocab), Vec::with_capacity(vocab));
-    let mut kl_sum = 0.0;
-    for &i in &counted {
-        let s_row = student.row(i);
-        let t_row = teacher.row(i);
-        log_softmax(s_row.as_slice().expect("contiguous row"), t, &mut log_q);
-        log_softmax(t_row.as_slice().expect("contiguous row"), t, &mut log_p);
-        for ((g, &lq), &lp) in grad.row_mut(i).iter_mut().zip(&log_q).zip(&log_p) {
-            let p = lp.exp();
-            // p·log p → 0 as p → 0: an underflowed teacher probability contributes nothing.
-            if p > 0.0 {
-                kl_sum += p * (lp - lq);
-            }
-            *g = (t * inv_rows * (lq.exp() - p)) as f32;
-        }
-    }
+    let counted_mask: Vec<bool> = (0..rows).map(|i| row_mask.is_none_or(|m| m[i])).collect();
+    // Rows in parallel, per-row KL summed afterwards in row order (deterministic).
+    let row_kl: Vec<f64> = grad
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .enumerate()
+        .map_init(
+            || (Vec::with_capacity(vocab), Vec::with_capacity(vocab)),
+            |(exps_s, exps_t), (i, mut grad_row)| {
+                if !counted_mask[i] {
+                    return 0.0;
+                }
+                let s_row = student.row(i);
+                let t_row = teacher.row(i);
+                let s_row = s_row.as_slice().expect("contiguous row");
+                let t_row = t_row.as_slice().expect("contiguous row");
+                let (max_s, sum_s) = shifted_exps(s_row, t, exps_s);
+                let (max_t, sum_t) = shifted_exps(t_row, t, exps_t);
+                // log p_v − log q_v = (t_v − s_v)/T − (lse_t − lse_s), lse = m + ln Σ.
+                let lse_gap = (max_t + sum_t.ln()) - (max_s + sum_s.ln());
+                let (inv_sum_s, inv_sum_t) = (1.0 / sum_s, 1.0 / sum_t);
+                let mut kl = 0.0;
+                for v in 0..vocab {
+                    let p = exps_t[v] * inv_sum_t;
+                    let q = exps_s[v] * inv_sum_s;
+                    // p·log p → 0 as p → 0: an underflowed teacher probability adds nothing.
+                    if p > 0.0 {
+                        let log_ratio = (f64::from(t_row[v]) - f64::from(s_row[v])) / t - lse_gap;
+                        kl += p * log_ratio;
+                    }
+                    grad_row[v] = (t * inv_rows * (q - p)) as f32;
+                }
+                kl
+            },
+        )
+        .collect();
+    let kl_sum: f64 = row_kl.iter().sum();
     let value = t * t * kl_sum * inv_rows;
     check_output(CONTEXT, value, &grad)?;
     Ok(LossOutput {

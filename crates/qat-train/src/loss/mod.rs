@@ -106,15 +106,20 @@ pub(crate) fn check_output(context: &str, value: f64, grad: &Array2<f32>) -> Res
     )
 }
 
-/// `log softmax(row / temperature)` in `f64`, by the max-shift (stable for any finite input).
-pub(crate) fn log_softmax(row: &[f32], temperature: f64, out: &mut Vec<f64>) {
-    out.clear();
-    out.extend(row.iter().map(|&x| f64::from(x) / temperature));
-    let max = out.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let log_sum = out.iter().map(|&x| (x - max).exp()).sum::<f64>().ln() + max;
-    for x in out.iter_mut() {
-        *x -= log_sum;
-    }
+/// Fills `exps` with `exp(x/T − m)` for `m = max(x/T)` and returns `(m, Σ exps)`, in `f64`:
+/// then `softmax = exps/Σ` and `log softmax = x/T − m − ln Σ`, one `exp` per element and stable
+/// for any finite input.
+pub(crate) fn shifted_exps(row: &[f32], temperature: f64, exps: &mut Vec<f64>) -> (f64, f64) {
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)))
+        / temperature;
+    exps.clear();
+    exps.extend(
+        row.iter()
+            .map(|&x| (f64::from(x) / temperature - max).exp()),
+    );
+    (max, exps.iter().sum())
 }
 
 /// `cos(s, t) = s·t / (max(‖s‖, ε)·max(‖t‖, ε))` and its gradient with respect to `s`.
