@@ -1,8 +1,12 @@
 //! Losses with their gradients with respect to the student's outputs.
 //!
-//! Every loss is computed in `f64` from `f32` inputs (so the value agrees with PyTorch's `f32`
+//! Every loss accumulates in `f64` from `f32` inputs (so the value agrees with PyTorch's `f32`
 //! result to its rounding, and finite-difference checks are meaningful) and returns the value
-//! with the gradient as `f32` in the shape of the student input. Inputs are checked: shapes
+//! with the gradient as `f32` in the shape of the student input. Cross-entropy takes its
+//! exponentials in `f32` (as PyTorch does; relative error of the value ≤ 1e-6), distillation
+//! in `f64` (its `T²` factor would amplify `f32` error past the 1e-6 agreement with PyTorch).
+//! Rows of the logit losses run in parallel (rayon) and are summed in row order, so results do
+//! not depend on the thread count. Inputs are checked: shapes
 //! must agree, masks must have one entry per row, and NaN/∞ in any input, in the value or in a
 //! gradient is an error naming the tensor and the row and column.
 //!
