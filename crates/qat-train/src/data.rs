@@ -92,11 +92,7 @@ impl Dataset {
     pub fn new(examples: Vec<Example>) -> Result<Self> {
         for (i, e) in examples.iter().enumerate() {
             if let Some(reason) = e.problem() {
-                return Err(TrainError::invalid(
-                    format!("dataset example {i}"),
-                    "…",
-                    reason,
-                ));
+                return Err(TrainError::invalid("dataset example", i, reason));
             }
         }
         Ok(Self { examples })
@@ -235,6 +231,30 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The labels aligned with the logits, flattened to `batch·seq` rows: the logits at
+    /// position `t` predict `labels[b, t + 1]` (Hugging Face's causal-LM shift, done inside the
+    /// model there), and each sequence's last position has no target ([`IGNORE_INDEX`]).
+    /// Rows are `b·seq + t`, the layout of `(batch, seq, vocab)` logits viewed as
+    /// `[batch·seq, vocab]`, ready for [`cross_entropy`](crate::loss::cross_entropy).
+    ///
+    /// ```
+    /// use qat_train::data::{BatchConfig, DataLoader, Dataset, Example};
+    /// let ds = Dataset::new(vec![Example::new(vec![5, 6, 7]), Example::new(vec![8, 9])]).unwrap();
+    /// let config = BatchConfig { batch_size: 2, pad_id: 0, max_len: None, shuffle: false, drop_last: false, seed: 0 };
+    /// let batch = DataLoader::new(ds, config).unwrap().next_batch().unwrap();
+    /// assert_eq!(batch.shifted_targets(), vec![6, 7, -100, 9, -100, -100]);
+    /// ```
+    pub fn shifted_targets(&self) -> Vec<i64> {
+        let (rows, seq) = self.labels.dim();
+        let mut out = vec![IGNORE_INDEX; rows * seq];
+        for b in 0..rows {
+            for t in 0..seq.saturating_sub(1) {
+                out[b * seq + t] = self.labels[[b, t + 1]];
+            }
+        }
+        out
+    }
+
     /// Number of real (non-padding) tokens.
     pub fn num_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m).count()

@@ -66,6 +66,12 @@ pub enum TrainError {
     /// A failure inside `quant-core` (GEMM shapes, atomic writes).
     #[error(transparent)]
     Quant(#[from] quant_core::error::QuantError),
+    /// A failure inside `lm` (model forward/backward, parameter traversal).
+    #[error(transparent)]
+    Lm(#[from] lm::LmError),
+    /// A failure inside `lora-core` (adapter layers and sets).
+    #[error(transparent)]
+    Lora(#[from] lora_core::LoraError),
 }
 
 /// Result with [`TrainError`].

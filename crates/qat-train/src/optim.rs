@@ -215,7 +215,7 @@ impl OptimizerState {
     /// ```
     pub fn from_parts(meta: &serde_json::Value, tensors: Vec<(String, Vec<f32>)>) -> Result<Self> {
         let meta: StateMeta = serde_json::from_value(meta.clone())
-            .map_err(|e| TrainError::invalid("optimizer state JSON", "…", e.to_string()))?;
+            .map_err(|e| TrainError::invalid("optimizer state", "JSON metadata", e.to_string()))?;
         let mut by_name: BTreeMap<String, Vec<f32>> = tensors.into_iter().collect();
         let mut ordered = Vec::with_capacity(meta.tensor_names.len());
         for name in &meta.tensor_names {
