@@ -5,7 +5,9 @@
 //! rate schedules, the calibration driver, and the trainer that runs real forward, backward and
 //! update steps on an `lm` model with `lora-core` adapters, with resumable checkpoints.
 //!
-//! Built so far (the trainer that drives an `lm` model comes next):
+//! Built so far (the calibration driver and the trainer that drives an `lm` model come next;
+//! `tests/lm_params.rs` shows the optimizer and checkpoints already driving an `lm` model
+//! through its `visit_parameters`):
 //!
 //! * [`loss`] — cross-entropy with ignore index, distillation with temperature, hidden-state
 //!   MSE/cosine, the reasoning-fidelity loss and the weighted composite, each returning its
