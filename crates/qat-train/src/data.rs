@@ -349,6 +349,17 @@ impl DataLoader {
                 format!("the dataset has {} examples", self.dataset.len()),
             ));
         }
+        if self.config.drop_last && cursor.index + self.config.batch_size > self.dataset.len() {
+            return Err(TrainError::invalid(
+                "DataCursor.index",
+                cursor.index,
+                format!(
+                    "with drop_last no full batch of {} starts there ({} examples)",
+                    self.config.batch_size,
+                    self.dataset.len()
+                ),
+            ));
+        }
         if cursor.epoch != self.cursor.epoch {
             self.order = epoch_order(self.dataset.len(), &self.config, cursor.epoch);
         }
@@ -533,6 +544,13 @@ mod tests {
         assert!(loader
             .set_cursor(DataCursor { epoch: 0, index: 3 })
             .is_err());
+        let mut dropping = DataLoader::new(dataset(5), config(2, true, true)).unwrap();
+        assert!(dropping
+            .set_cursor(DataCursor { epoch: 1, index: 4 })
+            .is_err());
+        dropping
+            .set_cursor(DataCursor { epoch: 1, index: 2 })
+            .unwrap();
         assert!(dataset(1).split(0.5, 0).is_err());
     }
 

@@ -40,16 +40,26 @@ pub fn hidden_state_loss(
     kind: HiddenLossKind,
     row_mask: Option<&[bool]>,
 ) -> Result<LossOutput> {
-    const CONTEXT: &str = "hidden_state_loss";
+    layer_loss("hidden_state_loss", student, teacher, kind, row_mask)
+}
+
+/// [`hidden_state_loss`] with `context` (the function, and the layer pair) in its errors.
+fn layer_loss(
+    context: &str,
+    student: ArrayView2<'_, f32>,
+    teacher: ArrayView2<'_, f32>,
+    kind: HiddenLossKind,
+    row_mask: Option<&[bool]>,
+) -> Result<LossOutput> {
     same_shape(
-        "hidden_state_loss teacher hidden states",
+        &format!("{context} teacher hidden states"),
         &student,
         &teacher,
     )?;
     let (rows, dim) = student.dim();
-    check_len(CONTEXT, "row_mask", row_mask, rows)?;
-    let student = checked_matrix("hidden_state_loss student hidden states", student)?;
-    let teacher = checked_matrix("hidden_state_loss teacher hidden states", teacher)?;
+    check_len(context, "row_mask", row_mask, rows)?;
+    let student = checked_matrix(&format!("{context} student hidden states"), student)?;
+    let teacher = checked_matrix(&format!("{context} teacher hidden states"), teacher)?;
     let counted: Vec<usize> = (0..rows)
         .filter(|&i| row_mask.is_none_or(|m| m[i]))
         .collect();
@@ -94,7 +104,7 @@ pub fn hidden_state_loss(
             }
         }
     }
-    check_output(CONTEXT, value, &grad)?;
+    check_output(context, value, &grad)?;
     Ok(LossOutput {
         value,
         grad,
@@ -146,13 +156,8 @@ pub fn multi_layer_hidden_loss(
         grads: Vec::with_capacity(pairs.len()),
     };
     for (k, (s, t)) in pairs.iter().enumerate() {
-        let layer = hidden_state_loss(s.view(), t.view(), kind, row_mask).map_err(|e| {
-            TrainError::invalid(
-                format!("multi_layer_hidden_loss pair {k}"),
-                "(student, teacher)",
-                e.to_string(),
-            )
-        })?;
+        let context = format!("multi_layer_hidden_loss pair {k}");
+        let layer = layer_loss(&context, s.view(), t.view(), kind, row_mask)?;
         out.value += scale * layer.value;
         out.per_layer.push(layer.value);
         out.grads
