@@ -815,6 +815,26 @@ mod tests {
     }
 
     #[test]
+    fn sgd_dampening_scales_later_gradients_into_the_buffer() {
+        let mut s = store(&[0.0], &[1.0]);
+        let config = SgdConfig {
+            momentum: 0.5,
+            dampening: 0.5,
+            nesterov: false,
+        };
+        let mut opt = Sgd::new(config, ParamGroups::single(1.0, 0.0).unwrap()).unwrap();
+        opt.step(&mut s, 1.0).unwrap(); // b = g = 1 (no dampening on the first step)
+        opt.step(&mut s, 1.0).unwrap(); // b = 0.5·1 + 0.5·1 = 1
+        opt.step(&mut s, 1.0).unwrap(); // b = 1
+        assert_eq!(s.get("lora_A").unwrap().value, vec![-3.0]);
+        let state = opt.state();
+        assert_eq!(
+            state.tensors,
+            vec![("lora_A.momentum_buffer".to_string(), vec![1.0])]
+        );
+    }
+
+    #[test]
     fn groups_give_each_parameter_its_learning_rate() {
         let mut s = ParamStore::new();
         s.add("q.lora_A", vec![1], vec![0.0]).unwrap();

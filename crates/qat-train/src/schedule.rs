@@ -164,6 +164,14 @@ mod tests {
         };
         assert!((lin_min.factor(5).unwrap() - 0.6).abs() < 1e-7);
         assert!((lin_min.factor(50).unwrap() - 0.2).abs() < 1e-7);
+        // Warmup that lasts the whole run: ramp up, then straight to min_ratio.
+        let all_warmup = LrSchedule::WarmupCosine {
+            warmup_steps: 4,
+            total_steps: 4,
+            min_ratio: 0.5,
+        };
+        assert_eq!(all_warmup.factor(2).unwrap(), 0.5);
+        assert_eq!(all_warmup.factor(4).unwrap(), 0.5);
     }
 
     #[test]

@@ -261,6 +261,18 @@ mod tests {
     }
 
     #[test]
+    fn strided_views_give_the_same_result_as_contiguous_ones() {
+        let x = random_matrix(6, 4, 2.0, 8);
+        let transposed_back = x.t().as_standard_layout().into_owned();
+        let strided = transposed_back.t();
+        assert!(!strided.is_standard_layout());
+        let targets = [0, 1, 2, 3, IGNORE_INDEX, 1];
+        let a = cross_entropy(x.view(), &targets).unwrap();
+        let b = cross_entropy(strided, &targets).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn all_ignored_is_zero() {
         let x = random_matrix(2, 3, 1.0, 3);
         let out = cross_entropy(x.view(), &[IGNORE_INDEX, IGNORE_INDEX]).unwrap();
