@@ -79,29 +79,44 @@ pub trait AdaptedLayer {
     fn forward(&mut self, x: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>>;
     /// `∂L/∂x` from `∂L/∂y`, accumulating the active adapters' gradients.
     fn backward(&mut self, dy: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>>;
+    /// The named adapter.
     fn adapter(&self, name: &str) -> lora_core::Result<&LoraAdapter>;
-    /// Refused while the adapter is merged.
+    /// The named adapter, mutably; refused while it is merged.
     fn adapter_mut(&mut self, name: &str) -> lora_core::Result<&mut LoraAdapter>;
+    /// Names of the adapters held, in the order they were added.
     fn adapter_names(&self) -> Vec<String>;
+    /// Names of the active adapters.
     fn active(&self) -> Vec<String>;
+    /// Makes exactly `names` active (unmerging first).
     fn set_active(&mut self, names: &[&str]) -> lora_core::Result<()>;
+    /// Creates a fresh adapter as `options` say, from `seed`.
     fn add_adapter(
         &mut self,
         name: &str,
         options: &AdapterOptions,
         seed: u64,
     ) -> lora_core::Result<()>;
+    /// Adds an adapter built elsewhere (a loaded file); its shape must match.
     fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> lora_core::Result<()>;
+    /// Removes an adapter (unmerging first if needed) and returns it.
     fn remove_adapter(&mut self, name: &str) -> lora_core::Result<LoraAdapter>;
+    /// Folds the active adapters into the base weight.
     fn merge(&mut self) -> lora_core::Result<()>;
+    /// Undoes [`AdaptedLayer::merge`].
     fn unmerge(&mut self) -> lora_core::Result<()>;
+    /// Whether any adapter is merged into the base weight.
     fn is_merged(&self) -> bool;
+    /// Training mode draws adapter dropout; evaluation mode does not.
     fn set_training(&mut self, training: bool);
+    /// Zeroes every adapter gradient.
     fn zero_grad(&mut self);
     /// The base weight `(out, in)` as `f32` (with merged adapters folded in, if any).
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>>;
+    /// Scalars of the frozen base.
     fn base_parameter_count(&self) -> usize;
+    /// Bytes the frozen base occupies (`FrozenBase::storage_bytes`).
     fn base_storage_bytes(&self) -> usize;
+    /// The base's storage kind (`"f32"`, `"nf4"`, ...).
     fn base_storage_kind(&self) -> &'static str;
 }
 

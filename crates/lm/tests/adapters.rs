@@ -393,3 +393,20 @@ fn generation_runs_through_adapters() {
     assert_eq!(adapted.len(), 6);
     assert_eq!(plain.len(), 6);
 }
+
+#[test]
+fn dropout_only_in_training_forward() {
+    let mut model = base_model();
+    let mut config = LoraConfig::new(4, 8.0, &["q_proj", "up_proj"]);
+    config.lora_dropout = 0.5;
+    config.init_lora_weights = lora_core::InitLoraWeights::Random;
+    model.inject_adapters(&config, "default", 5).unwrap();
+    let (ids, _) = io_ids();
+    let eval = model.logits(ids.view(), None).unwrap();
+    assert_eq!(model.logits(ids.view(), None).unwrap(), eval);
+    assert!(model.is_training());
+    let train = model.forward(ids.view(), None).unwrap().into_logits();
+    assert_ne!(train, eval, "training forward draws dropout masks");
+    model.set_training(false);
+    assert_eq!(model.forward(ids.view(), None).unwrap().into_logits(), eval);
+}

@@ -51,7 +51,7 @@ pub mod peft;
 pub mod set;
 pub mod svd;
 
-pub use adapter::{AdapterOptions, AdapterTensorsMut, LoraAdapter};
+pub use adapter::{AdapterOptions, LoraAdapter};
 pub use base::{DenseBase, FrozenBase};
 pub use combine::{Combination, CombinationType};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
