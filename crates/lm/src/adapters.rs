@@ -195,6 +195,7 @@ impl LlamaModel {
         }
         self.adapter_configs
             .insert(name.to_string(), config.clone());
+        self.activate_first_adapter(name)?;
         Ok(targets.len())
     }
 
@@ -251,6 +252,7 @@ impl LlamaModel {
             layer.insert_adapter(name, adapter)?;
         }
         self.adapter_configs.insert(name.to_string(), loaded.config);
+        self.activate_first_adapter(name)?;
         Ok(count)
     }
 
@@ -297,12 +299,30 @@ impl LlamaModel {
         Ok(out)
     }
 
+    /// The first adapter added becomes active (as in PEFT); later ones wait for
+    /// [`LlamaModel::set_active_adapters`], also on modules they alone adapt.
+    fn activate_first_adapter(&mut self, name: &str) -> Result<()> {
+        if self.active_adapters.is_empty() {
+            self.active_adapters = vec![name.to_string()];
+        }
+        let active = self.active_adapters.clone();
+        let names: Vec<&str> = active.iter().map(String::as_str).collect();
+        self.set_active_adapters(&names)
+    }
+
+    /// The adapters the model computes with.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active_adapters
+    }
+
     /// Makes exactly `names` the active adapters on every adapted module (a module computes
-    /// those of them it holds), unmerging first, as PEFT's `set_adapter`.
+    /// those of them it holds), unmerging first, as PEFT's `set_adapter`. Only active
+    /// adapters train.
     pub fn set_active_adapters(&mut self, names: &[&str]) -> Result<()> {
         for name in names {
             self.adapter_config(name)?;
         }
+        self.active_adapters = names.iter().map(|n| n.to_string()).collect();
         for (_, lin) in self.linear_modules_mut() {
             if let Some(layer) = lin.adapted_mut() {
                 let held = layer.adapter_names();

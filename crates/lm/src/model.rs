@@ -112,6 +112,8 @@ pub struct LlamaModel {
     pub(crate) lm_head: Option<LinearModule>,
     /// The config of every adapter injected or loaded, by adapter name.
     pub(crate) adapter_configs: BTreeMap<String, LoraConfig>,
+    /// The adapters every adapted module computes (those of them it holds).
+    pub(crate) active_adapters: Vec<String>,
     /// Training mode: adapter dropout is drawn in [`LlamaModel::forward`].
     pub(crate) training: bool,
     pub(crate) passes: PassCounter,
@@ -270,6 +272,7 @@ impl LlamaModel {
             norm,
             lm_head,
             adapter_configs: BTreeMap::new(),
+            active_adapters: Vec::new(),
             training: true,
             passes: PassCounter::default(),
         };
@@ -319,6 +322,7 @@ impl LlamaModel {
             norm: Parameter::new(Array1::ones(d)),
             lm_head,
             adapter_configs: BTreeMap::new(),
+            active_adapters: Vec::new(),
             training: true,
             passes: PassCounter::default(),
         })

@@ -410,3 +410,37 @@ fn dropout_only_in_training_forward() {
     model.set_training(false);
     assert_eq!(model.forward(ids.view(), None).unwrap().into_logits(), eval);
 }
+
+#[test]
+fn a_second_adapter_waits_until_activated() {
+    let mut model = base_model();
+    let mut config = LoraConfig::new(2, 4.0, &["q_proj"]);
+    config.init_lora_weights = lora_core::InitLoraWeights::Random;
+    model.inject_adapters(&config, "a", 1).unwrap();
+    let (ids, _) = io_ids();
+    let with_a = model.logits(ids.view(), None).unwrap();
+    let mut second = LoraConfig::new(2, 4.0, &["q_proj", "v_proj"]);
+    second.init_lora_weights = lora_core::InitLoraWeights::Random;
+    model.inject_adapters(&second, "b", 2).unwrap();
+    assert_eq!(model.active_adapters(), ["a"]);
+    // v_proj holds only "b", which is not active: the model still computes with "a" alone.
+    assert_eq!(model.logits(ids.view(), None).unwrap(), with_a);
+    let v = model
+        .linear_module_mut("model.layers.0.self_attn.v_proj")
+        .unwrap();
+    assert!(v.adapted().unwrap().active().is_empty());
+    model.set_active_adapters(&["b"]).unwrap();
+    assert_ne!(model.logits(ids.view(), None).unwrap(), with_a);
+    let e = model.set_active_adapters(&["c"]).unwrap_err();
+    assert!(e.to_string().contains("\"c\""), "{e}");
+    // Only the active adapter's tensors train.
+    let mut names = Vec::new();
+    model
+        .visit_trainable_parameters(|name, _| {
+            names.push(name.to_string());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(names.len(), 2 * 2 * 2);
+    assert!(names.iter().all(|n| n.contains(".b.weight")), "{names:?}");
+}
