@@ -444,3 +444,22 @@ fn a_second_adapter_waits_until_activated() {
     assert_eq!(names.len(), 2 * 2 * 2);
     assert!(names.iter().all(|n| n.contains(".b.weight")), "{names:?}");
 }
+
+#[test]
+fn a_merged_model_saves_as_a_plain_checkpoint() {
+    let io = read_f32s(&data_dir().join("io.safetensors"));
+    let (ids, _) = io_ids();
+    let mut model = base_model();
+    model
+        .load_adapter(data_dir().join("adapter_rslora"), "default", 0)
+        .unwrap();
+    model.merge_adapters().unwrap();
+    let dir = temp_dir("merged");
+    model.save_pretrained(&dir).unwrap();
+    let mut plain = LlamaModel::from_pretrained(&dir).unwrap();
+    assert!(!plain.has_adapters());
+    let logits = plain.logits(ids.view(), None).unwrap();
+    let diff = max_abs_diff(&logits, &io["rslora_merged_logits"]);
+    assert!(diff <= 1e-4, "merged checkpoint logits differ by {diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
