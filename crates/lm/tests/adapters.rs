@@ -463,3 +463,52 @@ fn a_merged_model_saves_as_a_plain_checkpoint() {
     assert!(diff <= 1e-4, "merged checkpoint logits differ by {diff}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Times a training step (forward, loss, backward) of the frozen base alone and with LoRA
+/// r=16 on every projection, at the `lora-qat bench train` size with batch 1. Run with
+/// `cargo test --release -p lm --test adapters -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing report, not a check"]
+fn lora_step_overhead_against_the_frozen_base() {
+    use rand::{Rng, SeedableRng};
+    let config = LlamaConfig::new(4096, 512, 1408, 8, 8, 8).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let ids = Array2::from_shape_simple_fn((1, 256), || rng.random_range(0..4096u32));
+    let labels = ids.mapv(i64::from);
+    let time_steps = |model: &mut LlamaModel| {
+        model
+            .loss_and_backward(ids.view(), labels.view(), None)
+            .unwrap();
+        let mut times: Vec<f64> = (0..3)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                model.zero_grad();
+                model
+                    .loss_and_backward(ids.view(), labels.view(), None)
+                    .unwrap();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[1]
+    };
+    let mut model = LlamaModel::random(config, 0).unwrap();
+    let base_ms = time_steps(&mut model);
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    model
+        .inject_adapters(&LoraConfig::new(16, 32.0, &targets), "default", 0)
+        .unwrap();
+    let lora_ms = time_steps(&mut model);
+    eprintln!(
+        "step of 256 tokens: frozen base {base_ms:.1} ms, LoRA r=16 {lora_ms:.1} ms ({:+.1}%)",
+        100.0 * (lora_ms / base_ms - 1.0)
+    );
+}
