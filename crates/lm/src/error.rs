@@ -95,6 +95,12 @@ pub enum LmError {
     /// An error of the numeric layer below.
     #[error(transparent)]
     Quant(#[from] quant_core::QuantError),
+    /// An error of an adapter layer or adapter file (names the module path, key or file).
+    #[error(transparent)]
+    Adapter(#[from] lora_core::LoraError),
+    /// An operation the model's current adapter state does not allow (merged, unknown name).
+    #[error("{operation}: {reason}")]
+    AdapterState { operation: String, reason: String },
 }
 
 impl LmError {

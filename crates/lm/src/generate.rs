@@ -119,7 +119,8 @@ impl LlamaModel {
                 vocab: c.vocab_size,
             });
         }
-        let result = self.forward_cached_unchecked(tokens, cache);
+        self.passes.0 += 1;
+        let result = self.in_eval_mode(|model| model.forward_cached_unchecked(tokens, cache));
         match result {
             Ok(logits) => {
                 cache.len = offset + n;

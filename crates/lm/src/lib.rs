@@ -5,9 +5,13 @@
 //! `config.json` + safetensors checkpoints (`f32`/`f16`/`bf16`, single file or sharded) and
 //! saved back in the same layout. Every projection is a [`LinearModule`] addressed by its
 //! Hugging Face module path (`model.layers.{i}.self_attn.q_proj`, ...): the point where the
-//! adapters of `lora-core` and quantized base weights are plugged in. It computes logits, the
-//! shifted cross-entropy and gradients (of every parameter, or only of the inputs with a
-//! frozen base), and decodes with a key/value cache; it knows nothing of training.
+//! adapters of `lora-core` and quantized base weights are plugged in. Adapters (LoRA, rsLoRA,
+//! DoRA) are injected by PEFT's `target_modules` rules or loaded from a PEFT adapter
+//! directory, saved back, merged and unmerged; their gradients and parameters carry PEFT's
+//! names, and [`LlamaModel::memory_report`] accounts the resident bytes by kind. It computes
+//! logits, the shifted cross-entropy and gradients (of every parameter, of the adapters, or
+//! only of the inputs with a frozen base), and decodes with a key/value cache; it knows
+//! nothing of training loops or optimizers.
 //!
 //! ```
 //! use lm::{cross_entropy, LlamaModel};
@@ -25,6 +29,7 @@
 //! assert_eq!(grad_embedded.dim(), (1, 4, 32));
 //! ```
 
+pub mod adapters;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -32,15 +37,18 @@ pub mod generate;
 pub mod layers;
 pub mod linear;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod param;
 
+pub use adapters::peft_file_key;
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{LmError, Result};
 pub use generate::{KvCache, Sampling};
-pub use linear::{DenseLinear, LinearModule};
+pub use linear::{peft_parameter_name, AdaptedLayer, DenseLinear, LinearModule};
 pub use loss::{cross_entropy, CrossEntropy, IGNORE_INDEX};
+pub use memory::MemoryReport;
 pub use model::{
     dense_linear_from_checkpoint, DecoderLayer, ForwardPass, LlamaModel, LAYER_LINEAR_NAMES,
 };

@@ -4,10 +4,20 @@
 //! The enum is the extension point for adapters and quantized bases: a variant wraps its
 //! state, `forward` may remember what its `backward` needs, and `backward` returns the input
 //! gradient and accumulates the gradients of whatever the variant trains.
+//!
+//! Adapted variants hold a `lora_core::LoraLinear<B>` over some frozen base `B`. Everything
+//! the model does with adapters goes through the object-safe [`AdaptedLayer`] trait, which
+//! every `LoraLinear<B: FrozenBase>` implements, so a variant for another base (NF4 for
+//! QLoRA, a fake-quantized base for LoRA-QAT) only needs its arm in
+//! [`LinearModule::adapted`] / [`LinearModule::adapted_mut`].
 
+use std::borrow::Cow;
+
+use lora_core::{AdapterOptions, DenseBase, FrozenBase, LoraAdapter, LoraLinear};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, CowArray, Ix2};
 
-use crate::error::{LmError, Result};
+use crate::error::{check_finite_at, LmError, Result};
+use crate::memory::MemoryReport;
 use crate::param::{ParamMut, Parameter};
 
 /// `y = x·Wᵀ` with a dense `f32` weight `W` of shape `(out_features, in_features)` (PyTorch layout).
@@ -49,31 +59,201 @@ impl DenseLinear {
 }
 
 /// One linear projection of the model; see the module docs for how variants are added.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Equality compares what the module computes with: the weight of a dense module; the base
+/// weight, adapter names, active and merged state and adapter tensors of an adapted one.
+#[derive(Debug, Clone)]
 pub enum LinearModule {
     /// A plain `f32` weight.
     Dense(DenseLinear),
+    /// A frozen `f32` base with low-rank adapters (LoRA, rsLoRA, DoRA).
+    Lora(Box<LoraLinear<DenseBase>>),
+}
+
+/// What the model needs from an adapted projection, whatever its base: implemented for
+/// every `LoraLinear<B: FrozenBase>` by forwarding to its methods.
+pub trait AdaptedLayer {
+    /// `(out, in)`.
+    fn shape(&self) -> (usize, usize);
+    /// `x·Wᵀ + Σ active adapters`, keeping `x` for [`AdaptedLayer::backward`].
+    fn forward(&mut self, x: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>>;
+    /// `∂L/∂x` from `∂L/∂y`, accumulating the active adapters' gradients.
+    fn backward(&mut self, dy: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>>;
+    /// The named adapter.
+    fn adapter(&self, name: &str) -> lora_core::Result<&LoraAdapter>;
+    /// The named adapter, mutably; refused while it is merged.
+    fn adapter_mut(&mut self, name: &str) -> lora_core::Result<&mut LoraAdapter>;
+    /// Names of the adapters held, in the order they were added.
+    fn adapter_names(&self) -> Vec<String>;
+    /// Names of the active adapters.
+    fn active(&self) -> Vec<String>;
+    /// Makes exactly `names` active (unmerging first).
+    fn set_active(&mut self, names: &[&str]) -> lora_core::Result<()>;
+    /// Creates a fresh adapter as `options` say, from `seed`.
+    fn add_adapter(
+        &mut self,
+        name: &str,
+        options: &AdapterOptions,
+        seed: u64,
+    ) -> lora_core::Result<()>;
+    /// Adds an adapter built elsewhere (a loaded file); its shape must match.
+    fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> lora_core::Result<()>;
+    /// Removes an adapter (unmerging first if needed) and returns it.
+    fn remove_adapter(&mut self, name: &str) -> lora_core::Result<LoraAdapter>;
+    /// Folds the active adapters into the base weight.
+    fn merge(&mut self) -> lora_core::Result<()>;
+    /// Undoes [`AdaptedLayer::merge`].
+    fn unmerge(&mut self) -> lora_core::Result<()>;
+    /// Whether any adapter is merged into the base weight.
+    fn is_merged(&self) -> bool;
+    /// Training mode draws adapter dropout; evaluation mode does not.
+    fn set_training(&mut self, training: bool);
+    /// Zeroes every adapter gradient.
+    fn zero_grad(&mut self);
+    /// The base weight `(out, in)` as `f32` (with merged adapters folded in, if any).
+    fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>>;
+    /// Scalars of the frozen base.
+    fn base_parameter_count(&self) -> usize;
+    /// Bytes the frozen base occupies (`FrozenBase::storage_bytes`).
+    fn base_storage_bytes(&self) -> usize;
+    /// The base's storage kind (`"f32"`, `"nf4"`, ...).
+    fn base_storage_kind(&self) -> &'static str;
+}
+
+impl<B: FrozenBase> AdaptedLayer for LoraLinear<B> {
+    fn shape(&self) -> (usize, usize) {
+        LoraLinear::shape(self)
+    }
+    fn forward(&mut self, x: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>> {
+        LoraLinear::forward(self, x)
+    }
+    fn backward(&mut self, dy: ArrayView2<'_, f32>) -> lora_core::Result<Array2<f32>> {
+        LoraLinear::backward(self, dy)
+    }
+    fn adapter(&self, name: &str) -> lora_core::Result<&LoraAdapter> {
+        LoraLinear::adapter(self, name)
+    }
+    fn adapter_mut(&mut self, name: &str) -> lora_core::Result<&mut LoraAdapter> {
+        LoraLinear::adapter_mut(self, name)
+    }
+    fn adapter_names(&self) -> Vec<String> {
+        LoraLinear::adapter_names(self)
+    }
+    fn active(&self) -> Vec<String> {
+        LoraLinear::active(self).to_vec()
+    }
+    fn set_active(&mut self, names: &[&str]) -> lora_core::Result<()> {
+        LoraLinear::set_active(self, names)
+    }
+    fn add_adapter(
+        &mut self,
+        name: &str,
+        options: &AdapterOptions,
+        seed: u64,
+    ) -> lora_core::Result<()> {
+        LoraLinear::add_adapter(self, name, options, seed)
+    }
+    fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> lora_core::Result<()> {
+        LoraLinear::insert_adapter(self, name, adapter)
+    }
+    fn remove_adapter(&mut self, name: &str) -> lora_core::Result<LoraAdapter> {
+        LoraLinear::remove_adapter(self, name)
+    }
+    fn merge(&mut self) -> lora_core::Result<()> {
+        LoraLinear::merge(self)
+    }
+    fn unmerge(&mut self) -> lora_core::Result<()> {
+        LoraLinear::unmerge(self)
+    }
+    fn is_merged(&self) -> bool {
+        LoraLinear::is_merged(self)
+    }
+    fn set_training(&mut self, training: bool) {
+        LoraLinear::set_training(self, training)
+    }
+    fn zero_grad(&mut self) {
+        LoraLinear::zero_grad(self)
+    }
+    fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>> {
+        self.base().dense_weight()
+    }
+    fn base_parameter_count(&self) -> usize {
+        self.base().parameter_count()
+    }
+    fn base_storage_bytes(&self) -> usize {
+        self.base().storage_bytes()
+    }
+    fn base_storage_kind(&self) -> &'static str {
+        self.base().storage_kind()
+    }
+}
+
+/// PEFT's in-memory parameter name of an adapter tensor (`named_parameters()` of a
+/// `PeftModel`): `base_model.model.<module>.<tensor>.<adapter>.weight`, `tensor` one of
+/// `lora_A`, `lora_B`, `lora_magnitude_vector`.
+pub fn peft_parameter_name(module: &str, tensor: &str, adapter: &str) -> String {
+    format!("base_model.model.{module}.{tensor}.{adapter}.weight")
 }
 
 impl LinearModule {
     pub fn in_features(&self) -> usize {
         match self {
             LinearModule::Dense(d) => d.weight.value().ncols(),
+            LinearModule::Lora(l) => l.shape().1,
         }
     }
 
     pub fn out_features(&self) -> usize {
         match self {
             LinearModule::Dense(d) => d.weight.value().nrows(),
+            LinearModule::Lora(l) => l.shape().0,
         }
     }
 
+    /// The adapter layer, if this projection is adapted.
+    pub fn adapted(&self) -> Option<&dyn AdaptedLayer> {
+        match self {
+            LinearModule::Dense(_) => None,
+            LinearModule::Lora(l) => Some(l.as_ref()),
+        }
+    }
+
+    /// The adapter layer, mutably, if this projection is adapted.
+    pub fn adapted_mut(&mut self) -> Option<&mut dyn AdaptedLayer> {
+        match self {
+            LinearModule::Dense(_) => None,
+            LinearModule::Lora(l) => Some(l.as_mut()),
+        }
+    }
+
+    /// Turns a dense projection into an adapted one over the same (now frozen) `f32` weight,
+    /// with no adapters yet; an adapted one is returned as it is. `path` names the module in
+    /// errors.
+    pub fn make_adapted(&mut self, path: &str) -> Result<&mut dyn AdaptedLayer> {
+        if let LinearModule::Dense(d) = self {
+            let weight = d.weight.value();
+            let cols = weight.ncols().max(1);
+            check_finite_at(
+                &format!("{path}.weight"),
+                weight.as_slice().unwrap_or_default(),
+                |i| format!("element [{}, {}]", i / cols, i % cols),
+            )?;
+            let weight = std::mem::take(d.weight.value_mut());
+            *self = LinearModule::Lora(Box::new(LoraLinear::dense(weight, None, path)?));
+        }
+        self.adapted_mut().ok_or_else(|| LmError::AdapterState {
+            operation: format!("adapting {path}"),
+            reason: "the module has no adapter form".into(),
+        })
+    }
+
     /// `out ← x·Wᵀ` (or `out += x·Wᵀ` with `accumulate`), `x: (rows, in)`, `out: (rows, out)`;
-    /// `out` may be a strided view (a column block of a fused buffer).
+    /// `out` may be a strided view (a column block of a fused buffer). Adapted modules add
+    /// their active adapters and keep `x` for backward.
     pub fn forward(
         &mut self,
         x: ArrayView2<'_, f32>,
-        out: ArrayViewMut2<'_, f32>,
+        mut out: ArrayViewMut2<'_, f32>,
         accumulate: bool,
     ) -> Result<()> {
         let beta = if accumulate { 1.0 } else { 0.0 };
@@ -81,30 +261,51 @@ impl LinearModule {
             LinearModule::Dense(d) => {
                 quant_core::linalg::gemm(1.0, x, d.weight.value().t(), beta, out)?;
             }
+            _ => {
+                let layer = self.adapted_mut().ok_or_else(|| LmError::AdapterState {
+                    operation: "adapted forward".into(),
+                    reason: "the module is not adapted".into(),
+                })?;
+                let y = layer.forward(x)?;
+                if y.dim() != out.dim() {
+                    return Err(LmError::shape(
+                        "adapted linear output",
+                        format!("{:?}", out.dim()),
+                        format!("{:?}", y.dim()),
+                    ));
+                }
+                if accumulate {
+                    out += &y;
+                } else {
+                    out.assign(&y);
+                }
+            }
         }
         Ok(())
     }
 
     /// Given the forward input `x` and `∂L/∂y`, writes (or adds, with `accumulate_input`)
     /// `∂L/∂x = ∂L/∂y·W` into `grad_input` and adds `∂L/∂W = (∂L/∂y)ᵀ·x` to the weight's
-    /// gradient when the weight trains (nothing is computed for a frozen weight).
+    /// gradient when the weight trains (nothing is computed for a frozen weight). Adapted
+    /// modules use the input their last forward kept and accumulate their active adapters'
+    /// gradients.
     pub fn backward(
         &mut self,
         x: ArrayView2<'_, f32>,
         grad_output: ArrayView2<'_, f32>,
-        grad_input: ArrayViewMut2<'_, f32>,
+        mut grad_input: ArrayViewMut2<'_, f32>,
         accumulate_input: bool,
     ) -> Result<()> {
+        if grad_output.nrows() != x.nrows() {
+            return Err(LmError::shape(
+                "linear backward: rows of grad_output vs input",
+                x.nrows(),
+                grad_output.nrows(),
+            ));
+        }
         let beta = if accumulate_input { 1.0 } else { 0.0 };
         match self {
             LinearModule::Dense(d) => {
-                if grad_output.nrows() != x.nrows() {
-                    return Err(LmError::shape(
-                        "linear backward: rows of grad_output vs input",
-                        x.nrows(),
-                        grad_output.nrows(),
-                    ));
-                }
                 quant_core::linalg::gemm(
                     1.0,
                     grad_output,
@@ -116,49 +317,264 @@ impl LinearModule {
                     quant_core::linalg::gemm(1.0, grad_output.t(), x, 1.0, gw.view_mut())?;
                 }
             }
+            _ => {
+                let layer = self.adapted_mut().ok_or_else(|| LmError::AdapterState {
+                    operation: "adapted backward".into(),
+                    reason: "the module is not adapted".into(),
+                })?;
+                let dx = layer.backward(grad_output)?;
+                if dx.dim() != grad_input.dim() {
+                    return Err(LmError::shape(
+                        "adapted linear input gradient",
+                        format!("{:?}", grad_input.dim()),
+                        format!("{:?}", dx.dim()),
+                    ));
+                }
+                if accumulate_input {
+                    grad_input += &dx;
+                } else {
+                    grad_input.assign(&dx);
+                }
+            }
         }
         Ok(())
     }
 
     /// Makes the base weight trainable (allocating its gradient) or frozen (dropping it).
+    /// Adapted modules keep their base frozen, as PEFT does; only adapters train there.
     pub fn set_base_trainable(&mut self, trainable: bool) {
-        match self {
-            LinearModule::Dense(d) => d.weight.set_trainable(trainable),
+        if let LinearModule::Dense(d) = self {
+            d.weight.set_trainable(trainable);
         }
     }
 
+    /// Zeroes the base weight's gradient (if it trains) and every adapter gradient.
     pub fn zero_grad(&mut self) {
         match self {
             LinearModule::Dense(d) => d.weight.zero_grad(),
+            _ => {
+                if let Some(layer) = self.adapted_mut() {
+                    layer.zero_grad();
+                }
+            }
         }
     }
 
     /// The weight as a dense `f32` `(out, in)` matrix, for saving in Hugging Face layout
-    /// (borrowed for dense weights; variants with quantized bases will dequantize).
-    pub fn base_weight(&self) -> CowArray<'_, f32, Ix2> {
+    /// (borrowed for dense weights; quantized bases dequantize). Merged adapters are part of
+    /// an adapted module's base weight, as after PEFT's `merge_and_unload`.
+    pub fn base_weight(&self) -> Result<CowArray<'_, f32, Ix2>> {
         match self {
-            LinearModule::Dense(d) => CowArray::from(d.weight.value().view()),
+            LinearModule::Dense(d) => Ok(CowArray::from(d.weight.value().view())),
+            _ => {
+                let layer = self.adapted().ok_or_else(|| LmError::AdapterState {
+                    operation: "reading the base weight".into(),
+                    reason: "the module is neither dense nor adapted".into(),
+                })?;
+                Ok(match layer.base_weight()? {
+                    Cow::Borrowed(w) => CowArray::from(w.view()),
+                    Cow::Owned(w) => CowArray::from(w),
+                })
+            }
         }
     }
 
-    /// Calls `f` for every tensor of the module under `{path}.<tensor name>` (HF names).
+    /// Scalars of the base weight and of every adapter.
+    pub fn parameter_count(&self) -> usize {
+        match self {
+            LinearModule::Dense(d) => d.weight.value().len(),
+            _ => self.adapted().map_or(0, |layer| {
+                let adapters: usize = layer
+                    .adapter_names()
+                    .iter()
+                    .filter_map(|n| layer.adapter(n).ok())
+                    .map(|a| a.parameter_count())
+                    .sum();
+                layer.base_parameter_count() + adapters
+            }),
+        }
+    }
+
+    /// Calls `f` for every tensor of the module: a dense weight under `{path}.weight` (HF
+    /// name); an adapted module's adapter tensors under PEFT's parameter names (see
+    /// [`peft_parameter_name`]), with gradients for active adapters only. The frozen base of
+    /// an adapted module belongs to its adapter layer and is not visited. Merged adapters
+    /// cannot be visited (their values are folded into the base): an error says so.
     pub fn visit_parameters(
         &mut self,
         path: &str,
         f: &mut dyn FnMut(&str, ParamMut<'_>) -> Result<()>,
     ) -> Result<()> {
-        match self {
-            LinearModule::Dense(d) => {
-                let name = format!("{path}.weight");
-                let p = d.weight.as_param_mut(&name)?;
-                f(&name, p)
+        match self.adapted_mut() {
+            None => match self {
+                LinearModule::Dense(d) => {
+                    let name = format!("{path}.weight");
+                    let p = d.weight.as_param_mut(&name)?;
+                    f(&name, p)
+                }
+                _ => Ok(()),
+            },
+            Some(layer) => visit_adapter_tensors(layer, path, f),
+        }
+    }
+
+    /// Adds this module's resident bytes to `report`.
+    pub(crate) fn add_memory(&self, report: &mut MemoryReport) {
+        let f32_bytes = std::mem::size_of::<f32>();
+        match self.adapted() {
+            None => {
+                if let LinearModule::Dense(d) = self {
+                    report.add_f32_parameter(d.weight.value().len(), d.weight.is_trainable());
+                }
+            }
+            Some(layer) => {
+                *report
+                    .base_bytes_by_kind
+                    .entry(layer.base_storage_kind().to_string())
+                    .or_default() += layer.base_storage_bytes();
+                report.base_parameters += layer.base_parameter_count();
+                for name in layer.adapter_names() {
+                    if let Ok(adapter) = layer.adapter(&name) {
+                        let count = adapter.parameter_count();
+                        report.adapter_parameters += count;
+                        report.adapter_bytes += count * f32_bytes;
+                        // lora-core keeps a gradient buffer for every adapter it holds.
+                        report.gradient_bytes += count * f32_bytes;
+                    }
+                }
             }
         }
     }
 
     pub(crate) fn check_grads_finite(&self, path: &str) -> Result<()> {
-        match self {
-            LinearModule::Dense(d) => d.weight.check_grad_finite(&format!("{path}.weight")),
+        match self.adapted() {
+            None => match self {
+                LinearModule::Dense(d) => d.weight.check_grad_finite(&format!("{path}.weight")),
+                _ => Ok(()),
+            },
+            Some(layer) => {
+                for name in layer.active() {
+                    let adapter = layer.adapter(&name)?;
+                    let mut grads = vec![
+                        (
+                            "lora_A",
+                            adapter.grad_a().as_slice(),
+                            adapter.grad_a().ncols(),
+                        ),
+                        (
+                            "lora_B",
+                            adapter.grad_b().as_slice(),
+                            adapter.grad_b().ncols(),
+                        ),
+                    ];
+                    if let Some(g) = adapter.grad_magnitude() {
+                        grads.push(("lora_magnitude_vector", g.as_slice(), g.len()));
+                    }
+                    for (tensor, values, cols) in grads {
+                        let cols = cols.max(1);
+                        check_finite_at(
+                            &format!("gradient of {}", peft_parameter_name(path, tensor, &name)),
+                            values.unwrap_or_default(),
+                            |i| format!("element [{}, {}]", i / cols, i % cols),
+                        )?;
+                    }
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// A contiguous tensor's flat buffer, or an error naming the tensor.
+fn flat<'a>(what: &str, values: Option<&'a mut [f32]>) -> Result<&'a mut [f32]> {
+    values.ok_or_else(|| {
+        LmError::invalid(
+            what,
+            "non-contiguous tensor",
+            "adapters are kept contiguous",
+        )
+    })
+}
+
+fn visit_adapter_tensors(
+    layer: &mut dyn AdaptedLayer,
+    path: &str,
+    f: &mut dyn FnMut(&str, ParamMut<'_>) -> Result<()>,
+) -> Result<()> {
+    if layer.is_merged() {
+        return Err(LmError::AdapterState {
+            operation: format!("visiting the adapter parameters of {path}"),
+            reason: "adapters are merged into the base weight; unmerge first".into(),
+        });
+    }
+    let active = layer.active();
+    for name in layer.adapter_names() {
+        let trains = active.contains(&name);
+        let tensors = layer.adapter_mut(&name)?.tensors_mut();
+        let (a, grad_a) = tensors.a;
+        let (b, grad_b) = tensors.b;
+        let mut visit = |tensor: &str, shape: Vec<usize>, value, grad| -> Result<()> {
+            let full = peft_parameter_name(path, tensor, &name);
+            let value = flat(&full, value)?;
+            let grad = flat(&full, grad)?;
+            let grad = if trains { Some(grad) } else { None };
+            f(&full, ParamMut { shape, value, grad })
+        };
+        visit(
+            "lora_A",
+            a.shape().to_vec(),
+            a.as_slice_mut(),
+            grad_a.as_slice_mut(),
+        )?;
+        visit(
+            "lora_B",
+            b.shape().to_vec(),
+            b.as_slice_mut(),
+            grad_b.as_slice_mut(),
+        )?;
+        if let Some((m, grad_m)) = tensors.magnitude {
+            visit(
+                "lora_magnitude_vector",
+                vec![m.len()],
+                m.as_slice_mut(),
+                grad_m.as_slice_mut(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+impl PartialEq for LinearModule {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (LinearModule::Dense(a), LinearModule::Dense(b)) => a == b,
+            _ => match (self.adapted(), other.adapted()) {
+                (Some(a), Some(b)) => adapted_eq(a, b),
+                _ => false,
+            },
+        }
+    }
+}
+
+fn adapted_eq(a: &dyn AdaptedLayer, b: &dyn AdaptedLayer) -> bool {
+    let same_base = match (a.base_weight(), b.base_weight()) {
+        (Ok(wa), Ok(wb)) => wa == wb,
+        _ => false,
+    };
+    same_base
+        && a.base_storage_kind() == b.base_storage_kind()
+        && a.adapter_names() == b.adapter_names()
+        && a.active() == b.active()
+        && a.is_merged() == b.is_merged()
+        && a.adapter_names()
+            .iter()
+            .all(|name| match (a.adapter(name), b.adapter(name)) {
+                (Ok(x), Ok(y)) => {
+                    x.a() == y.a()
+                        && x.b() == y.b()
+                        && x.magnitude() == y.magnitude()
+                        && x.options() == y.options()
+                }
+                _ => false,
+            })
 }

@@ -1,7 +1,10 @@
 //! `LlamaForCausalLM`: parameters, loading and saving, the training forward pass that keeps
 //! what backward needs, and the backward pass through every layer.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use lora_core::LoraConfig;
 
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Ix1, Ix2};
 use rand::SeedableRng;
@@ -64,7 +67,7 @@ impl DecoderLayer {
         ]
     }
 
-    fn linears(&self) -> [(&'static str, &LinearModule); 7] {
+    pub(crate) fn linears(&self) -> [(&'static str, &LinearModule); 7] {
         let [q, k, v, o, g, u, d] = LAYER_LINEAR_NAMES;
         [
             (q, &self.q_proj),
@@ -107,6 +110,25 @@ pub struct LlamaModel {
     pub(crate) norm: Parameter<Ix1>,
     /// `None` when the embeddings are tied: the head multiplies by `embed_tokens`.
     pub(crate) lm_head: Option<LinearModule>,
+    /// The config of every adapter injected or loaded, by adapter name.
+    pub(crate) adapter_configs: BTreeMap<String, LoraConfig>,
+    /// The adapters every adapted module computes (those of them it holds).
+    pub(crate) active_adapters: Vec<String>,
+    /// Training mode: adapter dropout is drawn in [`LlamaModel::forward`].
+    pub(crate) training: bool,
+    pub(crate) passes: PassCounter,
+}
+
+/// Counts forward passes, so that a backward can check that the adapter layers (which keep
+/// their last input) still hold the inputs of the pass it is given. Bookkeeping, not model
+/// state: models compare equal whatever their counts.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PassCounter(pub(crate) u64);
+
+impl PartialEq for PassCounter {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// What one decoder layer's forward keeps for its backward. The two norms' outputs (from
@@ -128,6 +150,8 @@ struct LayerActivations {
 /// The logits of a forward pass and everything [`LlamaModel::backward`] needs.
 #[derive(Debug)]
 pub struct ForwardPass {
+    /// Which forward of the model this is (see [`PassCounter`]).
+    serial: u64,
     batch: usize,
     seq: usize,
     input_ids: Vec<u32>,
@@ -247,6 +271,10 @@ impl LlamaModel {
             layers,
             norm,
             lm_head,
+            adapter_configs: BTreeMap::new(),
+            active_adapters: Vec::new(),
+            training: true,
+            passes: PassCounter::default(),
         };
         model.check_linear_shapes()?;
         Ok(model)
@@ -293,6 +321,10 @@ impl LlamaModel {
             layers,
             norm: Parameter::new(Array1::ones(d)),
             lm_head,
+            adapter_configs: BTreeMap::new(),
+            active_adapters: Vec::new(),
+            training: true,
+            passes: PassCounter::default(),
         })
     }
 
@@ -341,7 +373,7 @@ impl LlamaModel {
                 );
             }
             for (name, lin) in layer.linears() {
-                let w = lin.base_weight();
+                let w = lin.base_weight()?;
                 push(
                     format!("{p}.{name}.weight"),
                     w.shape(),
@@ -355,7 +387,7 @@ impl LlamaModel {
             self.norm.value().to_vec(),
         );
         if let Some(head) = &self.lm_head {
-            let w = head.base_weight();
+            let w = head.base_weight()?;
             push(
                 "lm_head.weight".into(),
                 w.shape(),
@@ -365,7 +397,7 @@ impl LlamaModel {
         save_f32_safetensors(&dir.join("model.safetensors"), &tensors)
     }
 
-    /// Number of scalars in all parameters (the tied head counts once).
+    /// Number of scalars in all parameters, adapters included (the tied head counts once).
     ///
     /// ```
     /// let config = lm::LlamaConfig::new(16, 8, 12, 1, 2, 1).unwrap();
@@ -374,13 +406,12 @@ impl LlamaModel {
     /// assert_eq!(model.num_parameters(), 128 + 16 + 64 + 64 + 64 + 288 + 8 + 128);
     /// ```
     pub fn num_parameters(&mut self) -> usize {
-        let mut total = 0;
-        // The visitor never fails here: every parameter is kept contiguous.
-        let _ = self.visit_parameters(|_, p| {
-            total += p.value.len();
-            Ok(())
-        });
-        total
+        let d = self.config.hidden_size;
+        let linears: usize = self
+            .linear_modules_mut()
+            .map(|(_, lin)| lin.parameter_count())
+            .sum();
+        self.embed_tokens.value().len() + (2 * self.layers.len() + 1) * d + linears
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -609,9 +640,20 @@ impl LlamaModel {
         input_ids: ArrayView2<'_, u32>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<Array3<f32>> {
-        Ok(self
-            .forward_impl(input_ids, attention_mask, false)?
-            .into_logits())
+        self.in_eval_mode(|model| {
+            Ok(model
+                .forward_impl(input_ids, attention_mask, false)?
+                .into_logits())
+        })
+    }
+
+    /// Runs `f` with adapter dropout off, then restores the model's training mode.
+    pub(crate) fn in_eval_mode<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let training = self.training;
+        self.set_adapters_training(false);
+        let result = f(self);
+        self.set_adapters_training(training);
+        result
     }
 
     fn forward_impl(
@@ -622,6 +664,8 @@ impl LlamaModel {
     ) -> Result<ForwardPass> {
         let (batch, seq) = input_ids.dim();
         let (ids, key_mask) = self.check_inputs(input_ids, attention_mask)?;
+        self.passes.0 += 1;
+        let serial = self.passes.0;
         let c = self.config.clone();
         let dims = self.dims(batch * seq);
         let n = dims.tokens;
@@ -693,6 +737,7 @@ impl LlamaModel {
             .into_shape_with_order((batch, seq, vocab))
             .map_err(|e| LmError::shape("logits", format!("{batch}×{seq}×{vocab}"), e))?;
         Ok(ForwardPass {
+            serial,
             batch,
             seq,
             input_ids: ids,
@@ -732,6 +777,15 @@ impl LlamaModel {
                 reason: format!(
                     "the forward pass has token id {id}, outside this model's vocabulary 0..{}",
                     c.vocab_size
+                ),
+            });
+        }
+        if pass.serial != self.passes.0 && self.has_adapters() {
+            return Err(LmError::Backward {
+                reason: format!(
+                    "the pass is forward #{} but the model has run forward #{} since; adapter \
+                     layers keep only their last input, so backward must follow its own forward",
+                    pass.serial, self.passes.0
                 ),
             });
         }

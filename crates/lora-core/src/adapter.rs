@@ -639,3 +639,36 @@ impl LoraAdapter {
         Ok(())
     }
 }
+
+/// The trainable tensors of a [`LoraAdapter`] and their gradients, borrowed mutably together,
+/// for optimizers that update in place and for models that expose adapters as parameters.
+#[derive(Debug)]
+pub struct AdapterTensorsMut<'a> {
+    /// `A: (r, in)` and `∂L/∂A`.
+    pub a: (&'a mut Array2<f32>, &'a mut Array2<f32>),
+    /// `B: (out, r)` and `∂L/∂B`.
+    pub b: (&'a mut Array2<f32>, &'a mut Array2<f32>),
+    /// DoRA's `m: (out)` and `∂L/∂m`.
+    pub magnitude: Option<(&'a mut Array1<f32>, &'a mut Array1<f32>)>,
+}
+
+impl LoraAdapter {
+    /// `A`, `B`, DoRA's `m` and their gradients for in-place updates. The forward kept for
+    /// backward is not invalidated: change values between steps, not between a forward and
+    /// its backward.
+    ///
+    /// ```
+    /// use lora_core::{AdapterOptions, LoraAdapter};
+    /// let mut adapter = LoraAdapter::new(&AdapterOptions::new(2, 4.0), 5, 3, 7, "demo").unwrap();
+    /// let tensors = adapter.tensors_mut();
+    /// tensors.b.0.fill(0.5);
+    /// assert_eq!(adapter.b()[[4, 1]], 0.5);
+    /// ```
+    pub fn tensors_mut(&mut self) -> AdapterTensorsMut<'_> {
+        AdapterTensorsMut {
+            a: (&mut self.a, &mut self.grad_a),
+            b: (&mut self.b, &mut self.grad_b),
+            magnitude: self.magnitude.as_mut().zip(self.grad_magnitude.as_mut()),
+        }
+    }
+}

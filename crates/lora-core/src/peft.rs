@@ -211,11 +211,34 @@ pub fn save_adapter<B: FrozenBase + Clone>(
     name: &str,
 ) -> Result<()> {
     let config = set.config(name)?;
+    let modules = set
+        .layers()
+        .filter_map(|(module, layer)| layer.adapter(name).ok().map(|a| (module, a)));
+    save_adapters(dir, config, modules)
+}
+
+/// Writes `config` and the adapters of `modules` (module path, adapter) to `dir` (created if
+/// missing) in PEFT's layout: what [`save_adapter`] does for a set, for adapters held
+/// elsewhere (e.g. inside a model's own layers).
+///
+/// ```
+/// use lora_core::{peft, AdapterOptions, LoraAdapter, LoraConfig};
+/// let adapter = LoraAdapter::new(&AdapterOptions::new(2, 4.0), 4, 4, 1, "q").unwrap();
+/// let dir = std::env::temp_dir().join(format!("lora-core-doc-adapters-{}", std::process::id()));
+/// let config = LoraConfig::new(2, 4.0, &["q_proj"]);
+/// peft::save_adapters(&dir, &config, [("model.layers.0.self_attn.q_proj", &adapter)]).unwrap();
+/// let shapes = [("model.layers.0.self_attn.q_proj".to_string(), (4, 4))].into();
+/// let loaded = peft::load_adapter(&dir, &shapes).unwrap();
+/// assert_eq!(&loaded.modules["model.layers.0.self_attn.q_proj"].a, adapter.a());
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn save_adapters<'a>(
+    dir: &Path,
+    config: &LoraConfig,
+    modules: impl IntoIterator<Item = (&'a str, &'a LoraAdapter)>,
+) -> Result<()> {
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (module, layer) in set.layers() {
-        let Ok(adapter) = layer.adapter(name) else {
-            continue;
-        };
+    for (module, adapter) in modules {
         let le = |values: &mut dyn Iterator<Item = &f32>| -> Vec<u8> {
             values.flat_map(|v| v.to_le_bytes()).collect()
         };

@@ -14,3 +14,8 @@ pub mod prelude {
     pub use quant_core::linalg::{gemm, matmul};
     pub use quant_core::{QuantError, Result as QuantResult};
 }
+
+/// The README's Rust examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

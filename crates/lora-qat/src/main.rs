@@ -18,6 +18,12 @@ enum Command {
     /// Quantize the 2-D floating-point tensors of a safetensors file (NF4/FP4 in the
     /// bitsandbytes layout transformers reads, or uniform/Pi in this project's packed layout).
     Quantize(commands::quantize::QuantizeArgs),
+    /// Logits (and loss, given labels) of a model, optionally with a PEFT adapter.
+    Logits(commands::logits::LogitsArgs),
+    /// Gradients of the loss for every tensor of a PEFT adapter, under PEFT's keys.
+    Grads(commands::grads::GradsArgs),
+    /// Continue a prompt of token ids (greedy or with a temperature).
+    Generate(commands::generate::GenerateArgs),
     /// Time the library's kernels on this machine.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -27,6 +33,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quantize(args) => commands::quantize::run(&args),
+        Command::Logits(args) => commands::logits::run(&args),
+        Command::Grads(args) => commands::grads::run(&args),
+        Command::Generate(args) => commands::generate::run(&args),
         Command::Bench(cmd) => commands::bench::run(&cmd),
     };
     match result {

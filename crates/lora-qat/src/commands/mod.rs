@@ -1,6 +1,10 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_train;
+pub mod generate;
+pub mod grads;
+pub mod logits;
 pub mod quantize;
 
 /// Errors of the command-line tool: library errors plus what only a CLI can get wrong.
@@ -15,6 +19,9 @@ pub enum CliError {
     /// A file that cannot be parsed.
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    /// From lm (model loading, adapters, forward and backward).
+    #[error(transparent)]
+    Lm(#[from] lm::LmError),
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),

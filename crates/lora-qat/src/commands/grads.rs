@@ -1,0 +1,44 @@
+//! `lora-qat grads`: the gradient of the loss for every tensor of a PEFT adapter.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::logits::{load_model, read_tokens, write_f32_tensors, ADAPTER_NAME};
+use super::{CliError, CliResult};
+
+#[derive(Debug, Args)]
+pub struct GradsArgs {
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// PEFT adapter directory whose tensors get gradients.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Safetensors file with I64 `input_ids` [batch, seq] and I64 `labels` [batch, seq]
+    /// (-100 = ignored; shifted by one inside, as transformers does).
+    #[arg(long, value_name = "FILE")]
+    pub tokens: PathBuf,
+    /// Output safetensors file: F32 d(loss)/d(tensor) under the adapter file's keys
+    /// (`base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
+    /// `.lora_magnitude_vector`), and F32 `loss` [1].
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+pub fn run(args: &GradsArgs) -> CliResult {
+    let tokens = read_tokens(&args.tokens)?;
+    let labels = tokens.labels.ok_or_else(|| CliError::File {
+        path: args.tokens.display().to_string(),
+        reason: "no tensor `labels` (I64 [batch, seq]): gradients need a loss".into(),
+    })?;
+    let mut model = load_model(&args.model, Some(&args.adapter))?;
+    let loss = model.loss_and_backward(tokens.input_ids.view(), labels.view(), None)?;
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = model
+        .adapter_gradients(ADAPTER_NAME)?
+        .into_iter()
+        .map(|(key, grad)| (key, grad.shape().to_vec(), grad.iter().copied().collect()))
+        .collect();
+    out.push(("loss".to_string(), vec![1], vec![loss]));
+    write_f32_tensors(&args.out, &out)
+}

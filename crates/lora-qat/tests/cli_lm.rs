@@ -1,0 +1,330 @@
+//! End-to-end tests of `lora-qat logits`, `grads`, `generate` and `bench train` through the
+//! binary, on the tiny reference Llama and PEFT adapters in `crates/lm/tests/data/llama`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::{Dtype, SafeTensors};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lora-qat"))
+}
+
+fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lm/tests/data/llama")
+        .join(rel)
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lora-qat-cli-lm-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn read_f32s(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == Dtype::F32)
+        .map(|(name, v)| {
+            let values = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, (v.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// Writes the reference `input_ids` (and `labels` when asked) to a tokens file.
+fn tokens_file(dir: &Path, with_labels: bool) -> PathBuf {
+    let bytes = std::fs::read(data("io.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut keys = vec!["input_ids"];
+    if with_labels {
+        keys.push("labels");
+    }
+    let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> =
+        keys.iter().map(|&k| (k, st.tensor(k).unwrap())).collect();
+    let path = dir.join(if with_labels {
+        "tokens.safetensors"
+    } else {
+        "ids.safetensors"
+    });
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
+    let dir = temp_dir("logits");
+    let tokens = tokens_file(&dir, true);
+    let io = read_f32s(&data("io.safetensors"));
+    for (adapter, prefix) in [(None, "base"), (Some("adapter_dora"), "dora")] {
+        let out = dir.join(format!("{prefix}.safetensors"));
+        let base = data("base");
+        let mut args = vec![
+            "logits",
+            "--model",
+            path_str(&base),
+            "--tokens",
+            path_str(&tokens),
+            "--out",
+            path_str(&out),
+        ];
+        let adapter_dir = adapter.map(data);
+        if let Some(a) = &adapter_dir {
+            args.extend(["--adapter", path_str(a)]);
+        }
+        let output = run(&args);
+        assert!(output.status.success(), "{output:?}");
+        let got = read_f32s(&out);
+        let (shape, logits) = &got["logits"];
+        assert_eq!(shape, &[2, 8, 64]);
+        let diff = max_abs_diff(logits, &io[&format!("{prefix}_logits")].1);
+        assert!(diff <= 1e-4, "{prefix}: logits differ by {diff}");
+        let loss = got["loss"].1[0];
+        let reference = io[&format!("{prefix}_loss")].1[0];
+        assert!(
+            (loss - reference).abs() <= 1e-5,
+            "{prefix}: {loss} vs {reference}"
+        );
+    }
+    // Without labels there is no loss.
+    let ids = tokens_file(&dir, false);
+    let out = dir.join("ids_out.safetensors");
+    let base = data("base");
+    let output = run(&[
+        "logits",
+        "--model",
+        path_str(&base),
+        "--tokens",
+        path_str(&ids),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let got = read_f32s(&out);
+    assert!(got.contains_key("logits") && !got.contains_key("loss"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn grads_equal_the_reference() {
+    let dir = temp_dir("grads");
+    let tokens = tokens_file(&dir, true);
+    for variant in ["lora", "dora"] {
+        let adapter = data(&format!("adapter_{variant}"));
+        let out = dir.join(format!("{variant}_grads.safetensors"));
+        let base = data("base");
+        let output = run(&[
+            "grads",
+            "--model",
+            path_str(&base),
+            "--adapter",
+            path_str(&adapter),
+            "--tokens",
+            path_str(&tokens),
+            "--out",
+            path_str(&out),
+        ]);
+        assert!(output.status.success(), "{output:?}");
+        let got = read_f32s(&out);
+        let expected = read_f32s(&adapter.join("grads.safetensors"));
+        // Every reference tensor plus the loss.
+        assert_eq!(got.len(), expected.len() + 1, "{variant}");
+        for (key, (shape, values)) in &expected {
+            // PEFT's gradient file names the magnitude with `.weight`, the adapter file without.
+            let ours = key
+                .strip_suffix(".lora_magnitude_vector.weight")
+                .map_or_else(
+                    || key.clone(),
+                    |module| format!("{module}.lora_magnitude_vector"),
+                );
+            let (got_shape, got_values) = &got[&ours];
+            assert_eq!(got_shape, shape, "{key}");
+            let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let err = got_values
+                .iter()
+                .zip(values)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                .sqrt();
+            assert!(err <= 1e-3 * norm, "{variant} {key}: {err} vs norm {norm}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn generate_prints_ids_and_is_seeded() {
+    let base = data("base");
+    let adapter = data("adapter_lora");
+    let args = [
+        "generate",
+        "--model",
+        path_str(&base),
+        "--adapter",
+        path_str(&adapter),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new",
+        "6",
+        "--ignore-eos",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+    ];
+    let first = run(&args);
+    assert!(first.status.success(), "{first:?}");
+    let text = String::from_utf8(first.stdout.clone()).unwrap();
+    let ids: Vec<u32> = text.trim().split(',').map(|s| s.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 6);
+    assert!(ids.iter().all(|&id| id < 64));
+    assert_eq!(run(&args).stdout, first.stdout, "same seed, same ids");
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let dir = temp_dir("errors");
+    let base = data("base");
+    let adapter = data("adapter_lora");
+    let ids_only = tokens_file(&dir, false);
+    let out = dir.join("out.safetensors");
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // grads without labels.
+    let o = run(&[
+        "grads",
+        "--model",
+        path_str(&base),
+        "--adapter",
+        path_str(&adapter),
+        "--tokens",
+        path_str(&ids_only),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("labels"), "{}", stderr(&o));
+
+    // input_ids stored as f32.
+    let wrong = dir.join("f32_ids.safetensors");
+    let values: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![1, 2], &values).unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, &wrong).unwrap();
+    let o = run(&[
+        "logits",
+        "--model",
+        path_str(&base),
+        "--tokens",
+        path_str(&wrong),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("input_ids") && e.contains("F32") && e.contains("I64"),
+        "{e}"
+    );
+
+    // A model directory that does not exist.
+    let missing = dir.join("no_such_model");
+    let o = run(&[
+        "logits",
+        "--model",
+        path_str(&missing),
+        "--tokens",
+        path_str(&ids_only),
+        "--out",
+        path_str(&out),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no_such_model"), "{}", stderr(&o));
+
+    // An adapter directory that does not exist.
+    let o = run(&[
+        "generate",
+        "--model",
+        path_str(&base),
+        "--adapter",
+        path_str(&missing),
+        "--prompt-ids",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no_such_model"), "{}", stderr(&o));
+
+    // A prompt id outside the vocabulary.
+    let o = run(&[
+        "generate",
+        "--model",
+        path_str(&base),
+        "--prompt-ids",
+        "1,64",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("64"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_train_small_prints_one_json_object() {
+    let o = run(&["bench", "train", "--small", "--json", "--runs", "1"]);
+    assert!(o.status.success(), "{o:?}");
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["bench"], "train_lora_r4");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["runs"], 1);
+}
+
+#[test]
+fn every_option_has_help() {
+    for cmd in [
+        &["logits"][..],
+        &["grads"],
+        &["generate"],
+        &["bench", "train"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let o = run(&args);
+        assert!(o.status.success(), "{cmd:?}");
+        let text = String::from_utf8(o.stdout).unwrap();
+        for line in text.lines().filter(|l| l.trim_start().starts_with("--")) {
+            let has_text = line
+                .trim_start()
+                .split("  ")
+                .filter(|s| !s.is_empty())
+                .count()
+                > 1;
+            assert!(has_text, "{cmd:?}: option without help: {line}");
+        }
+    }
+}

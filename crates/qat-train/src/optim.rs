@@ -1,0 +1,961 @@
+//! Optimizers (SGD, AdamW) over [`ParamVisitor`]s, parameter groups with their own learning
+//! rates, gradient accumulation, and optimizer state as named tensors plus JSON.
+//!
+//! Both optimizers follow PyTorch's single-tensor implementations step for step (same order of
+//! `f32` operations, scalars computed in `f64` as Python does), so a run matches
+//! `torch.optim.SGD` / `torch.optim.AdamW` to `f32` rounding. An update is all or nothing: the
+//! gradients are checked for NaN/∞ and every parameter's group and state are resolved before
+//! any value changes. Every parameter takes a step on every call (one global step count).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{check_finite, Result, TrainError};
+use crate::params::ParamVisitor;
+
+/// Per-parameter buffers of one kind, by parameter name.
+type Buffers = BTreeMap<String, Vec<f32>>;
+
+/// Which parameter names a [`ParamGroup`] takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NameMatcher {
+    /// Every name.
+    All,
+    /// Names containing the string (e.g. `"lora_"`).
+    Contains(String),
+    /// Names starting with the string.
+    Prefix(String),
+    /// Names ending with the string.
+    Suffix(String),
+}
+
+impl NameMatcher {
+    /// Whether `name` belongs to this matcher.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NameMatcher::All => true,
+            NameMatcher::Contains(s) => name.contains(s.as_str()),
+            NameMatcher::Prefix(s) => name.starts_with(s.as_str()),
+            NameMatcher::Suffix(s) => name.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// Parameters chosen by name with their own learning rate and weight decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamGroup {
+    /// Label for messages and metrics.
+    pub name: String,
+    /// Which parameters belong to the group.
+    pub matcher: NameMatcher,
+    /// Base learning rate (multiplied by the schedule's factor at each step).
+    pub lr: f32,
+    /// Weight decay (L2 added to the gradient for SGD, decoupled for AdamW).
+    pub weight_decay: f32,
+}
+
+/// An ordered list of groups; a parameter belongs to the **first** group that matches it.
+///
+/// ```
+/// use qat_train::optim::ParamGroups;
+/// let groups = ParamGroups::adapters_and_quantizer_steps(2e-4, 1e-3, 0.01).unwrap();
+/// assert_eq!(groups.group_of("layers.0.q_proj.lora_A.weight").unwrap().lr, 2e-4);
+/// assert_eq!(groups.group_of("layers.0.q_proj.step_size").unwrap().lr, 1e-3);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ParamGroups {
+    groups: Vec<ParamGroup>,
+}
+
+impl ParamGroups {
+    /// Groups checked for sane values (finite, non-negative `lr` and `weight_decay`, at least
+    /// one group, unique names).
+    pub fn new(groups: Vec<ParamGroup>) -> Result<Self> {
+        if groups.is_empty() {
+            return Err(TrainError::invalid(
+                "parameter groups",
+                "[]",
+                "at least one group is needed",
+            ));
+        }
+        for (i, g) in groups.iter().enumerate() {
+            for (field, v) in [("lr", g.lr), ("weight_decay", g.weight_decay)] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(TrainError::invalid(
+                        format!("parameter group `{}` {field}", g.name),
+                        v,
+                        "must be finite and non-negative",
+                    ));
+                }
+            }
+            if groups[..i].iter().any(|h| h.name == g.name) {
+                return Err(TrainError::invalid(
+                    "parameter group name",
+                    &g.name,
+                    "group names must be unique",
+                ));
+            }
+        }
+        Ok(Self { groups })
+    }
+
+    /// One group for every parameter.
+    pub fn single(lr: f32, weight_decay: f32) -> Result<Self> {
+        Self::new(vec![ParamGroup {
+            name: "all".into(),
+            matcher: NameMatcher::All,
+            lr,
+            weight_decay,
+        }])
+    }
+
+    /// LoRA-QAT's two groups: adapter tensors (names containing `lora_`, which includes DoRA's
+    /// `lora_magnitude_vector`) at `lora_lr` with `weight_decay`, and every other trainable
+    /// tensor — the quantizers' learned step sizes — at `scale_lr` without weight decay (decay
+    /// would pull a step size towards zero, i.e. towards a coarser grid's collapse).
+    pub fn adapters_and_quantizer_steps(
+        lora_lr: f32,
+        scale_lr: f32,
+        weight_decay: f32,
+    ) -> Result<Self> {
+        Self::new(vec![
+            ParamGroup {
+                name: "adapters".into(),
+                matcher: NameMatcher::Contains("lora_".into()),
+                lr: lora_lr,
+                weight_decay,
+            },
+            ParamGroup {
+                name: "quantizer_steps".into(),
+                matcher: NameMatcher::All,
+                lr: scale_lr,
+                weight_decay: 0.0,
+            },
+        ])
+    }
+
+    /// The first group matching `name`, or an error naming the parameter.
+    pub fn group_of(&self, name: &str) -> Result<&ParamGroup> {
+        self.groups
+            .iter()
+            .find(|g| g.matcher.matches(name))
+            .ok_or_else(|| {
+                TrainError::invalid(
+                    "parameter",
+                    name,
+                    format!(
+                        "no parameter group matches it (groups: {})",
+                        self.groups
+                            .iter()
+                            .map(|g| g.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// The groups in order.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+}
+
+/// Optimizer state: the step count, hyperparameters and per-parameter buffers by name.
+///
+/// Buffers are named `{parameter}.{buffer}` (`exp_avg`, `exp_avg_sq` for AdamW,
+/// `momentum_buffer` for SGD), so they can sit in a checkpoint's safetensors file next to the
+/// weights; [`meta_json`](Self::meta_json) is the rest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// `"adamw"` or `"sgd"`.
+    pub kind: String,
+    /// Steps taken.
+    pub step: u64,
+    /// The optimizer's configuration, as JSON.
+    pub config: serde_json::Value,
+    /// Buffers by name, in parameter order.
+    pub tensors: Vec<(String, Vec<f32>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateMeta {
+    kind: String,
+    step: u64,
+    config: serde_json::Value,
+    tensor_names: Vec<String>,
+}
+
+impl OptimizerState {
+    /// Everything but the buffers' values: kind, step, config and the buffer names.
+    pub fn meta_json(&self) -> serde_json::Value {
+        serde_json::to_value(StateMeta {
+            kind: self.kind.clone(),
+            step: self.step,
+            config: self.config.clone(),
+            tensor_names: self.tensors.iter().map(|(n, _)| n.clone()).collect(),
+        })
+        .expect("plain data serializes")
+    }
+
+    /// Rebuilds a state from [`meta_json`](Self::meta_json) and the buffers; errors when a
+    /// buffer the JSON lists is missing (or one is not listed).
+    ///
+    /// ```
+    /// use qat_train::optim::{AdamW, AdamWConfig, OptimizerState, ParamGroups, Optimizer};
+    /// let opt = AdamW::new(AdamWConfig::default(), ParamGroups::single(1e-3, 0.0).unwrap()).unwrap();
+    /// let state = opt.state();
+    /// let back = OptimizerState::from_parts(&state.meta_json(), state.tensors.clone()).unwrap();
+    /// assert_eq!(back, state);
+    /// ```
+    pub fn from_parts(meta: &serde_json::Value, tensors: Vec<(String, Vec<f32>)>) -> Result<Self> {
+        let meta: StateMeta = serde_json::from_value(meta.clone())
+            .map_err(|e| TrainError::invalid("optimizer state", "JSON metadata", e.to_string()))?;
+        let mut by_name: BTreeMap<String, Vec<f32>> = tensors.into_iter().collect();
+        let mut ordered = Vec::with_capacity(meta.tensor_names.len());
+        for name in &meta.tensor_names {
+            let t = by_name.remove(name).ok_or_else(|| {
+                TrainError::invalid(
+                    "optimizer state tensor",
+                    name,
+                    "listed in the JSON but not among the tensors",
+                )
+            })?;
+            ordered.push((name.clone(), t));
+        }
+        if let Some(extra) = by_name.keys().next() {
+            return Err(TrainError::invalid(
+                "optimizer state tensor",
+                extra,
+                "not listed in the JSON",
+            ));
+        }
+        Ok(Self {
+            kind: meta.kind,
+            step: meta.step,
+            config: meta.config,
+            tensors: ordered,
+        })
+    }
+}
+
+/// An optimizer over named parameters.
+pub trait Optimizer {
+    /// One update of every parameter with learning rate `group.lr · lr_factor` (the schedule's
+    /// factor). Errors — before changing anything — on a non-finite gradient (naming the
+    /// parameter and index), a parameter no group matches, a state buffer of the wrong length,
+    /// or a `lr_factor` that is not finite and non-negative.
+    fn step(&mut self, params: &mut dyn ParamVisitor, lr_factor: f32) -> Result<()>;
+    /// Steps taken so far.
+    fn step_count(&self) -> u64;
+    /// The parameter groups.
+    fn groups(&self) -> &ParamGroups;
+    /// A copy of the state for a checkpoint.
+    fn state(&self) -> OptimizerState;
+    /// Restores a state saved by [`state`](Self::state); errors on another optimizer kind or a
+    /// buffer name that does not fit.
+    fn load_state(&mut self, state: OptimizerState) -> Result<()>;
+}
+
+/// Checks `lr_factor`, every gradient's finiteness, each parameter's group and the lengths of
+/// its existing buffers; returns each parameter's `(lr, weight_decay)` in visiting order.
+fn prepare_step(
+    params: &mut dyn ParamVisitor,
+    groups: &ParamGroups,
+    lr_factor: f32,
+    buffers: &[&BTreeMap<String, Vec<f32>>],
+) -> Result<Vec<(f64, f64)>> {
+    if !(lr_factor.is_finite() && lr_factor >= 0.0) {
+        return Err(TrainError::invalid(
+            "lr_factor",
+            lr_factor,
+            "must be finite and non-negative",
+        ));
+    }
+    let mut hyper = Vec::new();
+    params.visit_params(&mut |name, value, grad| {
+        if value.len() != grad.len() {
+            return Err(TrainError::shape(
+                format!("gradient of `{name}`"),
+                value.len(),
+                grad.len(),
+            ));
+        }
+        check_finite(&format!("gradient of `{name}`"), grad)?;
+        for map in buffers {
+            if let Some(buf) = map.get(name) {
+                if buf.len() != value.len() {
+                    return Err(TrainError::shape(
+                        format!("optimizer state of `{name}`"),
+                        value.len(),
+                        buf.len(),
+                    ));
+                }
+            }
+        }
+        let g = groups.group_of(name)?;
+        hyper.push((
+            f64::from(g.lr) * f64::from(lr_factor),
+            f64::from(g.weight_decay),
+        ));
+        Ok(())
+    })?;
+    Ok(hyper)
+}
+
+fn export(
+    maps: &[(&str, &BTreeMap<String, Vec<f32>>)],
+    order: &[String],
+) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    for name in order {
+        for (suffix, map) in maps {
+            if let Some(buf) = map.get(name) {
+                out.push((format!("{name}.{suffix}"), buf.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn check_kind(state: &OptimizerState, kind: &str) -> Result<()> {
+    if state.kind != kind {
+        return Err(TrainError::invalid(
+            "optimizer state kind",
+            &state.kind,
+            format!("this optimizer is {kind}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Splits `{parameter}.{suffix}` buffer names by suffix.
+fn import(
+    tensors: Vec<(String, Vec<f32>)>,
+    suffixes: &[&str],
+) -> Result<(Vec<Buffers>, Vec<String>)> {
+    let mut maps = vec![BTreeMap::new(); suffixes.len()];
+    let mut order = Vec::new();
+    for (full, t) in tensors {
+        let (k, param) = suffixes
+            .iter()
+            .enumerate()
+            .find_map(|(k, s)| full.strip_suffix(&format!(".{s}")).map(|p| (k, p)))
+            .ok_or_else(|| {
+                TrainError::invalid(
+                    "optimizer state tensor",
+                    &full,
+                    format!("expected a name ending in one of .{}", suffixes.join(", .")),
+                )
+            })?;
+        if !order.iter().any(|o| o == param) {
+            order.push(param.to_string());
+        }
+        maps[k].insert(param.to_string(), t);
+    }
+    Ok((maps, order))
+}
+
+/// AdamW's hyperparameters (learning rates and weight decay live in the [`ParamGroups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// `(β₁, β₂)`, PyTorch's default `(0.9, 0.999)`.
+    pub betas: (f32, f32),
+    /// `ε`, PyTorch's default `1e-8`.
+    pub eps: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        }
+    }
+}
+
+/// AdamW (Loshchilov & Hutter) exactly as `torch.optim.AdamW` (non-amsgrad): for step `t`,
+///
+/// ```text
+/// p ← p·(1 − lr·wd)
+/// m ← m + (1 − β₁)(g − m);   v ← β₂·v + (1 − β₂)·g²
+/// p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+/// ```
+///
+/// ```
+/// use qat_train::optim::{AdamW, AdamWConfig, Optimizer, ParamGroups};
+/// use qat_train::params::ParamStore;
+/// let mut store = ParamStore::new();
+/// store.add("w", vec![1], vec![1.0]).unwrap();
+/// store.set_grad("w", &[0.5]).unwrap();
+/// let mut opt = AdamW::new(AdamWConfig::default(), ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
+/// opt.step(&mut store, 1.0).unwrap();
+/// // The first bias-corrected step moves by ≈ lr·sign(g).
+/// assert!((store.get("w").unwrap().value[0] - 0.9).abs() < 1e-6);
+/// ```
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    config: AdamWConfig,
+    groups: ParamGroups,
+    step: u64,
+    exp_avg: BTreeMap<String, Vec<f32>>,
+    exp_avg_sq: BTreeMap<String, Vec<f32>>,
+    order: Vec<String>,
+}
+
+impl AdamW {
+    /// An AdamW with no state; errors when `β` is outside `[0, 1)` or `ε` is not finite and
+    /// positive.
+    pub fn new(config: AdamWConfig, groups: ParamGroups) -> Result<Self> {
+        for (name, b) in [("betas.0", config.betas.0), ("betas.1", config.betas.1)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(TrainError::invalid(
+                    format!("AdamWConfig.{name}"),
+                    b,
+                    "must be in [0, 1)",
+                ));
+            }
+        }
+        if !(config.eps.is_finite() && config.eps > 0.0) {
+            return Err(TrainError::invalid(
+                "AdamWConfig.eps",
+                config.eps,
+                "must be finite and positive",
+            ));
+        }
+        Ok(Self {
+            config,
+            groups,
+            step: 0,
+            exp_avg: BTreeMap::new(),
+            exp_avg_sq: BTreeMap::new(),
+            order: Vec::new(),
+        })
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, params: &mut dyn ParamVisitor, lr_factor: f32) -> Result<()> {
+        let hyper = prepare_step(
+            params,
+            &self.groups,
+            lr_factor,
+            &[&self.exp_avg, &self.exp_avg_sq],
+        )?;
+        let t = self.step + 1;
+        let (beta1, beta2) = (
+            f64::from(self.config.betas.0),
+            f64::from(self.config.betas.1),
+        );
+        let bias_correction1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
+        let bias_correction2_sqrt = (1.0 - beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
+        let eps = self.config.eps;
+        let mut index = 0;
+        let (exp_avg, exp_avg_sq, order) =
+            (&mut self.exp_avg, &mut self.exp_avg_sq, &mut self.order);
+        params.visit_params(&mut |name, value, grad| {
+            let (lr, wd) = hyper[index];
+            index += 1;
+            if !exp_avg.contains_key(name) {
+                order.push(name.to_string());
+            }
+            let m = exp_avg
+                .entry(name.to_string())
+                .or_insert_with(|| vec![0.0; value.len()]);
+            let v = exp_avg_sq
+                .entry(name.to_string())
+                .or_insert_with(|| vec![0.0; value.len()]);
+            let decay = (1.0 - lr * wd) as f32;
+            let one_minus_beta1 = (1.0 - beta1) as f32;
+            let one_minus_beta2 = (1.0 - beta2) as f32;
+            let beta2 = beta2 as f32;
+            let step_size = (lr / bias_correction1) as f32;
+            let bc2_sqrt = bias_correction2_sqrt as f32;
+            for (((p, &g), m), v) in value.iter_mut().zip(grad.iter()).zip(m).zip(v) {
+                *p *= decay;
+                *m += one_minus_beta1 * (g - *m);
+                *v = *v * beta2 + one_minus_beta2 * g * g;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *p -= step_size * (*m / denom);
+            }
+            Ok(())
+        })?;
+        self.step = t;
+        Ok(())
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn groups(&self) -> &ParamGroups {
+        &self.groups
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            kind: "adamw".into(),
+            step: self.step,
+            config: serde_json::json!({ "adamw": self.config, "groups": self.groups }),
+            tensors: export(
+                &[("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)],
+                &self.order,
+            ),
+        }
+    }
+
+    fn load_state(&mut self, state: OptimizerState) -> Result<()> {
+        check_kind(&state, "adamw")?;
+        let (mut maps, order) = import(state.tensors, &["exp_avg", "exp_avg_sq"])?;
+        let exp_avg_sq = maps.pop().expect("two suffixes");
+        let exp_avg = maps.pop().expect("two suffixes");
+        if let Some(name) = order
+            .iter()
+            .find(|n| exp_avg.contains_key(*n) != exp_avg_sq.contains_key(*n))
+        {
+            return Err(TrainError::invalid(
+                "optimizer state",
+                name,
+                "AdamW needs both exp_avg and exp_avg_sq for every parameter",
+            ));
+        }
+        self.step = state.step;
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
+        self.order = order;
+        Ok(())
+    }
+}
+
+/// SGD's hyperparameters (learning rates and weight decay live in the [`ParamGroups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfig {
+    /// Momentum `μ` (0 = plain SGD).
+    pub momentum: f32,
+    /// Dampening `τ` of the momentum buffer.
+    pub dampening: f32,
+    /// Nesterov momentum (needs `μ > 0` and `τ = 0`, as in PyTorch).
+    pub nesterov: bool,
+}
+
+/// SGD with momentum, optional Nesterov and L2 weight decay, as `torch.optim.SGD`:
+///
+/// ```text
+/// g ← g + wd·p
+/// b ← g (first step),  b ← μ·b + (1 − τ)·g (later);   g ← g + μ·b (Nesterov) or g ← b
+/// p ← p − lr·g
+/// ```
+///
+/// The caller's gradients are not modified.
+///
+/// ```
+/// use qat_train::optim::{Optimizer, ParamGroups, Sgd, SgdConfig};
+/// use qat_train::params::ParamStore;
+/// let mut store = ParamStore::new();
+/// store.add("w", vec![1], vec![1.0]).unwrap();
+/// store.set_grad("w", &[1.0]).unwrap();
+/// let config = SgdConfig { momentum: 0.9, ..SgdConfig::default() };
+/// let mut opt = Sgd::new(config, ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
+/// opt.step(&mut store, 1.0).unwrap(); // b = 1,   w = 1 − 0.1
+/// opt.step(&mut store, 1.0).unwrap(); // b = 1.9, w = 0.9 − 0.19
+/// assert!((store.get("w").unwrap().value[0] - 0.71).abs() < 1e-6);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    config: SgdConfig,
+    groups: ParamGroups,
+    step: u64,
+    momentum_buffer: BTreeMap<String, Vec<f32>>,
+    order: Vec<String>,
+}
+
+impl Sgd {
+    /// An SGD with no state; errors on a momentum or dampening outside `[0, 1]` or Nesterov
+    /// without momentum or with dampening.
+    pub fn new(config: SgdConfig, groups: ParamGroups) -> Result<Self> {
+        for (name, v) in [
+            ("momentum", config.momentum),
+            ("dampening", config.dampening),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(TrainError::invalid(
+                    format!("SgdConfig.{name}"),
+                    v,
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+        if config.nesterov && (config.momentum == 0.0 || config.dampening != 0.0) {
+            return Err(TrainError::invalid(
+                "SgdConfig.nesterov",
+                true,
+                "Nesterov momentum requires a momentum and zero dampening",
+            ));
+        }
+        Ok(Self {
+            config,
+            groups,
+            step: 0,
+            momentum_buffer: BTreeMap::new(),
+            order: Vec::new(),
+        })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &mut dyn ParamVisitor, lr_factor: f32) -> Result<()> {
+        let hyper = prepare_step(params, &self.groups, lr_factor, &[&self.momentum_buffer])?;
+        let SgdConfig {
+            momentum,
+            dampening,
+            nesterov,
+        } = self.config;
+        let mut index = 0;
+        let (buffers, order) = (&mut self.momentum_buffer, &mut self.order);
+        params.visit_params(&mut |name, value, grad| {
+            let (lr, wd) = hyper[index];
+            index += 1;
+            let (lr, wd) = (lr as f32, wd as f32);
+            let mut d: Vec<f32> = if wd != 0.0 {
+                grad.iter()
+                    .zip(value.iter())
+                    .map(|(&g, &p)| g + wd * p)
+                    .collect()
+            } else {
+                grad.to_vec()
+            };
+            if momentum != 0.0 {
+                match buffers.get_mut(name) {
+                    Some(buf) => {
+                        for (b, &g) in buf.iter_mut().zip(&d) {
+                            *b = *b * momentum + (1.0 - dampening) * g;
+                        }
+                    }
+                    None => {
+                        order.push(name.to_string());
+                        buffers.insert(name.to_string(), d.clone());
+                    }
+                }
+                let buf = &buffers[name];
+                if nesterov {
+                    d.iter_mut().zip(buf).for_each(|(g, &b)| *g += momentum * b);
+                } else {
+                    d.copy_from_slice(buf);
+                }
+            }
+            value.iter_mut().zip(&d).for_each(|(p, &g)| *p += -lr * g);
+            Ok(())
+        })?;
+        self.step += 1;
+        Ok(())
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn groups(&self) -> &ParamGroups {
+        &self.groups
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            kind: "sgd".into(),
+            step: self.step,
+            config: serde_json::json!({ "sgd": self.config, "groups": self.groups }),
+            tensors: export(&[("momentum_buffer", &self.momentum_buffer)], &self.order),
+        }
+    }
+
+    fn load_state(&mut self, state: OptimizerState) -> Result<()> {
+        check_kind(&state, "sgd")?;
+        let (mut maps, order) = import(state.tensors, &["momentum_buffer"])?;
+        self.momentum_buffer = maps.pop().expect("one suffix");
+        self.order = order;
+        self.step = state.step;
+        Ok(())
+    }
+}
+
+/// Gradient accumulation over `micro_batches` micro-batches: scale each micro-batch's loss
+/// gradient by [`loss_scale`](Self::loss_scale), call [`record`](Self::record) after each
+/// backward, and step the optimizer when it returns `true`.
+///
+/// ```
+/// use qat_train::optim::GradientAccumulation;
+/// let mut acc = GradientAccumulation::new(3).unwrap();
+/// assert_eq!(acc.loss_scale(), 1.0 / 3.0);
+/// assert_eq!([acc.record(), acc.record(), acc.record(), acc.record()], [false, false, true, false]);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GradientAccumulation {
+    micro_batches: usize,
+    pending: usize,
+}
+
+impl GradientAccumulation {
+    /// Errors when `micro_batches` is zero.
+    pub fn new(micro_batches: usize) -> Result<Self> {
+        if micro_batches == 0 {
+            return Err(TrainError::invalid(
+                "gradient accumulation micro_batches",
+                0,
+                "must be at least 1",
+            ));
+        }
+        Ok(Self {
+            micro_batches,
+            pending: 0,
+        })
+    }
+
+    /// `1 / micro_batches`: the factor on each micro-batch's loss so the accumulated gradient
+    /// is the mean over micro-batches.
+    pub fn loss_scale(&self) -> f32 {
+        1.0 / self.micro_batches as f32
+    }
+
+    /// Records one finished micro-batch; `true` when an optimizer step is due (the counter
+    /// then restarts).
+    pub fn record(&mut self) -> bool {
+        self.pending += 1;
+        if self.pending == self.micro_batches {
+            self.pending = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Micro-batches accumulated since the last step.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamStore;
+    use proptest::prelude::*;
+
+    fn store(values: &[f32], grads: &[f32]) -> ParamStore {
+        let mut s = ParamStore::new();
+        s.add("lora_A", vec![values.len()], values.to_vec())
+            .unwrap();
+        s.set_grad("lora_A", grads).unwrap();
+        s
+    }
+
+    /// Hand-computed in f64 from the formula of torch.optim.AdamW, two steps.
+    #[test]
+    fn adamw_two_steps_match_hand_computed_values() {
+        let (lr, wd, b1, b2, eps) = (0.01f64, 0.1, 0.9, 0.999, 1e-8);
+        let p0 = [0.5f64, -1.5, 2.0];
+        let g1 = [0.1f64, -0.3, 0.0];
+        let g2 = [-0.2f64, 0.05, 1.0];
+        let mut s = store(&[0.5, -1.5, 2.0], &[0.1, -0.3, 0.0]);
+        let groups = ParamGroups::single(lr as f32, wd as f32).unwrap();
+        let config = AdamWConfig {
+            betas: (b1 as f32, b2 as f32),
+            eps: eps as f32,
+        };
+        let mut opt = AdamW::new(config, groups).unwrap();
+        opt.step(&mut s, 1.0).unwrap();
+        s.set_grad("lora_A", &[-0.2, 0.05, 1.0]).unwrap();
+        opt.step(&mut s, 1.0).unwrap();
+        for i in 0..3 {
+            let (mut p, mut m, mut v) = (p0[i], 0.0, 0.0);
+            for (t, g) in [(1, g1[i]), (2, g2[i])] {
+                p *= 1.0 - lr * wd;
+                m = b1 * m + (1.0 - b1) * g;
+                v = b2 * v + (1.0 - b2) * g * g;
+                let m_hat = m / (1.0 - b1.powi(t));
+                let denom = v.sqrt() / (1.0 - b2.powi(t)).sqrt() + eps;
+                p -= lr * m_hat / denom;
+            }
+            let got = f64::from(s.get("lora_A").unwrap().value[i]);
+            assert!((got - p).abs() < 1e-6, "element {i}: {got} vs {p}");
+        }
+        assert_eq!(opt.step_count(), 2);
+    }
+
+    #[test]
+    fn nesterov_sgd_with_weight_decay_matches_hand_computed_values() {
+        let mut s = store(&[1.0], &[0.5]);
+        let config = SgdConfig {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+        };
+        let mut opt = Sgd::new(config, ParamGroups::single(0.1, 0.01).unwrap()).unwrap();
+        opt.step(&mut s, 1.0).unwrap();
+        // d = 0.5 + 0.01·1 = 0.51; b = 0.51; d = 0.51 + 0.9·0.51 = 0.969; p = 1 − 0.0969
+        let p1 = 1.0 - 0.1 * 0.969;
+        opt.step(&mut s, 0.5).unwrap();
+        // d = 0.5 + 0.01·p1; b = 0.9·0.51 + d; d += 0.9·b; p = p1 − 0.05·d
+        let d: f64 = 0.5 + 0.01 * p1;
+        let b = 0.9 * 0.51 + d;
+        let p2 = p1 - 0.05 * (d + 0.9 * b);
+        let got = f64::from(s.get("lora_A").unwrap().value[0]);
+        assert!((got - p2).abs() < 1e-6, "{got} vs {p2}");
+        assert_eq!(s.get("lora_A").unwrap().grad, vec![0.5], "grads untouched");
+    }
+
+    #[test]
+    fn sgd_dampening_scales_later_gradients_into_the_buffer() {
+        let mut s = store(&[0.0], &[1.0]);
+        let config = SgdConfig {
+            momentum: 0.5,
+            dampening: 0.5,
+            nesterov: false,
+        };
+        let mut opt = Sgd::new(config, ParamGroups::single(1.0, 0.0).unwrap()).unwrap();
+        opt.step(&mut s, 1.0).unwrap(); // b = g = 1 (no dampening on the first step)
+        opt.step(&mut s, 1.0).unwrap(); // b = 0.5·1 + 0.5·1 = 1
+        opt.step(&mut s, 1.0).unwrap(); // b = 1
+        assert_eq!(s.get("lora_A").unwrap().value, vec![-3.0]);
+        let state = opt.state();
+        assert_eq!(
+            state.tensors,
+            vec![("lora_A.momentum_buffer".to_string(), vec![1.0])]
+        );
+    }
+
+    #[test]
+    fn groups_give_each_parameter_its_learning_rate() {
+        let mut s = ParamStore::new();
+        s.add("q.lora_A", vec![1], vec![0.0]).unwrap();
+        s.add("q.step", vec![1], vec![0.0]).unwrap();
+        s.set_grad("q.lora_A", &[1.0]).unwrap();
+        s.set_grad("q.step", &[1.0]).unwrap();
+        let groups = ParamGroups::adapters_and_quantizer_steps(0.1, 0.01, 0.0).unwrap();
+        let mut opt = Sgd::new(SgdConfig::default(), groups).unwrap();
+        opt.step(&mut s, 2.0).unwrap();
+        assert!((s.get("q.lora_A").unwrap().value[0] + 0.2).abs() < 1e-7);
+        assert!((s.get("q.step").unwrap().value[0] + 0.02).abs() < 1e-7);
+        let only_lora = ParamGroups::new(vec![ParamGroup {
+            name: "adapters".into(),
+            matcher: NameMatcher::Contains("lora_".into()),
+            lr: 0.1,
+            weight_decay: 0.0,
+        }])
+        .unwrap();
+        let mut opt = Sgd::new(SgdConfig::default(), only_lora).unwrap();
+        let err = opt.step(&mut s, 1.0).unwrap_err().to_string();
+        assert!(err.contains("q.step") && err.contains("adapters"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_gradient_changes_nothing() {
+        let mut s = ParamStore::new();
+        s.add("a", vec![1], vec![1.0]).unwrap();
+        s.add("b", vec![2], vec![1.0, 1.0]).unwrap();
+        s.set_grad("a", &[1.0]).unwrap();
+        s.set_grad("b", &[1.0, f32::INFINITY]).unwrap();
+        let mut opt = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
+        let err = opt.step(&mut s, 1.0).unwrap_err().to_string();
+        assert!(err.contains("`b`") && err.contains("index 1"), "{err}");
+        assert_eq!(s.get("a").unwrap().value, vec![1.0]);
+        assert_eq!(opt.step_count(), 0);
+        assert!(opt.state().tensors.is_empty());
+    }
+
+    #[test]
+    fn invalid_configs_are_errors() {
+        let g = ParamGroups::single(0.1, 0.0).unwrap();
+        let bad_beta = AdamWConfig {
+            betas: (1.0, 0.999),
+            eps: 1e-8,
+        };
+        assert!(AdamW::new(bad_beta, g.clone()).is_err());
+        let nesterov = SgdConfig {
+            nesterov: true,
+            ..SgdConfig::default()
+        };
+        assert!(Sgd::new(nesterov, g.clone()).is_err());
+        assert!(ParamGroups::single(f32::NAN, 0.0).is_err());
+        assert!(GradientAccumulation::new(0).is_err());
+        let mut opt = Sgd::new(SgdConfig::default(), g).unwrap();
+        assert!(opt.step(&mut ParamStore::new(), -1.0).is_err());
+    }
+
+    #[test]
+    fn loading_a_state_of_another_kind_or_size_is_an_error() {
+        let mut s = store(&[1.0, 2.0], &[0.1, 0.2]);
+        let mut adam = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
+        adam.step(&mut s, 1.0).unwrap();
+        let mut sgd =
+            Sgd::new(SgdConfig::default(), ParamGroups::single(0.1, 0.0).unwrap()).unwrap();
+        assert!(sgd.load_state(adam.state()).is_err());
+        let mut state = adam.state();
+        state.tensors[0].1.push(0.0);
+        let mut other = AdamW::new(
+            AdamWConfig::default(),
+            ParamGroups::single(0.1, 0.0).unwrap(),
+        )
+        .unwrap();
+        other.load_state(state).unwrap();
+        let err = other.step(&mut s, 1.0).unwrap_err().to_string();
+        assert!(err.contains("optimizer state of `lora_A`"), "{err}");
+    }
+
+    proptest! {
+        /// Saving the state mid-run and loading it into a fresh optimizer continues the run
+        /// bit for bit.
+        #[test]
+        fn state_round_trip_resumes_identically(
+            grads in proptest::collection::vec(-1.0f32..1.0, 8),
+            momentum in 0.0f32..0.99,
+        ) {
+            for use_adam in [true, false] {
+                let make = || -> Box<dyn Optimizer> {
+                    let groups = ParamGroups::single(0.05, 0.01).unwrap();
+                    if use_adam {
+                        Box::new(AdamW::new(AdamWConfig::default(), groups).unwrap())
+                    } else {
+                        Box::new(Sgd::new(SgdConfig { momentum, ..SgdConfig::default() }, groups).unwrap())
+                    }
+                };
+                let mut a = store(&[0.3, -0.7], &grads[0..2]);
+                let mut opt = make();
+                opt.step(&mut a, 1.0).unwrap();
+                a.set_grad("lora_A", &grads[2..4]).unwrap();
+                opt.step(&mut a, 1.0).unwrap();
+                let state = opt.state();
+                let rebuilt = OptimizerState::from_parts(&state.meta_json(), state.tensors.clone()).unwrap();
+                let mut resumed = make();
+                resumed.load_state(rebuilt).unwrap();
+                let mut b = a.clone();
+                for chunk in grads[4..].chunks(2) {
+                    a.set_grad("lora_A", chunk).unwrap();
+                    b.set_grad("lora_A", chunk).unwrap();
+                    opt.step(&mut a, 0.5).unwrap();
+                    resumed.step(&mut b, 0.5).unwrap();
+                }
+                prop_assert_eq!(&a, &b);
+                prop_assert_eq!(opt.state(), resumed.state());
+            }
+        }
+    }
+}
