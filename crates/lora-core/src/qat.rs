@@ -143,6 +143,9 @@ pub struct LoraQatLinear {
     /// `Q(W)`, computed once in [`QatMode::FrozenQuantizedBase`].
     frozen: Option<DenseBase>,
     cache: Option<QatCache>,
+    /// Weight-sized scratch reused across steps (`W + s·B·A` in forward, `dŴ` in backward):
+    /// refilling warm memory is a copy, a fresh allocation adds a page fault per 4 KiB.
+    scratch: Option<Array2<f32>>,
     context: String,
 }
 
@@ -228,6 +231,7 @@ impl LoraQatLinear {
             mode,
             frozen,
             cache: None,
+            scratch: None,
             context: context.to_string(),
         })
     }
@@ -351,8 +355,21 @@ impl LoraQatLinear {
                 None
             }
             None => {
-                let merged = merged_weight(&self.weight, &self.adapter)?;
+                let mut merged = self
+                    .scratch
+                    .take()
+                    .unwrap_or_else(|| Array2::zeros(self.weight.dim()));
+                merged.assign(&self.weight);
+                let adapter = &self.adapter;
+                gemm(
+                    adapter.scale(),
+                    adapter.b().view(),
+                    adapter.a().view(),
+                    1.0,
+                    merged.view_mut(),
+                )?;
                 let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
+                self.scratch = Some(merged);
                 gemm(1.0, x, w_q.t(), beta, y.view_mut())?;
                 Some(w_q)
             }
@@ -389,9 +406,14 @@ impl LoraQatLinear {
             }
             (None, Some(w_q)) => {
                 gemm(1.0, dy, w_q.view(), 0.0, dx.view_mut())?;
-                let mut grad_w = Array2::<f32>::zeros((out_features, in_features));
+                let mut grad_w = self
+                    .scratch
+                    .take()
+                    .unwrap_or_else(|| Array2::zeros((out_features, in_features)));
                 gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
-                let grads = self.grid.get_mut().backward(grad_w.view())?;
+                let grads = self.grid.get_mut().backward(grad_w.view());
+                self.scratch = Some(grad_w);
+                let grads = grads?;
                 for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
                     *acc += g;
                 }

@@ -43,7 +43,7 @@ use crate::codebook::NF4_CODE;
 use crate::error::{check_finite, QuantError, Result};
 use crate::quantizer::{DifferentiableQuantizer, InitMethod, QuantizerGrads, QuantizerOutput};
 use crate::ste::{GridPoint, Ste};
-use crate::uniform::{row_major, shaped, ClipSearch, Granularity, GroupLayout};
+use crate::uniform::{row_major, row_major_into, shaped, ClipSearch, Granularity, GroupLayout};
 
 /// The NF4 code nearest to `x` (clamped to [−1, 1] first); exact midpoints go to the lower
 /// code.
@@ -211,7 +211,9 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
                 "must be finite and positive (an optimizer update may have pushed it there)",
             ));
         }
-        let data = row_major(w);
+        // Reuse the previous forward's buffer (no fresh weight-sized allocation).
+        let reused = self.last_forward.take().map(|(buffer, _)| buffer);
+        let data = row_major_into(w, reused.unwrap_or_default());
         check_finite("nf4 grid quantizer input", &data)?;
         let (rows, cols) = w.dim();
         let mut codes = vec![0u8; data.len()];
