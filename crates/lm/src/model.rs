@@ -495,6 +495,27 @@ impl LlamaModel {
         }
     }
 
+    /// Restarts the dropout RNG of every adapter of every adapted projection from `seed`
+    /// (each from its own stream, derived from the module path and adapter name), so that
+    /// dropout masks are a function of a training loop's saved RNG. Merged adapters (which
+    /// draw no dropout) are skipped.
+    pub fn reseed_adapter_dropout(&mut self, seed: u64) -> Result<()> {
+        for (path, lin) in self.linear_modules_mut() {
+            if let Some(layer) = lin.adapted_mut() {
+                if layer.is_merged() {
+                    continue;
+                }
+                for name in layer.adapter_names() {
+                    let stream = format!("{path}/{name}");
+                    let derived =
+                        lora_core::LoraLinear::<lora_core::DenseBase>::derive_seed(seed, &stream);
+                    layer.adapter_mut(&name)?.reseed_dropout(derived);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sets every gradient buffer to zero (backward passes accumulate).
     pub fn zero_grad(&mut self) {
         self.embed_tokens.zero_grad();

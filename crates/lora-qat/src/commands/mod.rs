@@ -6,6 +6,7 @@ pub mod generate;
 pub mod grads;
 pub mod logits;
 pub mod quantize;
+pub mod train;
 
 /// Errors of the command-line tool: library errors plus what only a CLI can get wrong.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,9 @@ pub enum CliError {
     /// From lm (model loading, adapters, forward and backward).
     #[error(transparent)]
     Lm(#[from] lm::LmError),
+    /// From qat-train (configuration, data, training, checkpoints).
+    #[error(transparent)]
+    Train(#[from] qat_train::TrainError),
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),
