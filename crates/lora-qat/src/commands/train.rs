@@ -261,7 +261,6 @@ impl MetricsCallback for Progress {
 }
 
 pub fn run(args: &TrainArgs) -> CliResult {
-    let config = effective_config(args)?;
     let checkpoint = args.out.join(CHECKPOINT_FILE);
     if args.resume && !checkpoint.is_file() {
         return Err(file_error(
@@ -269,6 +268,7 @@ pub fn run(args: &TrainArgs) -> CliResult {
             "--resume needs the checkpoint of an earlier run in --out",
         ));
     }
+    let config = effective_config(args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
     let train = read_dataset(&args.data, &args.model)?;
     let validation = args
