@@ -47,7 +47,7 @@ pub enum QatMode {
 }
 
 /// The quantizer, kept concrete so that export can reach each grid's stored form.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Grid {
     Uniform(UniformQuantizer),
     Pi(PiQuantizer),
@@ -102,7 +102,7 @@ impl Grid {
 }
 
 /// What backward needs from forward.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct QatCache {
     /// The layer input.
     input: Array2<f32>,
@@ -134,7 +134,7 @@ struct QatCache {
 /// assert_eq!(layer.quantizer_params().len(), 8); // one α per output channel
 /// assert!(layer.grad_quantizer_params().iter().any(|&g| g != 0.0));
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraQatLinear {
     /// The frozen `f32` weight `W` and bias.
     base: DenseBase,
