@@ -312,3 +312,89 @@ fn help_explains_every_option() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--resume"));
 }
+
+#[test]
+fn lora_qat_and_qlora_runs_write_their_adapters_and_quantized_weights() {
+    let dir = temp_dir("qat");
+    let data = jsonl_data(&dir);
+    let model = base_model();
+    let qat = dir.join("qat");
+    train(&[
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--adapter-type",
+        "lora-qat",
+        "--bits",
+        "3",
+        "--quantizer",
+        "uniform",
+        "--ste",
+        "lsq",
+        "--teacher",
+        s(&model),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--rank",
+        "4",
+        "--out",
+        s(&qat),
+    ]);
+    for file in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "qat_quantizers.safetensors",
+    ] {
+        assert!(qat.join("adapter").join(file).is_file(), "{file}");
+    }
+    assert!(qat.join("quantized.safetensors").is_file());
+    let csv = std::fs::read_to_string(qat.join("metrics.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(3).unwrap().split(',').collect();
+    assert!(!row[4].is_empty(), "a teacher gives a KD loss: {row:?}");
+    // A LoRA-QAT run continues from its own saved adapter (steps included).
+    let cont = dir.join("cont");
+    let adapter = qat.join("adapter");
+    train(&[
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--adapter-type",
+        "lora-qat",
+        "--bits",
+        "3",
+        "--quantizer",
+        "uniform",
+        "--init-adapter",
+        s(&adapter),
+        "--max-steps",
+        "1",
+        "--out",
+        s(&cont),
+    ]);
+
+    let qlora = dir.join("qlora");
+    train(&[
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--adapter-type",
+        "qlora",
+        "--max-steps",
+        "2",
+        "--rank",
+        "4",
+        "--out",
+        s(&qlora),
+    ]);
+    assert!(qlora
+        .join("adapter")
+        .join("adapter_model.safetensors")
+        .is_file());
+    assert!(!qlora.join("quantized.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
