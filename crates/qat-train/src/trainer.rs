@@ -59,6 +59,9 @@ impl ParamVisitor for TrainableParams<'_> {
     }
 }
 
+/// A teacher's logits `[N, V]` and the hidden states the losses read (each `[N, D]`).
+type TeacherOutputs = (Array2<f32>, Vec<Array2<f32>>);
+
 /// The losses of one batch and the gradients they send into the student.
 struct BatchLoss {
     composite: CompositeOutput,
@@ -553,10 +556,7 @@ impl Trainer {
     }
 
     /// Teacher logits `[N, V]` and hidden states (same order as [`Trainer::student_layers`]).
-    fn teacher_outputs(
-        &mut self,
-        batch: &Batch,
-    ) -> Result<Option<(Array2<f32>, Vec<Array2<f32>>)>> {
+    fn teacher_outputs(&mut self, batch: &Batch) -> Result<Option<TeacherOutputs>> {
         let layers: Vec<usize> = layer_pairs(
             &self.config,
             &self.student,
@@ -588,7 +588,7 @@ impl Trainer {
         batch: &Batch,
         logits: ArrayView2<'_, f32>,
         student_hidden: &[ArrayView2<'_, f32>],
-        teacher: Option<&(Array2<f32>, Vec<Array2<f32>>)>,
+        teacher: Option<&TeacherOutputs>,
     ) -> Result<BatchLoss> {
         let w = self.weights;
         let targets = batch.shifted_targets();

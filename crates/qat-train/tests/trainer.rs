@@ -156,7 +156,10 @@ fn parameters(model: &mut LlamaModel) -> Vec<(String, Vec<f32>)> {
     out
 }
 
-fn losses(log: &MetricsLog) -> Vec<(u64, f64, Option<f64>, Option<f64>, Option<f32>)> {
+/// `(step, total, kd, reasoning, grad norm)` of a step.
+type StepLosses = (u64, f64, Option<f64>, Option<f64>, Option<f32>);
+
+fn losses(log: &MetricsLog) -> Vec<StepLosses> {
     log.steps
         .iter()
         .map(|m| {
