@@ -55,7 +55,7 @@ pub fn dtype_bytes(dtype: Dtype, n: usize) -> Result<usize> {
             "sub-byte dtypes are not supported",
         ));
     }
-    Ok(n * dtype.size())
+    Ok(n * dtype.bitsize() / 8)
 }
 
 /// Name, dtype and shape of a stored tensor, and where its bytes are in the file.
