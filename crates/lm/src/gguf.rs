@@ -454,6 +454,9 @@ fn is_byte_token(text: &str) -> bool {
         && b[4].is_ascii_hexdigit()
 }
 
+/// A tensor read back: Hugging Face name, row-major shape, values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// What an export wrote.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GgufExportReport {
@@ -678,7 +681,7 @@ pub fn export_gguf_lora(
 /// The tensors of a Llama GGUF file under their Hugging Face names, dequantized to `f32` and
 /// with the Q/K rows put back in Hugging Face's order: `(name, row-major shape, values)`.
 /// The head counts come from the file's `llama.attention.head_count[_kv]`.
-pub fn read_llama_gguf(path: &Path) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn read_llama_gguf(path: &Path) -> Result<Vec<NamedTensor>> {
     let file = GgufFile::open(path)?;
     if file.metadata_str("general.architecture") != Some("llama") {
         return Err(LmError::Unsupported {

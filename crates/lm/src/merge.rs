@@ -213,7 +213,8 @@ pub fn parse_size(text: &str) -> Result<u64> {
         }
     };
     let bytes = value * mult;
-    if !(bytes >= 1.0) {
+    // `value` parsed from digits and dots is never NaN.
+    if bytes < 1.0 {
         return Err(LmError::InvalidArgument {
             name: "size".into(),
             value: text.into(),
