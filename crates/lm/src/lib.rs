@@ -34,10 +34,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod layers;
+pub mod lazy_checkpoint;
 pub mod linear;
 pub mod loss;
 pub mod memory;
+pub mod merge;
 pub mod model;
 pub mod param;
 
