@@ -8,7 +8,10 @@
 //! adapters of `lora-core` and quantized base weights are plugged in. Adapters (LoRA, rsLoRA,
 //! DoRA) are injected by PEFT's `target_modules` rules or loaded from a PEFT adapter
 //! directory, saved back, merged and unmerged; their gradients and parameters carry PEFT's
-//! names, and [`LlamaModel::memory_report`] accounts the resident bytes by kind. It computes
+//! names, and [`LlamaModel::memory_report`] accounts the resident bytes by kind. bitsandbytes
+//! 4-bit checkpoints load with NF4 projections (QLoRA once adapted); LoRA-QAT layers train an
+//! adapter through a weight quantizer whose steps are parameters too ([`qat`]); projections
+//! can be quantized after training by round-to-nearest ([`quantize`]). It computes
 //! logits, the shifted cross-entropy and gradients (of every parameter, of the adapters, or
 //! only of the inputs with a frozen base), and decodes with a key/value cache; it knows
 //! nothing of training loops or optimizers.

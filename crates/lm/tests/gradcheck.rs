@@ -348,4 +348,40 @@ fn hidden_state_gradients_are_checked() {
     assert!(model
         .logits_and_hidden_states(ids.view(), None, &[5])
         .is_err());
+/// NF4 projections (the QLoRA base) are frozen: the input gradient through their tiled
+/// `dy·deq(W)` products matches finite differences of the loss in the embedding rows.
+#[test]
+fn nf4_projections_pass_the_input_gradient() {
+    let mut model = tiny_model(false, 8);
+    assert_eq!(
+        model
+            .quantize_linears_nf4(&lora_core::Nf4Options {
+                tile: 4,
+                ..Default::default()
+            })
+            .unwrap(),
+        14
+    );
+    let (ids, labels) = batch();
+    let pass = model.forward(ids.view(), None).unwrap();
+    let ce = lm::cross_entropy(pass.logits().view(), labels.view()).unwrap();
+    let grad_in = model.backward(pass, ce.grad_logits.view()).unwrap();
+    let hidden = model.config().hidden_size;
+    for ((b, t), &id) in ids.indexed_iter() {
+        for d in [0, hidden - 1] {
+            let index = id as usize * hidden + d;
+            let numeric = numeric_grad(
+                &mut model,
+                "model.embed_tokens.weight",
+                index,
+                &ids,
+                &labels,
+            );
+            let a = grad_in[[b, t, d]] as f64;
+            assert!(
+                (numeric - a).abs() <= 1e-3 + 3e-2 * a.abs(),
+                "input gradient at ({b}, {t}, {d}): analytic {a}, numeric {numeric}"
+            );
+        }
+    }
 }

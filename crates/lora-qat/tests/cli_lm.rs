@@ -80,9 +80,15 @@ fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
     let dir = temp_dir("logits");
     let tokens = tokens_file(&dir, true);
     let io = read_f32s(&data("io.safetensors"));
-    for (adapter, prefix) in [(None, "base"), (Some("adapter_dora"), "dora")] {
+    // The bitsandbytes 4-bit checkpoint loads with NF4 projections; QLoRA on top of it.
+    for (model, adapter, prefix) in [
+        ("base", None, "base"),
+        ("base", Some("adapter_dora"), "dora"),
+        ("base_bnb4", None, "bnb4"),
+        ("base_bnb4", Some("adapter_qlora"), "qlora"),
+    ] {
         let out = dir.join(format!("{prefix}.safetensors"));
-        let base = data("base");
+        let base = data(model);
         let mut args = vec![
             "logits",
             "--model",
@@ -133,10 +139,10 @@ fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
 fn grads_equal_the_reference() {
     let dir = temp_dir("grads");
     let tokens = tokens_file(&dir, true);
-    for variant in ["lora", "dora"] {
+    for (model, variant) in [("base", "lora"), ("base", "dora"), ("base_bnb4", "qlora")] {
         let adapter = data(&format!("adapter_{variant}"));
         let out = dir.join(format!("{variant}_grads.safetensors"));
-        let base = data("base");
+        let base = data(model);
         let output = run(&[
             "grads",
             "--model",
@@ -302,6 +308,17 @@ fn bench_train_small_prints_one_json_object() {
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
     assert_eq!(v["runs"], 1);
+    assert!(v.get("bytes_per_quantized_parameter").is_none());
+    // QLoRA: NF4 bases under the adapters, with the memory figure.
+    let o = run(&[
+        "bench", "train", "--small", "--qlora", "--json", "--runs", "1",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap();
+    assert_eq!(v["bench"], "train_qlora_r4");
+    // The tiny model's tensors are small: the per-tensor maps weigh more than at scale.
+    assert!(v["bytes_per_quantized_parameter"].as_f64().unwrap() > 0.5);
 }
 
 #[test]
@@ -327,4 +344,27 @@ fn every_option_has_help() {
             assert!(has_text, "{cmd:?}: option without help: {line}");
         }
     }
+}
+
+#[test]
+fn generate_runs_on_the_bnb4_model_with_qlora() {
+    let base = data("base_bnb4");
+    let adapter = data("adapter_qlora");
+    let output = run(&[
+        "generate",
+        "--model",
+        path_str(&base),
+        "--adapter",
+        path_str(&adapter),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new",
+        "5",
+        "--ignore-eos",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let ids: Vec<u32> = text.trim().split(',').map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "{text}");
+    assert!(ids.iter().all(|&t| t < 64));
 }

@@ -47,6 +47,10 @@ pub struct BenchTrainArgs {
     /// quick checks; overrides the size options.
     #[arg(long)]
     pub small: bool,
+    /// QLoRA: quantize every projection to NF4 (blocksize 64, double quantization) before
+    /// adding the adapters, and print the resident bytes per quantized base parameter.
+    #[arg(long)]
+    pub qlora: bool,
 }
 
 /// The measured sizes, after `--small`.
@@ -106,6 +110,9 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     )?;
     config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
     let mut model = LlamaModel::random(config, 0)?;
+    if args.qlora {
+        model.quantize_linears_nf4(&lora_core::Nf4Options::default())?;
+    }
     let targets: Vec<&str> = LAYER_LINEAR_NAMES
         .iter()
         .map(|path| path.rsplit('.').next().unwrap_or(path))
@@ -129,17 +136,21 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     times.sort_by(f64::total_cmp);
     let ms_per_step = times[times.len() / 2];
     let tokens_per_s = (s.batch * s.seq) as f64 / (ms_per_step / 1e3);
-    let bench = format!("train_lora_r{}", s.rank);
+    let kind = if args.qlora { "qlora" } else { "lora" };
+    let bench = format!("train_{kind}_r{}", s.rank);
+    let memory = model.memory_report();
+    let qlora_bytes = memory.qlora_bytes_per_parameter();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "bench": bench,
-                "tokens_per_s": tokens_per_s,
-                "ms_per_step": ms_per_step,
-                "runs": args.runs,
-            })
-        );
+        let mut record = serde_json::json!({
+            "bench": bench,
+            "tokens_per_s": tokens_per_s,
+            "ms_per_step": ms_per_step,
+            "runs": args.runs,
+        });
+        if let Some(bytes) = qlora_bytes {
+            record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
+        }
+        println!("{record}");
     } else {
         println!(
             "{:<18} {:>14} {:>12} {:>6}",
@@ -151,9 +162,23 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         );
         println!(
             "(random Llama: width {}, {} layers, {} heads, MLP {}, vocab {}; batch {} × seq {}; \
-             LoRA r={} on q/k/v/o/gate/up/down; forward + loss + backward, median step)",
-            s.hidden, s.layers, s.heads, s.intermediate, s.vocab, s.batch, s.seq, s.rank
+             LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",
+            s.hidden,
+            s.layers,
+            s.heads,
+            s.intermediate,
+            s.vocab,
+            s.batch,
+            s.seq,
+            s.rank,
+            if args.qlora { " over NF4 bases" } else { "" }
         );
+        if let Some(bytes) = qlora_bytes {
+            println!(
+                "resident bytes per quantized base parameter (NF4 + double quant + adapters): \
+                 {bytes:.4}"
+            );
+        }
     }
     Ok(())
 }
