@@ -348,6 +348,8 @@ fn hidden_state_gradients_are_checked() {
     assert!(model
         .logits_and_hidden_states(ids.view(), None, &[5])
         .is_err());
+}
+
 /// NF4 projections (the QLoRA base) are frozen: the input gradient through their tiled
 /// `dy·deq(W)` products matches finite differences of the loss in the embedding rows.
 #[test]
