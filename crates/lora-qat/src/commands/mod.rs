@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_train;
+pub mod demo;
 pub mod generate;
 pub mod grads;
 pub mod logits;
@@ -22,6 +23,9 @@ pub enum CliError {
     /// From lm (model loading, adapters, forward and backward).
     #[error(transparent)]
     Lm(#[from] lm::LmError),
+    /// From the demo (task, teacher, training run, report).
+    #[error(transparent)]
+    Demo(#[from] lora_qat::demo::DemoError),
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),
