@@ -92,7 +92,7 @@ impl LlamaModel {
 
     /// Paths of the projections `config` targets, checked to be a usable config for this
     /// model, with `name` new.
-    fn adapter_targets(
+    pub(crate) fn adapter_targets(
         &self,
         config: &LoraConfig,
         name: &str,
@@ -301,7 +301,7 @@ impl LlamaModel {
 
     /// The first adapter added becomes active (as in PEFT); later ones wait for
     /// [`LlamaModel::set_active_adapters`], also on modules they alone adapt.
-    fn activate_first_adapter(&mut self, name: &str) -> Result<()> {
+    pub(crate) fn activate_first_adapter(&mut self, name: &str) -> Result<()> {
         if self.active_adapters.is_empty() {
             self.active_adapters = vec![name.to_string()];
         }

@@ -150,6 +150,12 @@ impl Checkpoint {
         })
     }
 
+    /// Removes `key` and returns it as stored (dtype, shape, bytes), if present: for builders
+    /// of tensors that are not floating point (bitsandbytes' packed 4-bit parts).
+    pub fn take(&mut self, key: &str) -> Option<StoredTensor> {
+        self.tensors.remove(key)
+    }
+
     /// Removes `key` if present (tensors a builder knows and deliberately ignores).
     pub fn discard(&mut self, key: &str) {
         self.tensors.remove(key);

@@ -40,6 +40,8 @@ pub mod loss;
 pub mod memory;
 pub mod model;
 pub mod param;
+pub mod qat;
+pub mod quantize;
 
 pub use adapters::peft_file_key;
 pub use checkpoint::Checkpoint;
@@ -53,3 +55,5 @@ pub use model::{
     dense_linear_from_checkpoint, DecoderLayer, ForwardPass, LlamaModel, LAYER_LINEAR_NAMES,
 };
 pub use param::{ParamMut, Parameter};
+pub use qat::{quantizer_step_name, QatLayer, QAT_STATE_FILE, QUANTIZER_STEP_SUFFIX};
+pub use quantize::{LinearQuantization, QuantizationReport};

@@ -13,12 +13,13 @@
 
 use std::borrow::Cow;
 
-use lora_core::{AdapterOptions, DenseBase, FrozenBase, LoraAdapter, LoraLinear};
+use lora_core::{AdapterOptions, DenseBase, FrozenBase, LoraAdapter, LoraLinear, Nf4Base};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, CowArray, Ix2};
 
 use crate::error::{check_finite_at, LmError, Result};
 use crate::memory::MemoryReport;
 use crate::param::{ParamMut, Parameter};
+use crate::qat::{quantizer_step_name, QatLayer};
 
 /// `y = x·Wᵀ` with a dense `f32` weight `W` of shape `(out_features, in_features)` (PyTorch layout).
 ///
@@ -68,6 +69,14 @@ pub enum LinearModule {
     Dense(DenseLinear),
     /// A frozen `f32` base with low-rank adapters (LoRA, rsLoRA, DoRA).
     Lora(Box<LoraLinear<DenseBase>>),
+    /// A frozen NF4 base (a bitsandbytes 4-bit checkpoint's projection, or one quantized by
+    /// [`crate::LlamaModel::quantize_linears_nf4`]) without adapters: products computed one
+    /// dequantized tile at a time.
+    Nf4(Box<Nf4Base>),
+    /// An NF4 base with low-rank adapters: QLoRA.
+    Qlora(Box<LoraLinear<Nf4Base>>),
+    /// LoRA-QAT: one adapter trained through a weight quantizer whose steps train too.
+    Qat(Box<QatLayer>),
 }
 
 /// What the model needs from an adapted projection, whatever its base: implemented for
@@ -112,6 +121,10 @@ pub trait AdaptedLayer {
     fn zero_grad(&mut self);
     /// The base weight `(out, in)` as `f32` (with merged adapters folded in, if any).
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>>;
+    /// A new `f32` weight computing what the layer computes with its active adapters: the
+    /// base (dequantized) plus every active `ΔW` (LoRA-QAT: the quantized weight). The layer
+    /// is unchanged.
+    fn merged_weight(&mut self) -> lora_core::Result<Array2<f32>>;
     /// Scalars of the frozen base.
     fn base_parameter_count(&self) -> usize;
     /// Bytes the frozen base occupies (`FrozenBase::storage_bytes`).
@@ -177,6 +190,9 @@ impl<B: FrozenBase> AdaptedLayer for LoraLinear<B> {
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>> {
         self.base().dense_weight()
     }
+    fn merged_weight(&mut self) -> lora_core::Result<Array2<f32>> {
+        LoraLinear::merged_weight(self)
+    }
     fn base_parameter_count(&self) -> usize {
         self.base().parameter_count()
     }
@@ -199,37 +215,61 @@ impl LinearModule {
     pub fn in_features(&self) -> usize {
         match self {
             LinearModule::Dense(d) => d.weight.value().ncols(),
-            LinearModule::Lora(l) => l.shape().1,
+            LinearModule::Nf4(b) => b.in_features(),
+            _ => self.adapted().map_or(0, |l| l.shape().1),
         }
     }
 
     pub fn out_features(&self) -> usize {
         match self {
             LinearModule::Dense(d) => d.weight.value().nrows(),
-            LinearModule::Lora(l) => l.shape().0,
+            LinearModule::Nf4(b) => b.out_features(),
+            _ => self.adapted().map_or(0, |l| l.shape().0),
+        }
+    }
+
+    /// What the module is, for messages: `dense f32`, `LoRA`, `NF4`, `QLoRA`, `LoRA-QAT`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinearModule::Dense(_) => "dense f32",
+            LinearModule::Lora(_) => "LoRA",
+            LinearModule::Nf4(_) => "NF4",
+            LinearModule::Qlora(_) => "QLoRA",
+            LinearModule::Qat(_) => "LoRA-QAT",
         }
     }
 
     /// The adapter layer, if this projection is adapted.
     pub fn adapted(&self) -> Option<&dyn AdaptedLayer> {
         match self {
-            LinearModule::Dense(_) => None,
+            LinearModule::Dense(_) | LinearModule::Nf4(_) => None,
             LinearModule::Lora(l) => Some(l.as_ref()),
+            LinearModule::Qlora(l) => Some(l.as_ref()),
+            LinearModule::Qat(l) => Some(l.as_ref()),
         }
     }
 
     /// The adapter layer, mutably, if this projection is adapted.
     pub fn adapted_mut(&mut self) -> Option<&mut dyn AdaptedLayer> {
         match self {
-            LinearModule::Dense(_) => None,
+            LinearModule::Dense(_) | LinearModule::Nf4(_) => None,
             LinearModule::Lora(l) => Some(l.as_mut()),
+            LinearModule::Qlora(l) => Some(l.as_mut()),
+            LinearModule::Qat(l) => Some(l.as_mut()),
         }
     }
 
     /// Turns a dense projection into an adapted one over the same (now frozen) `f32` weight,
-    /// with no adapters yet; an adapted one is returned as it is. `path` names the module in
-    /// errors.
+    /// and an NF4 one into a QLoRA layer over the same codes, with no adapters yet; an
+    /// adapted one is returned as it is. `path` names the module in errors.
     pub fn make_adapted(&mut self, path: &str) -> Result<&mut dyn AdaptedLayer> {
+        if matches!(self, LinearModule::Nf4(_)) {
+            // An empty dense module holds the place while the NF4 base moves into its layer.
+            let empty = LinearModule::Dense(DenseLinear::new(Array2::zeros((0, 0))));
+            if let LinearModule::Nf4(base) = std::mem::replace(self, empty) {
+                *self = LinearModule::Qlora(Box::new(LoraLinear::new(*base, path)));
+            }
+        }
         if let LinearModule::Dense(d) = self {
             let weight = d.weight.value();
             let cols = weight.ncols().max(1);
@@ -260,6 +300,15 @@ impl LinearModule {
         match self {
             LinearModule::Dense(d) => {
                 quant_core::linalg::gemm(1.0, x, d.weight.value().t(), beta, out)?;
+            }
+            LinearModule::Nf4(base) => {
+                if accumulate {
+                    let mut y = Array2::zeros(out.dim());
+                    base.matmul_into(x, y.view_mut())?;
+                    out += &y;
+                } else {
+                    base.matmul_into(x, out)?;
+                }
             }
             _ => {
                 let layer = self.adapted_mut().ok_or_else(|| LmError::AdapterState {
@@ -317,6 +366,10 @@ impl LinearModule {
                     quant_core::linalg::gemm(1.0, grad_output.t(), x, 1.0, gw.view_mut())?;
                 }
             }
+            // The 4-bit base is frozen: only the input gradient flows.
+            LinearModule::Nf4(base) => {
+                base.matmul_transposed_into(grad_output, beta, grad_input)?
+            }
             _ => {
                 let layer = self.adapted_mut().ok_or_else(|| LmError::AdapterState {
                     operation: "adapted backward".into(),
@@ -366,6 +419,7 @@ impl LinearModule {
     pub fn base_weight(&self) -> Result<CowArray<'_, f32, Ix2>> {
         match self {
             LinearModule::Dense(d) => Ok(CowArray::from(d.weight.value().view())),
+            LinearModule::Nf4(base) => Ok(CowArray::from(base.dense_weight()?.into_owned())),
             _ => {
                 let layer = self.adapted().ok_or_else(|| LmError::AdapterState {
                     operation: "reading the base weight".into(),
@@ -379,10 +433,17 @@ impl LinearModule {
         }
     }
 
-    /// Scalars of the base weight and of every adapter.
+    /// Scalars of the base weight and of every adapter (and of a LoRA-QAT quantizer).
     pub fn parameter_count(&self) -> usize {
         match self {
             LinearModule::Dense(d) => d.weight.value().len(),
+            LinearModule::Nf4(base) => base.parameter_count(),
+            LinearModule::Qat(q) => {
+                let layer = q.layer();
+                q.base_parameter_count()
+                    + layer.adapter().parameter_count()
+                    + layer.quantizer_params().len()
+            }
             _ => self.adapted().map_or(0, |layer| {
                 let adapters: usize = layer
                     .adapter_names()
@@ -397,14 +458,32 @@ impl LinearModule {
 
     /// Calls `f` for every tensor of the module: a dense weight under `{path}.weight` (HF
     /// name); an adapted module's adapter tensors under PEFT's parameter names (see
-    /// [`peft_parameter_name`]), with gradients for active adapters only. The frozen base of
-    /// an adapted module belongs to its adapter layer and is not visited. Merged adapters
-    /// cannot be visited (their values are folded into the base): an error says so.
+    /// [`peft_parameter_name`]), with gradients for active adapters only; a LoRA-QAT
+    /// module's quantizer steps after them under [`crate::quantizer_step_name`] (with a
+    /// gradient when its adapter is active and the mode trains them). The frozen base of an
+    /// adapted module belongs to its adapter layer and is not visited, nor is a frozen NF4
+    /// base. Merged adapters cannot be visited (their values are folded into the base): an
+    /// error says so.
     pub fn visit_parameters(
         &mut self,
         path: &str,
         f: &mut dyn FnMut(&str, ParamMut<'_>) -> Result<()>,
     ) -> Result<()> {
+        if let LinearModule::Qat(q) = self {
+            visit_adapter_tensors(q.as_mut(), path, f)?;
+            let trains =
+                !q.active().is_empty() && q.layer().mode() == lora_core::QatMode::QuantizeMerged;
+            let (value, grad) = q.layer_mut().quantizer_params_and_grads_mut();
+            let name = quantizer_step_name(path);
+            return f(
+                &name,
+                ParamMut {
+                    shape: vec![value.len()],
+                    value,
+                    grad: if trains { Some(grad) } else { None },
+                },
+            );
+        }
         match self.adapted_mut() {
             None => match self {
                 LinearModule::Dense(d) => {
@@ -421,23 +500,50 @@ impl LinearModule {
     /// Adds this module's resident bytes to `report`.
     pub(crate) fn add_memory(&self, report: &mut MemoryReport) {
         let f32_bytes = std::mem::size_of::<f32>();
+        if let LinearModule::Qat(q) = self {
+            // The quantizer's steps train like the adapter: counted with it, with a gradient.
+            let steps = q.layer().quantizer_params();
+            report.adapter_parameters += steps.len();
+            report.adapter_bytes += std::mem::size_of_val(steps);
+            report.gradient_bytes += std::mem::size_of_val(steps);
+        }
         match self.adapted() {
-            None => {
-                if let LinearModule::Dense(d) = self {
+            None => match self {
+                LinearModule::Dense(d) => {
                     report.add_f32_parameter(d.weight.value().len(), d.weight.is_trainable());
                 }
-            }
+                LinearModule::Nf4(base) => {
+                    report.add_quantized_base(
+                        base.storage_kind(),
+                        base.storage_bytes(),
+                        base.parameter_count(),
+                    );
+                }
+                _ => {}
+            },
             Some(layer) => {
-                *report
-                    .base_bytes_by_kind
-                    .entry(layer.base_storage_kind().to_string())
-                    .or_default() += layer.base_storage_bytes();
-                report.base_parameters += layer.base_parameter_count();
+                let quantized = layer.base_storage_kind() != "f32";
+                if quantized {
+                    report.add_quantized_base(
+                        layer.base_storage_kind(),
+                        layer.base_storage_bytes(),
+                        layer.base_parameter_count(),
+                    );
+                } else {
+                    *report
+                        .base_bytes_by_kind
+                        .entry(layer.base_storage_kind().to_string())
+                        .or_default() += layer.base_storage_bytes();
+                    report.base_parameters += layer.base_parameter_count();
+                }
                 for name in layer.adapter_names() {
                     if let Ok(adapter) = layer.adapter(&name) {
                         let count = adapter.parameter_count();
                         report.adapter_parameters += count;
                         report.adapter_bytes += count * f32_bytes;
+                        if quantized {
+                            report.adapter_bytes_on_quantized_bases += count * f32_bytes;
+                        }
                         // lora-core keeps a gradient buffer for every adapter it holds.
                         report.gradient_bytes += count * f32_bytes;
                     }
@@ -447,6 +553,13 @@ impl LinearModule {
     }
 
     pub(crate) fn check_grads_finite(&self, path: &str) -> Result<()> {
+        if let LinearModule::Qat(q) = self {
+            check_finite_at(
+                &format!("gradient of {}", quantizer_step_name(path)),
+                q.layer().grad_quantizer_params(),
+                |i| format!("element [{i}]"),
+            )?;
+        }
         match self.adapted() {
             None => match self {
                 LinearModule::Dense(d) => d.weight.check_grad_finite(&format!("{path}.weight")),
@@ -548,6 +661,9 @@ impl PartialEq for LinearModule {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (LinearModule::Dense(a), LinearModule::Dense(b)) => a == b,
+            (LinearModule::Nf4(a), LinearModule::Nf4(b)) => a.weight() == b.weight(),
+            (LinearModule::Qat(a), LinearModule::Qat(b)) => a == b,
+            (LinearModule::Qat(_), _) | (_, LinearModule::Qat(_)) => false,
             _ => match (self.adapted(), other.adapted()) {
                 (Some(a), Some(b)) => adapted_eq(a, b),
                 _ => false,

@@ -184,27 +184,41 @@ struct LayerDims {
 }
 
 impl LlamaModel {
-    /// Reads `config.json` and `model.safetensors` (or a sharded index) from `dir`.
+    /// Reads `config.json` and `model.safetensors` (or a sharded index) from `dir`. A
+    /// bitsandbytes 4-bit checkpoint (`quantization_config` with `quant_method:
+    /// "bitsandbytes"`, `load_in_4bit`, NF4) loads its quantized projections as frozen NF4
+    /// bases ([`LinearModule::Nf4`]; adapters make them QLoRA layers) and the rest as `f32`;
+    /// any other `quantization_config` is an [`LmError::Unsupported`] naming it.
     ///
     /// ```
-    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama/base");
-    /// let model = lm::LlamaModel::from_pretrained(dir).unwrap();
+    /// let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama");
+    /// let model = lm::LlamaModel::from_pretrained(format!("{data}/base")).unwrap();
     /// assert_eq!(model.config().num_key_value_heads, 2);
+    /// let mut qlora = lm::LlamaModel::from_pretrained(format!("{data}/base_bnb4")).unwrap();
+    /// assert_eq!(qlora.layers()[0].q_proj.kind(), "NF4");
+    /// assert_eq!(qlora.load_adapter(format!("{data}/adapter_qlora"), "default", 0).unwrap(), 14);
+    /// assert_eq!(qlora.layers()[0].q_proj.kind(), "QLoRA");
     /// ```
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
-        if let Some(q) = &config.quantization_config {
-            return Err(LmError::Unsupported {
-                key: "quantization_config".into(),
-                value: q.to_string(),
-                reason: "quantized checkpoints need a quantized linear loader; use \
-                         LlamaModel::from_checkpoint with one"
-                    .into(),
-            });
-        }
+        let bnb4 = match &config.quantization_config {
+            None => false,
+            Some(q) => {
+                crate::quantize::check_bnb4_config(q)?;
+                true
+            }
+        };
         let mut ckpt = Checkpoint::open_dir(dir)?;
-        let model = Self::from_checkpoint(config, &mut ckpt, &mut dense_linear_from_checkpoint)?;
+        let model = if bnb4 {
+            Self::from_checkpoint(
+                config,
+                &mut ckpt,
+                &mut crate::quantize::bnb4_linear_from_checkpoint,
+            )?
+        } else {
+            Self::from_checkpoint(config, &mut ckpt, &mut dense_linear_from_checkpoint)?
+        };
         ckpt.finish()?;
         Ok(model)
     }

@@ -29,7 +29,7 @@ use quant_core::linalg::gemm;
 use quant_core::nf4_grid::Nf4GridQuantizer;
 use quant_core::packed_layout;
 use quant_core::pi::PiQuantizer;
-use quant_core::quantizer::DifferentiableQuantizer;
+use quant_core::quantizer::{DifferentiableQuantizer, InitMethod};
 use quant_core::uniform::{GridKind, TensorQuantSpec, UniformQuantizer};
 
 use crate::adapter::{AdapterOptions, LoraAdapter};
@@ -47,7 +47,7 @@ pub enum QatMode {
 }
 
 /// The quantizer, kept concrete so that export can reach each grid's stored form.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Grid {
     Uniform(UniformQuantizer),
     Pi(PiQuantizer),
@@ -102,12 +102,15 @@ impl Grid {
 }
 
 /// What backward needs from forward.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct QatCache {
     /// The layer input.
     input: Array2<f32>,
-    /// `W_q` of the forward pass (merged mode).
-    quantized: Option<Array2<f32>>,
+    /// The weight the merged mode's forward computed with: `W_q = Q(W + s·B·A)` with fake
+    /// quantization on, `W + s·B·A` itself with it off. `None` in the frozen mode.
+    merged: Option<Array2<f32>>,
+    /// Whether that forward went through the quantizer (fake quantization on).
+    quantized: bool,
 }
 
 /// A linear layer with a LoRA adapter trained under weight quantization (see the
@@ -131,10 +134,10 @@ struct QatCache {
 /// assert_eq!(layer.quantizer_params().len(), 8); // one α per output channel
 /// assert!(layer.grad_quantizer_params().iter().any(|&g| g != 0.0));
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoraQatLinear {
-    weight: Array2<f32>,
-    bias: Option<Array1<f32>>,
+    /// The frozen `f32` weight `W` and bias.
+    base: DenseBase,
     adapter: LoraAdapter,
     grid: Grid,
     grad_quantizer: Vec<f32>,
@@ -142,6 +145,10 @@ pub struct LoraQatLinear {
     mode: QatMode,
     /// `Q(W)`, computed once in [`QatMode::FrozenQuantizedBase`].
     frozen: Option<DenseBase>,
+    /// Fake quantization on (the default): the layer computes with the quantized weight.
+    /// Off: it computes with `W + s·B·A` unquantized (full-precision warm-up steps), and the
+    /// quantizer neither runs nor gets gradients.
+    fake_quant: bool,
     cache: Option<QatCache>,
     /// Weight-sized scratch reused across steps (`W + s·B·A` in forward, `dŴ` in backward):
     /// refilling warm memory is a copy, a fresh allocation adds a page fault per 4 KiB.
@@ -203,42 +210,108 @@ impl LoraQatLinear {
                 "the merged QAT mode quantizes W + s·B·A, which has no separate input to drop",
             ));
         }
-        let mut grid = Grid::build(config, out_features, in_features)?;
-        let weight = dense.weight().clone();
-        let bias = dense.bias().map(|b| b.to_owned());
-        let frozen = match mode {
-            QatMode::QuantizeMerged => {
-                let merged = merged_weight(&weight, &adapter)?;
-                grid.get_mut()
-                    .init_from_weights(merged.view(), config.init)?;
-                None
-            }
-            QatMode::FrozenQuantizedBase => {
-                let q = grid.get_mut();
-                q.init_from_weights(weight.view(), config.init)?;
-                let quantized = q.forward(weight.view())?.dequantized;
-                Some(DenseBase::new(quantized, None, context)?)
-            }
-        };
-        let grad_quantizer = vec![0.0; grid.get().params().len()];
-        Ok(LoraQatLinear {
-            weight,
-            bias,
+        let grid = Grid::build(config, out_features, in_features)?;
+        let mut layer = LoraQatLinear {
+            base: dense,
             adapter,
             grid,
-            grad_quantizer,
+            grad_quantizer: Vec::new(),
             config: *config,
             mode,
-            frozen,
+            frozen: None,
+            fake_quant: true,
             cache: None,
             scratch: None,
             context: context.to_string(),
-        })
+        };
+        layer.recalibrate(config.init)?;
+        Ok(layer)
+    }
+
+    /// Re-initialises the quantizer's parameters θ with `method` from the weight it quantizes
+    /// now: `W + s·B·A` with the current adapter (merged mode), or `W` (frozen mode, where
+    /// `Q(W)` is recomputed). Accumulated quantizer gradients are zeroed (they belong to the
+    /// old θ); the adapter's are kept.
+    ///
+    /// ```
+    /// use lora_core::qat::{LoraQatLinear, QatMode};
+    /// use lora_core::{config::InitLoraWeights, AdapterOptions};
+    /// use quant_core::{config::QatConfig, quantizer::InitMethod};
+    /// use ndarray::Array2;
+    /// let w = Array2::from_shape_fn((4, 8), |(i, j)| ((i * 8 + j) as f32 * 0.7).sin());
+    /// let mut options = AdapterOptions::new(2, 4.0);
+    /// options.init = InitLoraWeights::Random;
+    /// let mut layer = LoraQatLinear::new(w, None, &options, &QatConfig::piq3(),
+    ///                                    QatMode::QuantizeMerged, 1, "proj").unwrap();
+    /// let fitted = layer.quantizer_params().to_vec();
+    /// layer.quantizer_params_mut().iter_mut().for_each(|a| *a *= 3.0);
+    /// layer.recalibrate(InitMethod::MseClipSearch).unwrap();
+    /// assert_eq!(layer.quantizer_params(), &fitted[..]);
+    /// ```
+    pub fn recalibrate(&mut self, method: InitMethod) -> Result<()> {
+        self.cache = None;
+        match self.mode {
+            QatMode::QuantizeMerged => {
+                let merged = merged_weight(self.base.weight(), &self.adapter)?;
+                self.grid
+                    .get_mut()
+                    .init_from_weights(merged.view(), method)?;
+            }
+            QatMode::FrozenQuantizedBase => {
+                let q = self.grid.get_mut();
+                q.init_from_weights(self.base.weight().view(), method)?;
+                let quantized = q.forward(self.base.weight().view())?.dequantized;
+                self.frozen = Some(DenseBase::new(quantized, None, &self.context)?);
+            }
+        }
+        // θ exists only once the quantizer is initialised; its gradient follows its length.
+        let count = self.grid.get().params().len();
+        self.grad_quantizer.clear();
+        self.grad_quantizer.resize(count, 0.0);
+        Ok(())
+    }
+
+    /// Turns fake quantization on (the default) or off. Off, the layer computes with
+    /// `W + s·B·A` (merged mode) or `W` plus the adapter (frozen mode) in full precision:
+    /// warm-up steps before quantization, or a full-precision reference. The quantizer
+    /// parameters are kept as they are and get no gradient while it is off.
+    ///
+    /// ```
+    /// use lora_core::qat::{LoraQatLinear, QatMode};
+    /// use lora_core::{config::InitLoraWeights, AdapterOptions};
+    /// use quant_core::config::QatConfig;
+    /// use ndarray::Array2;
+    /// let w = Array2::from_shape_fn((4, 8), |(i, j)| ((i * 8 + j) as f32 * 0.7).sin());
+    /// let mut options = AdapterOptions::new(2, 4.0);
+    /// options.init = InitLoraWeights::Random;
+    /// let mut layer = LoraQatLinear::new(w, None, &options, &QatConfig::piq3(),
+    ///                                    QatMode::QuantizeMerged, 1, "proj").unwrap();
+    /// layer.set_fake_quant(false);
+    /// let x = Array2::from_shape_fn((3, 8), |(t, j)| (t as f32 - j as f32) * 0.1);
+    /// let y = layer.forward(x.view()).unwrap();
+    /// let reference = x.dot(&layer.merged_weight().unwrap().t());
+    /// assert!(y.iter().zip(reference.iter()).all(|(a, b)| (a - b).abs() < 1e-5));
+    /// ```
+    pub fn set_fake_quant(&mut self, enabled: bool) {
+        if self.fake_quant != enabled {
+            self.cache = None;
+        }
+        self.fake_quant = enabled;
+    }
+
+    /// Whether the layer computes with the quantized weight.
+    pub fn fake_quant(&self) -> bool {
+        self.fake_quant
+    }
+
+    /// The name this layer was built with (its module path), used in errors.
+    pub fn context(&self) -> &str {
+        &self.context
     }
 
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
-        self.weight.dim()
+        self.base.weight().dim()
     }
 
     /// The mode.
@@ -253,12 +326,17 @@ impl LoraQatLinear {
 
     /// The frozen `f32` weight `W`.
     pub fn weight(&self) -> &Array2<f32> {
-        &self.weight
+        self.base.weight()
     }
 
     /// The frozen bias.
     pub fn bias(&self) -> Option<ArrayView1<'_, f32>> {
-        self.bias.as_ref().map(|b| b.view())
+        self.base.bias()
+    }
+
+    /// Bytes of the frozen `f32` weight and bias, plus `Q(W)` in the frozen mode.
+    pub fn base_storage_bytes(&self) -> usize {
+        self.base.storage_bytes() + self.frozen.as_ref().map_or(0, |f| f.storage_bytes())
     }
 
     /// The adapter (`A`, `B`, their gradients).
@@ -289,6 +367,12 @@ impl LoraQatLinear {
         &self.grad_quantizer
     }
 
+    /// θ and `∂L/∂θ` together, for an optimizer that walks values and gradients in one pass.
+    pub fn quantizer_params_and_grads_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        self.cache = None;
+        (self.grid.get_mut().params_mut(), &mut self.grad_quantizer)
+    }
+
     /// Zeroes the adapter's and the quantizer's gradients.
     pub fn zero_grad(&mut self) {
         self.adapter.zero_grad();
@@ -306,12 +390,15 @@ impl LoraQatLinear {
 
     /// `W + s·B·A`: what the merged mode quantizes.
     pub fn merged_weight(&self) -> Result<Array2<f32>> {
-        merged_weight(&self.weight, &self.adapter)
+        merged_weight(self.base.weight(), &self.adapter)
     }
 
     /// The weight the layer computes with: `Q(W + s·B·A)` (merged mode) or
-    /// `Q(W) + s·B·A` (frozen mode), as `f32`.
+    /// `Q(W) + s·B·A` (frozen mode), as `f32`; with fake quantization off, `W + s·B·A`.
     pub fn effective_weight(&mut self) -> Result<Array2<f32>> {
+        if !self.fake_quant {
+            return merged_weight(self.base.weight(), &self.adapter);
+        }
         match &self.frozen {
             Some(base) => {
                 let mut w = base.weight().clone();
@@ -319,13 +406,14 @@ impl LoraQatLinear {
                 Ok(w)
             }
             None => {
-                let merged = merged_weight(&self.weight, &self.adapter)?;
+                let merged = merged_weight(self.base.weight(), &self.adapter)?;
                 Ok(self.grid.get_mut().forward(merged.view())?.dequantized)
             }
         }
     }
 
-    /// `y = x·W_qᵀ + b` for `x: (tokens, in)`; keeps what backward needs.
+    /// `y = x·W_qᵀ + b` for `x: (tokens, in)` (`W_q` as [`LoraQatLinear::effective_weight`]
+    /// says); keeps what backward needs.
     pub fn forward(&mut self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (out_features, in_features) = self.shape();
         if x.ncols() != in_features {
@@ -340,15 +428,17 @@ impl LoraQatLinear {
         // y starts as the broadcast bias so that the base product adds to it (β = 1) instead
         // of a separate pass over y; without a bias it is a fresh zeroed allocation (calloc'd
         // pages, no pass) that the product overwrites (β = 0).
-        let (mut y, beta) = match &self.bias {
+        let (mut y, beta) = match self.base.bias() {
             Some(b) => (
                 Array2::from_shape_fn((tokens, out_features), |(_, j)| b[j]),
                 1.0,
             ),
             None => (Array2::zeros((tokens, out_features)), 0.0),
         };
-        let quantized = match &self.frozen {
-            Some(base) => {
+        let merged = match &self.frozen {
+            Some(frozen) => {
+                // Fake quantization off: the adapter over the unquantized W.
+                let base = if self.fake_quant { frozen } else { &self.base };
                 gemm(1.0, x, base.weight().t(), beta, y.view_mut())?;
                 self.adapter
                     .forward_into(base, x, None, true, y.view_mut())?;
@@ -358,8 +448,8 @@ impl LoraQatLinear {
                 let mut merged = self
                     .scratch
                     .take()
-                    .unwrap_or_else(|| Array2::zeros(self.weight.dim()));
-                merged.assign(&self.weight);
+                    .unwrap_or_else(|| Array2::zeros(self.base.weight().dim()));
+                merged.assign(self.base.weight());
                 let adapter = &self.adapter;
                 gemm(
                     adapter.scale(),
@@ -368,21 +458,27 @@ impl LoraQatLinear {
                     1.0,
                     merged.view_mut(),
                 )?;
-                let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
-                self.scratch = Some(merged);
-                gemm(1.0, x, w_q.t(), beta, y.view_mut())?;
-                Some(w_q)
+                let used = if self.fake_quant {
+                    let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
+                    self.scratch = Some(merged);
+                    w_q
+                } else {
+                    merged
+                };
+                gemm(1.0, x, used.t(), beta, y.view_mut())?;
+                Some(used)
             }
         };
         self.cache = Some(QatCache {
             input: x.to_owned(),
-            quantized,
+            merged,
+            quantized: self.fake_quant,
         });
         Ok(y)
     }
 
     /// Given `dy: (tokens, out)`, returns `dx` and accumulates `dA`, `dB` (and `dθ` in the
-    /// merged mode).
+    /// merged mode with fake quantization on).
     pub fn backward(&mut self, dy: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
         let (out_features, in_features) = self.shape();
         let cache = self.cache.as_ref().ok_or_else(|| {
@@ -398,38 +494,48 @@ impl LoraQatLinear {
         }
         check_finite(|| format!("backward dy of {}", self.context), dy.iter())?;
         let mut dx = Array2::<f32>::zeros((tokens, in_features));
-        match (&self.frozen, &cache.quantized) {
-            (Some(base), _) => {
+        match (&self.frozen, &cache.merged) {
+            (Some(frozen), _) => {
+                let base = if cache.quantized { frozen } else { &self.base };
                 gemm(1.0, dy, base.weight().view(), 0.0, dx.view_mut())?;
                 self.adapter
                     .backward_into(base, cache.input.view(), dy, dx.view_mut(), true)?;
             }
-            (None, Some(w_q)) => {
-                gemm(1.0, dy, w_q.view(), 0.0, dx.view_mut())?;
+            (None, Some(used)) => {
+                gemm(1.0, dy, used.view(), 0.0, dx.view_mut())?;
                 let mut grad_w = self
                     .scratch
                     .take()
                     .unwrap_or_else(|| Array2::zeros((out_features, in_features)));
                 gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
-                let grads = self.grid.get_mut().backward(grad_w.view());
-                self.scratch = Some(grad_w);
-                let grads = grads?;
-                for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
-                    *acc += g;
-                }
-                let grad_v = grads.input;
+                // dV: through the quantizer's STE with fake quantization on; the identity
+                // (V itself was the weight) with it off.
+                let grad_v = if cache.quantized {
+                    let grads = self.grid.get_mut().backward(grad_w.view());
+                    self.scratch = Some(grad_w);
+                    let grads = grads?;
+                    for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
+                        *acc += g;
+                    }
+                    grads.input
+                } else {
+                    grad_w
+                };
                 let scale = self.adapter.scale();
                 let (a, b) = (self.adapter.a().clone(), self.adapter.b().clone());
                 let (grad_a, grad_b) = self.adapter.grads_mut();
                 // dA = s·Bᵀ·dV (r, in); dB = s·dV·Aᵀ (out, r).
                 gemm(scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
                 gemm(scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
+                if !cache.quantized && self.scratch.is_none() {
+                    self.scratch = Some(grad_v);
+                }
             }
             (None, None) => {
                 return Err(LoraError::state(
                     "backward",
                     &self.context,
-                    "the stored forward has no quantized weight",
+                    "the stored forward has no weight",
                 ))
             }
         }
@@ -451,8 +557,8 @@ impl LoraQatLinear {
     /// these layouts): an error says so.
     pub fn export(&mut self, name: &str) -> Result<Vec<(String, OwnedTensor)>> {
         let target = match self.mode {
-            QatMode::QuantizeMerged => merged_weight(&self.weight, &self.adapter)?,
-            QatMode::FrozenQuantizedBase => self.weight.clone(),
+            QatMode::QuantizeMerged => merged_weight(self.base.weight(), &self.adapter)?,
+            QatMode::FrozenQuantizedBase => self.base.weight().clone(),
         };
         let spec = |kind| TensorQuantSpec {
             kind,

@@ -501,3 +501,83 @@ fn caller_mistakes_are_errors() {
         .to_string()
         .contains("Hadamard"));
 }
+
+#[test]
+fn fake_quant_off_is_lora_over_the_full_precision_weight_in_both_modes() {
+    let p = problem(8);
+    let cfg = config(QuantizerKind::Pi, Ste::Lsq);
+    let options = random_options(2, 4.0);
+    let close = |a: &Array2<f32>, b: &Array2<f32>, what: &str| {
+        let diff = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "{what}: max diff {diff}");
+    };
+    for mode in [QatMode::QuantizeMerged, QatMode::FrozenQuantizedBase] {
+        let mut layer =
+            LoraQatLinear::new(p.w.clone(), None, &options, &cfg, mode, 6, "warm").unwrap();
+        let quantized_y = layer.forward(p.x.view()).unwrap();
+        let steps = layer.quantizer_params().to_vec();
+        layer.set_fake_quant(false);
+        assert!(!layer.fake_quant());
+        let mut lora = LoraLinear::dense(p.w.clone(), None, "warm").unwrap();
+        lora.add_adapter("a", &options, 6).unwrap();
+        let y = layer.forward(p.x.view()).unwrap();
+        close(&y, &lora.forward(p.x.view()).unwrap(), "y");
+        close(
+            &layer.effective_weight().unwrap(),
+            &layer.merged_weight().unwrap(),
+            "effective weight",
+        );
+        let dx = layer.backward(p.dy.view()).unwrap();
+        close(&dx, &lora.backward(p.dy.view()).unwrap(), "dx");
+        let reference = lora.adapter("a").unwrap();
+        close(layer.adapter().grad_a(), reference.grad_a(), "dA");
+        close(layer.adapter().grad_b(), reference.grad_b(), "dB");
+        assert!(layer.grad_quantizer_params().iter().all(|&g| g == 0.0));
+        assert_eq!(layer.quantizer_params(), &steps[..]);
+        // Switched back on, the layer quantizes again, with θ as it was.
+        layer.set_fake_quant(true);
+        close(
+            &layer.forward(p.x.view()).unwrap(),
+            &quantized_y,
+            "y back on",
+        );
+        assert!(quantized_y
+            .iter()
+            .zip(y.iter())
+            .any(|(a, b)| (a - b).abs() > 1e-4));
+    }
+}
+
+#[test]
+fn recalibration_refits_the_quantizer_to_the_current_merged_weight() {
+    let p = problem(9);
+    let cfg = config(QuantizerKind::Uniform, Ste::Lsq);
+    let mut layer = LoraQatLinear::new(
+        p.w.clone(),
+        None,
+        &random_options(2, 4.0),
+        &cfg,
+        QatMode::QuantizeMerged,
+        2,
+        "recal",
+    )
+    .unwrap();
+    // Move the adapter; recalibration must fit θ to W + s·B·A as it is now.
+    let a = layer.adapter().a() * 3.0;
+    let b = layer.adapter().b() * 3.0;
+    layer
+        .adapter_mut()
+        .set_weights(a.view(), b.view(), None)
+        .unwrap();
+    layer.recalibrate(InitMethod::Absmax).unwrap();
+    let mut fresh = cfg.build().unwrap();
+    fresh
+        .init_from_weights(layer.merged_weight().unwrap().view(), InitMethod::Absmax)
+        .unwrap();
+    assert_eq!(layer.quantizer_params(), fresh.params());
+    assert!(layer.grad_quantizer_params().iter().all(|&g| g == 0.0));
+}

@@ -39,7 +39,7 @@ const OUTPUT_SEED_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 ///
 /// // A stand-in inner quantizer that rounds to multiples of 0.5 with a straight-through
 /// // gradient (the real ones live in the uniform / codebook modules).
-/// #[derive(Debug)]
+/// #[derive(Debug, Clone)]
 /// struct HalfStep;
 /// impl DifferentiableQuantizer for HalfStep {
 ///     fn bits(&self) -> u32 { 8 }
@@ -69,7 +69,7 @@ const OUTPUT_SEED_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 /// let grads = quantizer.backward(g.view()).unwrap();
 /// assert!((&grads.input - &g).iter().all(|d| d.abs() < 1e-5));
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct IncoherentQuantizer {
     inner: Box<dyn DifferentiableQuantizer>,
     input_rotation: HadamardRotation,

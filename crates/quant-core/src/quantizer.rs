@@ -39,8 +39,28 @@ pub enum InitMethod {
     MseClipSearch,
 }
 
+/// Cloning behind `Box<dyn DifferentiableQuantizer>`: implemented for every quantizer that is
+/// `Clone`, so an implementation only derives `Clone`. Layers holding a quantizer (and the
+/// models holding those layers) can then be cloned, e.g. to keep a teacher copy.
+pub trait QuantizerClone {
+    /// A boxed copy of this quantizer, learned parameters and saved state included.
+    fn clone_box(&self) -> Box<dyn DifferentiableQuantizer>;
+}
+
+impl<T: DifferentiableQuantizer + Clone + 'static> QuantizerClone for T {
+    fn clone_box(&self) -> Box<dyn DifferentiableQuantizer> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for Box<dyn DifferentiableQuantizer> {
+    fn clone(&self) -> Self {
+        self.as_ref().clone_box()
+    }
+}
+
 /// A quantizer with a forward pass that keeps what its backward pass needs.
-pub trait DifferentiableQuantizer: Send + Sync + std::fmt::Debug {
+pub trait DifferentiableQuantizer: QuantizerClone + Send + Sync + std::fmt::Debug {
     /// Bits per code.
     fn bits(&self) -> u32;
 

@@ -143,7 +143,7 @@ impl DifferentiableQuantizer for CubicMap {
 }
 
 /// Test double: returns its input unchanged (an infinitely fine grid).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PassThrough;
 
 impl DifferentiableQuantizer for PassThrough {
