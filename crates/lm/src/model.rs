@@ -161,12 +161,64 @@ pub struct ForwardPass {
     rstd_final: Vec<f32>,
     normed_final: Array2<f32>,
     logits: Array3<f32>,
+    /// Outputs of the layers asked for in an evaluation forward (which keeps no residuals).
+    recorded: Vec<(usize, Array2<f32>)>,
 }
 
 impl ForwardPass {
     /// `(batch, seq, vocab)` logits.
     pub fn logits(&self) -> &Array3<f32> {
         &self.logits
+    }
+
+    /// `(batch, seq)` of the pass.
+    pub fn batch_seq(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+
+    /// The output of decoder layer `layer` — the residual stream after it, before the next
+    /// layer's norm (after the last layer: before the final norm) — as `(batch·seq, hidden)`
+    /// with row `b·seq + t`, the layout the hidden-state and reasoning losses take. Errors when
+    /// `layer` is out of range.
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 16, 2, 2, 1).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 0).unwrap();
+    /// let ids = ndarray::array![[1u32, 2, 3]];
+    /// let pass = model.forward(ids.view(), None).unwrap();
+    /// assert_eq!(pass.hidden_state(1).unwrap().dim(), (3, 8));
+    /// assert!(pass.hidden_state(2).is_err());
+    /// ```
+    pub fn hidden_state(&self, layer: usize) -> Result<ArrayView2<'_, f32>> {
+        if self.layers.is_empty() {
+            // An evaluation pass keeps only the layers it was asked to record.
+            return self
+                .recorded
+                .iter()
+                .find(|(l, _)| *l == layer)
+                .map(|(_, h)| h.view())
+                .ok_or_else(|| {
+                    LmError::invalid(
+                        "hidden state layer",
+                        layer,
+                        format!(
+                            "this evaluation pass recorded layers {:?} only",
+                            self.recorded.iter().map(|(l, _)| *l).collect::<Vec<_>>()
+                        ),
+                    )
+                });
+        }
+        // residuals[i] enters layer i; the last one enters the final norm.
+        self.residuals
+            .get(layer + 1)
+            .map(|h| h.view())
+            .ok_or_else(|| {
+                LmError::invalid(
+                    "hidden state layer",
+                    layer,
+                    format!("the model has decoder layers 0..{}", self.layers.len()),
+                )
+            })
     }
 
     pub fn into_logits(self) -> Array3<f32> {
@@ -457,6 +509,27 @@ impl LlamaModel {
         }
     }
 
+    /// Restarts the dropout RNG of every adapter of every adapted projection from `seed`
+    /// (each from its own stream, derived from the module path and adapter name), so that
+    /// dropout masks are a function of a training loop's saved RNG. Merged adapters (which
+    /// draw no dropout) are skipped.
+    pub fn reseed_adapter_dropout(&mut self, seed: u64) -> Result<()> {
+        for (path, lin) in self.linear_modules_mut() {
+            if let Some(layer) = lin.adapted_mut() {
+                if layer.is_merged() {
+                    continue;
+                }
+                for name in layer.adapter_names() {
+                    let stream = format!("{path}/{name}");
+                    let derived =
+                        lora_core::LoraLinear::<lora_core::DenseBase>::derive_seed(seed, &stream);
+                    layer.adapter_mut(&name)?.reseed_dropout(derived);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sets every gradient buffer to zero (backward passes accumulate).
     pub fn zero_grad(&mut self) {
         self.embed_tokens.zero_grad();
@@ -636,7 +709,7 @@ impl LlamaModel {
         input_ids: ArrayView2<'_, u32>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<ForwardPass> {
-        self.forward_impl(input_ids, attention_mask, true)
+        self.forward_impl(input_ids, attention_mask, true, &[])
     }
 
     /// Logits `(batch, seq, vocab)` as [`LlamaModel::forward`] computes them, keeping only one
@@ -656,9 +729,65 @@ impl LlamaModel {
     ) -> Result<Array3<f32>> {
         self.in_eval_mode(|model| {
             Ok(model
-                .forward_impl(input_ids, attention_mask, false)?
+                .forward_impl(input_ids, attention_mask, false, &[])?
                 .into_logits())
         })
+    }
+
+    /// Logits as [`LlamaModel::logits`] and the outputs of decoder layers `layers` (see
+    /// [`ForwardPass::hidden_state`]), each `(batch·seq, hidden)`, in the order asked — what a
+    /// frozen teacher gives hidden-state and reasoning distillation. Errors on a layer out of
+    /// range.
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 16, 2, 2, 1).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 0).unwrap();
+    /// let ids = ndarray::array![[1u32, 2, 3]];
+    /// let (logits, hidden) = model.logits_and_hidden_states(ids.view(), None, &[1, 0]).unwrap();
+    /// let pass = model.forward(ids.view(), None).unwrap();
+    /// assert_eq!(&logits, pass.logits());
+    /// assert_eq!(hidden[0], pass.hidden_state(1).unwrap());
+    /// assert_eq!(hidden[1], pass.hidden_state(0).unwrap());
+    /// ```
+    pub fn logits_and_hidden_states(
+        &mut self,
+        input_ids: ArrayView2<'_, u32>,
+        attention_mask: Option<ArrayView2<'_, bool>>,
+        layers: &[usize],
+    ) -> Result<(Array3<f32>, Vec<Array2<f32>>)> {
+        self.check_layer_indices(layers)?;
+        self.in_eval_mode(|model| {
+            let mut pass = model.forward_impl(input_ids, attention_mask, false, layers)?;
+            let mut hidden = Vec::with_capacity(layers.len());
+            for &l in layers {
+                let pos = pass
+                    .recorded
+                    .iter()
+                    .position(|(r, _)| *r == l)
+                    .ok_or_else(|| LmError::Backward {
+                        reason: format!("layer {l} was not recorded"),
+                    })?;
+                // A layer asked twice is cloned; the last request takes the buffer.
+                if layers[..].iter().filter(|&&x| x == l).count() > 1 {
+                    hidden.push(pass.recorded[pos].1.clone());
+                } else {
+                    hidden.push(pass.recorded.swap_remove(pos).1);
+                }
+            }
+            Ok((pass.logits, hidden))
+        })
+    }
+
+    fn check_layer_indices(&self, layers: &[usize]) -> Result<()> {
+        let n = self.layers.len();
+        match layers.iter().find(|&&l| l >= n) {
+            Some(&l) => Err(LmError::invalid(
+                "hidden state layer",
+                l,
+                format!("the model has decoder layers 0..{n}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Runs `f` with adapter dropout off, then restores the model's training mode.
@@ -675,6 +804,7 @@ impl LlamaModel {
         input_ids: ArrayView2<'_, u32>,
         attention_mask: Option<ArrayView2<'_, bool>>,
         keep_activations: bool,
+        record_layers: &[usize],
     ) -> Result<ForwardPass> {
         let (batch, seq) = input_ids.dim();
         let (ids, key_mask) = self.check_inputs(input_ids, attention_mask)?;
@@ -700,7 +830,8 @@ impl LlamaModel {
         }
         let mut residuals = Vec::with_capacity(c.num_hidden_layers + 1);
         let mut saved = Vec::with_capacity(c.num_hidden_layers);
-        for layer in &mut self.layers {
+        let mut recorded = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
             let (x_out, acts) = layer_forward(
                 layer,
                 &c,
@@ -715,6 +846,8 @@ impl LlamaModel {
             if keep_activations {
                 residuals.push(x_in);
                 saved.push(acts);
+            } else if record_layers.contains(&i) {
+                recorded.push((i, x.clone()));
             }
         }
         let mut normed_final = Array2::<f32>::zeros((n, c.hidden_size));
@@ -760,6 +893,7 @@ impl LlamaModel {
             rstd_final,
             normed_final,
             logits,
+            recorded,
         })
     }
 
@@ -769,8 +903,40 @@ impl LlamaModel {
     /// consumed; its activations are freed layer by layer as the backward moves down.
     pub fn backward(
         &mut self,
+        pass: ForwardPass,
+        grad_logits: ArrayView3<'_, f32>,
+    ) -> Result<Array3<f32>> {
+        self.backward_with_hidden(pass, grad_logits, &[])
+    }
+
+    /// [`LlamaModel::backward`] with extra gradients `(layer, ∂L/∂h_layer)` of the decoder
+    /// layers' outputs (each `(batch·seq, hidden)`, see [`ForwardPass::hidden_state`]), as
+    /// hidden-state distillation and the reasoning loss produce them: each is added to the
+    /// gradient flowing down the residual stream where that layer's output is, so it reaches
+    /// every parameter below. A layer may appear more than once (the gradients add up).
+    ///
+    /// ```
+    /// let config = lm::LlamaConfig::new(16, 8, 16, 2, 2, 1).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 0).unwrap();
+    /// model.set_base_trainable(true);
+    /// let ids = ndarray::array![[1u32, 2, 3]];
+    /// let pass = model.forward(ids.view(), None).unwrap();
+    /// let zero_logits = ndarray::Array3::zeros(pass.logits().dim());
+    /// let grad_h = ndarray::Array2::ones((3, 8));
+    /// model.backward_with_hidden(pass, zero_logits.view(), &[(0, grad_h.view())]).unwrap();
+    /// // Layer 0's output gets a gradient: layer 0 trains, layer 1 (above it) does not.
+    /// let mut grads = std::collections::BTreeMap::new();
+    /// model.visit_parameters(|n, p| {
+    ///     grads.insert(n.to_string(), p.grad.unwrap().iter().any(|&g| g != 0.0)); Ok(())
+    /// }).unwrap();
+    /// assert!(grads["model.layers.0.mlp.down_proj.weight"]);
+    /// assert!(!grads["model.layers.1.mlp.down_proj.weight"]);
+    /// ```
+    pub fn backward_with_hidden(
+        &mut self,
         mut pass: ForwardPass,
         grad_logits: ArrayView3<'_, f32>,
+        grad_hidden: &[(usize, ArrayView2<'_, f32>)],
     ) -> Result<Array3<f32>> {
         let c = self.config.clone();
         let (batch, seq) = (pass.batch, pass.seq);
@@ -803,6 +969,37 @@ impl LlamaModel {
                 ),
             });
         }
+        for (k, (layer, g)) in grad_hidden.iter().enumerate() {
+            let context = format!("grad_hidden[{k}] (layer {layer})");
+            if *layer >= self.layers.len() {
+                return Err(LmError::invalid(
+                    "hidden state layer",
+                    layer,
+                    format!("the model has decoder layers 0..{}", self.layers.len()),
+                ));
+            }
+            if g.dim() != (n, c.hidden_size) {
+                return Err(LmError::shape(
+                    &context,
+                    format!("{n}×{} (batch·seq × hidden)", c.hidden_size),
+                    format!("{:?}", g.dim()),
+                ));
+            }
+            if let Some((i, v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(LmError::Backward {
+                    reason: format!(
+                        "{context} has non-finite value {v} at row {}, dim {}",
+                        i / c.hidden_size,
+                        i % c.hidden_size
+                    ),
+                });
+            }
+        }
+        let add_hidden_grads = |layer: usize, grad_x: &mut Array2<f32>| {
+            for (_, g) in grad_hidden.iter().filter(|(l, _)| *l == layer) {
+                *grad_x += g;
+            }
+        };
         if pass.layers.len() != self.layers.len() || pass.normed_final.ncols() != c.hidden_size {
             return Err(LmError::Backward {
                 reason: format!(
@@ -886,8 +1083,11 @@ impl LlamaModel {
             gw.map(|g| g.view_mut()),
         )?;
         drop(residual_final);
+        if let Some(last) = self.layers.len().checked_sub(1) {
+            add_hidden_grads(last, &mut grad_x);
+        }
 
-        for layer in self.layers.iter_mut().rev() {
+        for (i, layer) in self.layers.iter_mut().enumerate().rev() {
             let acts = pass.layers.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer layers than the model".into(),
             })?;
@@ -904,6 +1104,9 @@ impl LlamaModel {
                 shape,
                 &mut grad_x,
             )?;
+            if i > 0 {
+                add_hidden_grads(i - 1, &mut grad_x);
+            }
         }
 
         if let Some(g) = self.embed_tokens.grad_mut() {

@@ -238,3 +238,114 @@ fn right_padded_batch_gradients_match_finite_differences() {
         );
     }
 }
+
+/// `L = CE + Σ_k Σ c_k ⊙ h_{layer_k} + ½·Σ h_0²`: a loss reading decoder layers' outputs
+/// (layer 0 twice, as when hidden-state KD and the reasoning loss both read it).
+fn hidden_objective(
+    model: &mut LlamaModel,
+    ids: &Array2<u32>,
+    labels: &Array2<i64>,
+    weights: &[(usize, Array2<f32>)],
+) -> f64 {
+    let layers: Vec<usize> = weights.iter().map(|(l, _)| *l).collect();
+    let (logits, hidden) = model
+        .logits_and_hidden_states(ids.view(), None, &layers)
+        .unwrap();
+    let mut loss = lm::cross_entropy(logits.view(), labels.view())
+        .unwrap()
+        .loss as f64;
+    for ((_, c), h) in weights.iter().zip(&hidden) {
+        loss += c
+            .iter()
+            .zip(h.iter())
+            .map(|(&c, &h)| c as f64 * h as f64)
+            .sum::<f64>();
+    }
+    let h0 = model
+        .logits_and_hidden_states(ids.view(), None, &[0])
+        .unwrap()
+        .1;
+    loss + 0.5 * h0[0].iter().map(|&h| (h as f64).powi(2)).sum::<f64>() * 0.01
+}
+
+#[test]
+fn hidden_state_gradients_match_finite_differences() {
+    let mut model = tiny_model(false, 13);
+    let (ids, labels) = batch();
+    model.set_base_trainable(true);
+    let n = ids.len();
+    let hidden = model.config().hidden_size;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut draw = || Array2::from_shape_fn((n, hidden), |_| rng.random_range(-0.3f32..0.3));
+    let weights = vec![(0, draw()), (1, draw()), (0, draw())];
+
+    let pass = model.forward(ids.view(), None).unwrap();
+    let ce = lm::cross_entropy(pass.logits().view(), labels.view()).unwrap();
+    let h0_grad = pass.hidden_state(0).unwrap().mapv(|h| 0.01 * h);
+    let mut extra: Vec<(usize, ndarray::ArrayView2<'_, f32>)> =
+        weights.iter().map(|(l, c)| (*l, c.view())).collect();
+    extra.push((0, h0_grad.view()));
+    model
+        .backward_with_hidden(pass, ce.grad_logits.view(), &extra)
+        .unwrap();
+    let analytic = grads(&mut model);
+
+    let mut checked = 0;
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ] {
+        let g = &analytic[name];
+        let largest = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        for i in [largest, rng_pick(g.len(), checked)] {
+            let orig = set(&mut model, name, i, 0.0);
+            set(&mut model, name, i, orig + EPS);
+            let plus = hidden_objective(&mut model, &ids, &labels, &weights);
+            set(&mut model, name, i, orig - EPS);
+            let minus = hidden_objective(&mut model, &ids, &labels, &weights);
+            set(&mut model, name, i, orig);
+            let numeric = (plus - minus) / (2.0 * EPS as f64);
+            let a = g[i] as f64;
+            assert!(
+                (numeric - a).abs() <= 2e-3 + 3e-2 * a.abs(),
+                "{name}[{i}]: analytic {a}, numeric {numeric}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+}
+
+fn rng_pick(len: usize, salt: usize) -> usize {
+    (salt * 7919 + 13) % len
+}
+
+#[test]
+fn hidden_state_gradients_are_checked() {
+    let mut model = tiny_model(false, 13);
+    let (ids, _) = batch();
+    let hidden = model.config().hidden_size;
+    let pass = model.forward(ids.view(), None).unwrap();
+    assert!(pass.hidden_state(2).is_err());
+    let zeros = ndarray::Array3::zeros(pass.logits().dim());
+    let wrong = Array2::<f32>::zeros((3, hidden));
+    let err = model
+        .backward_with_hidden(pass, zeros.view(), &[(0, wrong.view())])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("grad_hidden[0]"), "{err}");
+    let pass = model.forward(ids.view(), None).unwrap();
+    let nan = Array2::<f32>::from_elem((ids.len(), hidden), f32::NAN);
+    assert!(model
+        .backward_with_hidden(pass, zeros.view(), &[(1, nan.view())])
+        .is_err());
+    assert!(model
+        .logits_and_hidden_states(ids.view(), None, &[5])
+        .is_err());
+}

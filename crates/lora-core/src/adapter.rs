@@ -330,6 +330,30 @@ impl LoraAdapter {
         Ok(delta)
     }
 
+    /// Restarts the dropout masks' RNG from `seed`: a training loop that reseeds every step
+    /// from its own saved RNG makes the masks a function of its state, so a resumed run
+    /// draws the masks the uninterrupted one would.
+    ///
+    /// ```
+    /// use lora_core::{AdapterOptions, LoraAdapter};
+    /// let mut options = AdapterOptions::new(2, 4.0);
+    /// options.dropout = 0.5;
+    /// let mut a = LoraAdapter::new(&options, 4, 3, 7, "demo").unwrap();
+    /// let mut b = a.clone();
+    /// let base = lora_core::DenseBase::new(ndarray::Array2::zeros((4, 3)), None, "demo").unwrap();
+    /// let x = ndarray::Array2::ones((5, 3));
+    /// let mut y = ndarray::Array2::zeros((5, 4));
+    /// a.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap(); // a's RNG moves on
+    /// a.reseed_dropout(1);
+    /// b.reseed_dropout(1);
+    /// a.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap();
+    /// b.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap();
+    /// assert_eq!(a.last_dropout_mask(), b.last_dropout_mask());
+    /// ```
+    pub fn reseed_dropout(&mut self, seed: u64) {
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
     /// Adds this adapter's contribution for input `x: (tokens, in)` into `y: (tokens, out)`.
     /// `base_out = x·Wᵀ` (bias excluded), when given, is the base product the layer already
     /// computed; DoRA reuses it when no dropout is applied and computes it otherwise. Dropout

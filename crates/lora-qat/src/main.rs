@@ -28,6 +28,9 @@ enum Command {
     Grads(commands::grads::GradsArgs),
     /// Continue a prompt of token ids (greedy or with a temperature).
     Generate(commands::generate::GenerateArgs),
+    /// Fine-tune adapters (LoRA, DoRA, QLoRA, LoRA-QAT) on text or token data, optionally
+    /// distilling from a teacher; writes a PEFT adapter, metrics CSV and a resumable checkpoint.
+    Train(Box<commands::train::TrainArgs>),
     /// Time the library's kernels on this machine.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Logits(args) => commands::logits::run(&args),
         Command::Grads(args) => commands::grads::run(&args),
         Command::Generate(args) => commands::generate::run(&args),
+        Command::Train(args) => commands::train::run(&args),
         Command::Bench(cmd) => commands::bench::run(&cmd),
     };
     match result {

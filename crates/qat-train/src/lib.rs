@@ -46,6 +46,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod loss;
@@ -53,5 +54,6 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod schedule;
+pub mod trainer;
 
 pub use error::{Result, TrainError};

@@ -24,9 +24,12 @@ pub struct StepMetrics {
     pub kd_loss: Option<f64>,
     /// Reasoning loss, when computed.
     pub reasoning_loss: Option<f64>,
+    /// Hidden-state distillation loss, when computed.
+    #[serde(default)]
+    pub hidden_loss: Option<f64>,
     /// Global gradient norm before clipping.
     pub grad_norm: Option<f32>,
-    /// Learning rate of the first parameter group at this step.
+    /// Learning rate at this step of the adapters' parameter group (the trainer's main group).
     pub lr: f32,
     /// Real (non-padding) tokens processed.
     pub tokens: usize,
@@ -66,6 +69,7 @@ impl StepMetrics {
             task_loss: loss.task,
             kd_loss: loss.kd,
             reasoning_loss: loss.reasoning.as_ref().map(|r| r.value),
+            hidden_loss: None,
             grad_norm,
             lr,
             tokens,
@@ -85,6 +89,7 @@ impl StepMetrics {
             ("task_loss", self.task_loss),
             ("kd_loss", self.kd_loss),
             ("reasoning_loss", self.reasoning_loss),
+            ("hidden_loss", self.hidden_loss),
             ("grad_norm", self.grad_norm.map(f64::from)),
             ("lr", Some(f64::from(self.lr))),
             ("seconds", Some(self.seconds)),
@@ -110,6 +115,31 @@ pub trait MetricsCallback {
     fn on_end(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Called after each evaluation on the validation set.
+    fn on_eval(&mut self, _metrics: &EvalMetrics) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What one evaluation on a validation set measured (means over its batches, no update).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Optimizer steps taken when evaluated.
+    pub step: u64,
+    /// The composite loss (the value early stopping watches).
+    pub total_loss: f64,
+    /// Task cross-entropy, when computed.
+    pub task_loss: Option<f64>,
+    /// Distillation loss, when computed.
+    pub kd_loss: Option<f64>,
+    /// Reasoning loss, when computed.
+    pub reasoning_loss: Option<f64>,
+    /// Hidden-state distillation loss, when computed.
+    pub hidden_loss: Option<f64>,
+    /// Batches evaluated.
+    pub batches: usize,
+    /// Real tokens evaluated.
+    pub tokens: usize,
 }
 
 /// Keeps every step's metrics in memory.
@@ -117,6 +147,8 @@ pub trait MetricsCallback {
 pub struct MetricsLog {
     /// The steps seen, in order.
     pub steps: Vec<StepMetrics>,
+    /// The evaluations seen, in order.
+    pub evals: Vec<EvalMetrics>,
 }
 
 impl MetricsCallback for MetricsLog {
@@ -124,10 +156,14 @@ impl MetricsCallback for MetricsLog {
         self.steps.push(metrics.clone());
         Ok(())
     }
+    fn on_eval(&mut self, metrics: &EvalMetrics) -> Result<()> {
+        self.evals.push(metrics.clone());
+        Ok(())
+    }
 }
 
 /// The CSV columns, in order.
-pub const CSV_HEADER: &str = "step,epoch,total_loss,task_loss,kd_loss,reasoning_loss,grad_norm,lr,tokens,seconds,tokens_per_second";
+pub const CSV_HEADER: &str = "step,epoch,total_loss,task_loss,kd_loss,reasoning_loss,hidden_loss,grad_norm,lr,tokens,seconds,tokens_per_second";
 
 /// Writes one CSV row per step (header first; absent values are empty cells).
 ///
@@ -136,7 +172,7 @@ pub const CSV_HEADER: &str = "step,epoch,total_loss,task_loss,kd_loss,reasoning_
 /// let mut csv = CsvMetricsWriter::new(Vec::new(), "memory");
 /// csv.on_step(&StepMetrics { step: 1, total_loss: 2.5, lr: 1e-3, tokens: 10, seconds: 2.0, ..Default::default() }).unwrap();
 /// let text = String::from_utf8(csv.into_inner().unwrap()).unwrap();
-/// assert_eq!(text.lines().nth(1).unwrap(), "1,0,2.5,,,,,0.001,10,2,5");
+/// assert_eq!(text.lines().nth(1).unwrap(), "1,0,2.5,,,,,,0.001,10,2,5");
 /// ```
 pub struct CsvMetricsWriter<W: Write> {
     writer: W,
@@ -222,6 +258,7 @@ impl<W: Write> MetricsCallback for CsvMetricsWriter<W> {
             cell(m.task_loss),
             cell(m.kd_loss),
             cell(m.reasoning_loss),
+            cell(m.hidden_loss),
             cell(m.grad_norm),
             m.lr.to_string(),
             m.tokens.to_string(),
@@ -257,6 +294,7 @@ mod tests {
             task_loss: Some(1.0),
             kd_loss: Some(0.75),
             reasoning_loss: None,
+            hidden_loss: None,
             grad_norm: Some(0.25),
             lr: 0.5,
             tokens: 100,
@@ -281,7 +319,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0], CSV_HEADER);
-        assert_eq!(lines[2], "2,1,1.5,1,0.75,,0.25,0.5,100,0.5,200");
+        assert_eq!(lines[2], "2,1,1.5,1,0.75,,,0.25,0.5,100,0.5,200");
         assert_eq!(
             lines[0].split(',').count(),
             lines[1].split(',').count(),

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod grads;
 pub mod logits;
 pub mod quantize;
+pub mod train;
 
 /// Errors of the command-line tool: library errors plus what only a CLI can get wrong.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum CliError {
     /// From the demo (task, teacher, training run, report).
     #[error(transparent)]
     Demo(#[from] lora_qat::demo::DemoError),
+    /// From qat-train (configuration, data, training, checkpoints).
+    #[error(transparent)]
+    Train(#[from] qat_train::TrainError),
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),

@@ -1,0 +1,326 @@
+//! `lora-qat train`: fine-tune a model's adapters on text or token data with the trainer of
+//! `qat-train`, writing a PEFT adapter directory, a metrics CSV and a resumable checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use lm::LlamaModel;
+use lora_core::LoraConfig;
+use qat_train::config::TrainConfig;
+use qat_train::data::{Dataset, Example};
+use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, StepMetrics};
+use qat_train::trainer::Trainer;
+
+use super::{CliError, CliResult};
+
+/// The adapter trained and saved.
+pub const ADAPTER_NAME: &str = "default";
+/// Files written under `--out`.
+pub const ADAPTER_DIR: &str = "adapter";
+pub const METRICS_FILE: &str = "metrics.csv";
+pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+pub const CONFIG_FILE: &str = "train_config.json";
+
+/// Which adapter the student gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdapterType {
+    /// LoRA on a full-precision base.
+    Lora,
+    /// DoRA (LoRA with a learned magnitude per output row).
+    Dora,
+    /// LoRA on a frozen quantized base (QLoRA-style).
+    Qlora,
+    /// LoRA trained through a learned weight quantizer of W + s·B·A.
+    LoraQat,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Hugging Face model directory (config.json + model.safetensors); a tokenizer.json beside
+    /// it tokenizes text data.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Training data: pre-tokenized JSONL (one `{"input_ids": [...], "labels": [...]?,
+    /// "step_mask": [...]?, "answer_mask": [...]?}` per line), or plain text, one example per
+    /// line, tokenized with the model directory's tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Validation data in the same formats, evaluated every `eval_every` steps (config) and at
+    /// the end.
+    #[arg(long, value_name = "FILE")]
+    pub validation: Option<PathBuf>,
+    /// Output directory: adapter/ (PEFT adapter), metrics.csv, checkpoint.json (+ its
+    /// tensors), train_config.json (the configuration in effect).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// The adapter to train.
+    #[arg(long, value_enum, default_value_t = AdapterType::Lora)]
+    pub adapter_type: AdapterType,
+    /// Adapter rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Adapter alpha (scale α/r); default 2·rank.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Adapter dropout probability.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    /// Comma-separated module names to adapt.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub target_modules: Vec<String>,
+    /// Start from this saved PEFT adapter directory (ours or PEFT's) instead of a fresh
+    /// adapter; the optimizer starts fresh.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub init_adapter: Option<PathBuf>,
+    /// Bits of the weight quantizer (qlora, lora-qat).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Quantizer grid (qlora, lora-qat): uniform, pi or nf4.
+    #[arg(long, default_value = "nf4")]
+    pub quantizer: String,
+    /// Straight-through estimator of the quantizer (lora-qat): lsq, ewgs, clipped, standard.
+    #[arg(long, default_value = "lsq")]
+    pub ste: String,
+    /// Frozen teacher model directory for distillation (KD on logits, reasoning and
+    /// hidden-state terms as the config's loss weights say; the `default` preset otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub teacher: Option<PathBuf>,
+    /// Learning rate of the adapters (overrides the config file).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Optimizer steps (overrides the config file).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Passes over the data when no step count is given (overrides the config file).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Examples per batch (overrides the config file).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Seed of the adapter init, data order and dropout (overrides the config file).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// JSON training configuration (qat_train::config::TrainConfig: optimizer, schedule,
+    /// loss weights, calibration, evaluation, ...); the flags above override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue the run saved in --out (checkpoint.json): adapter, optimizer moments, step,
+    /// RNG and data position, so the result equals an uninterrupted run. --max-steps may
+    /// extend it.
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn file_error(path: &Path, reason: impl ToString) -> CliError {
+    CliError::File {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The config in effect: the saved one when resuming, else `--config` or the defaults; then
+/// the flags.
+fn effective_config(args: &TrainArgs) -> CliResult<TrainConfig> {
+    let saved = args.out.join(CONFIG_FILE);
+    let mut config = if args.resume {
+        TrainConfig::from_json_file(&saved)?
+    } else if let Some(path) = &args.config {
+        TrainConfig::from_json_file(path)?
+    } else {
+        TrainConfig::default()
+    };
+    if let Some(lr) = args.lr {
+        config.optimizer.lr = lr;
+    }
+    if let Some(steps) = args.max_steps {
+        config.max_steps = Some(steps);
+    }
+    if let Some(epochs) = args.epochs {
+        config.epochs = Some(epochs);
+    }
+    if let Some(b) = args.batch_size {
+        config.batch_size = b;
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Reads a dataset: JSONL when the first non-blank line is a JSON object, text lines
+/// otherwise (tokenized with `tokenizer_dir/tokenizer.json`).
+pub fn read_dataset(path: &Path, tokenizer_dir: &Path) -> CliResult<Dataset> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
+    let first = text.lines().find(|l| !l.trim().is_empty());
+    if first.is_some_and(|l| l.trim_start().starts_with('{')) {
+        return Ok(Dataset::from_jsonl_str(&text, &path.display().to_string())?);
+    }
+    let tokenizer_path = tokenizer_dir.join("tokenizer.json");
+    if !tokenizer_path.is_file() {
+        return Err(file_error(
+            path,
+            format!(
+                "plain text needs a tokenizer: {} does not exist (or give pre-tokenized JSONL)",
+                tokenizer_path.display()
+            ),
+        ));
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| file_error(&tokenizer_path, e))?;
+    let mut examples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let encoding = tokenizer
+            .encode(line, true)
+            .map_err(|e| file_error(path, format!("line {}: {e}", i + 1)))?;
+        let ids = encoding.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(file_error(
+                path,
+                format!("line {}: tokenizes to no tokens", i + 1),
+            ));
+        }
+        examples.push(Example::new(ids));
+    }
+    Ok(Dataset::new(examples)?)
+}
+
+fn lora_config(args: &TrainArgs) -> LoraConfig {
+    let targets: Vec<&str> = args.target_modules.iter().map(String::as_str).collect();
+    let mut config = LoraConfig::new(
+        args.rank,
+        args.alpha.unwrap_or(2.0 * args.rank as f64),
+        &targets,
+    );
+    config.lora_dropout = args.dropout;
+    config.use_dora = args.adapter_type == AdapterType::Dora;
+    config
+}
+
+/// The student: the base with a fresh adapter (seeded by the run's seed) or the one in
+/// `--init-adapter`.
+fn build_student(args: &TrainArgs, config: &TrainConfig) -> CliResult<LlamaModel> {
+    let mut model = LlamaModel::from_pretrained(&args.model)?;
+    match args.adapter_type {
+        AdapterType::Lora | AdapterType::Dora => {}
+        AdapterType::Qlora | AdapterType::LoraQat => {
+            return Err(CliError::Usage(format!(
+                "--adapter-type {:?} needs lm's quantized adapters \
+                 (LlamaModel::inject_qat_adapters), not in this build",
+                args.adapter_type
+            )))
+        }
+    }
+    match &args.init_adapter {
+        Some(dir) => {
+            model.load_adapter(dir, ADAPTER_NAME, config.seed)?;
+        }
+        None => {
+            model.inject_adapters(&lora_config(args), ADAPTER_NAME, config.seed)?;
+        }
+    }
+    Ok(model)
+}
+
+/// A progress bar over optimizer steps showing the latest loss.
+struct Progress(ProgressBar);
+
+impl MetricsCallback for Progress {
+    fn on_step(&mut self, m: &StepMetrics) -> qat_train::Result<()> {
+        self.0.set_position(m.step);
+        self.0.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            m.total_loss,
+            m.lr,
+            m.tokens_per_second().unwrap_or(0.0)
+        ));
+        Ok(())
+    }
+    fn on_eval(&mut self, m: &EvalMetrics) -> qat_train::Result<()> {
+        self.0.println(format!(
+            "step {}: validation loss {:.4}",
+            m.step, m.total_loss
+        ));
+        Ok(())
+    }
+    fn on_end(&mut self) -> qat_train::Result<()> {
+        self.0.finish();
+        Ok(())
+    }
+}
+
+pub fn run(args: &TrainArgs) -> CliResult {
+    let config = effective_config(args)?;
+    let checkpoint = args.out.join(CHECKPOINT_FILE);
+    if args.resume && !checkpoint.is_file() {
+        return Err(file_error(
+            &checkpoint,
+            "--resume needs the checkpoint of an earlier run in --out",
+        ));
+    }
+    std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
+    let train = read_dataset(&args.data, &args.model)?;
+    let validation = args
+        .validation
+        .as_ref()
+        .map(|p| read_dataset(p, &args.model))
+        .transpose()?;
+    let student = build_student(args, &config)?;
+    let teacher = args
+        .teacher
+        .as_ref()
+        .map(LlamaModel::from_pretrained)
+        .transpose()?;
+    let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
+    let metrics_path = args.out.join(METRICS_FILE);
+    let mut csv = if args.resume {
+        trainer.load_checkpoint(&checkpoint)?;
+        if let Some(steps) = args.max_steps {
+            trainer.set_total_steps(steps)?;
+        }
+        CsvMetricsWriter::append(&metrics_path)?
+    } else {
+        CsvMetricsWriter::create(&metrics_path)?
+    };
+    let config_text = serde_json::to_string_pretty(&config)
+        .map_err(|e| file_error(&args.out.join(CONFIG_FILE), e))?;
+    quant_core::io::write_atomic(&args.out.join(CONFIG_FILE), config_text.as_bytes())?;
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(trainer.total_steps())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}] {msg}")
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+    );
+    bar.set_position(trainer.step_count());
+    let mut progress = Progress(bar);
+    let summary = trainer.train(&mut [&mut csv, &mut progress], Some(&checkpoint))?;
+    trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    if !args.quiet {
+        eprintln!(
+            "trained {} steps{}; adapter in {}",
+            summary.steps,
+            if summary.stopped_early {
+                " (stopped early)"
+            } else {
+                ""
+            },
+            args.out.join(ADAPTER_DIR).display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,843 @@
+//! The training loop: a student `lm` model (base + adapters) trained by real forward,
+//! backward and optimizer steps on the composite objective, with an optional frozen teacher,
+//! evaluation, early stopping and bit-identical resume.
+//!
+//! One optimizer step ([`Trainer::step`]):
+//!
+//! 1. For each of `gradient_accumulation` micro-batches: reseed the adapters' dropout from the
+//!    trainer's RNG; the student's forward keeps its activations; the teacher (evaluation
+//!    mode, no activations kept) gives logits and the hidden states the losses read; the
+//!    composite loss gives `∂L/∂logits` and `∂L/∂h` for the student layers the reasoning and
+//!    hidden-state terms read; [`LlamaModel::backward_with_hidden`] takes both, scaled by
+//!    `1/gradient_accumulation`, and accumulates every trainable tensor's gradient.
+//! 2. The global gradient norm is measured (and clipped to `max_grad_norm`); the optimizer
+//!    updates every trainable tensor with its group's learning rate times the schedule's
+//!    factor; gradients are zeroed.
+//!
+//! The reasoning loss is taken per sequence (its trajectory term must not join one example's
+//! last step to the next example's first) and averaged over the sequences that have step or
+//! answer positions.
+
+use std::path::Path;
+use std::time::Instant;
+
+use lm::LlamaModel;
+use ndarray::{s, Array2, ArrayView2};
+use rand::RngCore;
+
+use crate::checkpoint::{Checkpoint, CheckpointFiles, TrainRng, OPTIMIZER_PREFIX};
+use crate::config::{LayerPair, OptimizerKind, TrainConfig};
+use crate::data::{Batch, BatchConfig, DataLoader, Dataset};
+use crate::error::{Result, TrainError};
+use crate::loss::{
+    composite_loss, multi_layer_hidden_loss, reasoning_loss, CompositeInputs, CompositeOutput,
+    CompositeWeights, ReasoningOutput,
+};
+use crate::metrics::{EvalMetrics, MetricsCallback, StepMetrics};
+use crate::optim::{AdamW, Optimizer, Sgd};
+use crate::params::{clip_grad_norm, grad_norm, ParamFn, ParamVisitor};
+
+/// The trainable tensors of an `lm` model (those with a gradient buffer: active adapters,
+/// learned quantizer steps, base tensors made trainable) as a [`ParamVisitor`], under the
+/// model's parameter names.
+pub struct TrainableParams<'a>(pub &'a mut LlamaModel);
+
+impl ParamVisitor for TrainableParams<'_> {
+    fn visit_params(&mut self, f: &mut ParamFn<'_>) -> Result<()> {
+        // lm's callback returns lm::Result: keep the first TrainError aside and skip the rest.
+        let mut failure: Option<TrainError> = None;
+        self.0.visit_trainable_parameters(|name, p| {
+            if let (None, Some(grad)) = (&failure, p.grad) {
+                if let Err(e) = f(name, p.value, grad) {
+                    failure = Some(e);
+                }
+            }
+            Ok(())
+        })?;
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// The losses of one batch and the gradients they send into the student.
+struct BatchLoss {
+    composite: CompositeOutput,
+    hidden: Option<f64>,
+    /// `(student layer, ∂L/∂h)`, unscaled.
+    grad_hidden: Vec<(usize, Array2<f32>)>,
+}
+
+/// What a run ended with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainSummary {
+    /// Optimizer steps taken in total (including those before a resume).
+    pub steps: u64,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// The best validation loss seen, if evaluated.
+    pub best_eval_loss: Option<f64>,
+    /// The last evaluation, if any.
+    pub last_eval: Option<EvalMetrics>,
+}
+
+/// Trains a student [`LlamaModel`] (see the [module docs](self)).
+///
+/// ```
+/// use lm::{LlamaConfig, LlamaModel};
+/// use lora_core::LoraConfig;
+/// use qat_train::config::TrainConfig;
+/// use qat_train::data::{Dataset, Example};
+/// use qat_train::metrics::MetricsLog;
+/// use qat_train::trainer::Trainer;
+///
+/// let mut student = LlamaModel::random(LlamaConfig::new(16, 16, 32, 1, 2, 2).unwrap(), 1).unwrap();
+/// let targets = ["q_proj", "v_proj", "down_proj", "lm_head"];
+/// student.inject_adapters(&LoraConfig::new(4, 8.0, &targets), "default", 2).unwrap();
+/// let data = Dataset::new(vec![Example::new(vec![1, 2, 3, 4, 5, 6]); 2]).unwrap();
+/// let config = TrainConfig::from_json_str(
+///     r#"{"max_steps": 40, "batch_size": 2, "optimizer": {"lr": 0.01}}"#).unwrap();
+/// let mut trainer = Trainer::new(config, student, None, data, None).unwrap();
+/// let mut log = MetricsLog::default();
+/// let summary = trainer.train(&mut [&mut log], None).unwrap();
+/// assert_eq!(summary.steps, 40);
+/// assert!(log.steps[39].total_loss < 0.5 * log.steps[0].total_loss);
+/// ```
+pub struct Trainer {
+    config: TrainConfig,
+    weights: CompositeWeights,
+    student: LlamaModel,
+    teacher: Option<LlamaModel>,
+    optimizer: Box<dyn Optimizer>,
+    loader: DataLoader,
+    validation: Option<Dataset>,
+    rng: TrainRng,
+    step: u64,
+    total_steps: u64,
+    best_eval: Option<f64>,
+    evals_since_best: u64,
+    stopped_early: bool,
+    last_eval: Option<EvalMetrics>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .field("total_steps", &self.total_steps)
+            .field("has_teacher", &self.teacher.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A trainer at step 0. `student` is the model to train as it is (base + adapters
+    /// injected or loaded; whatever has a gradient buffer trains); `teacher`, when given, is
+    /// run in evaluation mode and never updated. Errors when the config is invalid, a loss
+    /// weight needs a teacher that is missing, a layer the losses read does not exist, the
+    /// student has nothing to train, or the data cannot be batched.
+    pub fn new(
+        config: TrainConfig,
+        mut student: LlamaModel,
+        mut teacher: Option<LlamaModel>,
+        train: Dataset,
+        validation: Option<Dataset>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let weights = config.loss.effective_weights(teacher.is_some())?;
+        let needs_teacher = weights.kd > 0.0
+            || weights.reasoning > 0.0
+            || config.loss.hidden.as_ref().is_some_and(|h| h.weight > 0.0);
+        if needs_teacher && teacher.is_none() {
+            return Err(TrainError::invalid(
+                "TrainConfig.loss",
+                format!(
+                    "kd {}, reasoning {}, hidden {:?}",
+                    weights.kd,
+                    weights.reasoning,
+                    config.loss.hidden.as_ref().map(|h| h.weight)
+                ),
+                "distillation and reasoning terms need a teacher model",
+            ));
+        }
+        if let Some(t) = &teacher {
+            let (sv, tv) = (student.config().vocab_size, t.config().vocab_size);
+            if sv != tv {
+                return Err(TrainError::shape(
+                    "teacher vocabulary (KD compares logits token by token)",
+                    sv,
+                    tv,
+                ));
+            }
+        }
+        let pairs = layer_pairs(&config, &student, teacher.as_ref(), &weights);
+        for (what, pair) in &pairs {
+            let s_layers = student.config().num_hidden_layers;
+            let t_layers = teacher.as_ref().map_or(0, |t| t.config().num_hidden_layers);
+            if pair.student >= s_layers || pair.teacher >= t_layers {
+                return Err(TrainError::invalid(
+                    format!("TrainConfig.loss.{what}"),
+                    format!("student {}, teacher {}", pair.student, pair.teacher),
+                    format!(
+                        "the student has decoder layers 0..{s_layers}, the teacher 0..{t_layers}"
+                    ),
+                ));
+            }
+        }
+        let mut trainable = 0usize;
+        student.visit_trainable_parameters(|_, p| {
+            trainable += p.value.len();
+            Ok(())
+        })?;
+        if trainable == 0 {
+            return Err(TrainError::invalid(
+                "student",
+                "0 trainable parameters",
+                "inject or load adapters (or make the base trainable) before training",
+            ));
+        }
+        student.set_training(true);
+        if let Some(t) = teacher.as_mut() {
+            t.set_training(false);
+            t.set_base_trainable(false);
+        }
+        let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
+        let micro_batches = config
+            .epochs
+            .unwrap_or(1)
+            .saturating_mul(loader.batches_per_epoch() as u64);
+        let total_steps = config
+            .max_steps
+            .unwrap_or_else(|| (micro_batches / config.gradient_accumulation as u64).max(1));
+        if let Some(v) = &validation {
+            if v.is_empty() {
+                return Err(TrainError::invalid(
+                    "validation dataset",
+                    "0 examples",
+                    "leave it out instead",
+                ));
+            }
+        }
+        let optimizer = build_optimizer(&config)?;
+        Ok(Self {
+            rng: TrainRng::new(config.seed),
+            weights,
+            student,
+            teacher,
+            optimizer,
+            loader,
+            validation,
+            step: 0,
+            total_steps,
+            best_eval: None,
+            evals_since_best: 0,
+            stopped_early: false,
+            last_eval: None,
+            config,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The composite weights in effect.
+    pub fn weights(&self) -> CompositeWeights {
+        self.weights
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Optimizer steps the run takes in total (`max_steps`, or epochs over the data).
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// Sets the number of optimizer steps the run takes in total (e.g. to extend a resumed
+    /// run); errors when it is zero.
+    pub fn set_total_steps(&mut self, steps: u64) -> Result<()> {
+        if steps == 0 {
+            return Err(TrainError::invalid("total steps", 0, "must be at least 1"));
+        }
+        self.total_steps = steps;
+        Ok(())
+    }
+
+    /// Whether the run is over (all steps taken, or stopped early).
+    pub fn is_finished(&self) -> bool {
+        self.stopped_early || self.step >= self.total_steps
+    }
+
+    /// The student.
+    pub fn student(&self) -> &LlamaModel {
+        &self.student
+    }
+
+    /// The student, mutably (e.g. to export merged weights).
+    pub fn student_mut(&mut self) -> &mut LlamaModel {
+        &mut self.student
+    }
+
+    /// The teacher, if any.
+    pub fn teacher(&self) -> Option<&LlamaModel> {
+        self.teacher.as_ref()
+    }
+
+    /// Ends the run and returns the student.
+    pub fn into_student(self) -> LlamaModel {
+        self.student
+    }
+
+    /// The learning-rate factor of the schedule at the current step.
+    fn lr_factor(&self) -> Result<f32> {
+        self.config.schedule.factor(self.step)
+    }
+
+    /// Runs steps until the run is over, calling every callback after each step and
+    /// evaluation; saves a checkpoint to `checkpoint` every `checkpoint_every` steps and at
+    /// the end, when a path is given. Callbacks' `on_end` is called once at the end.
+    pub fn train(
+        &mut self,
+        callbacks: &mut [&mut dyn MetricsCallback],
+        checkpoint: Option<&Path>,
+    ) -> Result<TrainSummary> {
+        while !self.is_finished() {
+            let metrics = self.step()?;
+            for cb in callbacks.iter_mut() {
+                cb.on_step(&metrics)?;
+            }
+            let eval_due = self
+                .config
+                .eval_every
+                .is_some_and(|every| self.step % every == 0 || self.step == self.total_steps);
+            if eval_due && self.validation.is_some() {
+                if let Some(eval) = self.evaluate_and_track()? {
+                    for cb in callbacks.iter_mut() {
+                        cb.on_eval(&eval)?;
+                    }
+                }
+            }
+            if let (Some(path), Some(every)) = (checkpoint, self.config.checkpoint_every) {
+                if self.step % every == 0 && !self.is_finished() {
+                    self.save_checkpoint(path)?;
+                }
+            }
+        }
+        if let Some(path) = checkpoint {
+            self.save_checkpoint(path)?;
+        }
+        for cb in callbacks.iter_mut() {
+            cb.on_end()?;
+        }
+        Ok(TrainSummary {
+            steps: self.step,
+            stopped_early: self.stopped_early,
+            best_eval_loss: self.best_eval,
+            last_eval: self.last_eval.clone(),
+        })
+    }
+
+    /// One optimizer step over `gradient_accumulation` micro-batches (see the module docs);
+    /// returns its metrics. Errors — before any parameter changes — on a non-finite loss or
+    /// gradient.
+    pub fn step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let micro = self.config.gradient_accumulation;
+        let scale = 1.0 / micro as f32;
+        let epoch = self.loader.cursor().epoch;
+        let mut tokens = 0usize;
+        let mut sums = LossSums::default();
+        self.student.zero_grad();
+        self.student.set_training(true);
+        for _ in 0..micro {
+            let batch = self.loader.next_batch()?;
+            tokens += batch.num_tokens();
+            self.student.reseed_adapter_dropout(self.rng.next_u64())?;
+            let student_layers = self.student_layers();
+            let teacher_out = self.teacher_outputs(&batch)?;
+            let pass = self
+                .student
+                .forward(batch.input_ids.view(), Some(batch.attention_mask.view()))?;
+            let (b, seq, vocab) = pass.logits().dim();
+            let logits = pass
+                .logits()
+                .view()
+                .into_shape_with_order((b * seq, vocab))
+                .map_err(|e| TrainError::shape("student logits", "contiguous", e))?;
+            let student_hidden: Vec<ArrayView2<'_, f32>> = student_layers
+                .iter()
+                .map(|&l| pass.hidden_state(l))
+                .collect::<lm::Result<_>>()?;
+            let loss = self.batch_loss(&batch, logits, &student_hidden, teacher_out.as_ref())?;
+            drop(student_hidden);
+            sums.add(&loss);
+            let grad_logits = (loss.composite.grad_logits * scale)
+                .into_shape_with_order((b, seq, vocab))
+                .map_err(|e| TrainError::shape("grad_logits", "contiguous", e))?;
+            let grad_hidden: Vec<(usize, Array2<f32>)> = loss
+                .grad_hidden
+                .into_iter()
+                .map(|(l, g)| (l, g * scale))
+                .collect();
+            let views: Vec<(usize, ArrayView2<'_, f32>)> =
+                grad_hidden.iter().map(|(l, g)| (*l, g.view())).collect();
+            self.student
+                .backward_with_hidden(pass, grad_logits.view(), &views)?;
+        }
+        let norm = match self.config.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut TrainableParams(&mut self.student), max)?,
+            None => grad_norm(&mut TrainableParams(&mut self.student))? as f32,
+        };
+        let factor = self.lr_factor()?;
+        self.optimizer
+            .step(&mut TrainableParams(&mut self.student), factor)?;
+        self.student.zero_grad();
+        self.step += 1;
+        let lr = self
+            .optimizer
+            .groups()
+            .groups()
+            .last()
+            .map_or(0.0, |g| g.lr * factor);
+        let metrics = StepMetrics {
+            step: self.step,
+            epoch,
+            total_loss: sums.total / micro as f64,
+            task_loss: sums.task.map(|v| v / micro as f64),
+            kd_loss: sums.kd.map(|v| v / micro as f64),
+            reasoning_loss: sums.reasoning.map(|v| v / micro as f64),
+            hidden_loss: sums.hidden.map(|v| v / micro as f64),
+            grad_norm: Some(norm),
+            lr,
+            tokens,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        metrics.validate()?;
+        Ok(metrics)
+    }
+
+    /// The student layers the losses read, in the order [`Trainer::batch_loss`] expects:
+    /// hidden-state pairs, then the reasoning layer.
+    fn student_layers(&self) -> Vec<usize> {
+        layer_pairs(
+            &self.config,
+            &self.student,
+            self.teacher.as_ref(),
+            &self.weights,
+        )
+        .iter()
+        .map(|(_, p)| p.student)
+        .collect()
+    }
+
+    /// Teacher logits `[N, V]` and hidden states (same order as [`Trainer::student_layers`]).
+    fn teacher_outputs(
+        &mut self,
+        batch: &Batch,
+    ) -> Result<Option<(Array2<f32>, Vec<Array2<f32>>)>> {
+        let layers: Vec<usize> = layer_pairs(
+            &self.config,
+            &self.student,
+            self.teacher.as_ref(),
+            &self.weights,
+        )
+        .iter()
+        .map(|(_, p)| p.teacher)
+        .collect();
+        let Some(teacher) = self.teacher.as_mut() else {
+            return Ok(None);
+        };
+        let (logits, hidden) = teacher.logits_and_hidden_states(
+            batch.input_ids.view(),
+            Some(batch.attention_mask.view()),
+            &layers,
+        )?;
+        let (b, seq, vocab) = logits.dim();
+        let logits = logits
+            .into_shape_with_order((b * seq, vocab))
+            .map_err(|e| TrainError::shape("teacher logits", "contiguous", e))?;
+        Ok(Some((logits, hidden)))
+    }
+
+    /// The composite loss of one batch from the student's logits `[N, V]` and hidden states
+    /// (order of [`Trainer::student_layers`]) and the teacher's outputs.
+    fn batch_loss(
+        &self,
+        batch: &Batch,
+        logits: ArrayView2<'_, f32>,
+        student_hidden: &[ArrayView2<'_, f32>],
+        teacher: Option<&(Array2<f32>, Vec<Array2<f32>>)>,
+    ) -> Result<BatchLoss> {
+        let w = self.weights;
+        let targets = batch.shifted_targets();
+        let row_mask: Vec<bool> = batch.attention_mask.iter().copied().collect();
+        let mut composite = composite_loss(
+            &CompositeWeights {
+                reasoning: 0.0,
+                ..w
+            },
+            &CompositeInputs {
+                student_logits: logits,
+                targets: &targets,
+                teacher_logits: teacher.map(|t| t.0.view()),
+                kd_row_mask: Some(&row_mask),
+                reasoning: None,
+            },
+        )?;
+        let pairs = layer_pairs(
+            &self.config,
+            &self.student,
+            self.teacher.as_ref(),
+            &self.weights,
+        );
+        let mut grad_hidden = Vec::new();
+        let mut hidden_value = None;
+        let mut k = 0;
+        if let (Some(h), Some((_, teacher_hidden))) = (&self.config.loss.hidden, teacher) {
+            if h.weight > 0.0 {
+                let n = h.layers.len();
+                let views: Vec<_> = (0..n)
+                    .map(|i| (student_hidden[i], teacher_hidden[i].view()))
+                    .collect();
+                let out = multi_layer_hidden_loss(&views, h.kind, Some(&row_mask))?;
+                composite.total += f64::from(h.weight) * out.value;
+                hidden_value = Some(out.value);
+                for (i, g) in out.grads.into_iter().enumerate() {
+                    grad_hidden.push((pairs[i].1.student, g * h.weight));
+                }
+                k = n;
+            }
+        }
+        if let (true, Some((_, teacher_hidden))) = (w.reasoning > 0.0, teacher) {
+            let (value, grad) =
+                self.sequence_reasoning(batch, student_hidden[k], teacher_hidden[k].view())?;
+            composite.total += f64::from(w.reasoning) * value.value;
+            grad_hidden.push((pairs[k].1.student, grad * w.reasoning));
+            composite.reasoning = Some(value);
+        }
+        if !composite.total.is_finite() {
+            return Err(TrainError::non_finite(
+                "training loss",
+                format!("step {}", self.step + 1),
+                composite.total,
+            ));
+        }
+        Ok(BatchLoss {
+            composite,
+            hidden: hidden_value,
+            grad_hidden,
+        })
+    }
+
+    /// The reasoning loss per sequence, averaged over sequences with step or answer
+    /// positions; the gradient `[N, D]` into the student's hidden states.
+    fn sequence_reasoning(
+        &self,
+        batch: &Batch,
+        student: ArrayView2<'_, f32>,
+        teacher: ArrayView2<'_, f32>,
+    ) -> Result<(ReasoningOutput, Array2<f32>)> {
+        let (rows, seq) = batch.input_ids.dim();
+        let dim = student.ncols();
+        let mut grad = Array2::<f32>::zeros((rows * seq, dim));
+        let none = vec![false; seq];
+        let mut total = ReasoningOutput {
+            value: 0.0,
+            step: 0.0,
+            trajectory: 0.0,
+            answer: 0.0,
+            steps: 0,
+            answers: 0,
+            grad: Array2::zeros((0, dim)),
+        };
+        let mut counted = 0usize;
+        let mut outputs = Vec::new();
+        for b in 0..rows {
+            let steps: Vec<bool> = batch
+                .step_mask
+                .as_ref()
+                .map_or_else(|| none.clone(), |m| m.row(b).to_vec());
+            let answers: Vec<bool> = batch
+                .answer_mask
+                .as_ref()
+                .map_or_else(|| none.clone(), |m| m.row(b).to_vec());
+            if !steps.iter().chain(&answers).any(|&m| m) {
+                continue;
+            }
+            let range = s![b * seq..(b + 1) * seq, ..];
+            let out = reasoning_loss(
+                student.slice(range),
+                teacher.slice(range),
+                &steps,
+                &answers,
+                &self.config.loss.reasoning,
+            )?;
+            counted += 1;
+            outputs.push((b, out));
+        }
+        let inv = if counted > 0 {
+            1.0 / counted as f64
+        } else {
+            0.0
+        };
+        for (b, out) in outputs {
+            total.value += inv * out.value;
+            total.step += inv * out.step;
+            total.trajectory += inv * out.trajectory;
+            total.answer += inv * out.answer;
+            total.steps += out.steps;
+            total.answers += out.answers;
+            let mut rows = grad.slice_mut(s![b * seq..(b + 1) * seq, ..]);
+            rows.zip_mut_with(&out.grad, |g, &o| *g = o * inv as f32);
+        }
+        Ok((total, grad))
+    }
+
+    /// Evaluates on the validation set (if any) without updating; see
+    /// [`Trainer::evaluate_dataset`].
+    pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
+        match self.validation.take() {
+            None => Ok(None),
+            Some(v) => {
+                let result = self.evaluate_dataset(&v);
+                self.validation = Some(v);
+                result.map(Some)
+            }
+        }
+    }
+
+    /// The objective's terms on `dataset` in file order (no shuffle, no dropout, no update),
+    /// averaged over its batches.
+    pub fn evaluate_dataset(&mut self, dataset: &Dataset) -> Result<EvalMetrics> {
+        let mut loader = DataLoader::new(dataset.clone(), batch_config(&self.config, false))?;
+        let batches = loader.batches_per_epoch();
+        let mut sums = LossSums::default();
+        let mut tokens = 0;
+        let layers = self.student_layers();
+        for _ in 0..batches {
+            let batch = loader.next_batch()?;
+            tokens += batch.num_tokens();
+            let teacher_out = self.teacher_outputs(&batch)?;
+            let (logits, hidden) = self.student.logits_and_hidden_states(
+                batch.input_ids.view(),
+                Some(batch.attention_mask.view()),
+                &layers,
+            )?;
+            let (b, seq, vocab) = logits.dim();
+            let logits = logits
+                .into_shape_with_order((b * seq, vocab))
+                .map_err(|e| TrainError::shape("student logits", "contiguous", e))?;
+            let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
+            let loss = self.batch_loss(&batch, logits.view(), &views, teacher_out.as_ref())?;
+            sums.add(&loss);
+        }
+        let n = batches as f64;
+        Ok(EvalMetrics {
+            step: self.step,
+            total_loss: sums.total / n,
+            task_loss: sums.task.map(|v| v / n),
+            kd_loss: sums.kd.map(|v| v / n),
+            reasoning_loss: sums.reasoning.map(|v| v / n),
+            hidden_loss: sums.hidden.map(|v| v / n),
+            batches,
+            tokens,
+        })
+    }
+
+    /// Evaluates and updates the early-stopping state.
+    fn evaluate_and_track(&mut self) -> Result<Option<EvalMetrics>> {
+        let Some(eval) = self.evaluate()? else {
+            return Ok(None);
+        };
+        let min_delta = self.config.early_stopping.map_or(0.0, |e| e.min_delta);
+        match self.best_eval {
+            Some(best) if eval.total_loss >= best - min_delta => self.evals_since_best += 1,
+            _ => {
+                self.best_eval = Some(eval.total_loss);
+                self.evals_since_best = 0;
+            }
+        }
+        if let Some(es) = self.config.early_stopping {
+            if self.evals_since_best >= es.patience {
+                self.stopped_early = true;
+            }
+        }
+        self.last_eval = Some(eval.clone());
+        Ok(Some(eval))
+    }
+
+    /// Saves everything a resume needs (see [`crate::checkpoint`]): the trainable tensors
+    /// (adapters, quantizer steps) and optimizer moments as tensors; step, config, RNG state,
+    /// data cursor and early-stopping state as JSON.
+    pub fn save_checkpoint(&mut self, path: &Path) -> Result<CheckpointFiles> {
+        let mut ckpt = Checkpoint::new(self.step, self.rng.state());
+        ckpt.add_params(&mut TrainableParams(&mut self.student))?;
+        ckpt.set_optimizer(&self.optimizer.state())?;
+        ckpt.config = serde_json::to_value(&self.config)
+            .map_err(|e| TrainError::invalid("TrainConfig", "serialization", e.to_string()))?;
+        ckpt.data_cursor = self.loader.cursor();
+        ckpt.extra = serde_json::json!({
+            "total_steps": self.total_steps,
+            "best_eval": self.best_eval,
+            "evals_since_best": self.evals_since_best,
+            "stopped_early": self.stopped_early,
+        });
+        ckpt.save(path)
+    }
+
+    /// Restores a checkpoint saved by [`Trainer::save_checkpoint`] into this trainer (built
+    /// with the same student adapters and data). Errors when a trainable tensor is missing or
+    /// extra, or when the run's seed, batch size or accumulation differ from the saved ones
+    /// (the saved data position would mean another order).
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let ckpt = Checkpoint::load(path)?;
+        let saved: TrainConfig =
+            serde_json::from_value(ckpt.config.clone()).map_err(|e| TrainError::Checkpoint {
+                file: path.to_path_buf(),
+                key: "config".into(),
+                reason: e.to_string(),
+            })?;
+        for (field, a, b) in [
+            ("seed", saved.seed, self.config.seed),
+            (
+                "batch_size",
+                saved.batch_size as u64,
+                self.config.batch_size as u64,
+            ),
+            (
+                "gradient_accumulation",
+                saved.gradient_accumulation as u64,
+                self.config.gradient_accumulation as u64,
+            ),
+            ("shuffle", saved.shuffle as u64, self.config.shuffle as u64),
+        ] {
+            if a != b {
+                return Err(TrainError::Checkpoint {
+                    file: path.to_path_buf(),
+                    key: format!("config.{field}"),
+                    reason: format!("saved {a}, this run {b}: resume with the saved value"),
+                });
+            }
+        }
+        let mut names = Vec::new();
+        TrainableParams(&mut self.student).visit_params(&mut |name, _, _| {
+            names.push(name.to_string());
+            Ok(())
+        })?;
+        if let Some(extra) = ckpt
+            .tensors
+            .iter()
+            .find(|t| !t.name.starts_with(OPTIMIZER_PREFIX) && !names.contains(&t.name))
+        {
+            return Err(TrainError::Checkpoint {
+                file: path.to_path_buf(),
+                key: extra.name.clone(),
+                reason: "the student has no trainable tensor of that name".into(),
+            });
+        }
+        let state = ckpt
+            .optimizer_state()?
+            .ok_or_else(|| TrainError::Checkpoint {
+                file: path.to_path_buf(),
+                key: "optimizer".into(),
+                reason: "no optimizer state saved".into(),
+            })?;
+        let mut optimizer = build_optimizer(&self.config)?;
+        optimizer.load_state(state)?;
+        ckpt.restore_params(&mut TrainableParams(&mut self.student))?;
+        self.loader.set_cursor(ckpt.data_cursor)?;
+        self.optimizer = optimizer;
+        self.rng = TrainRng::from_state(&ckpt.rng);
+        self.step = ckpt.step;
+        let extra = &ckpt.extra;
+        self.best_eval = extra.get("best_eval").and_then(|v| v.as_f64());
+        self.evals_since_best = extra
+            .get("evals_since_best")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        self.stopped_early = extra
+            .get("stopped_early")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        Ok(())
+    }
+
+    /// Writes the student's adapter `name` as a PEFT adapter directory
+    /// (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<()> {
+        Ok(self.student.save_adapter(dir, name)?)
+    }
+}
+
+/// Running sums of a step's or an evaluation's losses.
+#[derive(Default)]
+struct LossSums {
+    total: f64,
+    task: Option<f64>,
+    kd: Option<f64>,
+    reasoning: Option<f64>,
+    hidden: Option<f64>,
+}
+
+impl LossSums {
+    fn add(&mut self, loss: &BatchLoss) {
+        let acc = |sum: &mut Option<f64>, v: Option<f64>| {
+            if let Some(v) = v {
+                *sum = Some(sum.unwrap_or(0.0) + v);
+            }
+        };
+        self.total += loss.composite.total;
+        acc(&mut self.task, loss.composite.task);
+        acc(&mut self.kd, loss.composite.kd);
+        acc(
+            &mut self.reasoning,
+            loss.composite.reasoning.as_ref().map(|r| r.value),
+        );
+        acc(&mut self.hidden, loss.hidden);
+    }
+}
+
+/// The layer pairs the losses read: hidden-state pairs (when weighted), then the reasoning
+/// pair (when weighted; default the last layer of each model). Named for errors.
+fn layer_pairs(
+    config: &TrainConfig,
+    student: &LlamaModel,
+    teacher: Option<&LlamaModel>,
+    weights: &CompositeWeights,
+) -> Vec<(&'static str, LayerPair)> {
+    let mut pairs = Vec::new();
+    if let Some(h) = config.loss.hidden.as_ref().filter(|h| h.weight > 0.0) {
+        pairs.extend(h.layers.iter().map(|&p| ("hidden.layers", p)));
+    }
+    if weights.reasoning > 0.0 {
+        let last = |m: &LlamaModel| m.config().num_hidden_layers.saturating_sub(1);
+        let pair = config.loss.reasoning_layers.unwrap_or(LayerPair {
+            student: last(student),
+            teacher: teacher.map_or(0, last),
+        });
+        pairs.push(("reasoning_layers", pair));
+    }
+    pairs
+}
+
+fn batch_config(config: &TrainConfig, shuffle: bool) -> BatchConfig {
+    BatchConfig {
+        batch_size: config.batch_size,
+        pad_id: config.pad_id,
+        max_len: config.max_len,
+        shuffle,
+        drop_last: false,
+        seed: config.seed,
+    }
+}
+
+fn build_optimizer(config: &TrainConfig) -> Result<Box<dyn Optimizer>> {
+    let groups = config.optimizer.param_groups()?;
+    Ok(match config.optimizer.kind {
+        OptimizerKind::Adamw => Box::new(AdamW::new(config.optimizer.adamw, groups)?),
+        OptimizerKind::Sgd => Box::new(Sgd::new(config.optimizer.sgd, groups)?),
+    })
+}
