@@ -19,6 +19,9 @@ enum Command {
     /// The main job: post-training quantization against LoRA-QAT at 4, 3 and 2 bits on the
     /// embedded arithmetic task (the default command); `--pretrain` retrains the teacher.
     Demo(commands::demo::DemoArgs),
+    /// Perplexity of a model (optionally with an adapter) on a JSONL dataset, and exact-match
+    /// accuracy on demo-task problems.
+    Eval(commands::eval::EvalArgs),
     /// Quantize the 2-D floating-point tensors of a safetensors file (NF4/FP4 in the
     /// bitsandbytes layout transformers reads, or uniform/Pi in this project's packed layout).
     Quantize(commands::quantize::QuantizeArgs),
@@ -48,6 +51,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = match command {
         Command::Demo(args) => commands::demo::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
         Command::Quantize(args) => commands::quantize::run(&args),
         Command::Logits(args) => commands::logits::run(&args),
         Command::Grads(args) => commands::grads::run(&args),

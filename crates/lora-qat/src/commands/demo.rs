@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lora_qat::demo::eval::exact_match;
 use lora_qat::demo::pretrain::{pretrain, PretrainSettings};
 use lora_qat::demo::task::{draw_splits, Tokenizer};
+use lora_qat::demo::run::{run_demo, DemoSettings, Progress, RunPaths};
 use lora_qat::demo::TEACHER_DIR;
 
 use super::{CliError, CliResult};
@@ -33,6 +34,40 @@ pub struct DemoArgs {
     /// Where checkpoints of an unfinished run are kept.
     #[arg(long, default_value = "runs/work")]
     pub work_dir: PathBuf,
+    /// Where each run's directory (`<timestamp>/`: report.md, loss_curves.png, metrics CSVs,
+    /// adapters, test.jsonl) is created.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// A short run for CI smoke tests (under two minutes): fewer test problems and steps.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the summary `{"teacher_accuracy", "rows": [{"bits", "ptq_accuracy",
+    /// "qat_accuracy"}], "seconds"}` to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Bit widths to run (default 4,3,2).
+    #[arg(long, value_delimiter = ',')]
+    pub bits: Option<Vec<u32>>,
+    /// LoRA-QAT optimizer steps per bit width (default: 300, or 40 with --quick).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// A JSON file of demo settings replacing the built-in ones (the `settings` block of a
+    /// run's report.md has the format).
+    #[arg(long, value_name = "FILE")]
+    pub settings: Option<PathBuf>,
+}
+
+/// Progress bars on the terminal (hidden when stderr is not one).
+struct TerminalProgress;
+
+impl Progress for TerminalProgress {
+    fn bar(&self, len: u64, label: &str) -> ProgressBar {
+        bar(len, label)
+    }
+
+    fn note(&self, text: &str) {
+        eprintln!("{text}");
+    }
 }
 
 /// A handler that turns Ctrl-C into a flag the training loops check between steps.
@@ -68,7 +103,47 @@ pub fn run(args: &DemoArgs) -> CliResult {
     if args.pretrain {
         return run_pretrain(args, &stop);
     }
-    Err(CliError::Usage("the demo run is not built yet".into()))
+    let mut settings = match &args.settings {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| CliError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            serde_json::from_str(&text).map_err(|e| CliError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?
+        }
+        None if args.quick => DemoSettings::quick(),
+        None => DemoSettings::full(),
+    };
+    if let Some(bits) = &args.bits {
+        settings.bits = bits.clone();
+    }
+    if let Some(steps) = args.steps {
+        settings.set_steps(steps)?;
+    }
+    let paths = RunPaths {
+        teacher: args.teacher.clone(),
+        runs_dir: args.runs_dir.clone(),
+        work_dir: args.work_dir.clone(),
+    };
+    let report = run_demo(&settings, &paths, args.resume, &stop, &TerminalProgress)?;
+    println!();
+    print!("{}", report.table_markdown());
+    println!(
+        "\n{} test problems; {:.1} s in all; files in {}",
+        report.test_problems,
+        report.seconds,
+        report.run_dir.display()
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report.json_summary()).map_err(|e| {
+            CliError::Usage(format!("cannot serialize the summary: {e}"))
+        })?;
+        lora_qat::demo::report::write_text(path, &json)?;
+    }
+    Ok(())
 }
 
 fn run_pretrain(args: &DemoArgs, stop: &AtomicBool) -> CliResult {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_train;
 pub mod demo;
+pub mod eval;
 pub mod generate;
 pub mod grads;
 pub mod logits;

@@ -6,12 +6,14 @@
 //! * [`task`] — the embedded task: problems, the character tokenizer, splits and masks.
 //! * [`eval`] — exact-match accuracy by greedy generation, perplexity.
 //! * [`pretrain`] — training the fp32 teacher from scratch, reproducibly.
+//! * [`run`] — the demo run itself: PTQ and LoRA-QAT per bit width, resumable.
 //! * [`report`] — the table, `report.md`, the JSON summary and the loss-curve PNG.
 
 pub mod error;
 pub mod eval;
 pub mod pretrain;
 pub mod report;
+pub mod run;
 pub mod task;
 
 pub use error::{DemoError, Result};

@@ -38,6 +38,8 @@ pub struct DemoReport {
     pub seconds: f64,
     /// The settings, as JSON (printed into the report).
     pub settings: serde_json::Value,
+    /// Where the run's files are.
+    pub run_dir: std::path::PathBuf,
 }
 
 /// `{"teacher_accuracy", "rows": [{"bits", "ptq_accuracy", "qat_accuracy"}], "seconds"}`,
@@ -90,6 +92,7 @@ impl DemoReport {
     /// use lora_qat::demo::report::{BitsRow, DemoReport};
     /// let report = DemoReport {
     ///     teacher_accuracy: 0.98, test_problems: 100, seconds: 1.0, settings: serde_json::json!({}),
+    ///     run_dir: "runs/x".into(),
     ///     rows: vec![BitsRow { bits: 3, ptq_accuracy: 0.49, qat_accuracy: 0.98,
     ///                          qat_steps: 10, qat_seconds: 1.0, ptq_seconds: 0.1 }],
     /// };

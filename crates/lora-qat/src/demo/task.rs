@@ -313,6 +313,30 @@ impl Problem {
         }
     }
 
+    /// One JSONL line: the [`Example`] fields (what `qat_train::data::Dataset` reads) plus
+    /// `prompt`, `answer` and `text` (what `lora-qat eval` grades by exact match).
+    ///
+    /// ```
+    /// use lora_qat::demo::task::{Op, Problem, Tokenizer};
+    /// let line = Problem { a: 12, b: 30, op: Op::Add }.jsonl_line(&Tokenizer::new());
+    /// let ds = qat_train::data::Dataset::from_jsonl_str(&line, "line").unwrap();
+    /// assert_eq!(ds.len(), 1);
+    /// assert!(line.contains(r#""prompt":"012+030=""#));
+    /// ```
+    pub fn jsonl_line(&self, tokenizer: &Tokenizer) -> String {
+        let example = self.example(tokenizer);
+        serde_json::json!({
+            "input_ids": example.input_ids,
+            "labels": example.labels,
+            "step_mask": example.step_mask,
+            "answer_mask": example.answer_mask,
+            "prompt": self.prompt(),
+            "answer": self.answer(),
+            "text": self.text(),
+        })
+        .to_string()
+    }
+
     /// Reads a problem back from its prompt (`347+285=`, with or without the `=`).
     pub fn parse_prompt(prompt: &str) -> Result<Self> {
         let bad = |reason: &str| DemoError::Tokenize {
