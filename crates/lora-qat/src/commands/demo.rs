@@ -10,8 +10,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use lora_qat::demo::eval::exact_match;
 use lora_qat::demo::pretrain::{pretrain, PretrainSettings};
-use lora_qat::demo::task::{draw_splits, Tokenizer};
 use lora_qat::demo::run::{run_demo, DemoSettings, Progress, RunPaths};
+use lora_qat::demo::task::{draw_splits, Tokenizer};
 use lora_qat::demo::TEACHER_DIR;
 
 use super::{CliError, CliResult};
@@ -88,11 +88,9 @@ fn stop_flag() -> CliResult<Arc<AtomicBool>> {
 fn bar(len: u64, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>14} [{bar:30}] {pos}/{len} {elapsed}/{eta} {msg}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {elapsed}/{eta} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
     );
     bar.set_prefix(label.to_string());
     bar
@@ -138,9 +136,8 @@ pub fn run(args: &DemoArgs) -> CliResult {
         report.run_dir.display()
     );
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report.json_summary()).map_err(|e| {
-            CliError::Usage(format!("cannot serialize the summary: {e}"))
-        })?;
+        let json = serde_json::to_string_pretty(&report.json_summary())
+            .map_err(|e| CliError::Usage(format!("cannot serialize the summary: {e}")))?;
         lora_qat::demo::report::write_text(path, &json)?;
     }
     Ok(())
@@ -153,8 +150,7 @@ fn run_pretrain(args: &DemoArgs, stop: &AtomicBool) -> CliResult {
     }
     let progress = bar(settings.steps, "pretrain");
     let started = Instant::now();
-    let (model, log) = pretrain(&settings, &args.work_dir, args.resume, stop, &progress)
-        ?;
+    let (model, log) = pretrain(&settings, &args.work_dir, args.resume, stop, &progress)?;
     progress.finish();
     model.save_pretrained(&args.teacher)?;
     let tokenizer = Tokenizer::new();

@@ -51,11 +51,10 @@ fn problems(path: &Path, text: &str) -> CliResult<Option<Vec<Problem>>> {
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| CliError::File {
-                path: path.display().to_string(),
-                reason: format!("line {}: {e}", i + 1),
-            })?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| CliError::File {
+            path: path.display().to_string(),
+            reason: format!("line {}: {e}", i + 1),
+        })?;
         if let Some(prompt) = value.get("prompt").and_then(|p| p.as_str()) {
             out.push(Problem::parse_prompt(prompt).map_err(|e| CliError::File {
                 path: path.display().to_string(),

@@ -67,7 +67,7 @@ impl Default for PretrainSettings {
                 test: 500,
                 seed: 2024,
             },
-            steps: 2400,
+            steps: 1600,
             batch_size: 32,
             lr: 3e-3,
             warmup_steps: 100,
@@ -112,6 +112,27 @@ pub fn trainable(model: &mut LlamaModel) -> impl ParamVisitor + '_ {
 /// The checkpoint file pretraining writes in `work_dir`.
 pub fn checkpoint_path(work_dir: &Path) -> PathBuf {
     work_dir.join("pretrain-checkpoint.json")
+}
+
+/// Deletes a finished run's checkpoint: the JSON file and every tensor file of its name
+/// (`{stem}.{id}.safetensors`, as qat-train names them). Missing files are not an error.
+pub fn remove_checkpoint(json_path: &Path) -> Result<()> {
+    let (Some(dir), Some(stem)) = (json_path.parent(), json_path.file_stem()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}.", stem.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(".safetensors") {
+                std::fs::remove_file(entry.path()).map_err(|e| DemoError::io(entry.path(), e))?;
+            }
+        }
+    }
+    match std::fs::remove_file(json_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DemoError::io(json_path, e)),
+        _ => Ok(()),
+    }
 }
 
 /// Trains the teacher from `LlamaModel::random(teacher_config(), seed)` on the training split.
@@ -162,9 +183,8 @@ pub fn pretrain(
         total_steps: settings.steps,
         min_ratio: settings.min_lr_ratio,
     };
-    let settings_json = serde_json::to_value(settings).map_err(|e| {
-        DemoError::invalid("pretraining settings", "JSON", e.to_string())
-    })?;
+    let settings_json = serde_json::to_value(settings)
+        .map_err(|e| DemoError::invalid("pretraining settings", "JSON", e.to_string()))?;
     let ckpt_path = checkpoint_path(work_dir);
     let mut log = PretrainLog::default();
     let mut step = 0u64;
@@ -201,9 +221,8 @@ pub fn pretrain(
         ckpt.add_params(&mut trainable(model))?;
         ckpt.set_optimizer(&optimizer.state())?;
         ckpt.data_cursor = loader.cursor();
-        ckpt.extra = serde_json::to_value(log).map_err(|e| {
-            DemoError::invalid("pretraining log", "JSON", e.to_string())
-        })?;
+        ckpt.extra = serde_json::to_value(log)
+            .map_err(|e| DemoError::invalid("pretraining log", "JSON", e.to_string()))?;
         ckpt.save(&ckpt_path)?;
         Ok(())
     };
@@ -248,5 +267,6 @@ pub fn pretrain(
     }
     log.seconds = seconds_before + started.elapsed().as_secs_f64();
     model.set_base_trainable(false);
+    remove_checkpoint(&ckpt_path)?;
     Ok((model, log))
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{DemoError, Result};
 use super::eval::exact_match;
-use super::pretrain::PretrainSettings;
+use super::pretrain::{remove_checkpoint, PretrainSettings};
 use super::report::{curves, plot_loss_curves, write_text, BitsRow, DemoReport};
 use super::task::{draw_splits, Problem, Tokenizer};
 
@@ -40,7 +40,8 @@ pub struct DemoSettings {
     pub train_problems: usize,
     /// Validation problems the trainer's loss is measured on.
     pub validation_problems: usize,
-    /// The quantizer of both PTQ and LoRA-QAT at each bit width (`bits` is replaced).
+    /// The quantizer of PTQ and LoRA-QAT at each bit width (`bits` is replaced; PTQ runs with
+    /// both initialisations, LoRA-QAT starts from `init`).
     pub quantizer: QatConfig,
     /// LoRA rank and alpha, on all seven projections of every layer.
     pub lora_rank: usize,
@@ -79,7 +80,7 @@ impl DemoSettings {
             quantizer: QatConfig {
                 quantizer: QuantizerKind::Uniform,
                 bits: 4,
-                granularity: Granularity::PerBlock { size: 32 },
+                granularity: Granularity::PerChannel,
                 ste: Ste::Lsq,
                 pi_k: None,
                 symmetric: true,
@@ -332,7 +333,10 @@ pub fn run_demo(
     };
     std::fs::create_dir_all(&state.run_dir).map_err(|e| DemoError::io(&state.run_dir, e))?;
     let test_lines: Vec<String> = test.iter().map(|p| p.jsonl_line(&tokenizer)).collect();
-    write_text(&state.run_dir.join("test.jsonl"), &(test_lines.join("\n") + "\n"))?;
+    write_text(
+        &state.run_dir.join("test.jsonl"),
+        &(test_lines.join("\n") + "\n"),
+    )?;
     let seconds_before = state.seconds;
     let elapsed = || seconds_before + started.elapsed().as_secs_f64();
     progress.note(&format!(
@@ -347,14 +351,23 @@ pub fn run_demo(
         }
         let quantizer = settings.quantizer_at(bits)?;
 
-        // Post-training quantization: round to nearest, no data.
+        // Post-training quantization, no data: round to nearest with the grid fitted to each
+        // group's absmax (plain RTN), then with the MSE-optimal clip (RTN + clip search).
         let ptq_started = Instant::now();
-        let mut ptq = teacher.clone();
-        ptq.quantize_linears_rtn(&quantizer)?;
-        let bar = progress.bar(test.len() as u64, &format!("PTQ {bits}-bit"));
-        let ptq_em = exact_match(&ptq, test, &tokenizer, Some(&bar))?;
-        bar.finish();
-        drop(ptq);
+        let mut ptq_accuracy = [0.0; 2];
+        for (slot, (init, label)) in [
+            (InitMethod::Absmax, "RTN"),
+            (InitMethod::MseClipSearch, "RTN+clip"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut ptq = teacher.clone();
+            ptq.quantize_linears_rtn(&QatConfig { init, ..quantizer })?;
+            let bar = progress.bar(test.len() as u64, &format!("{label} {bits}-bit"));
+            ptq_accuracy[slot] = exact_match(&ptq, test, &tokenizer, Some(&bar))?.accuracy();
+            bar.finish();
+        }
         let ptq_seconds = ptq_started.elapsed().as_secs_f64();
 
         // LoRA-QAT from the teacher's weights, distilled from the fp32 teacher.
@@ -416,15 +429,17 @@ pub fn run_demo(
         bar.finish();
         let row = BitsRow {
             bits: bits as u8,
-            ptq_accuracy: ptq_em.accuracy(),
+            ptq_accuracy: ptq_accuracy[0],
+            ptq_clip_accuracy: ptq_accuracy[1],
             qat_accuracy: qat_em.accuracy(),
             qat_steps: steps,
             qat_seconds,
             ptq_seconds,
         };
         progress.note(&format!(
-            "{bits}-bit: PTQ {:.1}%, LoRA-QAT {:.1}% (teacher {:.1}%)",
+            "{bits}-bit: RTN {:.1}%, RTN+clip {:.1}%, LoRA-QAT {:.1}% (teacher {:.1}%)",
             100.0 * row.ptq_accuracy,
+            100.0 * row.ptq_clip_accuracy,
             100.0 * row.qat_accuracy,
             100.0 * state.teacher_accuracy
         ));
@@ -432,7 +447,7 @@ pub fn run_demo(
         state.metrics.push((bits, metrics));
         state.seconds = elapsed();
         save_state(&paths.work_dir, &state)?;
-        let _ = std::fs::remove_file(&ckpt);
+        remove_checkpoint(&ckpt)?;
     }
 
     let report = DemoReport {

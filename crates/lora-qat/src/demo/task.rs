@@ -92,7 +92,10 @@ impl Tokenizer {
 
     /// The id of one character.
     pub fn id(&self, c: char) -> Option<u32> {
-        self.chars.iter().position(|&x| x == c).map(|i| i as u32 + 3)
+        self.chars
+            .iter()
+            .position(|&x| x == c)
+            .map(|i| i as u32 + 3)
     }
 
     /// The ids of `text` (no special tokens added); errors on a character outside the
@@ -118,15 +121,16 @@ impl Tokenizer {
                 EOS_ID => break,
                 PAD_ID | BOS_ID => {}
                 _ => {
-                    let c = self.chars.get(id as usize - 3).ok_or_else(|| {
-                        DemoError::Tokenize {
+                    let c = self
+                        .chars
+                        .get(id as usize - 3)
+                        .ok_or_else(|| DemoError::Tokenize {
                             text: format!("{ids:?}"),
                             reason: format!(
                                 "id {id} at {i} is outside the vocabulary 0..{}",
                                 self.vocab_size()
                             ),
-                        }
-                    })?;
+                        })?;
                     out.push(*c);
                 }
             }
@@ -510,7 +514,9 @@ mod tests {
         let ex = p.example(&t);
         assert_eq!(ex.input_ids.len(), MAX_TOKENS);
         let labels = ex.labels.unwrap();
-        assert!(labels[..1 + PROMPT_CHARS].iter().all(|&l| l == IGNORE_INDEX));
+        assert!(labels[..1 + PROMPT_CHARS]
+            .iter()
+            .all(|&l| l == IGNORE_INDEX));
         assert!(labels[1 + PROMPT_CHARS..].iter().all(|&l| l >= 0));
         let answer: Vec<u32> = ex
             .input_ids
