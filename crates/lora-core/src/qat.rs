@@ -196,7 +196,7 @@ impl LoraQatLinear {
                 format!("{:?}", adapter.shape()),
             ));
         }
-        if adapter.is_dora() {
+        if adapter.is_dora() || adapter.options().use_dora {
             return Err(LoraError::option(
                 format!("use_dora for {context}"),
                 true,

@@ -581,3 +581,21 @@ fn recalibration_refits_the_quantizer_to_the_current_merged_weight() {
     assert_eq!(layer.quantizer_params(), fresh.params());
     assert!(layer.grad_quantizer_params().iter().all(|&g| g == 0.0));
 }
+
+#[test]
+fn dora_options_are_refused_before_any_magnitude_exists() {
+    let p = problem(10);
+    let mut options = random_options(2, 4.0);
+    options.use_dora = true;
+    let err = LoraQatLinear::new(
+        p.w.clone(),
+        None,
+        &options,
+        &config(QuantizerKind::Uniform, Ste::Lsq),
+        QatMode::QuantizeMerged,
+        0,
+        "dora",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("DoRA"), "{err}");
+}

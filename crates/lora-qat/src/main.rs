@@ -34,6 +34,14 @@ enum Command {
     /// Fine-tune adapters (LoRA, DoRA, QLoRA, LoRA-QAT) on text or token data, optionally
     /// distilling from a teacher; writes a PEFT adapter, metrics CSV and a resumable checkpoint.
     Train(Box<commands::train::TrainArgs>),
+    /// Merge a PEFT adapter into its base one tensor at a time and write a transformers
+    /// checkpoint (dense f32/f16/bf16 or NF4), sharded past --max-shard-size.
+    Merge(commands::merge::MergeArgs),
+    /// Write a Llama model (optionally with an adapter merged) as a GGUF file for llama.cpp,
+    /// or with --lora the adapter alone as a GGUF LoRA adapter.
+    ExportGguf(commands::export_gguf::ExportGgufArgs),
+    /// Summarise a model or adapter directory, a safetensors file or a GGUF file.
+    Inspect(commands::inspect::InspectArgs),
     /// Time the library's kernels on this machine.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -57,6 +65,9 @@ fn main() -> std::process::ExitCode {
         Command::Grads(args) => commands::grads::run(&args),
         Command::Generate(args) => commands::generate::run(&args),
         Command::Train(args) => commands::train::run(&args),
+        Command::Merge(args) => commands::merge::run(&args),
+        Command::ExportGguf(args) => commands::export_gguf::run(&args),
+        Command::Inspect(args) => commands::inspect::run(&args),
         Command::Bench(cmd) => commands::bench::run(&cmd),
     };
     match result {

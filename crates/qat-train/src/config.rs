@@ -103,7 +103,7 @@ pub struct HiddenDistillConfig {
 
 /// The objective: composite weights, the reasoning loss's own weights and layers, optional
 /// hidden-state distillation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
     /// `λ_task, λ_kd, λ_reasoning, T`. `None`: the `default` preset with a teacher, the task
@@ -118,18 +118,6 @@ pub struct LossConfig {
     pub reasoning_layers: Option<LayerPair>,
     /// Hidden-state distillation, off by default.
     pub hidden: Option<HiddenDistillConfig>,
-}
-
-impl Default for LossConfig {
-    fn default() -> Self {
-        Self {
-            weights: None,
-            preset: None,
-            reasoning: ReasoningLossConfig::default(),
-            reasoning_layers: None,
-            hidden: None,
-        }
-    }
 }
 
 impl LossConfig {

@@ -5,10 +5,14 @@
 //! rate schedules, the calibration driver, and the trainer that runs real forward, backward and
 //! update steps on an `lm` model with `lora-core` adapters, with resumable checkpoints.
 //!
-//! Built so far (the calibration driver and the trainer that drives an `lm` model come next;
-//! `tests/lm_params.rs` shows the optimizer and checkpoints already driving an `lm` model
-//! through its `visit_parameters`):
+//! [`trainer::Trainer`] runs the loop on an `lm` student (LoRA, DoRA, QLoRA or LoRA-QAT adapters)
+//! with an optional frozen teacher: full-precision warm-up, calibration of the quantizer steps,
+//! fake-quantized training on the composite objective (task, KD, hidden-state, reasoning), with
+//! evaluation, early stopping, metrics callbacks and bit-identical resume. Its pieces:
 //!
+//! * [`config`] — [`config::TrainConfig`], the run's settings (serde, validated, errors naming
+//!   the field).
+//! * [`trainer`] — the loop, checkpoints of a run, export of the adapter and quantized weights.
 //! * [`loss`] — cross-entropy with ignore index, distillation with temperature, hidden-state
 //!   MSE/cosine, the reasoning-fidelity loss and the weighted composite, each returning its
 //!   value and the gradient with respect to the student's outputs.
@@ -21,7 +25,7 @@
 //!   resumable cursor.
 //! * [`checkpoint`] — a safetensors file plus a JSON file, written crash-safely and verified to
 //!   belong together on load; a serializable seeded RNG.
-//! * [`metrics`] — per-step metrics, a callback trait and a CSV writer.
+//! * [`metrics`] — per-step and evaluation metrics, a callback trait and a CSV writer.
 //!
 //! ```
 //! use ndarray::array;

@@ -21,8 +21,9 @@
 use std::path::Path;
 use std::time::Instant;
 
-use lm::LlamaModel;
+use lm::{LinearModule, LlamaModel};
 use ndarray::{s, Array2, ArrayView2};
+use quant_core::quantizer::InitMethod;
 use rand::RngCore;
 
 use crate::checkpoint::{Checkpoint, CheckpointFiles, TrainRng, OPTIMIZER_PREFIX};
@@ -58,12 +59,27 @@ impl ParamVisitor for TrainableParams<'_> {
     }
 }
 
+/// A teacher's logits `[N, V]` and the hidden states the losses read (each `[N, D]`).
+type TeacherOutputs = (Array2<f32>, Vec<Array2<f32>>);
+
 /// The losses of one batch and the gradients they send into the student.
 struct BatchLoss {
     composite: CompositeOutput,
     hidden: Option<f64>,
     /// `(student layer, ∂L/∂h)`, unscaled.
     grad_hidden: Vec<(usize, Array2<f32>)>,
+}
+
+/// What the calibration of the quantizer steps found: each candidate initialisation's mean
+/// training loss (fake quantization on) over the calibration batches, and the one kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CalibrationReport {
+    /// Optimizer step at which it ran (the end of the full-precision warm-up).
+    pub step: u64,
+    /// `(candidate, mean loss)`; empty when calibrating from the weights alone.
+    pub candidates: Vec<(InitMethod, f64)>,
+    /// The initialisation kept.
+    pub chosen: InitMethod,
 }
 
 /// What a run ended with.
@@ -116,6 +132,9 @@ pub struct Trainer {
     evals_since_best: u64,
     stopped_early: bool,
     last_eval: Option<EvalMetrics>,
+    /// LoRA-QAT layers of the student (whose fake quantization the phases switch).
+    quant_layers: usize,
+    calibration: Option<CalibrationReport>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -196,6 +215,10 @@ impl Trainer {
             ));
         }
         student.set_training(true);
+        let quant_layers = student
+            .linear_modules_mut()
+            .filter(|(_, lin)| matches!(lin, LinearModule::Qat(_)))
+            .count();
         if let Some(t) = teacher.as_mut() {
             t.set_training(false);
             t.set_base_trainable(false);
@@ -232,6 +255,8 @@ impl Trainer {
             evals_since_best: 0,
             stopped_early: false,
             last_eval: None,
+            quant_layers,
+            calibration: None,
             config,
         })
     }
@@ -289,6 +314,102 @@ impl Trainer {
     /// Ends the run and returns the student.
     pub fn into_student(self) -> LlamaModel {
         self.student
+    }
+
+    /// The student's LoRA-QAT layers (0 for LoRA, DoRA, QLoRA students).
+    pub fn quantized_layers(&self) -> usize {
+        self.quant_layers
+    }
+
+    /// Whether the student computes with fake quantization at the current step (LoRA-QAT
+    /// students after `quant_warmup_steps`).
+    pub fn fake_quant_active(&self) -> bool {
+        self.quant_layers > 0 && self.step >= self.config.quant_warmup_steps
+    }
+
+    /// The calibration this run did, once done.
+    pub fn calibration(&self) -> Option<&CalibrationReport> {
+        self.calibration.as_ref()
+    }
+
+    /// Fits the quantizer steps of a LoRA-QAT student to the weights they quantize now
+    /// (`W + s·B·A`): with `calibration.batches > 0`, each candidate initialisation (MSE clip
+    /// search, absmax) is scored by the mean training loss over the first batches of the data
+    /// (in file order, fake quantization on, no update) and the lowest kept; with `0`, MSE clip
+    /// search from the weights alone. [`Trainer::step`] runs it when fake quantization turns
+    /// on (at `quant_warmup_steps`, or step 0 with data); callable directly too. Errors when
+    /// the student has no LoRA-QAT layer.
+    pub fn calibrate(&mut self) -> Result<&CalibrationReport> {
+        if self.quant_layers == 0 {
+            return Err(TrainError::invalid(
+                "calibration",
+                "student",
+                "the student has no LoRA-QAT layer (inject_qat_adapters) to calibrate",
+            ));
+        }
+        self.student.set_fake_quant(true);
+        let mut candidates = Vec::new();
+        let chosen = if self.config.calibration.batches == 0 {
+            InitMethod::MseClipSearch
+        } else {
+            let mut loader = DataLoader::new(
+                self.loader.dataset().clone(),
+                batch_config(&self.config, false),
+            )?;
+            let n = self
+                .config
+                .calibration
+                .batches
+                .min(loader.batches_per_epoch());
+            let batches: Vec<Batch> = (0..n).map(|_| loader.next_batch()).collect::<Result<_>>()?;
+            for init in [InitMethod::MseClipSearch, InitMethod::Absmax] {
+                self.student.recalibrate_quantizers(init)?;
+                let mut total = 0.0;
+                for batch in &batches {
+                    total += self.eval_batch_loss(batch)?.composite.total;
+                }
+                candidates.push((init, total / n as f64));
+            }
+            // Ties keep the first (MSE clip search).
+            candidates
+                .iter()
+                .fold(
+                    None,
+                    |best: Option<(InitMethod, f64)>, &(init, loss)| match best {
+                        Some((_, b)) if b <= loss => best,
+                        _ => Some((init, loss)),
+                    },
+                )
+                .map_or(InitMethod::MseClipSearch, |(init, _)| init)
+        };
+        self.student.recalibrate_quantizers(chosen)?;
+        self.student.zero_grad();
+        Ok(self.calibration.insert(CalibrationReport {
+            step: self.step,
+            candidates,
+            chosen,
+        }))
+    }
+
+    /// Switches fake quantization for the current step's phase and calibrates when it turns
+    /// on: at the end of a full-precision warm-up, or at step 0 when calibrating with data.
+    fn enter_phase(&mut self) -> Result<()> {
+        if self.quant_layers == 0 {
+            return Ok(());
+        }
+        let warmup = self.config.quant_warmup_steps;
+        let quantized = self.step >= warmup;
+        self.student.set_fake_quant(quantized);
+        let turning_on = self.step == warmup
+            && (warmup > 0 || self.config.calibration.batches > 0)
+            && self
+                .calibration
+                .as_ref()
+                .is_none_or(|c| c.step != self.step);
+        if turning_on {
+            self.calibrate()?;
+        }
+        Ok(())
     }
 
     /// The learning-rate factor of the schedule at the current step.
@@ -350,6 +471,7 @@ impl Trainer {
         let epoch = self.loader.cursor().epoch;
         let mut tokens = 0usize;
         let mut sums = LossSums::default();
+        self.enter_phase()?;
         self.student.zero_grad();
         self.student.set_training(true);
         for _ in 0..micro {
@@ -434,10 +556,7 @@ impl Trainer {
     }
 
     /// Teacher logits `[N, V]` and hidden states (same order as [`Trainer::student_layers`]).
-    fn teacher_outputs(
-        &mut self,
-        batch: &Batch,
-    ) -> Result<Option<(Array2<f32>, Vec<Array2<f32>>)>> {
+    fn teacher_outputs(&mut self, batch: &Batch) -> Result<Option<TeacherOutputs>> {
         let layers: Vec<usize> = layer_pairs(
             &self.config,
             &self.student,
@@ -469,7 +588,7 @@ impl Trainer {
         batch: &Batch,
         logits: ArrayView2<'_, f32>,
         student_hidden: &[ArrayView2<'_, f32>],
-        teacher: Option<&(Array2<f32>, Vec<Array2<f32>>)>,
+        teacher: Option<&TeacherOutputs>,
     ) -> Result<BatchLoss> {
         let w = self.weights;
         let targets = batch.shifted_targets();
@@ -616,22 +735,10 @@ impl Trainer {
         let batches = loader.batches_per_epoch();
         let mut sums = LossSums::default();
         let mut tokens = 0;
-        let layers = self.student_layers();
         for _ in 0..batches {
             let batch = loader.next_batch()?;
             tokens += batch.num_tokens();
-            let teacher_out = self.teacher_outputs(&batch)?;
-            let (logits, hidden) = self.student.logits_and_hidden_states(
-                batch.input_ids.view(),
-                Some(batch.attention_mask.view()),
-                &layers,
-            )?;
-            let (b, seq, vocab) = logits.dim();
-            let logits = logits
-                .into_shape_with_order((b * seq, vocab))
-                .map_err(|e| TrainError::shape("student logits", "contiguous", e))?;
-            let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
-            let loss = self.batch_loss(&batch, logits.view(), &views, teacher_out.as_ref())?;
+            let loss = self.eval_batch_loss(&batch)?;
             sums.add(&loss);
         }
         let n = batches as f64;
@@ -645,6 +752,23 @@ impl Trainer {
             batches,
             tokens,
         })
+    }
+
+    /// The losses of one batch without keeping a backward pass (no dropout).
+    fn eval_batch_loss(&mut self, batch: &Batch) -> Result<BatchLoss> {
+        let layers = self.student_layers();
+        let teacher_out = self.teacher_outputs(batch)?;
+        let (logits, hidden) = self.student.logits_and_hidden_states(
+            batch.input_ids.view(),
+            Some(batch.attention_mask.view()),
+            &layers,
+        )?;
+        let (b, seq, vocab) = logits.dim();
+        let logits = logits
+            .into_shape_with_order((b * seq, vocab))
+            .map_err(|e| TrainError::shape("student logits", "contiguous", e))?;
+        let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
+        self.batch_loss(batch, logits.view(), &views, teacher_out.as_ref())
     }
 
     /// Evaluates and updates the early-stopping state.
@@ -766,9 +890,25 @@ impl Trainer {
     }
 
     /// Writes the student's adapter `name` as a PEFT adapter directory
-    /// (`adapter_config.json` + `adapter_model.safetensors`).
+    /// (`adapter_config.json` + `adapter_model.safetensors`); for a LoRA-QAT student also the
+    /// quantizer steps beside them (`lm::qat::QAT_STATE_FILE`, read by
+    /// `LlamaModel::load_qat_adapter`).
     pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<()> {
-        Ok(self.student.save_adapter(dir, name)?)
+        if self.quant_layers > 0 {
+            Ok(self.student.save_qat_adapter(dir, name)?)
+        } else {
+            Ok(self.student.save_adapter(dir, name)?)
+        }
+    }
+
+    /// Writes the LoRA-QAT student's quantized weights `Q(W + s·B·A)` (packed codes and
+    /// steps, `LlamaModel::export_quantized`) to one safetensors file; returns the number of
+    /// layers. Errors for a student without LoRA-QAT layers.
+    pub fn export_quantized(&mut self, path: &Path) -> Result<usize> {
+        self.student.set_fake_quant(true);
+        let count = self.student.export_quantized(path);
+        self.student.set_fake_quant(self.fake_quant_active());
+        Ok(count?)
     }
 }
 

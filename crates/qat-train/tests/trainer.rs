@@ -156,7 +156,10 @@ fn parameters(model: &mut LlamaModel) -> Vec<(String, Vec<f32>)> {
     out
 }
 
-fn losses(log: &MetricsLog) -> Vec<(u64, f64, Option<f64>, Option<f64>, Option<f32>)> {
+/// `(step, total, kd, reasoning, grad norm)` of a step.
+type StepLosses = (u64, f64, Option<f64>, Option<f64>, Option<f32>);
+
+fn losses(log: &MetricsLog) -> Vec<StepLosses> {
     log.steps
         .iter()
         .map(|m| {
@@ -283,4 +286,142 @@ fn early_stopping_ends_a_run_that_stops_improving() {
         summary.steps, 6,
         "evaluations at 2 (best), 4, 6 → patience 2 reached"
     );
+}
+
+fn qat_student(seed: u64) -> LlamaModel {
+    use lora_core::QatMode;
+    use quant_core::config::QatConfig;
+    let mut model = LlamaModel::random(tiny_config(), seed).unwrap();
+    let lora = LoraConfig::new(
+        4,
+        8.0,
+        &[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    );
+    let qat = QatConfig {
+        bits: 3,
+        ..QatConfig::piq3()
+    };
+    model
+        .inject_qat_adapters(&lora, &qat, QatMode::QuantizeMerged, "default", seed + 100)
+        .unwrap();
+    model
+}
+
+/// LoRA-QAT from an fp32 teacher (its own unquantized base) with KD + reasoning: two
+/// full-precision warm-up steps, calibration on data when fake quantization turns on, the
+/// quantizer steps training in their own group, and a bit-identical resume across the switch.
+#[test]
+fn lora_qat_student_distils_from_its_fp32_teacher_and_resumes_exactly() {
+    let make = || {
+        let teacher = LlamaModel::random(tiny_config(), 60).unwrap();
+        let examples = (0..6u32)
+            .map(|a| {
+                let ids: Vec<u32> = (0..10).map(|i| (a * 5 + i * 7) % 24).collect();
+                let mut e = Example::new(ids);
+                e.step_mask = Some((0..10).map(|i| i % 3 == 2).collect());
+                e.answer_mask = Some((0..10).map(|i| i == 9).collect());
+                e
+            })
+            .collect();
+        let config = config(
+            r#"{"max_steps": 30, "batch_size": 3, "seed": 2, "quant_warmup_steps": 2,
+                "optimizer": {"lr": 0.01, "quantizer_lr": 0.001},
+                "calibration": {"batches": 2},
+                "loss": {"weights": {"task": 0.0, "kd": 1.0, "reasoning": 1.0, "temperature": 2.0}}}"#,
+        );
+        Trainer::new(
+            config,
+            qat_student(60),
+            Some(teacher),
+            Dataset::new(examples).unwrap(),
+            None,
+        )
+        .unwrap()
+    };
+    let steps_of = |model: &mut LlamaModel| -> Vec<f32> {
+        let mut out = Vec::new();
+        model
+            .visit_trainable_parameters(|name, p| {
+                if name.ends_with(lm::QUANTIZER_STEP_SUFFIX) {
+                    out.extend_from_slice(p.value);
+                }
+                Ok(())
+            })
+            .unwrap();
+        out
+    };
+    let mut straight = make();
+    assert_eq!(straight.quantized_layers(), 14);
+    let initial_steps = steps_of(straight.student_mut());
+    let mut log_straight = MetricsLog::default();
+    straight.train(&mut [&mut log_straight], None).unwrap();
+    let report = straight.calibration().unwrap();
+    assert_eq!(report.step, 2);
+    assert_eq!(report.candidates.len(), 2);
+    assert!(straight.fake_quant_active());
+    assert_ne!(
+        steps_of(straight.student_mut()),
+        initial_steps,
+        "steps train"
+    );
+    // From the first quantized steps to the last: the student recovers the teacher.
+    let mean = |range: std::ops::Range<usize>, f: fn(&StepMetrics) -> f64| {
+        range
+            .clone()
+            .map(|i| f(&log_straight.steps[i]))
+            .sum::<f64>()
+            / range.len() as f64
+    };
+    let kd = |m: &StepMetrics| m.kd_loss.unwrap();
+    let reasoning = |m: &StepMetrics| m.reasoning_loss.unwrap();
+    let (kd0, kd1) = (mean(2..5, kd), mean(27..30, kd));
+    let (r0, r1) = (mean(2..5, reasoning), mean(27..30, reasoning));
+    assert!(kd1 < 0.7 * kd0, "KD {kd0} → {kd1}");
+    assert!(r1 < 0.7 * r0, "reasoning {r0} → {r1}");
+
+    // Resume across the warm-up → quantized switch.
+    let dir = std::env::temp_dir().join(format!("qat-trainer-qat-resume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ckpt.json");
+    for k in [1u64, 2, 5] {
+        let mut first_part = make();
+        let mut log = MetricsLog::default();
+        for _ in 0..k {
+            log.steps.push(first_part.step().unwrap());
+        }
+        first_part.save_checkpoint(&path).unwrap();
+        let mut resumed = make();
+        resumed.load_checkpoint(&path).unwrap();
+        resumed.train(&mut [&mut log], None).unwrap();
+        assert_eq!(
+            losses(&log),
+            losses(&log_straight),
+            "resumed after {k} steps"
+        );
+        assert_eq!(
+            parameters(resumed.student_mut()),
+            parameters(straight.student_mut())
+        );
+    }
+
+    // Export: the adapter with its quantizer steps, and the quantized merged weights.
+    straight
+        .save_adapter(&dir.join("adapter"), "default")
+        .unwrap();
+    assert!(dir.join("adapter").join(lm::QAT_STATE_FILE).is_file());
+    assert_eq!(
+        straight
+            .export_quantized(&dir.join("q.safetensors"))
+            .unwrap(),
+        14
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -212,7 +212,7 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
         .map_err(|e| QuantError::format(format!("file {}", path.display()), e.to_string()))
 }
 
-fn temp_path(path: &Path) -> PathBuf {
+pub(crate) fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -25,6 +25,8 @@ pub mod calibration;
 pub mod codebook;
 pub mod config;
 pub mod error;
+pub mod ggml;
+pub mod gguf;
 pub mod hadamard;
 pub mod incoherence;
 pub mod io;
@@ -36,6 +38,7 @@ pub mod packing;
 pub mod pi;
 pub mod quantizer;
 pub mod rounding;
+pub mod safetensors_stream;
 pub mod ste;
 pub mod uniform;
 

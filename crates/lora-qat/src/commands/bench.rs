@@ -36,6 +36,9 @@ pub enum BenchCommand {
     /// Forward + backward training throughput of LoRA (r=16 on every projection) on a random
     /// Llama (width 512, 8 layers, 8 heads, vocab 4096, seq 256), in tokens per second.
     Train(super::bench_train::BenchTrainArgs),
+    /// Peak resident memory (VmHWM) of the streaming merge of a LoRA adapter into a random
+    /// Llama, against the model's size on disk.
+    Merge(super::bench_merge::BenchMergeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +75,7 @@ pub fn run(cmd: &BenchCommand) -> CliResult {
         BenchCommand::Quant(args) => bench_quant(args),
         BenchCommand::Layer(args) => bench_layer(args),
         BenchCommand::Train(args) => super::bench_train::run(args),
+        BenchCommand::Merge(args) => super::bench_merge::run(args),
     }
 }
 

@@ -1,12 +1,16 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_merge;
 pub mod bench_train;
+pub mod export_gguf;
 pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod grads;
+pub mod inspect;
 pub mod logits;
+pub mod merge;
 pub mod quantize;
 pub mod train;
 

@@ -5,12 +5,16 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lm::LlamaModel;
-use lora_core::LoraConfig;
+use lm::{LinearModule, LlamaModel};
+use lora_core::qlora::Nf4Options;
+use lora_core::{LoraConfig, QatMode};
 use qat_train::config::TrainConfig;
 use qat_train::data::{Dataset, Example};
 use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, StepMetrics};
 use qat_train::trainer::Trainer;
+use quant_core::config::{QatConfig, QuantizerKind};
+use quant_core::ste::Ste;
+use quant_core::uniform::Granularity;
 
 use super::{CliError, CliResult};
 
@@ -21,6 +25,8 @@ pub const ADAPTER_DIR: &str = "adapter";
 pub const METRICS_FILE: &str = "metrics.csv";
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 pub const CONFIG_FILE: &str = "train_config.json";
+/// LoRA-QAT only: the quantized merged weights `Q(W + s·B·A)` (`LlamaModel::export_quantized`).
+pub const QUANTIZED_FILE: &str = "quantized.safetensors";
 
 /// Which adapter the student gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -33,6 +39,23 @@ pub enum AdapterType {
     Qlora,
     /// LoRA trained through a learned weight quantizer of W + s·B·A.
     LoraQat,
+}
+
+/// `--quantizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizerArg {
+    Uniform,
+    Pi,
+    Nf4,
+}
+
+/// `--ste`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SteArg {
+    Lsq,
+    Ewgs,
+    Clipped,
+    Standard,
 }
 
 #[derive(Debug, Args)]
@@ -50,8 +73,9 @@ pub struct TrainArgs {
     /// the end.
     #[arg(long, value_name = "FILE")]
     pub validation: Option<PathBuf>,
-    /// Output directory: adapter/ (PEFT adapter), metrics.csv, checkpoint.json (+ its
-    /// tensors), train_config.json (the configuration in effect).
+    /// Output directory: adapter/ (PEFT adapter; for lora-qat also the quantizer steps),
+    /// metrics.csv, checkpoint.json (+ its tensors), train_config.json (the configuration in
+    /// effect), and for lora-qat quantized.safetensors (the merged weights Q(W + s·B·A)).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// The adapter to train.
@@ -77,15 +101,20 @@ pub struct TrainArgs {
     /// adapter; the optimizer starts fresh.
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub init_adapter: Option<PathBuf>,
-    /// Bits of the weight quantizer (qlora, lora-qat).
+    /// Bits of the weight quantizer (qlora, lora-qat): 2..=8 for uniform and pi, 4 for nf4.
     #[arg(long, default_value_t = 4)]
     pub bits: u32,
-    /// Quantizer grid (qlora, lora-qat): uniform, pi or nf4.
-    #[arg(long, default_value = "nf4")]
-    pub quantizer: String,
-    /// Straight-through estimator of the quantizer (lora-qat): lsq, ewgs, clipped, standard.
-    #[arg(long, default_value = "lsq")]
-    pub ste: String,
+    /// Quantizer grid (qlora, lora-qat), per output channel: uniform (learned step), pi
+    /// (step α·π/3, learned α) or nf4 (NF4 codebook, learned absmax). For qlora, nf4 quantizes
+    /// the base as bitsandbytes does (blocks of 64, double quantization); a bnb-4bit model
+    /// directory is used as it is.
+    #[arg(long, value_enum, default_value_t = QuantizerArg::Nf4)]
+    pub quantizer: QuantizerArg,
+    /// Straight-through estimator of the quantizer's backward (lora-qat): lsq (learned step
+    /// size, step gradient scaled by 1/√(N·Qp)), ewgs (element-wise gradient scaling,
+    /// δ = 0.2), clipped (identity inside the range, zero outside), standard (identity).
+    #[arg(long, value_enum, default_value_t = SteArg::Lsq)]
+    pub ste: SteArg,
     /// Frozen teacher model directory for distillation (KD on logits, reasoning and
     /// hidden-state terms as the config's loss weights say; the `default` preset otherwise).
     #[arg(long, value_name = "DIR")]
@@ -208,28 +237,97 @@ fn lora_config(args: &TrainArgs) -> LoraConfig {
     config
 }
 
-/// The student: the base with a fresh adapter (seeded by the run's seed) or the one in
-/// `--init-adapter`.
+/// The quantizer `--quantizer`, `--bits` and `--ste` describe (per output channel,
+/// symmetric, MSE clip-search init).
+fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
+    let (quantizer, pi_k) = match args.quantizer {
+        QuantizerArg::Uniform => (QuantizerKind::Uniform, None),
+        QuantizerArg::Pi => (QuantizerKind::Pi, Some(3)),
+        QuantizerArg::Nf4 => (QuantizerKind::Nf4, None),
+    };
+    let ste = match args.ste {
+        SteArg::Lsq => Ste::Lsq,
+        SteArg::Ewgs => Ste::Ewgs { delta: 0.2 },
+        SteArg::Clipped => Ste::Clipped { clip: 1.0 },
+        SteArg::Standard => Ste::Standard,
+    };
+    let config = QatConfig {
+        quantizer,
+        bits: args.bits,
+        granularity: Granularity::PerChannel,
+        ste,
+        pi_k,
+        ..QatConfig::piq3()
+    };
+    config
+        .validate()
+        .map_err(|e| CliError::Usage(format!("--quantizer/--bits/--ste: {e}")))?;
+    Ok(config)
+}
+
+/// The student: the base (quantized for qlora) with a fresh adapter seeded by the run's seed,
+/// or the one in `--init-adapter`.
 fn build_student(args: &TrainArgs, config: &TrainConfig) -> CliResult<LlamaModel> {
     let mut model = LlamaModel::from_pretrained(&args.model)?;
+    let lora = lora_config(args);
+    let seed = config.seed;
+    let dense_base = model
+        .linear_modules_mut()
+        .all(|(_, lin)| matches!(lin, LinearModule::Dense(_)));
     match args.adapter_type {
-        AdapterType::Lora | AdapterType::Dora => {}
-        AdapterType::Qlora | AdapterType::LoraQat => {
-            return Err(CliError::Usage(format!(
-                "--adapter-type {:?} needs lm's quantized adapters \
-                 (LlamaModel::inject_qat_adapters), not in this build",
-                args.adapter_type
-            )))
+        AdapterType::Lora | AdapterType::Dora => match &args.init_adapter {
+            Some(dir) => model.load_adapter(dir, ADAPTER_NAME, seed)?,
+            None => model.inject_adapters(&lora, ADAPTER_NAME, seed)?,
+        },
+        AdapterType::Qlora => {
+            let qat = qat_config(args)?;
+            if dense_base && qat.quantizer == QuantizerKind::Nf4 {
+                // bitsandbytes' NF4 base: the adapters below become QLoRA layers.
+                model.quantize_linears_nf4(&Nf4Options::default())?;
+            }
+            match (
+                &args.init_adapter,
+                dense_base && qat.quantizer != QuantizerKind::Nf4,
+            ) {
+                (Some(dir), false) => model.load_adapter(dir, ADAPTER_NAME, seed)?,
+                (None, false) => model.inject_adapters(&lora, ADAPTER_NAME, seed)?,
+                (None, true) => model.inject_qat_adapters(
+                    &lora,
+                    &qat,
+                    QatMode::FrozenQuantizedBase,
+                    ADAPTER_NAME,
+                    seed,
+                )?,
+                (Some(_), true) => {
+                    return Err(CliError::Usage(
+                        "--init-adapter with --adapter-type qlora needs --quantizer nf4 (or a \
+                         bnb-4bit model directory)"
+                            .into(),
+                    ))
+                }
+            }
         }
-    }
-    match &args.init_adapter {
-        Some(dir) => {
-            model.load_adapter(dir, ADAPTER_NAME, config.seed)?;
-        }
-        None => {
-            model.inject_adapters(&lora_config(args), ADAPTER_NAME, config.seed)?;
-        }
-    }
+        AdapterType::LoraQat => match &args.init_adapter {
+            Some(dir) if dir.join(lm::qat::QAT_STATE_FILE).is_file() => {
+                model.load_qat_adapter(dir, ADAPTER_NAME)?
+            }
+            Some(dir) => {
+                return Err(CliError::Usage(format!(
+                    "--init-adapter {} has no {} (the quantizer steps a LoRA-QAT run saves); \
+                     continue a plain LoRA adapter with --adapter-type lora",
+                    dir.display(),
+                    lm::qat::QAT_STATE_FILE
+                )))
+            }
+            None => model.inject_qat_adapters(
+                &lora,
+                &qat_config(args)?,
+                QatMode::QuantizeMerged,
+                ADAPTER_NAME,
+                seed,
+            )?,
+        },
+    };
     Ok(model)
 }
 
@@ -261,7 +359,6 @@ impl MetricsCallback for Progress {
 }
 
 pub fn run(args: &TrainArgs) -> CliResult {
-    let config = effective_config(args)?;
     let checkpoint = args.out.join(CHECKPOINT_FILE);
     if args.resume && !checkpoint.is_file() {
         return Err(file_error(
@@ -269,6 +366,7 @@ pub fn run(args: &TrainArgs) -> CliResult {
             "--resume needs the checkpoint of an earlier run in --out",
         ));
     }
+    let config = effective_config(args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
     let train = read_dataset(&args.data, &args.model)?;
     let validation = args
@@ -310,6 +408,9 @@ pub fn run(args: &TrainArgs) -> CliResult {
     let mut progress = Progress(bar);
     let summary = trainer.train(&mut [&mut csv, &mut progress], Some(&checkpoint))?;
     trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    if trainer.quantized_layers() > 0 && args.adapter_type == AdapterType::LoraQat {
+        trainer.export_quantized(&args.out.join(QUANTIZED_FILE))?;
+    }
     if !args.quiet {
         eprintln!(
             "trained {} steps{}; adapter in {}",

@@ -1,0 +1,73 @@
+//! `lora-qat export-gguf`: a Llama model (optionally with a PEFT adapter merged into it) as a
+//! GGUF file for llama.cpp, or, with `--lora`, the adapter alone as a GGUF LoRA adapter.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use quant_core::ggml::GgmlType;
+
+use super::{CliError, CliResult};
+
+#[derive(Debug, Args)]
+pub struct ExportGgufArgs {
+    /// Hugging Face Llama model directory (config.json + safetensors, f32/f16/bf16 or
+    /// bitsandbytes 4-bit). Its tokenizer.json, when present, becomes tokenizer.ggml.*.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// PEFT adapter directory: merged into the weights (W + s·B·A, DoRA too), or, with
+    /// `--lora`, written as a GGUF LoRA adapter.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Write the adapter as a llama.cpp LoRA adapter (general.type = adapter) instead of
+    /// merging it; the model is read for its shapes and head counts only.
+    #[arg(long, requires = "adapter")]
+    pub lora: bool,
+    /// Output GGUF file (written through a temporary file and renamed when complete).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Tensor type of the 2-D weights: f32, f16, q8_0 or q4_0 (ggml's reference block
+    /// quantizers). Norms stay f32; rows that are not whole 32-value blocks fall back to f16.
+    /// A LoRA adapter takes f32 or f16.
+    #[arg(long = "type", value_name = "TYPE", default_value = "f16")]
+    pub ty: String,
+}
+
+pub fn run(args: &ExportGgufArgs) -> CliResult {
+    let ty = GgmlType::from_name(&args.ty)?;
+    if args.lora {
+        let adapter = args
+            .adapter
+            .as_ref()
+            .ok_or_else(|| CliError::Usage("--lora needs --adapter DIR".into()))?;
+        let report = lm::gguf::export_gguf_lora(&args.model, adapter, &args.out, ty)?;
+        println!(
+            "wrote LoRA adapter {} ({} tensors, {} metadata keys, {})",
+            report.path.display(),
+            report.tensors,
+            report.metadata_keys,
+            ty.name()
+        );
+        return Ok(());
+    }
+    let report = lm::gguf::export_gguf(&args.model, args.adapter.as_deref(), &args.out, ty)?;
+    println!(
+        "wrote {} ({} tensors, {} metadata keys, {}{})",
+        report.path.display(),
+        report.tensors,
+        report.metadata_keys,
+        ty.name(),
+        if args.adapter.is_some() {
+            ", adapter merged"
+        } else {
+            ""
+        }
+    );
+    if !report.f16_fallbacks.is_empty() {
+        println!(
+            "f16 instead of {} (rows not whole 32-value blocks): {}",
+            ty.name(),
+            report.f16_fallbacks.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! `lora-qat merge`: a PEFT adapter merged into its base, written as a transformers-loadable
+//! checkpoint one tensor at a time (see `lm::merge`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use lm::merge::{merge_checkpoint, parse_dtype, parse_size, MergeOptions};
+
+use super::{CliError, CliResult};
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model directory (config.json + model.safetensors or a sharded index; f32, f16,
+    /// bf16 or bitsandbytes 4-bit, which is dequantized before the merge).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// PEFT adapter directory (LoRA, rsLoRA or DoRA) whose targets must exist in the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Output directory (created; must not be the model directory). config.json is copied
+    /// with quantization_config removed, or set to NF4 with --quantize nf4; tokenizer files
+    /// are copied too.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Dtype of the dense output tensors (f32, f16, bf16); default: each tensor's stored
+    /// dtype (a 4-bit base's weights take its bnb_4bit_compute_dtype).
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Re-quantize the layers' projections to NF4 (blocksize 64, double quant) in the
+    /// bitsandbytes layout transformers loads.
+    #[arg(long, value_name = "KIND")]
+    pub quantize: Option<String>,
+    /// Largest safetensors shard (e.g. 2GB, 500MB); past it the output is sharded with a
+    /// model.safetensors.index.json.
+    #[arg(long, value_name = "SIZE", default_value = "5GB")]
+    pub max_shard_size: String,
+}
+
+pub fn run(args: &MergeArgs) -> CliResult {
+    let quantize_nf4 = match args.quantize.as_deref() {
+        None => false,
+        Some("nf4") => true,
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--quantize {other}: only nf4 is supported"
+            )))
+        }
+    };
+    let options = MergeOptions {
+        dtype: args.dtype.as_deref().map(parse_dtype).transpose()?,
+        quantize_nf4,
+        max_shard_bytes: parse_size(&args.max_shard_size)?,
+    };
+    let report = merge_checkpoint(&args.model, Some(&args.adapter), &args.out, &options)?;
+    println!(
+        "merged {} modules; wrote {} tensors ({:.1} MB) in {} file(s) to {}",
+        report.merged_modules,
+        report.tensors,
+        report.data_bytes as f64 / 1e6,
+        report.shards.len(),
+        args.out.display()
+    );
+    Ok(())
+}
