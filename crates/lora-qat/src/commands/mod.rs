@@ -3,9 +3,9 @@
 pub mod bench;
 pub mod bench_merge;
 pub mod bench_train;
-pub mod export_gguf;
 pub mod demo;
 pub mod eval;
+pub mod export_gguf;
 pub mod generate;
 pub mod grads;
 pub mod inspect;
