@@ -130,3 +130,44 @@ pub fn perplexity(
         tokens,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::task::{draw_splits, SplitSizes};
+
+    fn small_model() -> LlamaModel {
+        let config = lm::LlamaConfig::new(Tokenizer::new().vocab_size(), 16, 32, 1, 2, 2).unwrap();
+        LlamaModel::random(config, 5).unwrap()
+    }
+
+    #[test]
+    fn an_untrained_model_is_near_uniform_and_solves_nothing() {
+        let tokenizer = Tokenizer::new();
+        let splits = draw_splits(SplitSizes {
+            train: 0,
+            validation: 0,
+            test: 6,
+            seed: 1,
+        })
+        .unwrap();
+        let examples: Vec<_> = splits.test.iter().map(|p| p.example(&tokenizer)).collect();
+        let mut model = small_model();
+        let ppl = perplexity(&mut model, &examples, 4).unwrap();
+        let labelled: usize = examples
+            .iter()
+            .map(|e| {
+                e.labels.as_ref().unwrap()[1..]
+                    .iter()
+                    .filter(|&&l| l >= 0)
+                    .count()
+            })
+            .sum();
+        assert_eq!(ppl.tokens, labelled);
+        let vocab = tokenizer.vocab_size() as f64;
+        assert!((ppl.perplexity - vocab).abs() < 0.1 * vocab, "{ppl:?}");
+        let em = exact_match(&model, &splits.test, &tokenizer, None).unwrap();
+        assert_eq!((em.correct, em.total), (0, 6));
+        assert!(perplexity(&mut model, &examples, 0).is_err());
+    }
+}

@@ -292,3 +292,78 @@ pub fn plot_loss_curves(path: &Path, panels: &[(String, Vec<Curve>)]) -> Result<
     std::fs::rename(&partial, path).map_err(|e| DemoError::io(path, e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> DemoReport {
+        DemoReport {
+            teacher_accuracy: 0.5,
+            test_problems: 10,
+            rows: vec![BitsRow {
+                bits: 2,
+                ptq_accuracy: 0.1,
+                ptq_clip_accuracy: 0.2,
+                qat_accuracy: 0.5,
+                qat_steps: 3,
+                qat_seconds: 1.5,
+                ptq_seconds: 0.5,
+            }],
+            seconds: 4.0,
+            settings: serde_json::json!({"bits": [2]}),
+            run_dir: "runs/x".into(),
+        }
+    }
+
+    #[test]
+    fn json_summary_has_the_documented_fields() {
+        let json = serde_json::to_value(report().json_summary()).unwrap();
+        assert_eq!(json["teacher_accuracy"], 0.5);
+        assert_eq!(json["seconds"], 4.0);
+        assert_eq!(json["rows"][0]["bits"], 2);
+        assert_eq!(json["rows"][0]["ptq_accuracy"], 0.1);
+        assert_eq!(json["rows"][0]["qat_accuracy"], 0.5);
+    }
+
+    #[test]
+    fn markdown_has_table_timings_and_settings() {
+        let md = report().markdown();
+        assert!(
+            md.contains("| 2 | 10.0% (20.0%) | 20.0% (40.0%) | 50.0% (100.0%) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 2 | 0.5 | 3 | 1.5 |"), "{md}");
+        assert!(md.contains("\"bits\""), "{md}");
+    }
+
+    #[test]
+    fn loss_curves_are_written_as_png() {
+        let dir = std::env::temp_dir().join(format!("lora-qat-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let steps: Vec<StepMetrics> = (1..=5)
+            .map(|i| StepMetrics {
+                step: i,
+                total_loss: 1.0 / i as f64,
+                kd_loss: Some(0.5 / i as f64),
+                ..Default::default()
+            })
+            .collect();
+        let runs = vec![("2-bit".to_string(), steps)];
+        let path = dir.join("curves.png");
+        plot_loss_curves(
+            &path,
+            &[
+                ("total".into(), curves(&runs, |m| Some(m.total_loss))),
+                ("kd".into(), curves(&runs, |m| m.kd_loss)),
+                ("reasoning".into(), curves(&runs, |m| m.reasoning_loss)),
+            ],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..4], b"\x89PNG");
+        assert!(!dir.join("curves.partial.png").exists());
+        assert!(plot_loss_curves(&path, &[]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

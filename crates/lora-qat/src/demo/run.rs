@@ -226,11 +226,17 @@ pub struct RunPaths {
     pub work_dir: PathBuf,
 }
 
-/// Seconds since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC), for run directory names.
+/// Now as `YYYYMMDD-HHMMSS` (UTC), for run directory names.
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    utc_stamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// Seconds since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC).
+fn utc_stamp(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -492,4 +498,46 @@ fn write_outputs(state: &RunState, report: &DemoReport) -> Result<()> {
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_directories_are_named_by_utc_time() {
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(1_700_000_000), "20231114-221320");
+        assert_eq!(utc_stamp(951_782_400), "20000229-000000"); // a leap day
+    }
+
+    #[test]
+    fn settings_are_checked_and_steps_stretch_the_schedule() {
+        let mut s = DemoSettings::quick();
+        s.validate().unwrap();
+        s.set_steps(80).unwrap();
+        assert_eq!(s.train.max_steps, Some(80));
+        match s.train.schedule {
+            qat_train::schedule::LrSchedule::WarmupCosine { total_steps, .. } => {
+                assert_eq!(total_steps, 80)
+            }
+            other => panic!("unexpected schedule {other:?}"),
+        }
+        assert!(s.set_steps(0).is_err());
+        s.test_problems = 0;
+        assert!(s.validate().is_err());
+        let mut s = DemoSettings::full();
+        s.bits = vec![1];
+        assert!(
+            s.validate().is_err(),
+            "1-bit uniform is refused by quant-core"
+        );
+        let json = serde_json::to_string(&DemoSettings::full()).unwrap();
+        let back: DemoSettings = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back,
+            DemoSettings::full(),
+            "--settings reads what report.md prints"
+        );
+    }
 }
