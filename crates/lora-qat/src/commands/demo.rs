@@ -42,7 +42,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub quick: bool,
     /// Also write the summary `{"teacher_accuracy", "rows": [{"bits", "ptq_accuracy",
-    /// "qat_accuracy"}], "seconds"}` to this file.
+    /// "ptq_clip_accuracy", "qat_accuracy"}], "seconds"}` to this file (accuracies in [0, 1];
+    /// `ptq_accuracy` is plain RTN, `ptq_clip_accuracy` RTN with the MSE-optimal clip).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Bit widths to run (default 4,3,2).
