@@ -11,9 +11,9 @@ use lm::{LlamaConfig, LlamaModel};
 use qat_train::checkpoint::{Checkpoint, TrainRng};
 use qat_train::data::{BatchConfig, DataLoader, Dataset};
 use qat_train::optim::{AdamW, AdamWConfig, Optimizer, ParamGroups};
-use qat_train::params::{clip_grad_norm, FnVisitor, ParamFn, ParamVisitor};
+use qat_train::params::clip_grad_norm;
+use qat_train::trainer::TrainableParams;
 use qat_train::schedule::LrSchedule;
-use qat_train::TrainError;
 use serde::{Deserialize, Serialize};
 
 use super::error::{DemoError, Result};
@@ -87,26 +87,6 @@ pub struct PretrainLog {
     pub losses: Vec<(u64, f64)>,
     /// Seconds of training, summed over resumed sessions.
     pub seconds: f64,
-}
-
-/// The trainable tensors of `model` (those with a gradient buffer) as an optimizer sees them.
-/// `lm`'s callback returns `lm::Result`, so the first optimizer error is kept aside, the rest
-/// of the traversal skipped, and that error returned.
-pub fn trainable(model: &mut LlamaModel) -> impl ParamVisitor + '_ {
-    FnVisitor(move |f: &mut ParamFn<'_>| {
-        let mut failure: Option<TrainError> = None;
-        model
-            .visit_parameters(|name, p| {
-                if let (None, Some(grad)) = (&failure, p.grad) {
-                    if let Err(e) = f(name, p.value, grad) {
-                        failure = Some(e);
-                    }
-                }
-                Ok(())
-            })
-            .map_err(TrainError::from)?;
-        failure.map_or(Ok(()), Err)
-    })
 }
 
 /// The checkpoint file pretraining writes in `work_dir`.
@@ -200,7 +180,7 @@ pub fn pretrain(
                 ),
             ));
         }
-        ckpt.restore_params(&mut trainable(&mut model))?;
+        ckpt.restore_params(&mut TrainableParams(&mut model))?;
         if let Some(state) = ckpt.optimizer_state()? {
             optimizer.load_state(state)?;
         }
@@ -218,7 +198,7 @@ pub fn pretrain(
      -> Result<()> {
         let mut ckpt = Checkpoint::new(step, TrainRng::new(settings.seed).state());
         ckpt.config = settings_json.clone();
-        ckpt.add_params(&mut trainable(model))?;
+        ckpt.add_params(&mut TrainableParams(model))?;
         ckpt.set_optimizer(&optimizer.state())?;
         ckpt.data_cursor = loader.cursor();
         ckpt.extra = serde_json::to_value(log)
@@ -247,8 +227,8 @@ pub fn pretrain(
             batch.labels.view(),
             Some(batch.attention_mask.view()),
         )?;
-        clip_grad_norm(&mut trainable(&mut model), settings.clip_norm)?;
-        optimizer.step(&mut trainable(&mut model), schedule.factor(step)?)?;
+        clip_grad_norm(&mut TrainableParams(&mut model), settings.clip_norm)?;
+        optimizer.step(&mut TrainableParams(&mut model), schedule.factor(step)?)?;
         step += 1;
         log.losses.push((step, f64::from(loss)));
         recent.push(loss);
