@@ -12,8 +12,8 @@ use qat_train::checkpoint::{Checkpoint, TrainRng};
 use qat_train::data::{BatchConfig, DataLoader, Dataset};
 use qat_train::optim::{AdamW, AdamWConfig, Optimizer, ParamGroups};
 use qat_train::params::clip_grad_norm;
-use qat_train::trainer::TrainableParams;
 use qat_train::schedule::LrSchedule;
+use qat_train::trainer::TrainableParams;
 use serde::{Deserialize, Serialize};
 
 use super::error::{DemoError, Result};
