@@ -4,6 +4,8 @@
 //! [`lora_core`], [`lm`] and [`qat_train`] — and a [`prelude`] of the names most programs use.
 //! The `lora-qat` binary built from this crate is the command-line tool.
 
+pub mod demo;
+
 pub use lm;
 pub use lora_core;
 pub use qat_train;

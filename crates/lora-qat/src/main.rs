@@ -9,12 +9,19 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "lora-qat", version, about, long_about = None)]
 struct Cli {
+    /// Without a command, `demo` runs with its defaults.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: post-training quantization against LoRA-QAT at 4, 3 and 2 bits on the
+    /// embedded arithmetic task (the default command); `--pretrain` retrains the teacher.
+    Demo(commands::demo::DemoArgs),
+    /// Perplexity of a model (optionally with an adapter) on a JSONL dataset, and exact-match
+    /// accuracy on demo-task problems.
+    Eval(commands::eval::EvalArgs),
     /// Quantize the 2-D floating-point tensors of a safetensors file (NF4/FP4 in the
     /// bitsandbytes layout transformers reads, or uniform/Pi in this project's packed layout).
     Quantize(commands::quantize::QuantizeArgs),
@@ -42,7 +49,17 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    // No command: `demo` with its defaults, parsed as if typed.
+    let command = match cli.command {
+        Some(command) => command,
+        None => match Cli::parse_from(["lora-qat", "demo"]).command {
+            Some(command) => command,
+            None => unreachable!("`demo` parses as the demo command"),
+        },
+    };
+    let result = match command {
+        Command::Demo(args) => commands::demo::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
         Command::Quantize(args) => commands::quantize::run(&args),
         Command::Logits(args) => commands::logits::run(&args),
         Command::Grads(args) => commands::grads::run(&args),

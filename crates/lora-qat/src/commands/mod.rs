@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod bench_merge;
 pub mod bench_train;
+pub mod demo;
+pub mod eval;
 pub mod export_gguf;
 pub mod generate;
 pub mod grads;
@@ -27,6 +29,9 @@ pub enum CliError {
     /// From lm (model loading, adapters, forward and backward).
     #[error(transparent)]
     Lm(#[from] lm::LmError),
+    /// From the demo (task, teacher, training run, report).
+    #[error(transparent)]
+    Demo(#[from] lora_qat::demo::DemoError),
     /// From qat-train (configuration, data, training, checkpoints).
     #[error(transparent)]
     Train(#[from] qat_train::TrainError),
