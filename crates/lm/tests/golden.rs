@@ -1,15 +1,13 @@
 //! Agreement with transformers' `LlamaForCausalLM` on the tiny reference checkpoint
 //! (`tests/data/llama`, copied from the project's golden data).
 
-use std::path::PathBuf;
+mod common;
+
+use common::data_dir;
 
 use lm::{cross_entropy, LlamaModel};
 use ndarray::{Array2, Array3, Axis};
 use safetensors::SafeTensors;
-
-fn data_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama")
-}
 
 struct Io {
     input_ids: Array2<u32>,

@@ -1,0 +1,61 @@
+//! Readers of the reference data shared by the golden-agreement tests.
+// Each test binary compiles this module and uses a different subset of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ndarray::{Array2, Array3, ArrayD, IxDyn};
+use safetensors::SafeTensors;
+
+/// `tests/data/llama`: copies of the project's golden Llama checkpoints and adapters.
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama")
+}
+
+pub fn read_f32s(path: &std::path::Path) -> BTreeMap<String, ArrayD<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(name, v)| {
+            let values: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (
+                name,
+                ArrayD::from_shape_vec(IxDyn(v.shape()), values).unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn io_ids() -> (Array2<u32>, Array2<i64>) {
+    let bytes = std::fs::read(data_dir().join("io.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let i64s = |name: &str| -> Vec<i64> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let ids = i64s("input_ids").into_iter().map(|v| v as u32).collect();
+    (
+        Array2::from_shape_vec((2, 8), ids).unwrap(),
+        Array2::from_shape_vec((2, 8), i64s("labels")).unwrap(),
+    )
+}
+
+/// Largest absolute difference between computed logits and reference ones of the same shape.
+pub fn max_abs_diff(a: &Array3<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
