@@ -273,7 +273,7 @@ impl FrozenBase for Nf4Base {
     }
 
     /// `y[:, rows] = x · W[rows, :]ᵀ` one tile of rows of `W` at a time.
-    fn matmul_into(&self, x: ArrayView2<'_, f32>, mut y: ArrayViewMut2<'_, f32>) -> Result<()> {
+    fn matmul_into(&self, x: ArrayView2<'_, f32>, y: ArrayViewMut2<'_, f32>) -> Result<()> {
         self.check_dims(
             "x·Wᵀ",
             x.dim(),
@@ -293,18 +293,7 @@ impl FrozenBase for Nf4Base {
             gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
             Ok(())
         };
-        let tiles = y.axis_chunks_iter_mut(Axis(1), tile);
-        if self.options.parallel_tiles {
-            tiles
-                .into_par_iter()
-                .enumerate()
-                .try_for_each_init(Vec::new, run_tile)
-        } else {
-            let mut buffer = Vec::new();
-            tiles
-                .enumerate()
-                .try_for_each(|item| run_tile(&mut buffer, item))
-        }
+        for_each_column_tile(y, tile, self.options.parallel_tiles, run_tile)
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one tile of columns of `W` at a time:
@@ -313,7 +302,7 @@ impl FrozenBase for Nf4Base {
         &self,
         dy: ArrayView2<'_, f32>,
         beta: f32,
-        mut dx: ArrayViewMut2<'_, f32>,
+        dx: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
         self.check_dims(
             "dy·W",
@@ -340,18 +329,7 @@ impl FrozenBase for Nf4Base {
             gemm(1.0, dy, w_tile, beta, dx_tile)?;
             Ok(())
         };
-        let tiles = dx.axis_chunks_iter_mut(Axis(1), tile);
-        if self.options.parallel_tiles {
-            tiles
-                .into_par_iter()
-                .enumerate()
-                .try_for_each_init(Vec::new, run_tile)
-        } else {
-            let mut buffer = Vec::new();
-            tiles
-                .enumerate()
-                .try_for_each(|item| run_tile(&mut buffer, item))
-        }
+        for_each_column_tile(dx, tile, self.options.parallel_tiles, run_tile)
     }
 
     /// Dequantizes the whole weight (not used by forward or backward).
@@ -435,6 +413,32 @@ impl LoraLinear<Nf4Base> {
     pub fn merge_to_nf4(&self) -> Result<Nf4Base> {
         let merged = self.merged_weight()?;
         self.base().requantized(merged.view())
+    }
+}
+
+/// Runs `run_tile(buffer, (t, out[:, t·tile..]))` for every tile of `tile` columns of `out`,
+/// on the rayon pool (one dequantization buffer per worker) or on the calling thread (one
+/// buffer for all tiles).
+fn for_each_column_tile<F>(
+    mut out: ArrayViewMut2<'_, f32>,
+    tile: usize,
+    parallel: bool,
+    run_tile: F,
+) -> Result<()>
+where
+    F: Fn(&mut Vec<f32>, (usize, ArrayViewMut2<'_, f32>)) -> Result<()> + Sync + Send,
+{
+    let tiles = out.axis_chunks_iter_mut(Axis(1), tile);
+    if parallel {
+        tiles
+            .into_par_iter()
+            .enumerate()
+            .try_for_each_init(Vec::new, run_tile)
+    } else {
+        let mut buffer = Vec::new();
+        tiles
+            .enumerate()
+            .try_for_each(|item| run_tile(&mut buffer, item))
     }
 }
 
