@@ -43,7 +43,9 @@ use crate::codebook::NF4_CODE;
 use crate::error::{check_finite, QuantError, Result};
 use crate::quantizer::{DifferentiableQuantizer, InitMethod, QuantizerGrads, QuantizerOutput};
 use crate::ste::{GridPoint, Ste};
-use crate::uniform::{row_major, row_major_into, shaped, ClipSearch, Granularity, GroupLayout};
+use crate::uniform::{
+    row_major, row_major_cow, row_major_into, shaped, ClipSearch, Granularity, GroupLayout,
+};
 
 /// The NF4 code nearest to `x` (clamped to [−1, 1] first); exact midpoints go to the lower
 /// code.
@@ -249,15 +251,8 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
             )
         })?;
         let layout = self.checked_layout(grad_output.dim())?;
-        // A contiguous gradient is read in place (no copy of a weight-sized buffer).
-        let grad_copy;
-        let grad: &[f32] = match grad_output.as_slice() {
-            Some(contiguous) => contiguous,
-            None => {
-                grad_copy = row_major(grad_output);
-                &grad_copy
-            }
-        };
+        let grad = row_major_cow(grad_output);
+        let grad: &[f32] = &grad;
         check_finite("nf4 grid quantizer grad_output", grad)?;
         let (rows, cols) = layout.shape();
         let ste = self.ste;

@@ -496,6 +496,15 @@ pub(crate) fn row_major(w: ArrayView2<'_, f32>) -> Vec<f32> {
     }
 }
 
+/// The row-major values of a view: borrowed when it is already contiguous (no copy of a
+/// weight-sized buffer), copied by [`row_major`] otherwise.
+pub(crate) fn row_major_cow<'a>(w: ArrayView2<'a, f32>) -> std::borrow::Cow<'a, [f32]> {
+    match w.to_slice() {
+        Some(contiguous) => std::borrow::Cow::Borrowed(contiguous),
+        None => std::borrow::Cow::Owned(row_major(w)),
+    }
+}
+
 /// [`row_major`] into `buffer` (cleared first; its capacity is reused).
 pub(crate) fn row_major_into(w: ArrayView2<'_, f32>, mut buffer: Vec<f32>) -> Vec<f32> {
     buffer.clear();
@@ -1155,15 +1164,8 @@ impl DifferentiableQuantizer for UniformQuantizer {
             )
         })?;
         let layout = self.checked_layout(grad_output.dim())?;
-        // A contiguous gradient is read in place (no copy of a weight-sized buffer).
-        let grad_copy;
-        let grad: &[f32] = match grad_output.as_slice() {
-            Some(contiguous) => contiguous,
-            None => {
-                grad_copy = row_major(grad_output);
-                &grad_copy
-            }
-        };
+        let grad = row_major_cow(grad_output);
+        let grad: &[f32] = &grad;
         check_finite("uniform quantizer grad_output", grad)?;
         let (rows, cols) = layout.shape();
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
