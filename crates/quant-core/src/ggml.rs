@@ -25,120 +25,35 @@ use half::f16;
 
 use crate::error::{QuantError, Result};
 
-/// Values per block of `Q8_0` and `Q4_0`.
-pub const BLOCK_VALUES: usize = 32;
+pub use formats::ggml_type::{GgmlType, ALL_TYPES, QK, QK_K};
 
-/// The ggml tensor types this crate reads and writes, with their `ggml_type` ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    /// `GGML_TYPE_F32` = 0.
-    F32,
-    /// `GGML_TYPE_F16` = 1.
-    F16,
-    /// `GGML_TYPE_Q4_0` = 2.
-    Q4_0,
-    /// `GGML_TYPE_Q8_0` = 8.
-    Q8_0,
+/// Values per block of `Q8_0` and `Q4_0`.
+pub const BLOCK_VALUES: usize = QK;
+
+/// The worst-case absolute error of one value after a round trip, given the largest
+/// magnitude `amax` of its block: half a step for `Q8_0`, a whole step for `Q4_0` (the
+/// side opposite the block's extreme is clipped at `7·d`, one step short of `amax`), plus
+/// the `f16` rounding of the scale (at most `2⁻¹¹` relative); `f16`'s half-ulp for `F16`,
+/// bf16's for `BF16`; zero for `F32`.
+pub fn error_bound(ty: GgmlType, amax: f32) -> Result<f32> {
+    let f16_rel = 1.0 / 2048.0;
+    Ok(match ty {
+        GgmlType::F32 => 0.0,
+        // f16 has an 11-bit significand; below its normal range the step is 2^-24.
+        GgmlType::F16 => amax * f16_rel + 6.0e-8,
+        GgmlType::BF16 => amax / 256.0,
+        GgmlType::Q8_0 => amax / 127.0 * 0.5 + amax * f16_rel * 1.01,
+        GgmlType::Q4_0 => amax / 8.0 + amax * f16_rel * 1.01,
+        other => return Err(unsupported(other)),
+    })
 }
 
-impl GgmlType {
-    /// The `ggml_type` id stored in a GGUF tensor info.
-    pub fn id(self) -> u32 {
-        match self {
-            GgmlType::F32 => 0,
-            GgmlType::F16 => 1,
-            GgmlType::Q4_0 => 2,
-            GgmlType::Q8_0 => 8,
-        }
-    }
-
-    /// The type of a `ggml_type` id; errors for ids this crate does not handle.
-    pub fn from_id(id: u32) -> Result<Self> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            8 => GgmlType::Q8_0,
-            other => {
-                return Err(QuantError::invalid(
-                    "ggml_type",
-                    other,
-                    "only F32 (0), F16 (1), Q4_0 (2) and Q8_0 (8) are supported",
-                ))
-            }
-        })
-    }
-
-    /// Lower-case name as llama.cpp prints it (`f32`, `f16`, `q4_0`, `q8_0`).
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "f32",
-            GgmlType::F16 => "f16",
-            GgmlType::Q4_0 => "q4_0",
-            GgmlType::Q8_0 => "q8_0",
-        }
-    }
-
-    /// The type named `name` (as [`GgmlType::name`], case-insensitive).
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "f32" => Ok(GgmlType::F32),
-            "f16" => Ok(GgmlType::F16),
-            "q4_0" => Ok(GgmlType::Q4_0),
-            "q8_0" => Ok(GgmlType::Q8_0),
-            _ => Err(QuantError::invalid(
-                "ggml type",
-                name,
-                "expected f32, f16, q8_0 or q4_0",
-            )),
-        }
-    }
-
-    /// Values per block (1 for the float types).
-    pub fn block_values(self) -> usize {
-        match self {
-            GgmlType::F32 | GgmlType::F16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q8_0 => BLOCK_VALUES,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            GgmlType::F32 => 4,
-            GgmlType::F16 => 2,
-            GgmlType::Q4_0 => 2 + BLOCK_VALUES / 2,
-            GgmlType::Q8_0 => 2 + BLOCK_VALUES,
-        }
-    }
-
-    /// Bytes of `n` values; errors when `n` is not a whole number of blocks.
-    pub fn bytes_for(self, n: usize) -> Result<usize> {
-        if n % self.block_values() != 0 {
-            return Err(QuantError::shape(
-                format!("{} tensor", self.name()),
-                format!("a multiple of {} values", self.block_values()),
-                n,
-            ));
-        }
-        Ok(n / self.block_values() * self.block_bytes())
-    }
-
-    /// The worst-case absolute error of one value after a round trip, given the largest
-    /// magnitude `amax` of its block: half a step for `Q8_0`, a whole step for `Q4_0` (the
-    /// side opposite the block's extreme is clipped at `7·d`, one step short of `amax`), plus
-    /// the `f16` rounding of the scale (at most `2⁻¹¹` relative); `f16`'s half-ulp for `F16`;
-    /// zero for `F32`.
-    pub fn error_bound(self, amax: f32) -> f32 {
-        let f16_rel = 1.0 / 2048.0;
-        match self {
-            GgmlType::F32 => 0.0,
-            // f16 has an 11-bit significand; below its normal range the step is 2^-24.
-            GgmlType::F16 => amax * f16_rel + 6.0e-8,
-            GgmlType::Q8_0 => amax / 127.0 * 0.5 + amax * f16_rel * 1.01,
-            GgmlType::Q4_0 => amax / 8.0 + amax * f16_rel * 1.01,
-        }
-    }
+fn unsupported(ty: GgmlType) -> QuantError {
+    QuantError::invalid(
+        "ggml type",
+        ty.name(),
+        "this build quantizes f32, f16, bf16, q8_0 and q4_0",
+    )
 }
 
 fn check_finite(context: &str, values: &[f32]) -> Result<()> {
@@ -177,9 +92,13 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
         GgmlType::Q8_0 => values
             .chunks_exact(BLOCK_VALUES)
             .for_each(|block| quantize_block_q8_0(block, &mut out)),
+        GgmlType::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         GgmlType::Q4_0 => values
             .chunks_exact(BLOCK_VALUES)
             .for_each(|block| quantize_block_q4_0(block, &mut out)),
+        other => return Err(unsupported(other)),
     }
     Ok(out)
 }
@@ -243,6 +162,11 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * d));
             }
         }
+        GgmlType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         GgmlType::Q4_0 => {
             for block in bytes.chunks_exact(ty.block_bytes()) {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
@@ -252,6 +176,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
                 out.extend(qs.iter().map(|&q| (i32::from(q >> 4) - 8) as f32 * d));
             }
         }
+        other => return Err(unsupported(other)),
     }
     Ok(out)
 }
@@ -375,7 +300,10 @@ mod tests {
             for (bx, xb) in back.chunks(32).zip(x.chunks(32)) {
                 let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 for (b, v) in bx.iter().zip(xb) {
-                    assert!((b - v).abs() <= ty.error_bound(amax), "{ty:?}: {v} → {b}");
+                    assert!(
+                        (b - v).abs() <= error_bound(ty, amax).unwrap(),
+                        "{ty:?}: {v} → {b}"
+                    );
                 }
             }
         }
@@ -390,7 +318,7 @@ mod tests {
         assert!(err.to_string().contains("index 5"), "{err}");
         assert!(quantize(GgmlType::F16, &[1e6]).is_err());
         assert!(dequantize(GgmlType::Q8_0, &[0; 33], 32).is_err());
-        assert!(GgmlType::from_id(3).is_err());
+        assert!(GgmlType::from_id(9).is_err());
         assert_eq!(GgmlType::from_name("Q8_0").unwrap(), GgmlType::Q8_0);
     }
 }

@@ -40,4 +40,11 @@ pub enum CliError {
     Usage(String),
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for CliError {
+    fn from(e: quant_core::FormatError) -> Self {
+        CliError::Quant(e.into())
+    }
+}
+
 pub type CliResult<T = ()> = Result<T, CliError>;
