@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_gemm;
 pub mod bench_merge;
 pub mod bench_train;
 pub mod demo;
