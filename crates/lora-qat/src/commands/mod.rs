@@ -5,6 +5,7 @@ pub mod bench_gemm;
 pub mod bench_merge;
 pub mod bench_train;
 pub mod demo;
+pub mod distributed;
 pub mod eval;
 pub mod export_gguf;
 pub mod generate;
