@@ -146,6 +146,13 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
+    pub save_dtype: lora_core::peft::SaveDtype,
+}
+
+fn parse_save_dtype(name: &str) -> Result<lora_core::peft::SaveDtype, String> {
+    lora_core::peft::SaveDtype::from_name(name).map_err(|e| e.to_string())
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> CliError {
@@ -407,7 +414,7 @@ pub fn run(args: &TrainArgs) -> CliResult {
     bar.set_position(trainer.step_count());
     let mut progress = Progress(bar);
     let summary = trainer.train(&mut [&mut csv, &mut progress], Some(&checkpoint))?;
-    trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    trainer.save_adapter_as(&args.out.join(ADAPTER_DIR), ADAPTER_NAME, args.save_dtype)?;
     if trainer.quantized_layers() > 0 && args.adapter_type == AdapterType::LoraQat {
         trainer.export_quantized(&args.out.join(QUANTIZED_FILE))?;
     }
