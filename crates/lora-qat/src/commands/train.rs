@@ -151,6 +151,13 @@ pub struct TrainArgs {
     /// 0 waits forever. See docs/SCALING.md.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     pub collective_timeout: f64,
+    /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
+    pub save_dtype: lora_core::peft::SaveDtype,
+}
+
+fn parse_save_dtype(name: &str) -> Result<lora_core::peft::SaveDtype, String> {
+    lora_core::peft::SaveDtype::from_name(name).map_err(|e| e.to_string())
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> CliError {
@@ -431,7 +438,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
     bar.set_position(trainer.step_count());
     let mut progress = Progress(bar);
     let summary = trainer.train(&mut [&mut csv, &mut progress], Some(&checkpoint))?;
-    trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    trainer.save_adapter_as(&args.out.join(ADAPTER_DIR), ADAPTER_NAME, args.save_dtype)?;
     if trainer.quantized_layers() > 0 && args.adapter_type == AdapterType::LoraQat {
         trainer.export_quantized(&args.out.join(QUANTIZED_FILE))?;
     }
