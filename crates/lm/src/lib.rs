@@ -48,6 +48,7 @@ pub mod model;
 pub mod param;
 pub mod qat;
 pub mod quantize;
+pub mod sampling;
 
 pub use adapters::peft_file_key;
 pub use checkpoint::Checkpoint;
