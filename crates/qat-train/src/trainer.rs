@@ -227,6 +227,17 @@ impl Trainer {
             t.set_training(false);
             t.set_base_trainable(false);
         }
+        // Packed examples need a forward pass that restarts positions and masks attention per
+        // document (lm's `forward_segmented`, from the model-families work); until the
+        // trainer calls it, a packed batch would attend across documents, so it is refused.
+        if train.is_packed() || validation.as_ref().is_some_and(Dataset::is_packed) {
+            return Err(TrainError::invalid(
+                "dataset",
+                "packed (segment_ids)",
+                "this trainer runs the plain causal forward pass, which would attend across \
+                 the packed documents; train unpacked examples (--max-seq-len without --packing)",
+            ));
+        }
         let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
         let micro_batches = config
             .epochs
