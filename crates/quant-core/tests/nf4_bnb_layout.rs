@@ -8,7 +8,7 @@ use quant_core::nf4::bnb_layout::{
     bnb_weight_names, from_bnb_tensors, from_safetensors, quant_state_json, to_bnb_tensors,
     BnbDtype, BnbTensor,
 };
-use quant_core::nf4::{BlockScales, FourBitTensor, FourBitType};
+use quant_core::nf4::{FourBitTensor, FourBitType};
 use quant_core::QuantError;
 use safetensors::SafeTensors;
 
