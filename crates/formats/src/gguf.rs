@@ -611,7 +611,11 @@ impl GgufFile {
             let value = r.value(ty, &key)?;
             if metadata.iter().any(|(k, _)| *k == key) {
                 // llama.cpp refuses a repeated key too: which value would count is undefined.
-                return Err(io_err(path, "corrupt metadata", format!("duplicate key {key}")));
+                return Err(io_err(
+                    path,
+                    "corrupt metadata",
+                    format!("duplicate key {key}"),
+                ));
             }
             metadata.push((key, value));
         }

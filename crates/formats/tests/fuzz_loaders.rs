@@ -17,13 +17,26 @@ use proptest::test_runner::{Config, TestRunner};
 use safetensors::{tensor::TensorView, Dtype};
 
 fn valid_safetensors() -> Vec<u8> {
-    let a: Vec<u8> = (0..24u32).flat_map(|i| (i as f32 * 0.5).to_le_bytes()).collect();
-    let b: Vec<u8> = (0..8u16).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
+    let a: Vec<u8> = (0..24u32)
+        .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+        .collect();
+    let b: Vec<u8> = (0..8u16)
+        .flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes())
+        .collect();
     let c: Vec<u8> = (0..5u8).collect();
     let views = vec![
-        ("model.a".to_string(), TensorView::new(Dtype::F32, vec![4, 6], &a).unwrap()),
-        ("model.b".to_string(), TensorView::new(Dtype::F16, vec![8], &b).unwrap()),
-        ("model.c".to_string(), TensorView::new(Dtype::U8, vec![5, 1], &c).unwrap()),
+        (
+            "model.a".to_string(),
+            TensorView::new(Dtype::F32, vec![4, 6], &a).unwrap(),
+        ),
+        (
+            "model.b".to_string(),
+            TensorView::new(Dtype::F16, vec![8], &b).unwrap(),
+        ),
+        (
+            "model.c".to_string(),
+            TensorView::new(Dtype::U8, vec![5, 1], &c).unwrap(),
+        ),
     ];
     let meta = [("format".to_string(), "pt".to_string())].into();
     safetensors::serialize(views, Some(meta)).unwrap()
@@ -32,13 +45,20 @@ fn valid_safetensors() -> Vec<u8> {
 fn valid_gguf(dir: &std::path::Path) -> Vec<u8> {
     let path = dir.join("valid.gguf");
     let meta = vec![
-        ("general.architecture".to_string(), GgufValue::String("llama".into())),
+        (
+            "general.architecture".to_string(),
+            GgufValue::String("llama".into()),
+        ),
         ("general.alignment".to_string(), GgufValue::U32(32)),
         ("llama.block_count".to_string(), GgufValue::U32(2)),
         ("llama.rope.freq_base".to_string(), GgufValue::F32(10000.0)),
         (
             "tokenizer.ggml.tokens".to_string(),
-            GgufValue::Array(GgufArray::String(vec!["<s>".into(), "a".into(), "bc".into()])),
+            GgufValue::Array(GgufArray::String(vec![
+                "<s>".into(),
+                "a".into(),
+                "bc".into(),
+            ])),
         ),
         (
             "tokenizer.ggml.scores".to_string(),
@@ -54,8 +74,10 @@ fn valid_gguf(dir: &std::path::Path) -> Vec<u8> {
     let mut w = GgufWriter::create(&path, &meta, &specs).unwrap();
     let f32s: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
     w.write_tensor("token_embd.weight", &f32s).unwrap();
-    w.write_tensor("blk.0.attn_q.weight", &vec![1u8; 2 * 34]).unwrap();
-    w.write_tensor("output_norm.weight", &vec![0u8; 64]).unwrap();
+    w.write_tensor("blk.0.attn_q.weight", &vec![1u8; 2 * 34])
+        .unwrap();
+    w.write_tensor("output_norm.weight", &vec![0u8; 64])
+        .unwrap();
     w.finish().unwrap();
     std::fs::read(&path).unwrap()
 }
@@ -80,7 +102,10 @@ fn fuzz<E: std::fmt::Display>(
             std::fs::write(file, apply(valid, &ms)).unwrap();
             if let Err(e) = without_panic(&name, &ms, || load(file)) {
                 let text = e.to_string();
-                prop_assert!(text.contains(&name), "error does not name the file: {text} ({ms:?})");
+                prop_assert!(
+                    text.contains(&name),
+                    "error does not name the file: {text} ({ms:?})"
+                );
                 rejected.set(rejected.get() + 1);
             }
             Ok(())
@@ -156,7 +181,10 @@ fn absurd_claimed_sizes_fail_before_allocating() {
     let path = dir.join("huge.safetensors");
     std::fs::write(&path, &st).unwrap();
     let err = SafetensorsReader::open(&path).unwrap_err().to_string();
-    assert!(err.contains("huge.safetensors") && err.contains("header length"), "{err}");
+    assert!(
+        err.contains("huge.safetensors") && err.contains("header length"),
+        "{err}"
+    );
 
     let mut gguf = valid_gguf(&dir);
     // The metadata count (bytes 16..24) claims 2^60 entries.

@@ -202,7 +202,8 @@ fn to_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 /// a crash never leaves a half-written file under the final name.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     // The workspace's one crash-safe write: temp file, fsync, rename, directory fsync.
-    quant_core::io::write_atomic(path, bytes).map_err(|e| LmError::io(path, std::io::Error::other(e.to_string())))
+    quant_core::io::write_atomic(path, bytes)
+        .map_err(|e| LmError::io(path, std::io::Error::other(e.to_string())))
 }
 
 /// Serializes named `f32` tensors (row-major values + shape) as a safetensors file, atomically.

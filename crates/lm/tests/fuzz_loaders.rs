@@ -35,13 +35,19 @@ fn fuzz_file(model: &str, file: &str, n: u32) {
             std::fs::write(dir.join(file), apply(&valid, &ms)).unwrap();
             if let Err(e) = without_panic(file, &ms, || LlamaModel::from_pretrained(&dir)) {
                 let text = e.to_string();
-                prop_assert!(text.contains(file), "error does not name {file}: {text} ({ms:?})");
+                prop_assert!(
+                    text.contains(file),
+                    "error does not name {file}: {text} ({ms:?})"
+                );
                 rejected.set(rejected.get() + 1);
             }
             Ok(())
         })
         .unwrap();
-    eprintln!("{model}/{file}: {} of {n} mutated files rejected", rejected.get());
+    eprintln!(
+        "{model}/{file}: {} of {n} mutated files rejected",
+        rejected.get()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

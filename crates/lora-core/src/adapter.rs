@@ -376,7 +376,11 @@ impl LoraAdapter {
         self.check_io(base, "forward x", x.dim(), self.in_features_())?;
         check_dim("adapter forward y", (tokens, self.b.nrows()), y.dim())?;
         if let Some(u) = &base_out {
-            check_dim("adapter forward base_out", (tokens, self.b.nrows()), u.dim())?;
+            check_dim(
+                "adapter forward base_out",
+                (tokens, self.b.nrows()),
+                u.dim(),
+            )?;
         }
         let p = self.options.dropout as f32;
         let (x_dropped, mask) = if training && p > 0.0 {

@@ -276,7 +276,11 @@ pub fn combine(
 /// the first one's shape; returns that shape.
 fn check_inputs(what: &str, tensors: &[Array2<f32>], weights: &[f32]) -> Result<(usize, usize)> {
     let first = tensors.first().ok_or_else(|| {
-        LoraError::option(format!("{what} tensors"), "[]", "at least one tensor is needed")
+        LoraError::option(
+            format!("{what} tensors"),
+            "[]",
+            "at least one tensor is needed",
+        )
     })?;
     if weights.len() != tensors.len() {
         return Err(LoraError::shape(

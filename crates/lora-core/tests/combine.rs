@@ -351,12 +351,18 @@ fn combinators_refuse_empty_and_mismatched_input() {
     use lora_core::combine::{disjoint_merge, weighted_sum, MajoritySign};
     let a = ndarray::Array2::<f32>::ones((2, 3));
     let b = ndarray::Array2::<f32>::ones((3, 2));
-    assert!(weighted_sum(&[], &[]).unwrap_err().to_string().contains("at least one"));
+    assert!(weighted_sum(&[], &[])
+        .unwrap_err()
+        .to_string()
+        .contains("at least one"));
     let err = weighted_sum(&[a.clone(), b.clone()], &[1.0, 1.0]).unwrap_err();
     assert!(err.to_string().contains("tensor 1"), "{err}");
     let err = weighted_sum(&[a.clone()], &[1.0, 2.0]).unwrap_err();
     assert!(err.to_string().contains("weights"), "{err}");
     assert!(disjoint_merge(&[], &[], MajoritySign::Total).is_err());
     assert!(disjoint_merge(&[a.clone(), b], &[1.0, 1.0], MajoritySign::Frequency).is_err());
-    assert_eq!(disjoint_merge(&[a.clone()], &[2.0], MajoritySign::Total).unwrap(), &a * 2.0);
+    assert_eq!(
+        disjoint_merge(&[a.clone()], &[2.0], MajoritySign::Total).unwrap(),
+        &a * 2.0
+    );
 }

@@ -34,7 +34,8 @@ fn shapes() -> BTreeMap<String, (usize, usize)> {
 }
 
 fn fuzz_file(variant: &str, file: &str, n: u32) {
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/adapter_{variant}"));
+    let golden =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/adapter_{variant}"));
     let dir = scratch(&format!("adapter-{variant}-{file}"));
     for f in [CONFIG_FILE, WEIGHTS_FILE] {
         std::fs::copy(golden.join(f), dir.join(f)).unwrap();
@@ -57,13 +58,19 @@ fn fuzz_file(variant: &str, file: &str, n: u32) {
                 // file; weight errors name the file.
                 let named = text.contains(file)
                     || (file == CONFIG_FILE && text.contains("invalid LoRA option"));
-                prop_assert!(named, "error names neither file nor option: {text} ({ms:?})");
+                prop_assert!(
+                    named,
+                    "error names neither file nor option: {text} ({ms:?})"
+                );
                 rejected.set(rejected.get() + 1);
             }
             Ok(())
         })
         .unwrap();
-    eprintln!("{variant}/{file}: {} of {n} mutated files rejected", rejected.get());
+    eprintln!(
+        "{variant}/{file}: {} of {n} mutated files rejected",
+        rejected.get()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

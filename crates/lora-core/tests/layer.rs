@@ -421,18 +421,26 @@ fn adapter_forward_and_backward_into_refuse_wrong_shapes() {
     // y of the wrong shape, x of the wrong width, base_out of the wrong shape, a base of
     // another shape.
     let mut y = Array2::<f32>::zeros((3, 4));
-    assert!(adapter.forward_into(&base, x.view(), None, true, y.view_mut()).is_err());
+    assert!(adapter
+        .forward_into(&base, x.view(), None, true, y.view_mut())
+        .is_err());
     let mut y = Array2::<f32>::zeros((3, 5));
     let wide = Array2::<f32>::ones((3, 6));
-    assert!(adapter.forward_into(&base, wide.view(), None, true, y.view_mut()).is_err());
+    assert!(adapter
+        .forward_into(&base, wide.view(), None, true, y.view_mut())
+        .is_err());
     let bad_out = Array2::<f32>::zeros((2, 5));
     let err = adapter
         .forward_into(&base, x.view(), Some(bad_out.view()), false, y.view_mut())
         .unwrap_err();
     assert!(err.to_string().contains("base_out"), "{err}");
     let other = DenseBase::new(Array2::ones((6, 4)), None, "o").unwrap();
-    assert!(adapter.forward_into(&other, x.view(), None, true, y.view_mut()).is_err());
-    adapter.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap();
+    assert!(adapter
+        .forward_into(&other, x.view(), None, true, y.view_mut())
+        .is_err());
+    adapter
+        .forward_into(&base, x.view(), None, true, y.view_mut())
+        .unwrap();
     let dy = Array2::<f32>::ones((3, 5));
     let mut dx = Array2::<f32>::zeros((3, 3));
     let err = adapter
@@ -441,6 +449,10 @@ fn adapter_forward_and_backward_into_refuse_wrong_shapes() {
     assert!(err.to_string().contains("dx"), "{err}");
     let bad_dy = Array2::<f32>::ones((3, 4));
     let mut dx = Array2::<f32>::zeros((3, 4));
-    assert!(adapter.backward_into(&base, x.view(), bad_dy.view(), dx.view_mut(), false).is_err());
-    adapter.backward_into(&base, x.view(), dy.view(), dx.view_mut(), false).unwrap();
+    assert!(adapter
+        .backward_into(&base, x.view(), bad_dy.view(), dx.view_mut(), false)
+        .is_err());
+    adapter
+        .backward_into(&base, x.view(), dy.view(), dx.view_mut(), false)
+        .unwrap();
 }

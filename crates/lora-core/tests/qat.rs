@@ -629,5 +629,8 @@ fn frozen_base_mode_draws_no_dropout_in_evaluation() {
     let first = layer.forward(p.x.view()).unwrap();
     let second = layer.forward(p.x.view()).unwrap();
     assert_eq!(first, second);
-    assert_eq!(first, no_dropout, "evaluation mode is the dropout-free layer");
+    assert_eq!(
+        first, no_dropout,
+        "evaluation mode is the dropout-free layer"
+    );
 }

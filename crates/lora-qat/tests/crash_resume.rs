@@ -44,9 +44,26 @@ fn setup(tag: &str) -> Setup {
     let config = dir.join("train.json");
     std::fs::write(&config, r#"{"checkpoint_every": 1}"#).unwrap();
     let args = [
-        "train", "--quiet", "--model", s(&base_model()), "--data", s(&data), "--config",
-        s(&config), "--batch-size", "3", "--seed", "5", "--dropout", "0.1", "--lr", "0.01",
-        "--rank", "4", "--max-steps", "12",
+        "train",
+        "--quiet",
+        "--model",
+        s(&base_model()),
+        "--data",
+        s(&data),
+        "--config",
+        s(&config),
+        "--batch-size",
+        "3",
+        "--seed",
+        "5",
+        "--dropout",
+        "0.1",
+        "--lr",
+        "0.01",
+        "--rank",
+        "4",
+        "--max-steps",
+        "12",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -103,7 +120,11 @@ fn trials(n: u64, tag: &str) {
             if out.join("checkpoint.json").is_file() {
                 cmd.arg("--resume");
             }
-            let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
             let delay = next(&mut state) % (full.as_millis() as u64 + 1);
             std::thread::sleep(Duration::from_millis(delay));
             let _ = child.kill(); // SIGKILL on Unix
@@ -113,7 +134,10 @@ fn trials(n: u64, tag: &str) {
         let resume = out.join("checkpoint.json").is_file();
         resumed += usize::from(resume);
         run_to_end(&setup, &out, resume);
-        assert!(adapter(&out) == want, "trial {trial}: adapter differs from the uninterrupted run");
+        assert!(
+            adapter(&out) == want,
+            "trial {trial}: adapter differs from the uninterrupted run"
+        );
     }
     eprintln!("{n} trials ({resumed} resumed from a checkpoint), all bit-identical");
     std::fs::remove_dir_all(&setup.dir).unwrap();
@@ -145,11 +169,18 @@ fn save_dtype_flag_chooses_the_adapter_dtype() {
         .args(["--out", s(&out), "--save-dtype", "bf16"])
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
     let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     assert!(n > 0);
-    assert!(meta.tensors().values().all(|t| t.dtype == safetensors::Dtype::BF16));
+    assert!(meta
+        .tensors()
+        .values()
+        .all(|t| t.dtype == safetensors::Dtype::BF16));
     let bad = Command::new(env!("CARGO_BIN_EXE_lora-qat"))
         .args(&args)
         .args(["--out", s(&out), "--save-dtype", "f8"])

@@ -34,7 +34,10 @@ fn run<T, E: std::fmt::Display>(
             std::fs::write(target, apply(valid, &ms)).unwrap();
             if let Err(e) = without_panic(&name, &ms, &load) {
                 let text = e.to_string();
-                prop_assert!(text.contains(&name), "error does not name {name}: {text} ({ms:?})");
+                prop_assert!(
+                    text.contains(&name),
+                    "error does not name {name}: {text} ({ms:?})"
+                );
                 rejected.set(rejected.get() + 1);
             }
             Ok(())
@@ -67,8 +70,12 @@ fn checkpoint_cases(n: u32) {
     let mut ckpt = Checkpoint::new(3, TrainRng::new(7).state());
     ckpt.add_tensor("base_model.model.x.lora_A.weight", vec![2, 3], vec![0.5; 6])
         .unwrap();
-    ckpt.add_tensor("optimizer.x.exp_avg", vec![6], (0..6).map(|i| i as f32).collect())
-        .unwrap();
+    ckpt.add_tensor(
+        "optimizer.x.exp_avg",
+        vec![6],
+        (0..6).map(|i| i as f32).collect(),
+    )
+    .unwrap();
     ckpt.config = serde_json::json!({"lr": 0.001, "max_steps": 10});
     ckpt.extra = serde_json::json!({"total_steps": 10, "best_eval": null});
     let files = ckpt.save(&json).unwrap();

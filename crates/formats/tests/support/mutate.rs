@@ -96,9 +96,7 @@ pub fn apply(bytes: &[u8], mutations: &[Mutation]) -> Vec<u8> {
             }
             Mutation::Number(f, text) if len > 0 => {
                 let p = at(len, f).min(len - 1);
-                let start = (p..len)
-                    .chain(0..p)
-                    .find(|&i| out[i].is_ascii_digit());
+                let start = (p..len).chain(0..p).find(|&i| out[i].is_ascii_digit());
                 if let Some(start) = start {
                     let end = (start..len)
                         .find(|&i| !out[i].is_ascii_digit())

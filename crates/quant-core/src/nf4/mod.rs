@@ -279,17 +279,32 @@ impl DoubleQuantAbsmax {
     /// ```
     pub fn scale(&self, block: usize) -> Result<f32> {
         let code = *self.codes.get(block).ok_or_else(|| {
-            QuantError::shape("DoubleQuantAbsmax codes (block index)", block + 1, self.codes.len())
+            QuantError::shape(
+                "DoubleQuantAbsmax codes (block index)",
+                block + 1,
+                self.codes.len(),
+            )
         })?;
         let value = *self.code2.get(code as usize).ok_or_else(|| {
-            QuantError::shape("DoubleQuantAbsmax code2 (8-bit code)", code as usize + 1, self.code2.len())
+            QuantError::shape(
+                "DoubleQuantAbsmax code2 (8-bit code)",
+                code as usize + 1,
+                self.code2.len(),
+            )
         })?;
         if self.blocksize2 == 0 {
-            return Err(QuantError::invalid("blocksize2", 0, "must be positive (bitsandbytes uses 256)"));
+            return Err(QuantError::invalid(
+                "blocksize2",
+                0,
+                "must be positive (bitsandbytes uses 256)",
+            ));
         }
         let absmax2 = *self.absmax2.get(block / self.blocksize2).ok_or_else(|| {
             QuantError::shape(
-                format!("DoubleQuantAbsmax absmax2 (one per {} codes)", self.blocksize2),
+                format!(
+                    "DoubleQuantAbsmax absmax2 (one per {} codes)",
+                    self.blocksize2
+                ),
                 block / self.blocksize2 + 1,
                 self.absmax2.len(),
             )
@@ -307,7 +322,9 @@ impl DoubleQuantAbsmax {
     /// All effective scales; inconsistent parts are an error (see `scale`).
     pub fn decode(&self) -> Result<Vec<f32>> {
         self.validate(self.codes.len())?;
-        Ok((0..self.codes.len()).map(|b| self.scale_validated(b)).collect())
+        Ok((0..self.codes.len())
+            .map(|b| self.scale_validated(b))
+            .collect())
     }
 
     /// Errors unless the parts are consistent with `n_blocks` 4-bit blocks.
@@ -756,7 +773,9 @@ impl FourBitTensor {
     pub fn absmax_values(&self) -> Vec<f32> {
         match &self.scales {
             BlockScales::Plain(a) => a.clone(),
-            BlockScales::DoubleQuant(dq) => (0..dq.codes.len()).map(|b| dq.scale_validated(b)).collect(),
+            BlockScales::DoubleQuant(dq) => {
+                (0..dq.codes.len()).map(|b| dq.scale_validated(b)).collect()
+            }
         }
     }
 
