@@ -144,7 +144,10 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Self::from_json_value(&value)
+        Self::from_json_value(&value).map_err(|e| LmError::ConfigFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses the text of a `config.json`.

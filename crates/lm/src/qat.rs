@@ -203,8 +203,9 @@ impl AdaptedLayer for QatLayer {
     fn is_merged(&self) -> bool {
         false
     }
-    fn set_training(&mut self, _training: bool) {
-        // The merged mode has no dropout; the frozen-base mode's dropout is the layer's own.
+    fn set_training(&mut self, training: bool) {
+        // The merged mode has no dropout; the frozen-base mode draws it only in training.
+        self.layer.set_training(training);
     }
     fn zero_grad(&mut self) {
         self.layer.zero_grad();

@@ -149,6 +149,9 @@ pub struct LoraQatLinear {
     /// Off: it computes with `W + s·B·A` unquantized (full-precision warm-up steps), and the
     /// quantizer neither runs nor gets gradients.
     fake_quant: bool,
+    /// Training mode (the default) draws the frozen-base mode's dropout; evaluation mode
+    /// does not (set by [`LoraQatLinear::set_training`]).
+    training: bool,
     cache: Option<QatCache>,
     /// Weight-sized scratch reused across steps (`W + s·B·A` in forward, `dŴ` in backward):
     /// refilling warm memory is a copy, a fresh allocation adds a page fault per 4 KiB.
@@ -222,6 +225,7 @@ impl LoraQatLinear {
             fake_quant: true,
             cache: None,
             scratch: None,
+            training: true,
             context: context.to_string(),
         };
         layer.recalibrate(config.init)?;
@@ -412,6 +416,17 @@ impl LoraQatLinear {
         }
     }
 
+    /// Training mode draws the adapter's dropout masks (frozen-base mode); evaluation mode
+    /// does not, so an evaluation forward is deterministic and unscaled.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether the layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
     /// `y = x·W_qᵀ + b` for `x: (tokens, in)` (`W_q` as [`LoraQatLinear::effective_weight`]
     /// says); keeps what backward needs.
     pub fn forward(&mut self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
@@ -441,7 +456,7 @@ impl LoraQatLinear {
                 let base = if self.fake_quant { frozen } else { &self.base };
                 gemm(1.0, x, base.weight().t(), beta, y.view_mut())?;
                 self.adapter
-                    .forward_into(base, x, None, true, y.view_mut())?;
+                    .forward_into(base, x, None, self.training, y.view_mut())?;
                 None
             }
             None => {
