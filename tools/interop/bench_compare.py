@@ -107,8 +107,10 @@ def torch_train(mode):
 
     config = LlamaConfig(**SMOLLM2)
     torch.manual_seed(0)
-    if mode == "qlora":  # bnb quantizes while loading: save the random model once
-        path = Path(os.environ.get("INTEROP_WORK", "target/interop")) / "bench/smollm2-shape"
+    if mode == "qlora":  # bnb quantizes while loading: the real model, or a saved random one
+        path = Path(os.environ.get("LORA_QAT_REAL_MODEL_HF", "-"))
+        if not (path / "config.json").is_file():
+            path = Path(os.environ.get("INTEROP_WORK", "target/interop")) / "bench/smollm2-shape"
         if not (path / "config.json").is_file():
             LlamaForCausalLM(config).save_pretrained(path)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
