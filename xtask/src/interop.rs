@@ -56,8 +56,17 @@ fn venv() -> Result<PathBuf, String> {
     Ok(python)
 }
 
-/// `target/release/lora-qat`, built now (the checks run the release CLI).
+/// `target/release/lora-qat`, built now (the checks run the release CLI); `$LORA_QAT_BIN`
+/// names an already built binary instead (no build).
 fn build_cli() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("LORA_QAT_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("LORA_QAT_BIN={} is not a file", bin.display()))
+        };
+    }
     run("cargo", &["build", "--release", "-p", "lora-qat"])?;
     Ok(workspace_root().join("target/release/lora-qat"))
 }
