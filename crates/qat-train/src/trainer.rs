@@ -327,8 +327,8 @@ impl Trainer {
     }
 
     /// Makes this trainer one rank of a data-parallel run (see [`crate::distributed`] and
-    /// docs/SCALING.md): each step this rank takes micro-batches `rank, rank + size, …` of the
-    /// global batch (`batch_size × gradient_accumulation` examples) and the gradients are
+    /// docs/SCALING.md): each step this rank takes its contiguous block of the micro-batches of
+    /// the global batch (`batch_size × gradient_accumulation` examples) and the gradients are
     /// summed over the ranks before clipping, so every rank takes the step one process would;
     /// evaluation batches are shared out the same way; only rank 0 calls the metrics
     /// callbacks and writes checkpoints. Errors when `gradient_accumulation` is not a multiple
@@ -473,7 +473,9 @@ impl Trainer {
                     }
                 }
             }
-            if let (Some(path), Some(every), true) = (checkpoint, self.config.checkpoint_every, root) {
+            if let (Some(path), Some(every), true) =
+                (checkpoint, self.config.checkpoint_every, root)
+            {
                 if self.step % every == 0 && !self.is_finished() {
                     self.save_checkpoint(path)?;
                 }
@@ -511,7 +513,7 @@ impl Trainer {
             // position and the RNG stay global; each computes only its own micro-batches.
             let batch = self.loader.next_batch()?;
             let dropout_seed = self.rng.next_u64();
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, micro) {
                 continue;
             }
             tokens += batch.num_tokens();
@@ -807,7 +809,7 @@ impl Trainer {
         let mut tokens = 0;
         for index in 0..batches {
             let batch = loader.next_batch()?;
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, batches) {
                 continue;
             }
             tokens += batch.num_tokens();
