@@ -9,6 +9,11 @@
 //!   passed through to criterion.
 //! * `golden` — checks that the reference files copied into the crates are identical to
 //!   `../shared/golden/` when that directory exists beside the repository.
+//! * `interop [--only CHECKS] [--strict] [--seed N]`, `bench-compare`, `real-model` — developer
+//!   tools against the Python references and the real SmolLM2 model (`interop.rs`,
+//!   docs/INTEROP.md); they need Python and the network, CI never runs them.
+
+mod interop;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -21,8 +26,14 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "bench" => run("cargo", &bench_args(&args[1..])),
         "golden" => golden(),
+        "interop" => interop::interop(&args[1..]),
+        "bench-compare" => interop::bench_compare(),
+        "real-model" => interop::real_model(),
         _ => {
-            eprintln!("usage: cargo xtask <ci | bench [criterion args] | golden>");
+            eprintln!(
+                "usage: cargo xtask <ci | bench [criterion args] | golden | interop [--only \
+                 CHECKS] [--strict] [--seed N] | bench-compare | real-model>"
+            );
             return if task == "help" || task == "--help" {
                 ExitCode::SUCCESS
             } else {
@@ -148,7 +159,7 @@ fn mpi_tests() -> Result<(), String> {
     Ok(())
 }
 
-fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
+pub(crate) fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let status = Command::new(program)
         .args(&args)
@@ -162,7 +173,7 @@ fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")

@@ -227,6 +227,17 @@ impl Trainer {
             t.set_training(false);
             t.set_base_trainable(false);
         }
+        // Packed examples need a forward pass that restarts positions and masks attention per
+        // document (lm's `forward_segmented`, from the model-families work); until the
+        // trainer calls it, a packed batch would attend across documents, so it is refused.
+        if train.is_packed() || validation.as_ref().is_some_and(Dataset::is_packed) {
+            return Err(TrainError::invalid(
+                "dataset",
+                "packed (segment_ids)",
+                "this trainer runs the plain causal forward pass, which would attend across \
+                 the packed documents; train unpacked examples (--max-seq-len without --packing)",
+            ));
+        }
         let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
         let micro_batches = config
             .epochs
@@ -972,10 +983,31 @@ impl Trainer {
     /// quantizer steps beside them (`lm::qat::QAT_STATE_FILE`, read by
     /// `LlamaModel::load_qat_adapter`).
     pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<()> {
+        self.save_adapter_as(dir, name, lora_core::peft::SaveDtype::F32)
+    }
+
+    /// [`Trainer::save_adapter`] with the adapter tensors stored as `dtype`. A LoRA-QAT
+    /// adapter is written in f32 only: its quantizer steps were trained against the f32
+    /// `W + s·B·A`, and rounding `A`, `B` would move the grid the steps fit.
+    pub fn save_adapter_as(
+        &self,
+        dir: &Path,
+        name: &str,
+        dtype: lora_core::peft::SaveDtype,
+    ) -> Result<()> {
         if self.quant_layers > 0 {
+            if dtype != lora_core::peft::SaveDtype::F32 {
+                return Err(lora_core::LoraError::option(
+                    "save_dtype",
+                    dtype.name(),
+                    "a LoRA-QAT adapter is saved in f32 (its quantizer steps fit the f32 \
+                     W + s·B·A)",
+                )
+                .into());
+            }
             Ok(self.student.save_qat_adapter(dir, name)?)
         } else {
-            Ok(self.student.save_adapter(dir, name)?)
+            Ok(self.student.save_adapter_as(dir, name, dtype)?)
         }
     }
 
