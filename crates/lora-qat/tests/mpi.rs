@@ -396,6 +396,60 @@ fn a_step_that_cannot_be_shared_out_is_refused_by_name() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Ranks started with different arguments (MPMD: another seed, so another adapter init and
+/// RNG) fail together at the start, each naming what differs, instead of drifting apart.
+#[test]
+fn ranks_that_disagree_fail_together_naming_the_difference() {
+    if !have_mpirun() {
+        return;
+    }
+    let dir = temp_dir("disagree");
+    let data = jsonl_data(&dir);
+    let config = config_file(&dir, 2);
+    let model = base_model();
+    let exe = env!("CARGO_BIN_EXE_lora-qat");
+    let rank_args = |seed: &'static str| {
+        vec![
+            "-np".to_string(),
+            "1".into(),
+            exe.into(),
+            "train".into(),
+            "--quiet".into(),
+            "--model".into(),
+            s(&model).into(),
+            "--data".into(),
+            s(&data).into(),
+            "--config".into(),
+            s(&config).into(),
+            "--seed".into(),
+            seed.into(),
+            "--max-steps".into(),
+            "2".into(),
+            "--out".into(),
+            s(&dir.join("out")).into(),
+        ]
+    };
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe"])
+        .args(rank_args("5"))
+        .arg(":")
+        .args(rank_args("6"))
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: rank 1 of 2: invalid run state"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("differs from rank 0 (RNG seed: 6 here, 5 on rank 0)"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The PIDs of `lora-qat` processes below `parent` (mpirun → ranks), from /proc.
 fn rank_pids(parent: u32) -> Vec<u32> {
     let mut found = Vec::new();

@@ -14,6 +14,10 @@
 //!    updates every trainable tensor with its group's learning rate times the schedule's
 //!    factor; gradients are zeroed.
 //!
+//! As one rank of a data-parallel run ([`Trainer::set_collective`], [`crate::distributed`]),
+//! step 1 computes only this rank's contiguous block of the micro-batches, and the gradients
+//! are summed over the ranks (rank order) before step 2.
+//!
 //! The reasoning loss is taken per sequence (its trajectory term must not join one example's
 //! last step to the next example's first) and averaged over the sequences that have step or
 //! answer positions.

@@ -196,12 +196,14 @@ fn watchdog(watch: &Watch, limit: Duration, rank: usize, size: usize) {
                 .map(|(_, what)| what.clone())
         });
         if let Some(what) = overdue {
-            eprintln!(
+            // One write, so the launcher does not interleave it with another rank's.
+            let line = format!(
                 "error: rank {rank} of {size}: no progress for {:.1} s in the all-rank \
                  operation on {what} (another rank died, hangs or is far slower; see \
-                 --collective-timeout); aborting the job",
+                 --collective-timeout); aborting the job\n",
                 limit.as_secs_f64()
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `init`), so
             // this thread may call MPI while the main thread waits inside a collective.
             unsafe {
