@@ -14,6 +14,10 @@
 //!    updates every trainable tensor with its group's learning rate times the schedule's
 //!    factor; gradients are zeroed.
 //!
+//! As one rank of a data-parallel run ([`Trainer::set_collective`], [`crate::distributed`]),
+//! step 1 computes only this rank's contiguous block of the micro-batches, and the gradients
+//! are summed over the ranks (rank order) before step 2.
+//!
 //! The reasoning loss is taken per sequence (its trajectory term must not join one example's
 //! last step to the next example's first) and averaged over the sequences that have step or
 //! answer positions.
@@ -338,8 +342,8 @@ impl Trainer {
     }
 
     /// Makes this trainer one rank of a data-parallel run (see [`crate::distributed`] and
-    /// docs/SCALING.md): each step this rank takes micro-batches `rank, rank + size, …` of the
-    /// global batch (`batch_size × gradient_accumulation` examples) and the gradients are
+    /// docs/SCALING.md): each step this rank takes its contiguous block of the micro-batches of
+    /// the global batch (`batch_size × gradient_accumulation` examples) and the gradients are
     /// summed over the ranks before clipping, so every rank takes the step one process would;
     /// evaluation batches are shared out the same way; only rank 0 calls the metrics
     /// callbacks and writes checkpoints. Errors when `gradient_accumulation` is not a multiple
@@ -524,7 +528,7 @@ impl Trainer {
             // position and the RNG stay global; each computes only its own micro-batches.
             let batch = self.loader.next_batch()?;
             let dropout_seed = self.rng.next_u64();
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, micro) {
                 continue;
             }
             tokens += batch.num_tokens();
@@ -820,7 +824,7 @@ impl Trainer {
         let mut tokens = 0;
         for index in 0..batches {
             let batch = loader.next_batch()?;
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, batches) {
                 continue;
             }
             tokens += batch.num_tokens();

@@ -94,11 +94,13 @@ impl Ranks {
         #[cfg(feature = "mpi")]
         if let (Err(e), Some(s)) = (&result, &self.session) {
             if s.size() > 1 {
-                eprintln!(
-                    "error: rank {} of {}: {e}; ending the job on every rank",
+                // One write, so the launcher does not interleave it with another rank's.
+                let line = format!(
+                    "error: rank {} of {}: {e}; ending the job on every rank\n",
                     s.rank(),
                     s.size()
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 s.abort(1);
             }
         }

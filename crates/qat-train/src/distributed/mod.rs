@@ -240,10 +240,12 @@ pub(crate) fn check_split(micro_batches: usize, size: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether micro-batch `index` of a step is this rank's: rank `r` of `N` takes micro-batches
-/// `r, r + N, r + 2N, …`.
-pub(crate) fn owns_micro_batch(collective: &dyn Collective, index: usize) -> bool {
-    index % collective.size() == collective.rank()
+/// Whether item `index` of `count` (a step's micro-batches, an evaluation's batches) is
+/// this rank's: rank `r` of `N` takes the contiguous block `index·N/count = r`, so the ranks
+/// in order hold the items in order (micro-batches `0..k`, `k..2k`, … for `count = kN`).
+pub(crate) fn owns(collective: &dyn Collective, index: usize, count: usize) -> bool {
+    let (rank, size) = (collective.rank(), collective.size());
+    size == 1 || (index as u128 * size as u128 / count.max(1) as u128) == rank as u128
 }
 
 #[cfg(test)]
@@ -424,9 +426,11 @@ mod tests {
             err.contains("gradient_accumulation = 3") && err.contains("multiple of 2"),
             "{err}"
         );
-        let owned: Vec<Vec<usize>> =
-            on_ranks(2, |c| (0..6).filter(|&i| owns_micro_batch(c, i)).collect());
-        assert_eq!(owned, vec![vec![0, 2, 4], vec![1, 3, 5]]);
+        let owned: Vec<Vec<usize>> = on_ranks(2, |c| (0..6).filter(|&i| owns(c, i, 6)).collect());
+        assert_eq!(owned, vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        // Any count is shared out whole (evaluation batches need not divide evenly).
+        let uneven: Vec<Vec<usize>> = on_ranks(3, |c| (0..5).filter(|&i| owns(c, i, 5)).collect());
+        assert_eq!(uneven, vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert!(SingleProcess.broadcast_bytes(&mut [0], 1, "x").is_err());
     }
 }
