@@ -38,7 +38,10 @@ fn fuzz_file(model: &str, file: &str, n: u32) {
                 // A config whose sizes disagree with the weights is reported at the tensor
                 // that does not fit (`tensor `…` has shape …, expected …`): also named.
                 let named = text.contains(file) || text.contains("tensor `");
-                prop_assert!(named, "error names neither {file} nor a tensor: {text} ({ms:?})");
+                prop_assert!(
+                    named,
+                    "error names neither {file} nor a tensor: {text} ({ms:?})"
+                );
                 rejected.set(rejected.get() + 1);
             }
             Ok(())
