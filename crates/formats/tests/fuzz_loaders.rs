@@ -74,10 +74,9 @@ fn valid_gguf(dir: &std::path::Path) -> Vec<u8> {
     let mut w = GgufWriter::create(&path, &meta, &specs).unwrap();
     let f32s: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
     w.write_tensor("token_embd.weight", &f32s).unwrap();
-    w.write_tensor("blk.0.attn_q.weight", &vec![1u8; 2 * 34])
+    w.write_tensor("blk.0.attn_q.weight", &[1u8; 2 * 34])
         .unwrap();
-    w.write_tensor("output_norm.weight", &vec![0u8; 64])
-        .unwrap();
+    w.write_tensor("output_norm.weight", &[0u8; 64]).unwrap();
     w.finish().unwrap();
     std::fs::read(&path).unwrap()
 }
