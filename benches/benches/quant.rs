@@ -27,8 +27,7 @@ fn gemm_vs_matrixmultiply(c: &mut Criterion) {
     let b_contiguous = random(&mut rng, k, n);
     group.bench_function("entry_point_x_b", |b| {
         b.iter(|| {
-            quant_core::linalg::gemm(1.0, x.view(), b_contiguous.view(), 0.0, y.view_mut())
-                .unwrap()
+            quant_core::linalg::gemm(1.0, x.view(), b_contiguous.view(), 0.0, y.view_mut()).unwrap()
         })
     });
     for kernel in quant_core::linalg::Bf16Kernel::available() {

@@ -10,13 +10,11 @@
 //! split further on the same pool.
 
 use std::borrow::Cow;
-use std::cell::Cell;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use quant_core::linalg::gemm;
 use quant_core::nf4::bnb_layout::{from_safetensors, to_bnb_tensors, BnbTensor};
 use quant_core::nf4::{check_blocksize, FourBitTensor, FourBitType};
-use rayon::prelude::*;
 use safetensors::SafeTensors;
 
 use crate::adapter::{AdapterOptions, LoraAdapter};
@@ -24,6 +22,7 @@ use crate::base::FrozenBase;
 use crate::error::{check_finite, LoraError, Result};
 use crate::linear::LoraLinear;
 use crate::svd::truncated_svd;
+use crate::tiled::for_each_column_tile;
 
 /// How a weight is quantized to NF4 and how the tiled products are cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,63 +413,6 @@ impl LoraLinear<Nf4Base> {
     pub fn merge_to_nf4(&self) -> Result<Nf4Base> {
         let merged = self.merged_weight()?;
         self.base().requantized(merged.view())
-    }
-}
-
-/// Runs `run_tile(buffer, (t, out[:, t·tile..]))` for every tile of `tile` columns of `out`,
-/// on the rayon pool or on the calling thread. The dequantization buffers are kept per thread
-/// between calls ([`TileBuffer`]): a fresh 2 MiB tile buffer on every product costs a page
-/// fault per 4 KiB on first touch, more than dequantizing into warm memory.
-fn for_each_column_tile<F>(
-    mut out: ArrayViewMut2<'_, f32>,
-    tile: usize,
-    parallel: bool,
-    run_tile: F,
-) -> Result<()>
-where
-    F: Fn(&mut Vec<f32>, (usize, ArrayViewMut2<'_, f32>)) -> Result<()> + Sync + Send,
-{
-    let tiles = out.axis_chunks_iter_mut(Axis(1), tile);
-    if parallel {
-        tiles
-            .into_par_iter()
-            .enumerate()
-            .try_for_each_init(TileBuffer::take, |buffer, item| run_tile(&mut buffer.0, item))
-    } else {
-        let mut buffer = TileBuffer::take();
-        tiles
-            .enumerate()
-            .try_for_each(|item| run_tile(&mut buffer.0, item))
-    }
-}
-
-thread_local! {
-    /// This thread's tile buffer while no tile runs on it.
-    static TILE_BUFFER: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// A tile buffer taken from this thread's slot and given back on drop. A tile that starts on
-/// a thread whose buffer is in use (rayon may run another tile inside a product's join)
-/// finds the slot empty and allocates; the larger buffer is kept.
-struct TileBuffer(Vec<f32>);
-
-impl TileBuffer {
-    fn take() -> Self {
-        TileBuffer(TILE_BUFFER.with(Cell::take))
-    }
-}
-
-impl Drop for TileBuffer {
-    fn drop(&mut self) {
-        let mine = std::mem::take(&mut self.0);
-        TILE_BUFFER.with(|slot| {
-            let other = slot.take();
-            slot.set(if other.capacity() > mine.capacity() {
-                other
-            } else {
-                mine
-            });
-        });
     }
 }
 

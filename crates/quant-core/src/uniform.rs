@@ -1083,28 +1083,31 @@ impl UniformQuantizer {
         let cols = w.ncols();
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (steps, zps) = (&self.steps, &self.zero_points);
-        let quantize_row = |r: usize, code_row: Option<&mut [u8]>, deq_row: &mut [f32], row: &[f32]| {
-            let mut code_row = code_row;
-            for (g, range) in layout.row_segments(r) {
-                let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
-                let deq = &mut deq_row[range.clone()];
-                match code_row.as_deref_mut() {
-                    Some(code_row) => {
-                        let codes = &mut code_row[range.clone()];
-                        for ((code, out), &x) in codes.iter_mut().zip(deq.iter_mut()).zip(&row[range]) {
-                            let (_, q) = grid.locate(x);
-                            *code = (q + grid.code_offset) as u8;
-                            *out = q * grid.step;
+        let quantize_row =
+            |r: usize, code_row: Option<&mut [u8]>, deq_row: &mut [f32], row: &[f32]| {
+                let mut code_row = code_row;
+                for (g, range) in layout.row_segments(r) {
+                    let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
+                    let deq = &mut deq_row[range.clone()];
+                    match code_row.as_deref_mut() {
+                        Some(code_row) => {
+                            let codes = &mut code_row[range.clone()];
+                            for ((code, out), &x) in
+                                codes.iter_mut().zip(deq.iter_mut()).zip(&row[range])
+                            {
+                                let (_, q) = grid.locate(x);
+                                *code = (q + grid.code_offset) as u8;
+                                *out = q * grid.step;
+                            }
                         }
-                    }
-                    None => {
-                        for (out, &x) in deq.iter_mut().zip(&row[range]) {
-                            *out = grid.locate(x).1 * grid.step;
+                        None => {
+                            for (out, &x) in deq.iter_mut().zip(&row[range]) {
+                                *out = grid.locate(x).1 * grid.step;
+                            }
                         }
                     }
                 }
-            }
-        };
+            };
         match codes {
             Some(codes) => codes
                 .par_chunks_mut(cols)
@@ -1178,7 +1181,10 @@ impl UniformQuantizer {
                         upstream.clear();
                         upstream.extend_from_slice(&g_row[range.clone()]);
                         let x = &row[range.clone()];
-                        (g, backward_segment(ste, grid, x, upstream, &mut g_row[range]))
+                        (
+                            g,
+                            backward_segment(ste, grid, x, upstream, &mut g_row[range]),
+                        )
                     })
                     .collect()
             })
@@ -1480,7 +1486,9 @@ mod tests {
     #[test]
     fn buffer_reusing_forward_and_backward_are_bit_identical() {
         let (rows, cols) = (9, 70);
-        let w = Array2::from_shape_fn((rows, cols), |(i, j)| ((i * cols + j) as f32 * 0.37).sin() * 1.3);
+        let w = Array2::from_shape_fn((rows, cols), |(i, j)| {
+            ((i * cols + j) as f32 * 0.37).sin() * 1.3
+        });
         let g = Array2::from_shape_fn((rows, cols), |(i, j)| ((i + 3 * j) as f32 * 0.11).cos());
         let bits_of = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for granularity in [
@@ -1500,12 +1508,19 @@ mod tests {
                     let want = a.backward(g.view()).unwrap();
                     let mut in_place = g.clone();
                     let params = b.backward_in_place(&mut in_place).unwrap();
-                    assert_eq!(bits_of(&in_place), bits_of(&want.input), "{granularity:?} {ste:?}");
+                    assert_eq!(
+                        bits_of(&in_place),
+                        bits_of(&want.input),
+                        "{granularity:?} {ste:?}"
+                    );
                     assert_eq!(params, want.params);
                     // A column-major gradient goes through the allocating path.
                     let mut strided = g.t().as_standard_layout().into_owned().reversed_axes();
                     b.backward_in_place(&mut strided).unwrap();
-                    assert_eq!(bits_of(&strided.as_standard_layout().into_owned()), bits_of(&want.input));
+                    assert_eq!(
+                        bits_of(&strided.as_standard_layout().into_owned()),
+                        bits_of(&want.input)
+                    );
                 }
             }
         }

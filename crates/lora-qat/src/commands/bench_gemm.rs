@@ -102,7 +102,10 @@ pub fn run(args: &BenchGemmArgs) -> CliResult {
         );
         for (bench, (ms, cpu)) in &rows {
             let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.3}"));
-            println!("{bench:<28} {ms:>10.3} {:>10.1} {cpu:>12}", flops / ms / 1e6);
+            println!(
+                "{bench:<28} {ms:>10.3} {:>10.1} {cpu:>12}",
+                flops / ms / 1e6
+            );
         }
         println!(
             "(m = {m}, k = {k}, n = {n}; {} rayon threads; bf16 kernels on this CPU: {})",

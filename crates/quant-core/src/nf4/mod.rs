@@ -21,8 +21,9 @@
 //! * **Dequantization.** `code_value[c] · a` in `f32`.
 //! * **Double quantization** (`compress_statistics=True`): `offset = mean(absmax)` (PyTorch's
 //!   CPU cascade sum, see [`torch_cpu_mean_f32`]); `absmax − offset` is quantized in blocks of
-//!   256 with bitsandbytes' signed 8-bit dynamic map ([`bnb_dynamic_map_signed`]) to the
-//!   nearest entry (ties to the lower index), keeping one `f32` absmax per 256 scales. The
+//!   256 with bitsandbytes' signed 8-bit dynamic map ([`bnb_dynamic_map_signed`]) as its CPU
+//!   kernel does (through a 65536-bin lookup table, below), keeping one `f32` absmax per 256
+//!   scales. The
 //!   effective scale of block `b` is `map[code_b] · absmax2[b / 256] + offset`.
 //! * **Storage.** [`FourBitTensor::stored_bytes`] counts `ceil(n/2)` packed bytes plus either
 //!   4 bytes per block, or 1 byte per block + 4 per 256 blocks + 4 (offset) + 1024 (the map).
@@ -40,7 +41,11 @@
 //!   across its threads, so the last bit of the offset depends on `torch.get_num_threads()`;
 //!   [`FourBitTensor::quantize`] matches one thread, [`FourBitTensor::into_double_quant`]
 //!   any given count. bitsandbytes on CUDA sums in yet another order.
-//! * The 8-bit codes take the nearest map entry (`argmin`, ties to the lower index).
+//! * The 8-bit codes are not always the nearest map entry: bitsandbytes' CPU kernel
+//!   (`quantize_cpu_impl`) rounds `x/a` to one of 65536 bins,
+//!   `trunc((clamp(x/a, −1, 1) + 1)·0.5·65535 + 0.5)`, and takes the entry nearest to the
+//!   bin's sample point `−1 + 2i/65535` (midpoint ties to the lower index); an all-zero block
+//!   codes 0. A value within half a bin of a midpoint can so get the farther entry.
 //!
 //! # Against the reference data
 //!
@@ -48,10 +53,8 @@
 //! bit-identical to all eight `tests/data/nf4` files. Two observations differ from the
 //! reference README: the odd-length padding nibble is the code of 0.0 (7 for NF4), not
 //! code 0; and requantizing the f32 llama checkpoint reproduces every tensor of the
-//! transformers bnb-4bit checkpoint byte for byte (packed, quant_map, nested_absmax,
-//! nested_quant_map, quant-state JSON) except one of the 288 absmax codes, which the
-//! checkpoint could only have produced with an offset one ulp below the one it stores (see
-//! `tests/nf4_bnb_layout.rs`).
+//! transformers bnb-4bit checkpoint byte for byte (packed, absmax codes, quant_map,
+//! nested_absmax, nested_quant_map, quant-state JSON; `tests/nf4_bnb_layout.rs`).
 //!
 //! ```
 //! use quant_core::nf4::{FourBitTensor, FourBitType};
