@@ -117,7 +117,8 @@ impl Rope {
             } => {
                 let correction_dim = |rotations: f32| -> f64 {
                     (dim as f64
-                        * (*original_max as f64 / (rotations as f64 * 2.0 * std::f64::consts::PI))
+                        * (*original_max as f64
+                            / (rotations as f64 * 2.0 * std::f64::consts::PI))
                             .ln())
                         / (2.0 * (theta as f64).ln())
                 };
@@ -205,12 +206,10 @@ impl Rope {
         let num = |name: &str| -> Result<Option<f64>> {
             match p.get(name) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                    LmError::config(
-                        format!("{key}.{name}"),
-                        format!("expected a number, got {v}"),
-                    )
-                }),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| LmError::config(format!("{key}.{name}"), format!("expected a number, got {v}"))),
             }
         };
         let theta = match num("rope_theta")? {
@@ -218,20 +217,12 @@ impl Rope {
             None => theta_fallback.unwrap_or(10000.0),
         };
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(LmError::config(
-                format!("{key}.rope_theta"),
-                format!("{theta} is invalid"),
-            ));
+            return Err(LmError::config(format!("{key}.rope_theta"), format!("{theta} is invalid")));
         }
         let kind = match p.get("rope_type").or_else(|| p.get("type")) {
             None | Some(Value::Null) => "default".to_string(),
             Some(Value::String(s)) => s.clone(),
-            Some(v) => {
-                return Err(LmError::config(
-                    format!("{key}.rope_type"),
-                    format!("expected a string, got {v}"),
-                ))
-            }
+            Some(v) => return Err(LmError::config(format!("{key}.rope_type"), format!("expected a string, got {v}"))),
         };
         let max_pos = config
             .get("max_position_embeddings")
@@ -254,49 +245,46 @@ impl Rope {
         let factor = || -> Result<f32> {
             match num("factor")? {
                 Some(f) if f.is_finite() && f > 0.0 => Ok(f as f32),
-                Some(f) => Err(LmError::config(
-                    format!("{key}.factor"),
-                    format!("{f} is invalid"),
-                )),
+                Some(f) => Err(LmError::config(format!("{key}.factor"), format!("{f} is invalid"))),
                 None => Err(LmError::config(format!("{key}.factor"), "missing")),
             }
         };
-        let allowed: &[&str] =
-            match kind.as_str() {
-                "default" => &[],
-                "linear" => &["factor"],
-                "dynamic" => &["factor", "original_max_position_embeddings"],
-                "yarn" => &[
-                    "factor",
-                    "original_max_position_embeddings",
-                    "beta_fast",
-                    "beta_slow",
-                    "attention_factor",
-                    "mscale",
-                    "mscale_all_dim",
-                    "truncate",
-                ],
-                "longrope" => &[
-                    "short_factor",
-                    "long_factor",
-                    "factor",
-                    "attention_factor",
-                    "original_max_position_embeddings",
-                ],
-                "llama3" => &[
-                    "factor",
-                    "low_freq_factor",
-                    "high_freq_factor",
-                    "original_max_position_embeddings",
-                ],
-                _ => return Err(LmError::Unsupported {
+        let allowed: &[&str] = match kind.as_str() {
+            "default" => &[],
+            "linear" => &["factor"],
+            "dynamic" => &["factor", "original_max_position_embeddings"],
+            "yarn" => &[
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "attention_factor",
+                "mscale",
+                "mscale_all_dim",
+                "truncate",
+            ],
+            "longrope" => &[
+                "short_factor",
+                "long_factor",
+                "factor",
+                "attention_factor",
+                "original_max_position_embeddings",
+            ],
+            "llama3" => &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
+            _ => {
+                return Err(LmError::Unsupported {
                     key: format!("{key}.rope_type"),
                     value: format!("{kind:?}"),
-                    reason:
-                        "implemented rope types: default, linear, dynamic, yarn, longrope, llama3"
-                            .into(),
-                }),
-            };
+                    reason: "implemented rope types: default, linear, dynamic, yarn, longrope, llama3"
+                        .into(),
+                })
+            }
+        };
         for (name, value) in p {
             let common = ["rope_type", "type", "rope_theta"].contains(&name.as_str());
             if !common && !allowed.contains(&name.as_str()) && !value.is_null() {
@@ -339,27 +327,15 @@ impl Rope {
             }
             "longrope" => {
                 let list = |name: &str| -> Result<Vec<f32>> {
-                    let v = p
-                        .get(name)
-                        .ok_or_else(|| LmError::config(format!("{key}.{name}"), "missing"))?;
+                    let v = p.get(name).ok_or_else(|| LmError::config(format!("{key}.{name}"), "missing"))?;
                     let items = v.as_array().ok_or_else(|| {
-                        LmError::config(
-                            format!("{key}.{name}"),
-                            format!("expected a list, got {v}"),
-                        )
+                        LmError::config(format!("{key}.{name}"), format!("expected a list, got {v}"))
                     })?;
-                    let values: Vec<f32> = items
-                        .iter()
-                        .filter_map(|x| x.as_f64().map(|f| f as f32))
-                        .collect();
+                    let values: Vec<f32> = items.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
                     if values.len() != dim / 2 || items.len() != dim / 2 {
                         return Err(LmError::config(
                             format!("{key}.{name}"),
-                            format!(
-                                "has {} numbers, expected head_dim/2 = {}",
-                                items.len(),
-                                dim / 2
-                            ),
+                            format!("has {} numbers, expected head_dim/2 = {}", items.len(), dim / 2),
                         ));
                     }
                     Ok(values)
@@ -451,12 +427,7 @@ impl RopeTable {
 
     /// The table of `rope` for positions `first_position .. first_position + len`, in a forward
     /// whose sequence length (for dynamic and LongRoPE scaling) is `seq_len`.
-    pub fn for_rope(
-        rope: &Rope,
-        first_position: usize,
-        len: usize,
-        seq_len: usize,
-    ) -> Result<Self> {
+    pub fn for_rope(rope: &Rope, first_position: usize, len: usize, seq_len: usize) -> Result<Self> {
         let head_dim = rope.dim;
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(LmError::invalid(
