@@ -297,11 +297,7 @@ pub fn dequantize_rows(
     out: &mut [f32],
 ) -> Result<()> {
     let row_bytes = ty.bytes_for(row_len)?;
-    let n_rows = if row_bytes == 0 {
-        0
-    } else {
-        bytes.len() / row_bytes
-    };
+    let n_rows = bytes.len().checked_div(row_bytes).unwrap_or(0);
     if row_bytes == 0 || bytes.len() % row_bytes != 0 {
         return Err(QuantError::shape(
             format!("{ty} matrix with rows of {row_len} values"),

@@ -260,7 +260,7 @@ mod avx512 {
                         } else {
                             ((1u32 << count) - 1) as u16
                         };
-                        let base = src.ptr.offset((idx0 + lane) as isize);
+                        let base = src.ptr.add(idx0 + lane);
                         let k0 = 2 * p;
                         let lo = _mm512_maskz_loadu_epi32(
                             mask,
@@ -354,7 +354,7 @@ mod avx512 {
                 for (h, &v) in row.iter().enumerate() {
                     let d = dst.add(16 * h);
                     let out = match beta {
-                        Some(beta) if beta == 0.0 => _mm512_mul_ps(va, v),
+                        Some(0.0) => _mm512_mul_ps(va, v),
                         Some(beta) => _mm512_fmadd_ps(
                             va,
                             v,
@@ -375,7 +375,7 @@ mod avx512 {
                 for (j, &v) in t.iter().enumerate().take(cols) {
                     let d = c.offset(r as isize * rsc + j as isize * csc);
                     *d = match beta {
-                        Some(beta) if beta == 0.0 => alpha * v,
+                        Some(0.0) => alpha * v,
                         Some(beta) => alpha * v + beta * *d,
                         None => alpha * v + *d,
                     };
