@@ -450,6 +450,12 @@ impl LoraQatLinear {
             ),
             None => (Array2::zeros((tokens, out_features)), 0.0),
         };
+        // The last forward's buffers are refilled instead of reallocated (a fresh
+        // weight-sized array costs a page fault per 4 KiB on first touch).
+        let (old_input, old_weight) = match self.cache.take() {
+            Some(cache) => (Some(cache.input), cache.merged),
+            None => (None, None),
+        };
         let merged = match &self.frozen {
             Some(frozen) => {
                 // Fake quantization off: the adapter over the unquantized W.
@@ -474,7 +480,10 @@ impl LoraQatLinear {
                     merged.view_mut(),
                 )?;
                 let used = if self.fake_quant {
-                    let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
+                    let mut w_q = old_weight.unwrap_or_default();
+                    self.grid
+                        .get_mut()
+                        .forward_dequantized_into(merged.view(), &mut w_q)?;
                     self.scratch = Some(merged);
                     w_q
                 } else {
@@ -484,8 +493,15 @@ impl LoraQatLinear {
                 Some(used)
             }
         };
+        let input = match old_input {
+            Some(mut kept) if kept.dim() == x.dim() => {
+                kept.assign(&x);
+                kept
+            }
+            _ => x.to_owned(),
+        };
         self.cache = Some(QatCache {
-            input: x.to_owned(),
+            input,
             merged,
             quantized: self.fake_quant,
         });
@@ -525,24 +541,21 @@ impl LoraQatLinear {
                 gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
                 // dV: through the quantizer's STE with fake quantization on; the identity
                 // (V itself was the weight) with it off.
-                let grad_v = if cache.quantized {
-                    let grads = self.grid.get_mut().backward(grad_w.view());
-                    self.scratch = Some(grad_w);
-                    let grads = grads?;
-                    for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
+                if cache.quantized {
+                    // dŴ becomes dV in place.
+                    let params = self.grid.get_mut().backward_in_place(&mut grad_w)?;
+                    for (acc, g) in self.grad_quantizer.iter_mut().zip(&params) {
                         *acc += g;
                     }
-                    grads.input
-                } else {
-                    grad_w
-                };
+                }
+                let grad_v = grad_w;
                 let scale = self.adapter.scale();
                 let (a, b) = (self.adapter.a().clone(), self.adapter.b().clone());
                 let (grad_a, grad_b) = self.adapter.grads_mut();
                 // dA = s·Bᵀ·dV (r, in); dB = s·dV·Aᵀ (out, r).
                 gemm(scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
                 gemm(scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
-                if !cache.quantized && self.scratch.is_none() {
+                if self.scratch.is_none() {
                     self.scratch = Some(grad_v);
                 }
             }
