@@ -317,7 +317,10 @@ impl LlamaConfig {
                 ("num_attention_heads", json!(self.num_attention_heads)),
                 ("num_key_value_heads", json!(self.num_key_value_heads)),
                 ("head_dim", json!(self.head_dim)),
-                ("max_position_embeddings", json!(self.max_position_embeddings)),
+                (
+                    "max_position_embeddings",
+                    json!(self.max_position_embeddings),
+                ),
                 ("tie_word_embeddings", json!(self.tie_word_embeddings)),
             ] {
                 out.insert(key.into(), value);

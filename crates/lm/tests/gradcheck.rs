@@ -396,7 +396,9 @@ fn tiny_family_model(json: &str, seed: u64) -> LlamaModel {
     model
         .visit_parameters(|name, p| {
             if name.contains("norm") || name.ends_with(".bias") {
-                p.value.iter_mut().for_each(|v| *v = rng.random_range(-0.5..0.5) + if name.contains("norm") { 0.5 } else { 0.0 });
+                p.value.iter_mut().for_each(|v| {
+                    *v = rng.random_range(-0.5..0.5) + if name.contains("norm") { 0.5 } else { 0.0 }
+                });
             } else {
                 p.value.iter_mut().for_each(|v| *v *= 20.0);
             }
@@ -413,7 +415,9 @@ fn check_family_parameters(json: &str) {
     let mut model = tiny_family_model(json, 3);
     let (ids, labels) = batch();
     model.set_base_trainable(true);
-    model.loss_and_backward(ids.view(), labels.view(), None).unwrap();
+    model
+        .loss_and_backward(ids.view(), labels.view(), None)
+        .unwrap();
     let analytic = grads(&mut model);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut names: Vec<&String> = analytic.keys().collect();
@@ -423,7 +427,11 @@ fn check_family_parameters(json: &str) {
         let largest = (0..g.len())
             .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
             .unwrap();
-        for i in [largest, rng.random_range(0..g.len()), rng.random_range(0..g.len())] {
+        for i in [
+            largest,
+            rng.random_range(0..g.len()),
+            rng.random_range(0..g.len()),
+        ] {
             let numeric = numeric_grad(&mut model, name, i, &ids, &labels);
             let a = g[i] as f64;
             assert!(
@@ -459,7 +467,9 @@ fn gemma3_gradients_match_finite_differences() {
 
 #[test]
 fn qwen_biases_and_qk_norms_gradients_match_finite_differences() {
-    check_family_parameters(&format!(r#"{{"model_type": "qwen2", {SIZES}, "tie_word_embeddings": false}}"#));
+    check_family_parameters(&format!(
+        r#"{{"model_type": "qwen2", {SIZES}, "tie_word_embeddings": false}}"#
+    ));
     check_family_parameters(&format!(r#"{{"model_type": "qwen3", {SIZES}}}"#));
 }
 
