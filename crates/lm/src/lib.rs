@@ -54,6 +54,7 @@ pub mod param;
 pub mod qat;
 pub mod quantize;
 pub mod rope;
+pub mod sampling;
 
 pub use adapters::peft_file_key;
 pub use checkpoint::Checkpoint;

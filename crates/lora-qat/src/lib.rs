@@ -5,6 +5,7 @@
 //! The `lora-qat` binary built from this crate is the command-line tool.
 
 pub mod demo;
+pub mod text;
 
 pub use lm;
 pub use lora_core;

@@ -1,5 +1,5 @@
-//! Token datasets: pre-tokenized JSONL, seeded per-epoch shuffling, right-padded batches and a
-//! resumable position cursor.
+//! Token datasets: pre-tokenized JSONL, seeded per-epoch shuffling, right-padded batches, a
+//! resumable position cursor, and packing of short examples into full sequences.
 //!
 //! Shuffling is a function of `(seed, epoch)` only (a ChaCha8 stream per epoch), so the
 //! [`DataCursor`] `(epoch, index)` is all a checkpoint needs to resume the exact batch order.
@@ -31,6 +31,10 @@ pub struct Example {
     /// Answer tokens (for the reasoning loss and answer-weighted CE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answer_mask: Option<Vec<bool>>,
+    /// Which packed document each token belongs to (non-decreasing from 0), when several
+    /// examples were packed into this one ([`Dataset::packed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment_ids: Option<Vec<u32>>,
 }
 
 impl Example {
@@ -41,6 +45,7 @@ impl Example {
             labels: None,
             step_mask: None,
             answer_mask: None,
+            segment_ids: None,
         }
     }
 
@@ -54,10 +59,24 @@ impl Example {
             ("labels", self.labels.as_ref().map(Vec::len)),
             ("step_mask", self.step_mask.as_ref().map(Vec::len)),
             ("answer_mask", self.answer_mask.as_ref().map(Vec::len)),
+            ("segment_ids", self.segment_ids.as_ref().map(Vec::len)),
         ];
         for (field, len) in lens {
             if let Some(len) = len.filter(|&l| l != n) {
                 return Some(format!("{field} has {len} entries but input_ids has {n}"));
+            }
+        }
+        if let Some(seg) = &self.segment_ids {
+            if seg[0] != 0 {
+                return Some(format!("segment_ids[0] = {} (segments count from 0)", seg[0]));
+            }
+            if let Some(i) = seg.windows(2).position(|w| w[1] != w[0] && w[1] != w[0] + 1) {
+                return Some(format!(
+                    "segment_ids[{}] = {} after {} (each new segment is the previous + 1)",
+                    i + 1,
+                    seg[i + 1],
+                    seg[i]
+                ));
             }
         }
         if let Some(labels) = &self.labels {
@@ -151,6 +170,88 @@ impl Dataset {
         self.examples.iter().map(|e| e.input_ids.len()).sum()
     }
 
+    /// Whether any example holds packed documents.
+    pub fn is_packed(&self) -> bool {
+        self.examples.iter().any(|e| e.segment_ids.is_some())
+    }
+
+    /// Packs examples, in order, into sequences of at most `max_len` tokens (each example
+    /// truncated to `max_len` first): an example that does not fit in the current sequence
+    /// starts the next. Each packed example numbers its documents in `segment_ids`, and the
+    /// first token of every document is not a target (`labels` = [`IGNORE_INDEX`]), so no
+    /// document is trained to predict the next one's start. Step and answer masks are carried
+    /// along.
+    ///
+    /// ```
+    /// use qat_train::data::{Dataset, Example};
+    /// let ds = Dataset::new(vec![
+    ///     Example::new(vec![1, 2, 3]),
+    ///     Example::new(vec![4, 5]),
+    ///     Example::new(vec![6, 7, 8, 9]),
+    /// ])
+    /// .unwrap();
+    /// let packed = ds.packed(5).unwrap();
+    /// assert_eq!(packed.len(), 2);
+    /// let first = &packed.examples()[0];
+    /// assert_eq!(first.input_ids, vec![1, 2, 3, 4, 5]);
+    /// assert_eq!(first.segment_ids.as_deref(), Some(&[0, 0, 0, 1, 1][..]));
+    /// assert_eq!(first.labels.as_deref(), Some(&[-100, 2, 3, -100, 5][..]));
+    /// ```
+    pub fn packed(&self, max_len: usize) -> Result<Dataset> {
+        if max_len == 0 {
+            return Err(TrainError::invalid("packing max_len", 0, "must be at least 1"));
+        }
+        if self.is_packed() {
+            return Err(TrainError::invalid(
+                "dataset",
+                "already packed",
+                "packing applies to unpacked examples",
+            ));
+        }
+        let any_steps = self.examples.iter().any(|e| e.step_mask.is_some());
+        let any_answers = self.examples.iter().any(|e| e.answer_mask.is_some());
+        let mut out: Vec<Example> = Vec::new();
+        let mut current: Option<Example> = None;
+        for e in &self.examples {
+            let n = e.input_ids.len().min(max_len);
+            if current.as_ref().is_some_and(|c| c.input_ids.len() + n > max_len) {
+                out.extend(current.take());
+            }
+            let c = current.get_or_insert_with(|| Example {
+                input_ids: Vec::with_capacity(max_len),
+                labels: Some(Vec::with_capacity(max_len)),
+                step_mask: any_steps.then(Vec::new),
+                answer_mask: any_answers.then(Vec::new),
+                segment_ids: Some(Vec::with_capacity(max_len)),
+            });
+            let segment = c
+                .segment_ids
+                .as_ref()
+                .and_then(|s| s.last())
+                .map_or(0, |&last| last + 1);
+            c.input_ids.extend_from_slice(&e.input_ids[..n]);
+            let labels = c.labels.get_or_insert_with(Vec::new);
+            for t in 0..n {
+                labels.push(if t == 0 {
+                    IGNORE_INDEX
+                } else {
+                    e.labels.as_ref().map_or(i64::from(e.input_ids[t]), |l| l[t])
+                });
+            }
+            if let Some(m) = c.step_mask.as_mut() {
+                m.extend((0..n).map(|t| e.step_mask.as_ref().is_some_and(|s| s[t])));
+            }
+            if let Some(m) = c.answer_mask.as_mut() {
+                m.extend((0..n).map(|t| e.answer_mask.as_ref().is_some_and(|s| s[t])));
+            }
+            c.segment_ids
+                .get_or_insert_with(Vec::new)
+                .extend(std::iter::repeat_n(segment, n));
+        }
+        out.extend(current);
+        Dataset::new(out)
+    }
+
     /// Splits into `(train, validation)` by a seeded shuffle: `round(len·fraction)` examples go
     /// to validation. Errors when `fraction` is outside `(0, 1)` or either side would be empty.
     ///
@@ -226,6 +327,9 @@ pub struct Batch {
     pub step_mask: Option<Array2<bool>>,
     /// Answer positions, when any example of the batch has an answer mask (false elsewhere).
     pub answer_mask: Option<Array2<bool>>,
+    /// Packed documents per row, when any example is packed: the example's `segment_ids`
+    /// (an unpacked example is segment 0), padding numbered one past the row's last segment.
+    pub segment_ids: Option<Array2<u32>>,
     /// Which dataset examples, in batch order.
     pub example_indices: Vec<usize>,
 }
@@ -423,8 +527,18 @@ impl DataLoader {
         let any_answers = examples.iter().any(|e| e.answer_mask.is_some());
         let mut step_mask = any_steps.then(|| Array2::from_elem((rows, seq), false));
         let mut answer_mask = any_answers.then(|| Array2::from_elem((rows, seq), false));
+        let any_segments = examples.iter().any(|e| e.segment_ids.is_some());
+        let mut segment_ids = any_segments.then(|| Array2::from_elem((rows, seq), 0u32));
         for (r, e) in examples.iter().enumerate() {
             let len = truncate(e.input_ids.len());
+            if let Some(m) = segment_ids.as_mut() {
+                let src = e.segment_ids.as_deref();
+                let at = |t: usize| src.map_or(0, |s| s[t]);
+                let pad = if len == 0 { 0 } else { at(len - 1) + 1 };
+                for t in 0..seq {
+                    m[[r, t]] = if t < len { at(t) } else { pad };
+                }
+            }
             for t in 0..len {
                 input_ids[[r, t]] = e.input_ids[t];
                 attention_mask[[r, t]] = true;
@@ -446,6 +560,7 @@ impl DataLoader {
             labels,
             step_mask,
             answer_mask,
+            segment_ids,
             example_indices: indices,
         })
     }

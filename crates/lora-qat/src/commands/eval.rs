@@ -1,5 +1,6 @@
 //! `lora-qat eval`: perplexity of a model (optionally with a PEFT or LoRA-QAT adapter) on a
-//! JSONL token dataset, and exact-match accuracy when the lines are demo-task problems.
+//! dataset in any format `train --data` reads (text, chat, prompt-completion or token JSONL),
+//! and exact-match accuracy when the lines are demo-task problems.
 
 use std::path::{Path, PathBuf};
 
@@ -7,23 +8,29 @@ use clap::Args;
 use lm::LlamaModel;
 use lora_qat::demo::eval::{exact_match, perplexity};
 use lora_qat::demo::task::{Problem, Tokenizer};
-use qat_train::data::Dataset;
+use lora_qat::text::{examples_from_file, DataFormat, ModelText};
 
 use super::logits::{load_model, ADAPTER_NAME};
-use super::{CliError, CliResult};
+use super::{resolve_model_arg, CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or
+    /// a hub id (org/name) in the local Hugging Face cache.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Adapter directory: a PEFT LoRA adapter, or a LoRA-QAT adapter written by the demo
     /// (with `qat_quantizers.safetensors`), which is evaluated merged and quantized.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
-    /// JSONL file, one example per line: `input_ids` and optional `labels` (-100 = not
-    /// counted). Lines that also have a demo-task `prompt` (e.g. `"347+285="`) are graded by
-    /// exact match of the greedily generated answer (`test.jsonl` of a demo run has both).
+    /// Data in any format `train --data` reads: plain text (one example per line, tokenized
+    /// with the model's tokenizer), chat / prompt-completion / text JSONL, or token JSONL
+    /// (`input_ids` and optional `labels`, -100 = not counted). Token lines that also have a
+    /// demo-task `prompt` (e.g. `"347+285="`) are graded by exact match of the greedily
+    /// generated answer (`test.jsonl` of a demo run has both).
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// Sequences per forward pass for the perplexity.
@@ -66,13 +73,10 @@ fn problems(path: &Path, text: &str) -> CliResult<Option<Vec<Problem>>> {
 }
 
 pub fn run(args: &EvalArgs) -> CliResult {
-    let text = std::fs::read_to_string(&args.data).map_err(|e| CliError::File {
-        path: args.data.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let dataset = Dataset::from_jsonl_str(&text, &args.data.display().to_string())
-        .map_err(lora_qat::demo::DemoError::from)?;
-    let mut model = load(&args.model, args.adapter.as_deref())?;
+    let model_dir = resolve_model_arg(&args.model, args.revision.as_deref())?;
+    let data = examples_from_file(&args.data, || ModelText::load(&model_dir))?;
+    let dataset = data.dataset;
+    let mut model = load(&model_dir, args.adapter.as_deref())?;
     let ppl = perplexity(&mut model, dataset.examples(), args.batch_size)?;
     println!(
         "perplexity {:.4} (mean cross-entropy {:.4} nats over {} labelled tokens of {} examples)",
@@ -81,6 +85,13 @@ pub fn run(args: &EvalArgs) -> CliResult {
         ppl.tokens,
         dataset.len()
     );
+    if data.format != DataFormat::PreTokenized {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&args.data).map_err(|e| CliError::File {
+        path: args.data.display().to_string(),
+        reason: e.to_string(),
+    })?;
     if let Some(problems) = problems(&args.data, &text)? {
         let tokenizer = Tokenizer::new();
         if model.config().vocab_size != tokenizer.vocab_size() {

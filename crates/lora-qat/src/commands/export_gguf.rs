@@ -12,8 +12,12 @@ use super::{CliError, CliResult};
 pub struct ExportGgufArgs {
     /// Hugging Face Llama model directory (config.json + safetensors, f32/f16/bf16 or
     /// bitsandbytes 4-bit). Its tokenizer.json, when present, becomes tokenizer.ggml.*.
-    #[arg(long, value_name = "DIR")]
+    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// PEFT adapter directory: merged into the weights (W + s·B·A, DoRA too), or, with
     /// `--lora`, written as a GGUF LoRA adapter.
     #[arg(long, value_name = "DIR")]
@@ -33,13 +37,14 @@ pub struct ExportGgufArgs {
 }
 
 pub fn run(args: &ExportGgufArgs) -> CliResult {
+    let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
     let ty = GgmlType::from_name(&args.ty)?;
     if args.lora {
         let adapter = args
             .adapter
             .as_ref()
             .ok_or_else(|| CliError::Usage("--lora needs --adapter DIR".into()))?;
-        let report = lm::gguf::export_gguf_lora(&args.model, adapter, &args.out, ty)?;
+        let report = lm::gguf::export_gguf_lora(&model_dir, adapter, &args.out, ty)?;
         println!(
             "wrote LoRA adapter {} ({} tensors, {} metadata keys, {})",
             report.path.display(),
@@ -49,7 +54,7 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
         );
         return Ok(());
     }
-    let report = lm::gguf::export_gguf(&args.model, args.adapter.as_deref(), &args.out, ty)?;
+    let report = lm::gguf::export_gguf(&model_dir, args.adapter.as_deref(), &args.out, ty)?;
     println!(
         "wrote {} ({} tensors, {} metadata keys, {}{})",
         report.path.display(),

@@ -10,8 +10,12 @@ use super::{CliError, CliResult};
 #[derive(Debug, Args)]
 pub struct GradsArgs {
     /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
-    #[arg(long, value_name = "DIR")]
+    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// PEFT adapter directory whose tensors get gradients.
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
@@ -27,12 +31,13 @@ pub struct GradsArgs {
 }
 
 pub fn run(args: &GradsArgs) -> CliResult {
+    let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
     let tokens = read_tokens(&args.tokens)?;
     let labels = tokens.labels.ok_or_else(|| CliError::File {
         path: args.tokens.display().to_string(),
         reason: "no tensor `labels` (I64 [batch, seq]): gradients need a loss".into(),
     })?;
-    let mut model = load_model(&args.model, Some(&args.adapter))?;
+    let mut model = load_model(&model_dir, Some(&args.adapter))?;
     let loss = model.loss_and_backward(tokens.input_ids.view(), labels.view(), None)?;
     let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = model
         .adapter_gradients(ADAPTER_NAME)?

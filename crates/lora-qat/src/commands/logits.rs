@@ -18,8 +18,12 @@ pub const ADAPTER_NAME: &str = "default";
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
     /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
-    #[arg(long, value_name = "DIR")]
+    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -143,7 +147,8 @@ pub fn write_f32_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 }
 
 pub fn run(args: &LogitsArgs) -> CliResult {
-    let mut model = load_model(&args.model, args.adapter.as_deref())?;
+    let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
+    let mut model = load_model(&model_dir, args.adapter.as_deref())?;
     let tokens = read_tokens(&args.tokens)?;
     let logits = model.logits(tokens.input_ids.view(), None)?;
     let mut out = vec![(

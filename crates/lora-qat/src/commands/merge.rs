@@ -12,8 +12,12 @@ use super::{CliError, CliResult};
 pub struct MergeArgs {
     /// Base model directory (config.json + model.safetensors or a sharded index; f32, f16,
     /// bf16 or bitsandbytes 4-bit, which is dequantized before the merge).
-    #[arg(long, value_name = "DIR")]
+    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
     /// PEFT adapter directory (LoRA, rsLoRA or DoRA) whose targets must exist in the model.
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
@@ -37,6 +41,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: &MergeArgs) -> CliResult {
+    let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
     let quantize_nf4 = match args.quantize.as_deref() {
         None => false,
         Some("nf4") => true,
@@ -51,7 +56,7 @@ pub fn run(args: &MergeArgs) -> CliResult {
         quantize_nf4,
         max_shard_bytes: parse_size(&args.max_shard_size)?,
     };
-    let report = merge_checkpoint(&args.model, Some(&args.adapter), &args.out, &options)?;
+    let report = merge_checkpoint(&model_dir, Some(&args.adapter), &args.out, &options)?;
     println!(
         "merged {} modules; wrote {} tensors ({:.1} MB) in {} file(s) to {}",
         report.merged_modules,

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_gemm;
 pub mod bench_merge;
 pub mod bench_train;
 pub mod demo;
+pub mod distributed;
 pub mod eval;
 pub mod export_gguf;
 pub mod generate;
@@ -35,9 +37,31 @@ pub enum CliError {
     /// From qat-train (configuration, data, training, checkpoints).
     #[error(transparent)]
     Train(#[from] qat_train::TrainError),
+    /// From the text layer (tokenizer, chat template, text data, model names).
+    #[error(transparent)]
+    Text(#[from] lora_qat::text::TextError),
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for CliError {
+    fn from(e: quant_core::FormatError) -> Self {
+        CliError::Quant(e.into())
+    }
+}
+
 pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// The one resolver of every `--model`: a path as it is, else a hub id in the local Hugging
+/// Face cache (`lora_qat::text::hub`).
+pub fn resolve_model_arg(
+    model: &std::path::Path,
+    revision: Option<&str>,
+) -> CliResult<std::path::PathBuf> {
+    let spec = model.to_str().ok_or_else(|| {
+        CliError::Usage(format!("--model {}: not valid UTF-8", model.display()))
+    })?;
+    Ok(lora_qat::text::resolve_model(spec, revision)?)
+}

@@ -9,20 +9,23 @@ use lm::{LinearModule, LlamaModel};
 use lora_core::qlora::Nf4Options;
 use lora_core::{LoraConfig, QatMode};
 use qat_train::config::TrainConfig;
-use qat_train::data::{Dataset, Example};
-use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, StepMetrics};
+use lora_qat::text::{examples_from_file, ModelText};
+use qat_train::data::Dataset;
+use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, MetricsLog, StepMetrics};
 use qat_train::trainer::Trainer;
 use quant_core::config::{QatConfig, QuantizerKind};
 use quant_core::ste::Ste;
 use quant_core::uniform::Granularity;
 
-use super::{CliError, CliResult};
+use super::{resolve_model_arg, CliError, CliResult};
 
 /// The adapter trained and saved.
 pub const ADAPTER_NAME: &str = "default";
 /// Files written under `--out`.
 pub const ADAPTER_DIR: &str = "adapter";
 pub const METRICS_FILE: &str = "metrics.csv";
+/// Training and validation loss per step, drawn after training.
+pub const LOSS_CURVE_FILE: &str = "loss_curve.png";
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 pub const CONFIG_FILE: &str = "train_config.json";
 /// LoRA-QAT only: the quantized merged weights `Q(W + s·B·A)` (`LlamaModel::export_quantized`).
@@ -60,19 +63,35 @@ pub enum SteArg {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json + model.safetensors); a tokenizer.json beside
-    /// it tokenizes text data.
-    #[arg(long, value_name = "DIR")]
+    /// Hugging Face model directory (config.json + model.safetensors), or a hub id (org/name)
+    /// in the local Hugging Face cache; its tokenizer.json and chat template turn text data
+    /// into tokens.
+    #[arg(long, value_name = "DIR|ID")]
     pub model: PathBuf,
-    /// Training data: pre-tokenized JSONL (one `{"input_ids": [...], "labels": [...]?,
-    /// "step_mask": [...]?, "answer_mask": [...]?}` per line), or plain text, one example per
-    /// line, tokenized with the model directory's tokenizer.json.
+    /// Revision of a hub id (branch, tag or commit; default main).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Training data, read by content: chat JSONL (`{"messages": [{"role", "content"}, ...]}`,
+    /// loss on assistant turns only), prompt-completion JSONL (`{"prompt", "completion"}`,
+    /// strings or message lists, loss on the completion), text JSONL (`{"text"}`),
+    /// pre-tokenized JSONL (`{"input_ids": [...], "labels": [...]?, "step_mask": [...]?,
+    /// "answer_mask": [...]?}`), or plain text, one example per line.
     #[arg(long, value_name = "FILE")]
     pub data: PathBuf,
     /// Validation data in the same formats, evaluated every `eval_every` steps (config) and at
     /// the end.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "validation_split")]
     pub validation: Option<PathBuf>,
+    /// Hold out this fraction of --data (seeded by --seed) as validation data.
+    #[arg(long, value_name = "F")]
+    pub validation_split: Option<f64>,
+    /// Truncate examples to this many tokens (overrides the config's max_len).
+    #[arg(long, value_name = "N")]
+    pub max_seq_len: Option<usize>,
+    /// Pack examples into sequences of --max-seq-len tokens (positions restart per example,
+    /// no attention across examples).
+    #[arg(long, requires = "max_seq_len")]
+    pub packing: bool,
     /// Output directory: adapter/ (PEFT adapter; for lora-qat also the quantizer steps),
     /// metrics.csv, checkpoint.json (+ its tensors), train_config.json (the configuration in
     /// effect), and for lora-qat quantized.safetensors (the merged weights Q(W + s·B·A)).
@@ -146,6 +165,18 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun` (a build with `--features mpi`): end the whole job when one rank has
+    /// waited this many seconds in one exchange with the others (a rank died or hangs);
+    /// 0 waits forever. See docs/SCALING.md.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub collective_timeout: f64,
+    /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
+    pub save_dtype: lora_core::peft::SaveDtype,
+}
+
+fn parse_save_dtype(name: &str) -> Result<lora_core::peft::SaveDtype, String> {
+    lora_core::peft::SaveDtype::from_name(name).map_err(|e| e.to_string())
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> CliError {
@@ -181,48 +212,17 @@ fn effective_config(args: &TrainArgs) -> CliResult<TrainConfig> {
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
+    if let Some(n) = args.max_seq_len {
+        config.max_len = Some(n);
+    }
     config.validate()?;
     Ok(config)
 }
 
-/// Reads a dataset: JSONL when the first non-blank line is a JSON object, text lines
-/// otherwise (tokenized with `tokenizer_dir/tokenizer.json`).
-pub fn read_dataset(path: &Path, tokenizer_dir: &Path) -> CliResult<Dataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
-    let first = text.lines().find(|l| !l.trim().is_empty());
-    if first.is_some_and(|l| l.trim_start().starts_with('{')) {
-        return Ok(Dataset::from_jsonl_str(&text, &path.display().to_string())?);
-    }
-    let tokenizer_path = tokenizer_dir.join("tokenizer.json");
-    if !tokenizer_path.is_file() {
-        return Err(file_error(
-            path,
-            format!(
-                "plain text needs a tokenizer: {} does not exist (or give pre-tokenized JSONL)",
-                tokenizer_path.display()
-            ),
-        ));
-    }
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| file_error(&tokenizer_path, e))?;
-    let mut examples = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let encoding = tokenizer
-            .encode(line, true)
-            .map_err(|e| file_error(path, format!("line {}: {e}", i + 1)))?;
-        let ids = encoding.get_ids().to_vec();
-        if ids.is_empty() {
-            return Err(file_error(
-                path,
-                format!("line {}: tokenizes to no tokens", i + 1),
-            ));
-        }
-        examples.push(Example::new(ids));
-    }
-    Ok(Dataset::new(examples)?)
+/// Reads a dataset by content (`lora_qat::text::data`), loading the model's tokenizer and
+/// chat template only when the format needs them.
+pub fn read_dataset(path: &Path, model: &Path) -> CliResult<Dataset> {
+    Ok(examples_from_file(path, || ModelText::load(model))?.dataset)
 }
 
 fn lora_config(args: &TrainArgs) -> LoraConfig {
@@ -267,8 +267,8 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
 
 /// The student: the base (quantized for qlora) with a fresh adapter seeded by the run's seed,
 /// or the one in `--init-adapter`.
-fn build_student(args: &TrainArgs, config: &TrainConfig) -> CliResult<LlamaModel> {
-    let mut model = LlamaModel::from_pretrained(&args.model)?;
+fn build_student(args: &TrainArgs, model_dir: &Path, config: &TrainConfig) -> CliResult<LlamaModel> {
+    let mut model = LlamaModel::from_pretrained(model_dir)?;
     let lora = lora_config(args);
     let seed = config.seed;
     let dense_base = model
@@ -331,34 +331,51 @@ fn build_student(args: &TrainArgs, config: &TrainConfig) -> CliResult<LlamaModel
     Ok(model)
 }
 
-/// A progress bar over optimizer steps showing the latest loss.
-struct Progress(ProgressBar);
+/// A progress bar over optimizer steps showing the latest loss and the run's tokens/s (the
+/// bar's template adds the ETA).
+struct Progress {
+    bar: ProgressBar,
+    tokens: usize,
+    seconds: f64,
+}
 
 impl MetricsCallback for Progress {
     fn on_step(&mut self, m: &StepMetrics) -> qat_train::Result<()> {
-        self.0.set_position(m.step);
-        self.0.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
-            m.total_loss,
-            m.lr,
-            m.tokens_per_second().unwrap_or(0.0)
-        ));
+        self.tokens += m.tokens;
+        self.seconds += m.seconds;
+        self.bar.set_position(m.step);
+        let rate = if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        };
+        self.bar
+            .set_message(format!("loss {:.4} lr {:.2e} {rate:.0} tok/s", m.total_loss, m.lr));
         Ok(())
     }
     fn on_eval(&mut self, m: &EvalMetrics) -> qat_train::Result<()> {
-        self.0.println(format!(
+        self.bar.println(format!(
             "step {}: validation loss {:.4}",
             m.step, m.total_loss
         ));
         Ok(())
     }
     fn on_end(&mut self) -> qat_train::Result<()> {
-        self.0.finish();
+        self.bar.finish();
         Ok(())
     }
 }
 
+/// Runs the training on this process's rank (one process, or one of `mpirun -np N`).
 pub fn run(args: &TrainArgs) -> CliResult {
+    let ranks = super::distributed::Ranks::start(args.collective_timeout)?;
+    let result = run_rank(args, &ranks);
+    ranks.finish(result)
+}
+
+/// Every rank builds the same trainer; rank 0 alone writes files and shows progress.
+fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
+    let root = ranks.rank() == 0;
     let checkpoint = args.out.join(CHECKPOINT_FILE);
     if args.resume && !checkpoint.is_file() {
         return Err(file_error(
@@ -367,26 +384,50 @@ pub fn run(args: &TrainArgs) -> CliResult {
         ));
     }
     let config = effective_config(args)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
-    let train = read_dataset(&args.data, &args.model)?;
-    let validation = args
+    let model_dir = resolve_model_arg(&args.model, args.revision.as_deref())?;
+    if root {
+        std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
+    }
+    let mut train = read_dataset(&args.data, &model_dir)?;
+    let mut validation = args
         .validation
         .as_ref()
-        .map(|p| read_dataset(p, &args.model))
+        .map(|p| read_dataset(p, &model_dir))
         .transpose()?;
-    let student = build_student(args, &config)?;
+    if let Some(fraction) = args.validation_split {
+        let (t, v) = train.split(fraction, config.seed)?;
+        (train, validation) = (t, Some(v));
+    }
+    if args.packing {
+        let len = config.max_len.ok_or_else(|| {
+            CliError::Usage("--packing needs --max-seq-len (the packed length)".into())
+        })?;
+        train = train.packed(len)?;
+        validation = validation.map(|v| v.packed(len)).transpose()?;
+    }
+    let student = build_student(args, &model_dir, &config)?;
     let teacher = args
         .teacher
         .as_ref()
+        .map(|t| resolve_model_arg(t, None))
+        .transpose()?
         .map(LlamaModel::from_pretrained)
         .transpose()?;
     let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
+    trainer.set_collective(ranks.collective())?;
     let metrics_path = args.out.join(METRICS_FILE);
-    let mut csv = if args.resume {
+    if args.resume {
         trainer.load_checkpoint(&checkpoint)?;
         if let Some(steps) = args.max_steps {
             trainer.set_total_steps(steps)?;
         }
+    }
+    if !root {
+        // The same steps as rank 0, which reports them and writes every file.
+        trainer.train(&mut [], Some(&checkpoint))?;
+        return Ok(());
+    }
+    let mut csv = if args.resume {
         CsvMetricsWriter::append(&metrics_path)?
     } else {
         CsvMetricsWriter::create(&metrics_path)?
@@ -401,13 +442,21 @@ pub fn run(args: &TrainArgs) -> CliResult {
         ProgressBar::new(trainer.total_steps())
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}] {msg}")
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise}, ETA {eta_precise}] {msg}",
+        )
             .map_err(|e| CliError::Usage(e.to_string()))?,
     );
     bar.set_position(trainer.step_count());
-    let mut progress = Progress(bar);
-    let summary = trainer.train(&mut [&mut csv, &mut progress], Some(&checkpoint))?;
-    trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    let mut progress = Progress {
+        bar,
+        tokens: 0,
+        seconds: 0.0,
+    };
+    let mut log = MetricsLog::default();
+    let summary = trainer.train(&mut [&mut csv, &mut progress, &mut log], Some(&checkpoint))?;
+    write_loss_curve(&args.out.join(LOSS_CURVE_FILE), &log)?;
+    trainer.save_adapter_as(&args.out.join(ADAPTER_DIR), ADAPTER_NAME, args.save_dtype)?;
     if trainer.quantized_layers() > 0 && args.adapter_type == AdapterType::LoraQat {
         trainer.export_quantized(&args.out.join(QUANTIZED_FILE))?;
     }
@@ -422,6 +471,30 @@ pub fn run(args: &TrainArgs) -> CliResult {
             },
             args.out.join(ADAPTER_DIR).display()
         );
+        if ranks.size() > 1 {
+            eprintln!("data-parallel over {} ranks", ranks.size());
+        }
     }
+    Ok(())
+}
+
+/// The training loss per step and the validation loss at each evaluation of this run, as a
+/// PNG (the demo's plotting code).
+fn write_loss_curve(path: &Path, log: &MetricsLog) -> CliResult {
+    let train: Vec<(f64, f64)> = log
+        .steps
+        .iter()
+        .map(|m| (m.step as f64, m.total_loss))
+        .collect();
+    let validation: Vec<(f64, f64)> = log
+        .evals
+        .iter()
+        .map(|m| (m.step as f64, m.total_loss))
+        .collect();
+    let mut curves = vec![("train".to_string(), train)];
+    if !validation.is_empty() {
+        curves.push(("validation".to_string(), validation));
+    }
+    lora_qat::demo::report::plot_loss_curves(path, &[("loss".to_string(), curves)])?;
     Ok(())
 }

@@ -314,6 +314,7 @@ impl Problem {
             labels: Some(labels),
             step_mask: Some(step_mask),
             answer_mask: Some(answer_mask),
+            segment_ids: None,
         }
     }
 
