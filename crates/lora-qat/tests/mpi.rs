@@ -50,7 +50,14 @@ fn train_command(ranks: usize, args: &[&str]) -> Command {
         cmd.args(["--allow-run-as-root", "--oversubscribe", "-np"])
             .arg(ranks.to_string())
             // Loopback only: the test never reaches beyond this machine.
-            .args(["--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"])
+            .args([
+                "--mca",
+                "btl_tcp_if_include",
+                "lo",
+                "--mca",
+                "oob_tcp_if_include",
+                "lo",
+            ])
             .arg(exe);
         cmd
     };
@@ -138,7 +145,11 @@ fn metrics(out: &Path) -> Vec<(u64, f64, f64)> {
     lines
         .map(|line| {
             let c: Vec<&str> = line.split(',').collect();
-            (c[st].parse().unwrap(), c[l].parse().unwrap(), c[g].parse().unwrap())
+            (
+                c[st].parse().unwrap(),
+                c[l].parse().unwrap(),
+                c[g].parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -186,8 +197,14 @@ fn one_against_two(tag: &str, extra: &[&str], adapter_file: &str) -> f64 {
     assert_eq!(m2.len(), 6, "only rank 0 writes metrics.csv, once per step");
     for (a, b) in m1.iter().zip(&m2) {
         assert_eq!(a.0, b.0);
-        assert!((a.1 - b.1).abs() <= 1e-5 * a.1.abs().max(1.0), "{tag}: loss {a:?} {b:?}");
-        assert!((a.2 - b.2).abs() <= 1e-4 * a.2.abs().max(1e-3), "{tag}: norm {a:?} {b:?}");
+        assert!(
+            (a.1 - b.1).abs() <= 1e-5 * a.1.abs().max(1.0),
+            "{tag}: loss {a:?} {b:?}"
+        );
+        assert!(
+            (a.2 - b.2).abs() <= 1e-4 * a.2.abs().max(1e-3),
+            "{tag}: norm {a:?} {b:?}"
+        );
     }
     let worst = max_relative_difference(
         &one.join("adapter").join(adapter_file),
@@ -222,7 +239,14 @@ fn two_ranks_give_the_qlora_and_lora_qat_adapters_of_one_process() {
     assert!(qlora <= 1e-6, "qlora: {qlora:e}");
     let qat = one_against_two(
         "lora-qat",
-        &["--adapter-type", "lora-qat", "--quantizer", "uniform", "--bits", "3"],
+        &[
+            "--adapter-type",
+            "lora-qat",
+            "--quantizer",
+            "uniform",
+            "--bits",
+            "3",
+        ],
         "adapter_model.safetensors",
     );
     assert!(qat <= 1e-6, "lora-qat: {qat:e}");
@@ -264,10 +288,30 @@ fn a_run_saved_on_two_ranks_resumes_on_one_and_back() {
         "0.1",
     ];
     let (straight, split) = (dir.join("straight"), dir.join("split"));
-    train(1, &[&common[..], &["--max-steps", "9", "--out", s(&straight)]].concat());
-    train(2, &[&common[..], &["--max-steps", "3", "--out", s(&split)]].concat());
-    train(1, &[&common[..], &["--max-steps", "6", "--resume", "--out", s(&split)]].concat());
-    train(2, &[&common[..], &["--max-steps", "9", "--resume", "--out", s(&split)]].concat());
+    train(
+        1,
+        &[&common[..], &["--max-steps", "9", "--out", s(&straight)]].concat(),
+    );
+    train(
+        2,
+        &[&common[..], &["--max-steps", "3", "--out", s(&split)]].concat(),
+    );
+    train(
+        1,
+        &[
+            &common[..],
+            &["--max-steps", "6", "--resume", "--out", s(&split)],
+        ]
+        .concat(),
+    );
+    train(
+        2,
+        &[
+            &common[..],
+            &["--max-steps", "9", "--resume", "--out", s(&split)],
+        ]
+        .concat(),
+    );
     assert_eq!(metrics(&split).len(), 9);
     let worst = max_relative_difference(
         &straight.join("adapter/adapter_model.safetensors"),
@@ -288,7 +332,16 @@ fn a_step_that_cannot_be_shared_out_is_refused_by_name() {
     let model = base_model();
     let out = train_command(
         2,
-        &["--model", s(&model), "--data", s(&data), "--max-steps", "1", "--out", s(&dir.join("o"))],
+        &[
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--max-steps",
+            "1",
+            "--out",
+            s(&dir.join("o")),
+        ],
     )
     .output()
     .unwrap();
@@ -306,9 +359,12 @@ fn rank_pids(parent: u32) -> Vec<u32> {
     let mut found = Vec::new();
     let mut queue = vec![parent];
     while let Some(pid) = queue.pop() {
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default();
-        for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
             let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
             if comm.trim() == "lora-qat" {
                 found.push(child);
@@ -361,7 +417,10 @@ fn signal_a_rank(tag: &str, signal: &str, timeout: &str) -> (bool, String, Durat
     std::thread::sleep(Duration::from_secs(3));
     // The higher PID is not necessarily rank 1; either rank will do.
     let victim = ranks[1];
-    let status = Command::new("kill").args([signal, &victim.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args([signal, &victim.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let signalled = Instant::now();
     let deadline = Duration::from_secs(60);
@@ -378,9 +437,16 @@ fn signal_a_rank(tag: &str, signal: &str, timeout: &str) -> (bool, String, Durat
     let took = signalled.elapsed();
     let mut stderr = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     // A stopped rank survives its job's end only when the launcher could not kill it.
-    let _ = Command::new("kill").args(["-9", &victim.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
     let _ = std::fs::remove_dir_all(&dir);
     (exit.success(), stderr, took)
 }
@@ -394,7 +460,10 @@ fn a_killed_rank_ends_the_job_with_an_error() {
     let (ok, stderr, took) = signal_a_rank("killed", "-9", "600");
     eprintln!("killed rank: job ended {took:?} later:\n{stderr}");
     assert!(!ok, "{stderr}");
-    assert!(stderr.contains("signal 9") || stderr.contains("Killed"), "{stderr}");
+    assert!(
+        stderr.contains("signal 9") || stderr.contains("Killed"),
+        "{stderr}"
+    );
 }
 
 #[test]

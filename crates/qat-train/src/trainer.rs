@@ -484,7 +484,9 @@ impl Trainer {
                     }
                 }
             }
-            if let (Some(path), Some(every), true) = (checkpoint, self.config.checkpoint_every, root) {
+            if let (Some(path), Some(every), true) =
+                (checkpoint, self.config.checkpoint_every, root)
+            {
                 if self.step % every == 0 && !self.is_finished() {
                     self.save_checkpoint(path)?;
                 }

@@ -179,7 +179,10 @@ pub fn check_same_state(
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     let mismatch = if root_len != state.len() as u64 {
-        Some(format!("{} entries here, {root_len} on rank 0", state.len()))
+        Some(format!(
+            "{} entries here, {root_len} on rank 0",
+            state.len()
+        ))
     } else {
         state
             .iter()
@@ -214,10 +217,9 @@ pub fn check_same_state(
 /// FNV-1a over the bits of `values`: a cheap fingerprint of a tensor for [`check_same_state`].
 pub fn hash_f32s(values: &[f32]) -> u64 {
     values.iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
-        v.to_bits()
-            .to_le_bytes()
-            .iter()
-            .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+        v.to_bits().to_le_bytes().iter().fold(h, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
     })
 }
 
@@ -281,7 +283,11 @@ mod tests {
             ranks
         }
 
-        fn exchange(&mut self, mine: Vec<f64>, combine: impl Fn(&[Vec<f64>]) -> Vec<f64>) -> Vec<f64> {
+        fn exchange(
+            &mut self,
+            mine: Vec<f64>,
+            combine: impl Fn(&[Vec<f64>]) -> Vec<f64>,
+        ) -> Vec<f64> {
             self.to_root.send((self.rank, mine)).unwrap();
             if let Some((inbox, outs)) = &self.root_inbox {
                 let mut all = vec![Vec::new(); self.size];
@@ -361,7 +367,10 @@ mod tests {
             store.set_grad("a", &[r, 10.0 * r]).unwrap();
             store.set_grad("b", &[100.0 * r]).unwrap();
             assert_eq!(all_reduce_gradients(c, &mut store).unwrap(), 3);
-            (store.get("a").unwrap().grad.clone(), store.get("b").unwrap().grad.clone())
+            (
+                store.get("a").unwrap().grad.clone(),
+                store.get("b").unwrap().grad.clone(),
+            )
         });
         for (a, b) in results {
             assert_eq!(a, vec![3.0, 30.0]);
@@ -372,7 +381,10 @@ mod tests {
     #[test]
     fn a_rank_with_another_state_is_named() {
         let named = |v: &[u64]| -> Vec<(String, u64)> {
-            v.iter().enumerate().map(|(i, &x)| (format!("entry {i}"), x)).collect()
+            v.iter()
+                .enumerate()
+                .map(|(i, &x)| (format!("entry {i}"), x))
+                .collect()
         };
         let results = on_ranks(3, move |c| {
             let mut state = vec![1, 2, 3];
@@ -384,9 +396,17 @@ mod tests {
                 .map(|e| e.to_string())
         });
         let own = results[2].as_ref().unwrap();
-        assert!(own.contains("rank 2") && own.contains("entry 1: 9 here, 2 on rank 0"), "{own}");
-        assert!(results[0].as_ref().unwrap().contains("1 other rank"), "{results:?}");
-        let same = on_ranks(2, move |c| check_same_state(c, &named(&[7, 7]), "s").is_ok());
+        assert!(
+            own.contains("rank 2") && own.contains("entry 1: 9 here, 2 on rank 0"),
+            "{own}"
+        );
+        assert!(
+            results[0].as_ref().unwrap().contains("1 other rank"),
+            "{results:?}"
+        );
+        let same = on_ranks(2, move |c| {
+            check_same_state(c, &named(&[7, 7]), "s").is_ok()
+        });
         assert_eq!(same, vec![true, true]);
         let lengths = on_ranks(2, move |c| {
             let state = vec![0; 2 + c.rank()];
@@ -400,8 +420,12 @@ mod tests {
     fn micro_batches_are_split_whole_and_strided() {
         assert!(check_split(4, 2).is_ok());
         let err = check_split(3, 2).unwrap_err().to_string();
-        assert!(err.contains("gradient_accumulation = 3") && err.contains("multiple of 2"), "{err}");
-        let owned: Vec<Vec<usize>> = on_ranks(2, |c| (0..6).filter(|&i| owns_micro_batch(c, i)).collect());
+        assert!(
+            err.contains("gradient_accumulation = 3") && err.contains("multiple of 2"),
+            "{err}"
+        );
+        let owned: Vec<Vec<usize>> =
+            on_ranks(2, |c| (0..6).filter(|&i| owns_micro_batch(c, i)).collect());
         assert_eq!(owned, vec![vec![0, 2, 4], vec![1, 3, 5]]);
         assert!(SingleProcess.broadcast_bytes(&mut [0], 1, "x").is_err());
     }

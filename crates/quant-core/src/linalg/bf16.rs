@@ -227,7 +227,8 @@ mod avx512 {
                 for p in p..pairs {
                     let lo = src.get(idx0 + lane, 2 * p);
                     let hi = src.get(idx0 + lane, 2 * p + 1);
-                    *out.get_unchecked_mut(p * WIDTH + lane) = bf16_bits(lo) | (bf16_bits(hi) << 16);
+                    *out.get_unchecked_mut(p * WIDTH + lane) =
+                        bf16_bits(lo) | (bf16_bits(hi) << 16);
                 }
             }
             for p in 0..pairs {
@@ -248,7 +249,11 @@ mod avx512 {
                         (1u32 << (WIDTH - lane)) as u16 - 1
                     };
                     if count == 0 {
-                        _mm512_mask_storeu_epi32(dst as *mut i32, store_mask, _mm512_setzero_si512());
+                        _mm512_mask_storeu_epi32(
+                            dst as *mut i32,
+                            store_mask,
+                            _mm512_setzero_si512(),
+                        );
                     } else {
                         let mask: __mmask16 = if count == 16 {
                             0xFFFF
@@ -269,7 +274,8 @@ mod avx512 {
                         } else {
                             _mm512_setzero_si512()
                         };
-                        let pair = _mm512_or_si512(round_bits(lo), _mm512_slli_epi32(round_bits(hi), 16));
+                        let pair =
+                            _mm512_or_si512(round_bits(lo), _mm512_slli_epi32(round_bits(hi), 16));
                         _mm512_mask_storeu_epi32(dst as *mut i32, store_mask, pair);
                     }
                     lane += 16;
@@ -280,7 +286,8 @@ mod avx512 {
                 for lane in 0..WIDTH {
                     let lo = src.get(idx0 + lane, 2 * p);
                     let hi = src.get(idx0 + lane, 2 * p + 1);
-                    *out.get_unchecked_mut(p * WIDTH + lane) = bf16_bits(lo) | (bf16_bits(hi) << 16);
+                    *out.get_unchecked_mut(p * WIDTH + lane) =
+                        bf16_bits(lo) | (bf16_bits(hi) << 16);
                 }
             }
         }
@@ -329,7 +336,8 @@ mod avx512 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..pairs {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const __m512i));
+            let b0: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const __m512i));
             let b1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const __m512i));
             let ap = a.add(p * MR);
