@@ -192,7 +192,7 @@ impl Architecture {
 
     /// Whether the module named `name` (below the layer) has a bias.
     pub fn has_bias(&self, name: &str) -> bool {
-        self.biases.iter().any(|b| *b == name)
+        self.biases.contains(&name)
     }
 
     /// Reads the family description from a config object; `head_dim` and `num_layers` come
@@ -429,14 +429,14 @@ impl Architecture {
                 )?,
                 None => full.clone(),
             };
-            (vec![full, sliding], Box::new(|s| usize::from(s)))
+            (vec![full, sliding], Box::new(usize::from))
         } else if family == Family::Gemma3 {
             // transformers 4 layout: `rope_theta` + `rope_scaling` for global layers,
             // `rope_local_base_freq` for sliding ones.
             let full = Rope::parse("rope_scaling", legacy.or(params), theta, head_dim, obj)?;
             let local = number("rope_local_base_freq")?.unwrap_or(10000.0);
             let sliding = Rope::parse("rope_local_base_freq", None, Some(local), head_dim, obj)?;
-            (vec![full, sliding], Box::new(|s| usize::from(s)))
+            (vec![full, sliding], Box::new(usize::from))
         } else {
             let (key, dict) = match (params, legacy) {
                 (Some(p), None) => ("rope_parameters", Some(p)),

@@ -229,7 +229,11 @@ fn is_layer_projection(name: &str) -> bool {
         .and_then(|m| m.strip_prefix("model.layers."))
         .and_then(|rest| rest.split_once('.'))
         .is_some_and(|(layer, lin)| {
-            layer.parse::<usize>().is_ok() && LAYER_LINEAR_NAMES.contains(&lin)
+            layer.parse::<usize>().is_ok()
+                && (LAYER_LINEAR_NAMES.contains(&lin)
+                    // Phi-3's fused projections.
+                    || lin == "self_attn.qkv_proj"
+                    || lin == "mlp.gate_up_proj")
         })
 }
 
