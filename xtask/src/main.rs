@@ -2,11 +2,18 @@
 //!
 //! * `ci` — what CI runs: `cargo fmt --check`, `cargo clippy -D warnings` on every target,
 //!   the whole test suite in release (unit, integration and doc tests), and a smoke run of
-//!   every criterion bench in `--test` mode (each benchmark body runs once).
+//!   every criterion bench in `--test` mode (each benchmark body runs once), then — where
+//!   `mpirun` is on the PATH — clippy and the MPI tests of the `mpi` feature
+//!   (`mpirun -np 2 lora-qat train` against one process); elsewhere it says they are skipped.
 //! * `bench` — the criterion benches for real (`cargo bench --workspace`), extra arguments
 //!   passed through to criterion.
 //! * `golden` — checks that the reference files copied into the crates are identical to
 //!   `../shared/golden/` when that directory exists beside the repository.
+//! * `interop [--only CHECKS] [--strict] [--seed N]`, `bench-compare`, `real-model` — developer
+//!   tools against the Python references and the real SmolLM2 model (`interop.rs`,
+//!   docs/INTEROP.md); they need Python and the network, CI never runs them.
+
+mod interop;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -19,8 +26,14 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "bench" => run("cargo", &bench_args(&args[1..])),
         "golden" => golden(),
+        "interop" => interop::interop(&args[1..]),
+        "bench-compare" => interop::bench_compare(),
+        "real-model" => interop::real_model(),
         _ => {
-            eprintln!("usage: cargo xtask <ci | bench [criterion args] | golden>");
+            eprintln!(
+                "usage: cargo xtask <ci | bench [criterion args] | golden | interop [--only \
+                 CHECKS] [--strict] [--seed N] | bench-compare | real-model>"
+            );
             return if task == "help" || task == "--help" {
                 ExitCode::SUCCESS
             } else {
@@ -80,6 +93,7 @@ fn ci() -> Result<(), String> {
             start.elapsed().as_secs_f64()
         );
     }
+    mpi_tests()?;
     eprintln!(
         "==> xtask ci: all steps passed in {:.1}s",
         total.elapsed().as_secs_f64()
@@ -87,7 +101,48 @@ fn ci() -> Result<(), String> {
     Ok(())
 }
 
-fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
+/// The `mpi` feature's clippy and tests, where an MPI launcher exists (`.ci/run` installs
+/// OpenMPI); otherwise says they are skipped.
+fn mpi_tests() -> Result<(), String> {
+    let have_mpirun = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_mpirun {
+        eprintln!(
+            "==> xtask ci: MPI tests SKIPPED: no `mpirun` on the PATH (install openmpi-bin, \
+             libopenmpi-dev and libclang-dev, as .ci/run does)"
+        );
+        return Ok(());
+    }
+    let steps: [(&str, &[&str]); 2] = [
+        (
+            "clippy (mpi)",
+            &[
+                "clippy", "-p", "qat-train", "-p", "lora-qat", "--features", "lora-qat/mpi",
+                "--all-targets", "--release", "--", "-D", "warnings",
+            ],
+        ),
+        (
+            "MPI tests (mpirun -np 2)",
+            &[
+                "test", "--release", "-p", "lora-qat", "--features", "mpi", "--test", "mpi",
+            ],
+        ),
+    ];
+    for (name, args) in steps {
+        let start = Instant::now();
+        eprintln!("==> xtask ci: {name}: cargo {}", args.join(" "));
+        run("cargo", args)?;
+        eprintln!(
+            "==> xtask ci: {name} passed in {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let status = Command::new(program)
         .args(&args)
@@ -101,7 +156,7 @@ fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<(), String> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")

@@ -259,6 +259,17 @@ impl LlamaModel {
     /// Writes adapter `name` to `dir` in PEFT's layout (through `lora_core::peft`): its
     /// config and `A`, `B` (and DoRA's magnitude) of every module holding it.
     pub fn save_adapter(&self, dir: impl AsRef<Path>, name: &str) -> Result<()> {
+        self.save_adapter_as(dir, name, peft::SaveDtype::F32)
+    }
+
+    /// [`LlamaModel::save_adapter`] with the tensors stored as `dtype` (f32, f16 or bf16;
+    /// `lora-qat train --save-dtype`).
+    pub fn save_adapter_as(
+        &self,
+        dir: impl AsRef<Path>,
+        name: &str,
+        dtype: peft::SaveDtype,
+    ) -> Result<()> {
         let config = self.adapter_config(name)?;
         let linears = self.linear_modules();
         let mut modules: Vec<(&str, &LoraAdapter)> = Vec::new();
@@ -267,7 +278,7 @@ impl LlamaModel {
                 modules.push((path.as_str(), adapter));
             }
         }
-        peft::save_adapters(dir.as_ref(), config, modules)?;
+        peft::save_adapters_as(dir.as_ref(), config, modules, dtype)?;
         Ok(())
     }
 

@@ -1,16 +1,20 @@
-//! The architecture hyper-parameters, read from (and written as) a Hugging Face `config.json`.
+//! The architecture hyper-parameters, read from (and written as) a Hugging Face `config.json`:
+//! the sizes, and the family description ([`Architecture`]) that says what the one decoder
+//! computes for this `model_type`.
 
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
 use crate::error::{LmError, Result};
+use crate::family::{Architecture, Family};
 
-/// The hyper-parameters of a Llama-architecture decoder.
+/// The hyper-parameters of a decoder of one of the supported families (see
+/// [`crate::family`]): Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3.
 ///
-/// Only options that keep the architecture Llama-compatible are accepted; anything that would
-/// silently compute something else (biases, non-default RoPE scaling, another activation,
-/// dropout, another `model_type`) is rejected with an error naming the key.
+/// Options a family has that are not implemented (dropout, partial rotary embeddings, an
+/// unknown rope type or activation, another `model_type`) are rejected with an error naming
+/// the key and its value.
 ///
 /// ```
 /// use lm::LlamaConfig;
@@ -20,10 +24,12 @@ use crate::error::{LmError, Result};
 /// let config = LlamaConfig::from_json_str(json).unwrap();
 /// assert_eq!(config.head_dim, 8);
 /// assert_eq!(config.rope_theta, 500000.0);
-/// let bad = json.replace("\"llama\"", "\"llama\", \"mlp_bias\": true");
-/// assert!(LlamaConfig::from_json_str(&bad).unwrap_err().to_string().contains("mlp_bias"));
+/// let bad = json.replace("\"llama\"", "\"llama\", \"hidden_act\": \"relu\"");
+/// assert!(LlamaConfig::from_json_str(&bad).unwrap_err().to_string().contains("hidden_act"));
+/// let qwen = json.replace("\"llama\"", "\"qwen2\"");
+/// assert_eq!(LlamaConfig::from_json_str(&qwen).unwrap().family().to_string(), "qwen2");
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -46,6 +52,36 @@ pub struct LlamaConfig {
     pub pad_token_id: Option<u32>,
     /// The checkpoint's `quantization_config`, kept verbatim for the quantized-weight loaders.
     pub quantization_config: Option<Value>,
+    /// What the family changes in the decoder (norms, activation, rope per layer, windows,
+    /// biases, soft caps, fused projections).
+    pub architecture: Architecture,
+    /// The `config.json` this was read from (written back by `save_pretrained`, so a family's
+    /// own keys survive); `None` for a config made by [`LlamaConfig::new`].
+    pub source: Option<Value>,
+}
+
+/// Configs are equal when they describe the same model; the `config.json` text they were read
+/// from (`source`) is not compared.
+impl PartialEq for LlamaConfig {
+    fn eq(&self, o: &Self) -> bool {
+        self.vocab_size == o.vocab_size
+            && self.hidden_size == o.hidden_size
+            && self.intermediate_size == o.intermediate_size
+            && self.num_hidden_layers == o.num_hidden_layers
+            && self.num_attention_heads == o.num_attention_heads
+            && self.num_key_value_heads == o.num_key_value_heads
+            && self.head_dim == o.head_dim
+            && self.rms_norm_eps == o.rms_norm_eps
+            && self.rope_theta == o.rope_theta
+            && self.max_position_embeddings == o.max_position_embeddings
+            && self.tie_word_embeddings == o.tie_word_embeddings
+            && self.initializer_range == o.initializer_range
+            && self.bos_token_id == o.bos_token_id
+            && self.eos_token_ids == o.eos_token_ids
+            && self.pad_token_id == o.pad_token_id
+            && self.quantization_config == o.quantization_config
+            && self.architecture == o.architecture
+    }
 }
 
 impl LlamaConfig {
@@ -81,6 +117,12 @@ impl LlamaConfig {
             eos_token_ids: vec![2],
             pad_token_id: None,
             quantization_config: None,
+            architecture: Architecture::llama(
+                num_hidden_layers,
+                10000.0,
+                hidden_size.checked_div(num_attention_heads).unwrap_or(0),
+            ),
+            source: None,
         };
         if num_attention_heads > 0 && hidden_size % num_attention_heads != 0 {
             return Err(LmError::config(
@@ -119,8 +161,6 @@ impl LlamaConfig {
         let obj = value
             .as_object()
             .ok_or_else(|| LmError::config("<root>", "config.json must be a JSON object"))?;
-        check_supported(obj)?;
-
         let num_attention_heads = get_usize(obj, "num_attention_heads", None)?;
         let hidden_size = get_usize(obj, "hidden_size", None)?;
         let head_dim = match obj.get("head_dim") {
@@ -138,15 +178,15 @@ impl LlamaConfig {
                 hidden_size / num_attention_heads
             }
         };
-        let rope_theta = match obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
-            Some(v) => as_f64("rope_parameters.rope_theta", v)?,
-            None => get_f64(obj, "rope_theta", Some(10000.0))?,
-        };
+        let num_hidden_layers = get_usize(obj, "num_hidden_layers", None)?;
+        let architecture = Architecture::from_config(obj, head_dim, num_hidden_layers)?;
+        // The global layers' base (Gemma 3: the `full_attention` rope).
+        let rope_theta = architecture.ropes[0].theta as f64;
         let config = LlamaConfig {
             vocab_size: get_usize(obj, "vocab_size", None)?,
             hidden_size,
             intermediate_size: get_usize(obj, "intermediate_size", None)?,
-            num_hidden_layers: get_usize(obj, "num_hidden_layers", None)?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: get_usize(obj, "num_key_value_heads", Some(num_attention_heads))?,
             head_dim,
@@ -154,7 +194,7 @@ impl LlamaConfig {
             rope_theta: rope_theta as f32,
             max_position_embeddings: get_usize(obj, "max_position_embeddings", Some(2048))?,
             tie_word_embeddings: match obj.get("tie_word_embeddings") {
-                None | Some(Value::Null) => false,
+                None | Some(Value::Null) => Architecture::ties_by_default(architecture.family),
                 Some(Value::Bool(b)) => *b,
                 Some(v) => {
                     return Err(LmError::config(
@@ -171,6 +211,8 @@ impl LlamaConfig {
                 .get("quantization_config")
                 .filter(|v| !v.is_null())
                 .cloned(),
+            architecture,
+            source: Some(value.clone()),
         };
         config.validate()?;
         Ok(config)
@@ -218,6 +260,17 @@ impl LlamaConfig {
                 format!("{} is invalid", self.rope_theta),
             ));
         }
+        let uniform = self.architecture.layers.windows(2).all(|w| w[0] == w[1]);
+        if self.architecture.layers.len() != self.num_hidden_layers && !uniform {
+            return Err(LmError::config(
+                "num_hidden_layers",
+                format!(
+                    "{} layers but the family description has {}",
+                    self.num_hidden_layers,
+                    self.architecture.layers.len()
+                ),
+            ));
+        }
         if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
             return Err(LmError::config(
                 "initializer_range",
@@ -232,9 +285,48 @@ impl LlamaConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// The config as Hugging Face writes it for `LlamaForCausalLM` (transformers 5 layout,
-    /// `rope_parameters`). `quantization_config` is left out: saved weights are `f32`.
+    /// The config with one family layer entry per decoder layer: a family whose layers are
+    /// all alike (Llama, Qwen, Phi-3) follows a changed `num_hidden_layers`.
+    pub(crate) fn resolved(mut self) -> Self {
+        if self.architecture.layers.len() != self.num_hidden_layers {
+            if let Some(first) = self.architecture.layers.first().cloned() {
+                self.architecture.layers = vec![first; self.num_hidden_layers];
+            }
+        }
+        self
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.architecture.family
+    }
+
+    /// The config as Hugging Face writes it: the `config.json` it was read from (with `dtype`
+    /// float32), or for a config made by [`LlamaConfig::new`] the `LlamaForCausalLM` layout
+    /// (transformers 5, `rope_parameters`). `quantization_config` is left out: saved weights
+    /// are `f32`.
     pub fn to_json_value(&self) -> Value {
+        if let Some(Value::Object(source)) = &self.source {
+            let mut out = source.clone();
+            // The sizes as they are now (a caller may have changed them).
+            for (key, value) in [
+                ("vocab_size", json!(self.vocab_size)),
+                ("hidden_size", json!(self.hidden_size)),
+                ("intermediate_size", json!(self.intermediate_size)),
+                ("num_hidden_layers", json!(self.num_hidden_layers)),
+                ("num_attention_heads", json!(self.num_attention_heads)),
+                ("num_key_value_heads", json!(self.num_key_value_heads)),
+                ("head_dim", json!(self.head_dim)),
+                ("max_position_embeddings", json!(self.max_position_embeddings)),
+                ("tie_word_embeddings", json!(self.tie_word_embeddings)),
+            ] {
+                out.insert(key.into(), value);
+            }
+            out.remove("quantization_config");
+            out.insert("dtype".into(), json!("float32"));
+            out.remove("torch_dtype");
+            return Value::Object(out);
+        }
         let eos = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
             [one] => json!(one),
@@ -267,84 +359,6 @@ impl LlamaConfig {
             "use_cache": true,
         })
     }
-}
-
-/// Rejects options that would make the model compute something other than Llama.
-fn check_supported(obj: &Map<String, Value>) -> Result<()> {
-    let unsupported = |key: &str, value: &Value, reason: &str| LmError::Unsupported {
-        key: key.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    };
-    match obj.get("model_type") {
-        Some(Value::String(t)) if t == "llama" => {}
-        Some(v) => {
-            return Err(unsupported(
-                "model_type",
-                v,
-                "only Llama-architecture checkpoints (model_type \"llama\") are supported",
-            ))
-        }
-        None => return Err(LmError::config("model_type", "missing")),
-    }
-    for key in ["attention_bias", "mlp_bias"] {
-        if let Some(v) = obj.get(key) {
-            if v.as_bool() == Some(true) {
-                return Err(unsupported(
-                    key,
-                    v,
-                    "linear layers with biases are not implemented",
-                ));
-            }
-        }
-    }
-    if let Some(v) = obj.get("hidden_act") {
-        if v.as_str() != Some("silu") {
-            return Err(unsupported(
-                "hidden_act",
-                v,
-                "only the SiLU (SwiGLU) MLP is implemented",
-            ));
-        }
-    }
-    if let Some(v) = obj.get("attention_dropout") {
-        if v.as_f64().unwrap_or(1.0) != 0.0 {
-            return Err(unsupported(
-                "attention_dropout",
-                v,
-                "dropout is not implemented",
-            ));
-        }
-    }
-    for key in ["rope_scaling", "rope_parameters"] {
-        if let Some(v) = obj.get(key) {
-            if v.is_null() {
-                continue;
-            }
-            let kind = v.get("rope_type").or_else(|| v.get("type"));
-            match kind {
-                None if key == "rope_parameters" => {}
-                Some(Value::String(t)) if t == "default" => {}
-                _ => {
-                    return Err(unsupported(
-                        key,
-                        v,
-                        "only the default rotary embedding (no scaling) is implemented",
-                    ))
-                }
-            }
-        }
-    }
-    if let Some(v) = obj.get("sliding_window") {
-        if !v.is_null() {
-            return Err(unsupported(
-                "sliding_window",
-                v,
-                "sliding-window attention is not implemented",
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn as_usize(key: &str, v: &Value) -> Result<usize> {

@@ -103,6 +103,13 @@ pub enum LmError {
     AdapterState { operation: String, reason: String },
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for LmError {
+    fn from(e: quant_core::FormatError) -> Self {
+        LmError::Quant(e.into())
+    }
+}
+
 impl LmError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         LmError::Io {

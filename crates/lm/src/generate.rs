@@ -1,12 +1,13 @@
-//! Incremental decoding with a key/value cache, and greedy or temperature sampling.
+//! Incremental decoding with a key/value cache, and greedy or temperature sampling. The
+//! cached forward runs the same decoder layers as training ([`crate::decoder::layer_forward`]),
+//! with each layer's sliding window applied to the cached keys.
 
-use ndarray::{s, Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 
+use crate::decoder::{layer_forward, KeysFrom};
 use crate::error::{check_finite_at, LmError, Result};
-use crate::layers::{attend_head, rms_norm_forward, split_chunks, swiglu_forward, RopeTable};
 use crate::model::LlamaModel;
 
 /// Rotated keys and values of every layer for the positions decoded so far (one sequence).
@@ -133,6 +134,8 @@ impl LlamaModel {
         }
     }
 
+    /// The decoder layers of [`crate::decoder`] with their keys taken from (and appended to)
+    /// the cache; the head is the training pass's.
     fn forward_cached_unchecked(
         &mut self,
         tokens: &[u32],
@@ -141,104 +144,21 @@ impl LlamaModel {
         let c = self.config.clone();
         let (n, offset) = (tokens.len(), cache.len);
         let total = offset + n;
-        let (hd, heads, kv_heads) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
-        let group = heads / kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         let positions: Vec<usize> = (offset..total).collect();
-        let rope = RopeTable::new(c.rope_theta, hd, offset, n)?;
-        let inter = c.intermediate_size;
-
-        let mut x = Array2::<f32>::zeros((n, c.hidden_size));
-        for (mut row, &id) in x.axis_iter_mut(Axis(0)).zip(tokens) {
-            row.assign(&self.embed_tokens.value().row(id as usize));
-        }
-        let mut normed = Array2::<f32>::zeros((n, c.hidden_size));
-        let mut rstd = vec![0.0; n];
+        // Dynamic and LongRoPE scaling depend on the length reached so far, as in
+        // transformers' cached generation (earlier keys keep the rotation they were cached with).
+        let tables = self.rope_tables(offset, n, total)?;
+        let mut x = self.embed(tokens);
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            rms_norm_forward(
-                x.view(),
-                layer.input_layernorm.value().view(),
-                c.rms_norm_eps,
-                normed.view_mut(),
-                &mut rstd,
-            )?;
-            let mut qkv = Array2::<f32>::zeros((n, q_width + 2 * kv_width));
-            {
-                let (q, rest) = qkv.view_mut().split_at(Axis(1), q_width);
-                let (k, v) = rest.split_at(Axis(1), kv_width);
-                layer.q_proj.forward(normed.view(), q, false)?;
-                layer.k_proj.forward(normed.view(), k, false)?;
-                layer.v_proj.forward(normed.view(), v, false)?;
-            }
-            rope.apply(
-                qkv.slice_mut(s![.., ..q_width + kv_width]),
-                &positions,
-                heads + kv_heads,
-                false,
-            )?;
-            for row in qkv.axis_iter(Axis(0)) {
-                cache.keys[l].extend(row.slice(s![q_width..q_width + kv_width]).iter());
-                cache.values[l].extend(row.slice(s![q_width + kv_width..]).iter());
-            }
-            let keys = ArrayView2::from_shape((total, kv_width), &cache.keys[l][..])
-                .map_err(|e| LmError::shape("cached keys", format!("{total}×{kv_width}"), e))?;
-            let values = ArrayView2::from_shape((total, kv_width), &cache.values[l][..])
-                .map_err(|e| LmError::shape("cached values", format!("{total}×{kv_width}"), e))?;
-            let mut attn_out = Array2::<f32>::zeros((n, q_width));
-            split_chunks(attn_out.view_mut(), Axis(1), hd)
-                .into_par_iter()
-                .enumerate()
-                .try_for_each(|(h, out)| {
-                    let kv = h / group;
-                    let mut probs = Array2::<f32>::zeros((n, total));
-                    attend_head(
-                        qkv.slice(s![.., h * hd..(h + 1) * hd]),
-                        keys.slice(s![.., kv * hd..(kv + 1) * hd]),
-                        values.slice(s![.., kv * hd..(kv + 1) * hd]),
-                        None,
-                        offset,
-                        scale,
-                        probs.view_mut(),
-                        out,
-                    )
-                })?;
-            layer.o_proj.forward(attn_out.view(), x.view_mut(), true)?;
-            rms_norm_forward(
-                x.view(),
-                layer.post_attention_layernorm.value().view(),
-                c.rms_norm_eps,
-                normed.view_mut(),
-                &mut rstd,
-            )?;
-            let mut gate_up = Array2::<f32>::zeros((n, 2 * inter));
-            {
-                let (g, u) = gate_up.view_mut().split_at(Axis(1), inter);
-                layer.gate_proj.forward(normed.view(), g, false)?;
-                layer.up_proj.forward(normed.view(), u, false)?;
-            }
-            let mut act = Array2::<f32>::zeros((n, inter));
-            swiglu_forward(gate_up.view(), act.view_mut())?;
-            layer.down_proj.forward(act.view(), x.view_mut(), true)?;
+            let ctx = Self::layer_context(&c, l, &positions, &tables);
+            let keys = KeysFrom::Cache {
+                keys: &mut cache.keys[l],
+                values: &mut cache.values[l],
+                offset,
+            };
+            x = layer_forward(layer, &ctx, &x, keys)?.0;
         }
-        rms_norm_forward(
-            x.view(),
-            self.norm.value().view(),
-            c.rms_norm_eps,
-            normed.view_mut(),
-            &mut rstd,
-        )?;
-        let mut logits = Array2::<f32>::zeros((n, c.vocab_size));
-        match &mut self.lm_head {
-            Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
-            None => quant_core::linalg::gemm(
-                1.0,
-                normed.view(),
-                self.embed_tokens.value().t(),
-                0.0,
-                logits.view_mut(),
-            )?,
-        }
+        let (_, _, logits) = self.head_forward(&x)?;
         let vocab = c.vocab_size;
         check_finite_at("logits", logits.as_slice().unwrap_or_default(), |i| {
             format!("(position {}, vocab {})", offset + i / vocab, i % vocab)

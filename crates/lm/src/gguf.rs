@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use quant_core::ggml::{self, GgmlType};
-use quant_core::gguf::{GgufArray, GgufFile, GgufValue, GgufWriter, TensorSpec};
+use quant_core::gguf::{GgufArray, GgufFile, GgufValue, GgufWriter, ReadTensorF32, TensorSpec};
 use serde_json::Value;
 
 use crate::config::LlamaConfig;
@@ -34,6 +34,15 @@ pub fn file_type(ty: GgmlType) -> u32 {
         GgmlType::F16 => 1,
         GgmlType::Q4_0 => 2,
         GgmlType::Q8_0 => 7,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::Q2_K => 10,
+        GgmlType::Q3_K => 11,
+        GgmlType::Q4_K => 14,
+        GgmlType::Q5_K => 16,
+        GgmlType::Q6_K => 18,
+        GgmlType::BF16 => 32,
     }
 }
 

@@ -1,7 +1,8 @@
 //! # lm
 //!
-//! A Llama-architecture decoder (embedding, RMSNorm, rotary attention with grouped-query heads,
-//! SwiGLU MLP, LM head) with explicit forward and backward passes, loaded from Hugging Face
+//! One decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3
+//! families (embedding, RMSNorm, rotary attention with grouped-query heads, gated MLP, LM
+//! head; each family a description in [`family`]) with explicit forward and backward passes, loaded from Hugging Face
 //! `config.json` + safetensors checkpoints (`f32`/`f16`/`bf16`, single file or sharded) and
 //! saved back in the same layout. Every projection is a [`LinearModule`] addressed by its
 //! Hugging Face module path (`model.layers.{i}.self_attn.q_proj`, ...): the point where the
@@ -33,9 +34,13 @@
 //! ```
 
 pub mod adapters;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod error;
+pub mod family;
+pub mod forward;
 pub mod generate;
 pub mod gguf;
 pub mod layers;
@@ -48,12 +53,14 @@ pub mod model;
 pub mod param;
 pub mod qat;
 pub mod quantize;
+pub mod rope;
 pub mod sampling;
 
 pub use adapters::peft_file_key;
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{LmError, Result};
+pub use family::{Architecture, Family};
 pub use generate::{KvCache, Sampling};
 pub use linear::{peft_parameter_name, AdaptedLayer, DenseLinear, LinearModule};
 pub use loss::{cross_entropy, CrossEntropy, IGNORE_INDEX};
@@ -61,6 +68,8 @@ pub use memory::MemoryReport;
 pub use model::{
     dense_linear_from_checkpoint, DecoderLayer, ForwardPass, LlamaModel, LAYER_LINEAR_NAMES,
 };
+/// The model of every family; [`LlamaModel`] is its historical name.
+pub type CausalLm = LlamaModel;
 pub use param::{ParamMut, Parameter};
 pub use qat::{quantizer_step_name, QatLayer, QAT_STATE_FILE, QUANTIZER_STEP_SUFFIX};
 pub use quantize::{LinearQuantization, QuantizationReport};

@@ -14,7 +14,7 @@
 use std::borrow::Cow;
 
 use lora_core::{AdapterOptions, DenseBase, FrozenBase, LoraAdapter, LoraLinear, Nf4Base};
-use ndarray::{Array2, ArrayView2, ArrayViewMut2, CowArray, Ix2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix1, Ix2};
 
 use crate::error::{check_finite_at, LmError, Result};
 use crate::memory::MemoryReport;
@@ -40,6 +40,8 @@ use crate::qat::{quantizer_step_name, QatLayer};
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseLinear {
     weight: Parameter<Ix2>,
+    /// `y = x·Wᵀ + b` (Qwen2's q/k/v); trains with the weight in full fine-tuning.
+    bias: Option<Parameter<Ix1>>,
 }
 
 impl DenseLinear {
@@ -47,7 +49,18 @@ impl DenseLinear {
     pub fn new(weight: Array2<f32>) -> Self {
         DenseLinear {
             weight: Parameter::new(weight),
+            bias: None,
         }
+    }
+
+    /// The layer with a frozen bias of length `out_features`.
+    pub fn with_bias(mut self, bias: Array1<f32>) -> Self {
+        self.bias = Some(Parameter::new(bias));
+        self
+    }
+
+    pub fn bias(&self) -> Option<&Parameter<Ix1>> {
+        self.bias.as_ref()
     }
 
     pub fn weight(&self) -> &Parameter<Ix2> {
@@ -279,7 +292,8 @@ impl LinearModule {
                 |i| format!("element [{}, {}]", i / cols, i % cols),
             )?;
             let weight = std::mem::take(d.weight.value_mut());
-            *self = LinearModule::Lora(Box::new(LoraLinear::dense(weight, None, path)?));
+            let bias = d.bias.take().map(|mut b| std::mem::take(b.value_mut()));
+            *self = LinearModule::Lora(Box::new(LoraLinear::dense(weight, bias, path)?));
         }
         self.adapted_mut().ok_or_else(|| LmError::AdapterState {
             operation: format!("adapting {path}"),
@@ -299,7 +313,10 @@ impl LinearModule {
         let beta = if accumulate { 1.0 } else { 0.0 };
         match self {
             LinearModule::Dense(d) => {
-                quant_core::linalg::gemm(1.0, x, d.weight.value().t(), beta, out)?;
+                quant_core::linalg::gemm(1.0, x, d.weight.value().t(), beta, out.view_mut())?;
+                if let Some(b) = &d.bias {
+                    out += &b.value().view().insert_axis(Axis(0));
+                }
             }
             LinearModule::Nf4(base) => {
                 if accumulate {
@@ -307,7 +324,10 @@ impl LinearModule {
                     base.matmul_into(x, y.view_mut())?;
                     out += &y;
                 } else {
-                    base.matmul_into(x, out)?;
+                    base.matmul_into(x, out.view_mut())?;
+                }
+                if let Some(b) = base.bias() {
+                    out += &b.insert_axis(Axis(0));
                 }
             }
             _ => {
@@ -365,6 +385,9 @@ impl LinearModule {
                 if let Some(gw) = d.weight.grad_mut() {
                     quant_core::linalg::gemm(1.0, grad_output.t(), x, 1.0, gw.view_mut())?;
                 }
+                if let Some(gb) = d.bias.as_mut().and_then(|b| b.grad_mut()) {
+                    *gb += &grad_output.sum_axis(Axis(0));
+                }
             }
             // The 4-bit base is frozen: only the input gradient flows.
             LinearModule::Nf4(base) => {
@@ -398,13 +421,65 @@ impl LinearModule {
     pub fn set_base_trainable(&mut self, trainable: bool) {
         if let LinearModule::Dense(d) = self {
             d.weight.set_trainable(trainable);
+            if let Some(b) = &mut d.bias {
+                b.set_trainable(trainable);
+            }
+        }
+    }
+
+    /// Gives the frozen base a bias (`(out)`), as a family's checkpoint stores it: a dense
+    /// weight keeps it as a parameter, an NF4 base holds it frozen. Errors on a wrong length
+    /// or a module that already has adapters.
+    pub fn attach_bias(&mut self, bias: Array1<f32>, path: &str) -> Result<()> {
+        if bias.len() != self.out_features() {
+            return Err(LmError::TensorShape {
+                key: format!("{path}.bias"),
+                expected: vec![self.out_features()],
+                got: vec![bias.len()],
+            });
+        }
+        match self {
+            LinearModule::Dense(d) => {
+                d.bias = Some(Parameter::new(bias));
+                Ok(())
+            }
+            LinearModule::Nf4(base) => {
+                let rebuilt = Nf4Base::from_four_bit(
+                    base.weight().clone(),
+                    Some(bias),
+                    base.options().tile,
+                    path,
+                )?;
+                **base = rebuilt;
+                Ok(())
+            }
+            _ => Err(LmError::AdapterState {
+                operation: format!("attaching a bias to {path}"),
+                reason: format!("a {} module's base is already built", self.kind()),
+            }),
+        }
+    }
+
+    /// The frozen base's bias, if any.
+    pub fn base_bias(&self) -> Option<ArrayView1<'_, f32>> {
+        match self {
+            LinearModule::Dense(d) => d.bias.as_ref().map(|b| b.value().view()),
+            LinearModule::Nf4(base) => base.bias(),
+            LinearModule::Lora(l) => l.base().bias(),
+            LinearModule::Qlora(l) => l.base().bias(),
+            LinearModule::Qat(q) => q.layer().bias(),
         }
     }
 
     /// Zeroes the base weight's gradient (if it trains) and every adapter gradient.
     pub fn zero_grad(&mut self) {
         match self {
-            LinearModule::Dense(d) => d.weight.zero_grad(),
+            LinearModule::Dense(d) => {
+                d.weight.zero_grad();
+                if let Some(b) = &mut d.bias {
+                    b.zero_grad();
+                }
+            }
             _ => {
                 if let Some(layer) = self.adapted_mut() {
                     layer.zero_grad();
@@ -436,7 +511,9 @@ impl LinearModule {
     /// Scalars of the base weight and of every adapter (and of a LoRA-QAT quantizer).
     pub fn parameter_count(&self) -> usize {
         match self {
-            LinearModule::Dense(d) => d.weight.value().len(),
+            LinearModule::Dense(d) => {
+                d.weight.value().len() + d.bias.as_ref().map_or(0, |b| b.value().len())
+            }
             LinearModule::Nf4(base) => base.parameter_count(),
             LinearModule::Qat(q) => {
                 let layer = q.layer();
@@ -489,7 +566,12 @@ impl LinearModule {
                 LinearModule::Dense(d) => {
                     let name = format!("{path}.weight");
                     let p = d.weight.as_param_mut(&name)?;
-                    f(&name, p)
+                    f(&name, p)?;
+                    if let Some(b) = &mut d.bias {
+                        let name = format!("{path}.bias");
+                        f(&name, b.as_param_mut(&name)?)?;
+                    }
+                    Ok(())
                 }
                 _ => Ok(()),
             },
@@ -511,6 +593,9 @@ impl LinearModule {
             None => match self {
                 LinearModule::Dense(d) => {
                     report.add_f32_parameter(d.weight.value().len(), d.weight.is_trainable());
+                    if let Some(b) = &d.bias {
+                        report.add_f32_parameter(b.value().len(), b.is_trainable());
+                    }
                 }
                 LinearModule::Nf4(base) => {
                     report.add_quantized_base(
@@ -562,7 +647,13 @@ impl LinearModule {
         }
         match self.adapted() {
             None => match self {
-                LinearModule::Dense(d) => d.weight.check_grad_finite(&format!("{path}.weight")),
+                LinearModule::Dense(d) => {
+                    d.weight.check_grad_finite(&format!("{path}.weight"))?;
+                    match &d.bias {
+                        Some(b) => b.check_grad_finite(&format!("{path}.bias")),
+                        None => Ok(()),
+                    }
+                }
                 _ => Ok(()),
             },
             Some(layer) => {

@@ -325,10 +325,12 @@ impl LlamaModel {
         for (path, out_features, in_features) in &targets {
             let options = AdapterOptions::from_config(config, path);
             options.validate(*out_features, *in_features, path)?;
-            let weight = dense_weight_for_qat(self.linear_module_mut(path)?, path)?;
+            let lin = self.linear_module_mut(path)?;
+            let bias = lin.base_bias().map(|b| b.to_owned());
+            let weight = dense_weight_for_qat(lin, path)?;
             let layer = LoraQatLinear::new(
                 weight,
-                None,
+                bias,
                 &options,
                 qat,
                 mode,
@@ -486,10 +488,12 @@ impl LlamaModel {
                 LoraLinear::<lora_core::DenseBase>::derive_seed(0, &module),
                 &module,
             )?;
-            let weight = dense_weight_for_qat(self.linear_module_mut(&module)?, &module)?;
+            let lin = self.linear_module_mut(&module)?;
+            let bias = lin.base_bias().map(|b| b.to_owned());
+            let weight = dense_weight_for_qat(lin, &module)?;
             let mut layer = LoraQatLinear::with_adapter(
                 weight,
-                None,
+                bias,
                 adapter,
                 &state.config,
                 state.mode,

@@ -209,7 +209,7 @@ impl LlamaModel {
             };
             bases.push(Nf4Base::quantize(
                 d.weight().value().view(),
-                None,
+                d.bias().map(|b| b.value().clone()),
                 options,
                 path,
             )?);
@@ -267,10 +267,14 @@ impl LlamaModel {
                 mse: err / w.len() as f64,
                 relative_error: if norm > 0.0 { (err / norm).sqrt() } else { 0.0 },
             });
-            quantized.push(w_q);
+            quantized.push((w_q, d.bias().map(|b| b.value().clone())));
         }
-        for ((_, lin), w_q) in linears.into_iter().zip(quantized) {
-            *lin = LinearModule::Dense(DenseLinear::new(w_q));
+        for ((_, lin), (w_q, bias)) in linears.into_iter().zip(quantized) {
+            let dense = DenseLinear::new(w_q);
+            *lin = LinearModule::Dense(match bias {
+                Some(b) => dense.with_bias(b),
+                None => dense,
+            });
         }
         Ok(QuantizationReport {
             config: *qat,
@@ -284,20 +288,25 @@ impl LlamaModel {
     /// forgets its adapters. Unadapted NF4 projections stay NF4. Returns the number of
     /// projections merged.
     pub fn merge_and_unload(&mut self) -> Result<usize> {
-        let mut merged: Vec<(String, Array2<f32>)> = Vec::new();
+        let mut merged: Vec<(String, Array2<f32>, Option<ndarray::Array1<f32>>)> = Vec::new();
         for (path, lin) in self.linear_modules_mut() {
+            let bias = lin.base_bias().map(|b| b.to_owned());
             if let Some(layer) = lin.adapted_mut() {
                 let w = if layer.is_merged() {
                     layer.base_weight()?.into_owned()
                 } else {
                     layer.merged_weight()?
                 };
-                merged.push((path, w));
+                merged.push((path, w, bias));
             }
         }
         let count = merged.len();
-        for (path, w) in merged {
-            *self.linear_module_mut(&path)? = LinearModule::Dense(DenseLinear::new(w));
+        for (path, w, bias) in merged {
+            let dense = DenseLinear::new(w);
+            *self.linear_module_mut(&path)? = LinearModule::Dense(match bias {
+                Some(b) => dense.with_bias(b),
+                None => dense,
+            });
         }
         self.adapter_configs.clear();
         self.active_adapters.clear();

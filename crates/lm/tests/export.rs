@@ -10,7 +10,7 @@ use lm::merge::{merge_checkpoint, MergeOptions};
 use lm::{LlamaConfig, LlamaModel};
 use ndarray::{array, Array2, Array3};
 use quant_core::ggml::GgmlType;
-use quant_core::gguf::{GgufFile, GgufValue};
+use quant_core::gguf::{GgufFile, GgufValue, ReadTensorF32};
 use safetensors::Dtype;
 
 fn data(rel: &str) -> PathBuf {
@@ -187,7 +187,7 @@ fn block_bound(ty: GgmlType, source: &[f32], row: usize) -> Vec<f32> {
         .flat_map(|r| {
             r.chunks(block).flat_map(|b| {
                 let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                std::iter::repeat_n(ty.error_bound(amax), b.len())
+                std::iter::repeat_n(quant_core::ggml::error_bound(ty, amax).unwrap(), b.len())
             })
         })
         .collect()

@@ -61,7 +61,13 @@ impl AdapterOptions {
             dropout: config.lora_dropout,
             use_rslora: config.use_rslora,
             use_dora: config.use_dora,
-            init: config.init_lora_weights.clone(),
+            init: match (&config.init_lora_weights, config.loftq_config) {
+                (InitLoraWeights::Loftq { .. }, Some(settings)) => InitLoraWeights::Loftq {
+                    loftq_bits: settings.loftq_bits,
+                    loftq_iter: settings.loftq_iter,
+                },
+                (init, _) => init.clone(),
+            },
         }
     }
 
@@ -188,10 +194,10 @@ impl LoraAdapter {
                 let a = uniform(&mut rng, r, in_features);
                 (a, uniform(&mut rng, out_features, r))
             }
-            InitLoraWeights::Pissa => {
+            InitLoraWeights::Pissa | InitLoraWeights::Loftq { .. } => {
                 return Err(LoraError::option(
                     format!("init_lora_weights for {context}"),
-                    "\"pissa\"",
+                    format!("{:?}", options.init),
                     "needs the base weight: create the adapter through LoraLinear::add_adapter",
                 ))
             }
@@ -200,7 +206,7 @@ impl LoraAdapter {
                     format!("init_lora_weights for {context}"),
                     format!("{name:?}"),
                     "this initialisation is not implemented (supported: true, false, \
-                     \"gaussian\", \"pissa\")",
+                     \"gaussian\", \"pissa\", \"loftq\")",
                 ))
             }
         };

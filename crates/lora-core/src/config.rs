@@ -19,8 +19,8 @@ use crate::error::{LoraError, Result};
 
 /// How the adapter matrices start (PEFT's `init_lora_weights`).
 ///
-/// The enum is open (`non_exhaustive`): LoftQ and other data-dependent initialisations are
-/// added as variants once their quantizers exist.
+/// The enum is open (`non_exhaustive`): other data-dependent initialisations are added as
+/// variants once their algorithms exist.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub enum InitLoraWeights {
@@ -33,10 +33,22 @@ pub enum InitLoraWeights {
     /// `"pissa"`: the principal singular triplets of `W` move into the adapter
     /// (`s·B·A = U_r S_r V_rᵀ`) and the base keeps the residual `W − s·B·A`.
     Pissa,
+    /// `"loftq"`: LoftQ (Li et al., 2023) as PEFT's `LoraLayer.loftq_init` computes it, with
+    /// `loftq_bits`/`loftq_iter` from the file's `loftq_config` (filled in by
+    /// [`crate::AdapterOptions::from_config`]; a bare `"loftq"` reads as 4 bits, 1 iteration):
+    /// alternately NF4-quantize `W − B·A` (blocksize 64, no double quantization, as PEFT's
+    /// `Params4bit`) and take the rank-`r` SVD of `W − deq(Q)`; then `lora_A = √S·Vᵀ`,
+    /// `lora_B = U·√S` (unscaled, as PEFT assigns them) and the base weight becomes `deq(Q)`.
+    Loftq {
+        /// Bits of the base quantization (only 4 is supported).
+        loftq_bits: u32,
+        /// Alternations of quantization and SVD (≥ 1).
+        loftq_iter: usize,
+    },
     /// `false`: both matrices keep torch's `nn.Linear` default, `A ~ U(±1/√in)`,
     /// `B ~ U(±1/√r)`, so the adapter is non-zero from the start (useful for tests).
     Random,
-    /// Any other value PEFT knows (`"olora"`, `"loftq"`, `"pissa_niter_16"`, ...). A file with
+    /// Any other value PEFT knows (`"olora"`, `"pissa_niter_16"`, ...). A file with
     /// it loads (its weights are given); creating a fresh adapter with it is an error.
     Other(String),
 }
@@ -48,6 +60,7 @@ impl Serialize for InitLoraWeights {
             InitLoraWeights::Random => serializer.serialize_bool(false),
             InitLoraWeights::Gaussian => serializer.serialize_str("gaussian"),
             InitLoraWeights::Pissa => serializer.serialize_str("pissa"),
+            InitLoraWeights::Loftq { .. } => serializer.serialize_str("loftq"),
             InitLoraWeights::Other(name) => serializer.serialize_str(name),
         }
     }
@@ -61,12 +74,58 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
             Value::String(s) => Ok(match s.to_ascii_lowercase().as_str() {
                 "gaussian" => InitLoraWeights::Gaussian,
                 "pissa" => InitLoraWeights::Pissa,
+                "loftq" => InitLoraWeights::Loftq {
+                    loftq_bits: default_loftq_bits(),
+                    loftq_iter: default_loftq_iter(),
+                },
                 _ => InitLoraWeights::Other(s),
             }),
             other => Err(de::Error::custom(format!(
                 "init_lora_weights must be true, false or a method name, got {other}"
             ))),
         }
+    }
+}
+
+fn default_loftq_bits() -> u32 {
+    4
+}
+fn default_loftq_iter() -> usize {
+    1
+}
+
+/// PEFT's `loftq_config` (`LoftQConfig`): read when `init_lora_weights` is `"loftq"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoftqSettings {
+    /// Quantization bits (PEFT default 4).
+    #[serde(default = "default_loftq_bits")]
+    pub loftq_bits: u32,
+    /// Alternating iterations (PEFT default 1).
+    #[serde(default = "default_loftq_iter")]
+    pub loftq_iter: usize,
+}
+
+/// `loftq_config` as PEFT writes it: `{}` when unused.
+fn read_loftq_config<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<LoftqSettings>, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::Null => Ok(None),
+        Value::Object(map) if map.is_empty() => Ok(None),
+        other => serde_json::from_value(other)
+            .map(Some)
+            .map_err(|e| de::Error::custom(format!("loftq_config: {e}"))),
+    }
+}
+
+fn write_loftq_config<S: Serializer>(
+    value: &Option<LoftqSettings>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match value {
+        Some(settings) => settings.serialize(serializer),
+        None => serializer.serialize_map(Some(0))?.end(),
     }
 }
 
@@ -243,6 +302,13 @@ pub struct LoraConfig {
     /// How a fresh adapter starts.
     #[serde(default)]
     pub init_lora_weights: InitLoraWeights,
+    /// LoftQ's settings (`init_lora_weights: "loftq"` only); written `{}` when `None`.
+    #[serde(
+        default,
+        deserialize_with = "read_loftq_config",
+        serialize_with = "write_loftq_config"
+    )]
+    pub loftq_config: Option<LoftqSettings>,
     /// Every other field of the file, kept verbatim.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
@@ -264,6 +330,7 @@ impl Default for LoraConfig {
             rank_pattern: PatternMap::default(),
             alpha_pattern: PatternMap::default(),
             init_lora_weights: InitLoraWeights::default(),
+            loftq_config: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -362,6 +429,39 @@ impl LoraConfig {
         for (key, a) in &self.alpha_pattern.0 {
             check_pattern("alpha_pattern", key)?;
             check_alpha(&format!("alpha_pattern[{key:?}]"), *a)?;
+        }
+        match (&self.init_lora_weights, &self.loftq_config) {
+            (InitLoraWeights::Loftq { .. }, None) => {
+                return Err(LoraError::option(
+                    "loftq_config",
+                    "{}",
+                    "must give loftq_bits and loftq_iter when init_lora_weights is \"loftq\"",
+                ))
+            }
+            (InitLoraWeights::Loftq { .. }, Some(settings)) => {
+                if settings.loftq_bits != 4 {
+                    return Err(LoraError::option(
+                        "loftq_config.loftq_bits",
+                        settings.loftq_bits,
+                        "only 4-bit (NF4) LoftQ is supported",
+                    ));
+                }
+                if settings.loftq_iter == 0 {
+                    return Err(LoraError::option(
+                        "loftq_config.loftq_iter",
+                        0,
+                        "must be at least 1",
+                    ));
+                }
+            }
+            (_, Some(settings)) => {
+                return Err(LoraError::option(
+                    "loftq_config",
+                    format!("{settings:?}"),
+                    "is set but init_lora_weights is not \"loftq\"",
+                ))
+            }
+            (_, None) => {}
         }
         for &name in MUST_BE_UNSET {
             if let Some(v) = self.extra.get(name) {

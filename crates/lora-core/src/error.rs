@@ -74,6 +74,13 @@ pub enum LoraError {
     Parse { path: PathBuf, reason: String },
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for LoraError {
+    fn from(e: quant_core::FormatError) -> Self {
+        LoraError::Quant(e.into())
+    }
+}
+
 impl LoraError {
     /// A [`LoraError::InvalidOption`] from anything printable.
     pub fn option(

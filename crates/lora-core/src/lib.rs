@@ -9,7 +9,8 @@
 //! path and read and write the PEFT file layout. This crate knows nothing of models or training.
 //! The `f32` base is [`base::DenseBase`]; the NF4 base is [`qlora::Nf4Base`] (QLoRA, with
 //! LoftQ initialisation in [`qlora::loftq_init`]); LoRA-QAT, where the quantizer sees
-//! `W + s·B·A` and its steps train, is [`qat::LoraQatLinear`].
+//! `W + s·B·A` and its steps train, is [`qat::LoraQatLinear`]. A base kept in a GGUF file's
+//! ggml blocks (every llama.cpp type of `quant_core::ggml`) is [`ggml_base::GgmlBase`].
 //!
 //! ## Design
 //!
@@ -51,18 +52,21 @@ pub mod base;
 pub mod combine;
 pub mod config;
 pub mod error;
+pub mod ggml_base;
 pub mod linear;
 pub mod peft;
 pub mod qat;
 pub mod qlora;
 pub mod set;
 pub mod svd;
+mod tiled;
 
 pub use adapter::{AdapterOptions, LoraAdapter};
 pub use base::{DenseBase, FrozenBase};
 pub use combine::{Combination, CombinationType};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};
 pub use error::{LoraError, Result};
+pub use ggml_base::GgmlBase;
 pub use linear::LoraLinear;
 pub use qat::{LoraQatLinear, QatMode};
 pub use qlora::{Nf4Base, Nf4Options, QLoraLinear};

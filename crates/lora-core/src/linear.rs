@@ -109,7 +109,27 @@ impl<B: FrozenBase> LoraLinear<B> {
         let (out_features, in_features) = self.shape();
         let context = format!("{} adapter {name:?}", self.context);
         options.validate(out_features, in_features, &context)?;
-        let mut adapter = if options.init == InitLoraWeights::Pissa {
+        let mut adapter = if let InitLoraWeights::Loftq {
+            loftq_bits,
+            loftq_iter,
+        } = options.init
+        {
+            if !self.merged.is_empty() {
+                return Err(LoraError::state(
+                    "LoftQ initialisation",
+                    &self.context,
+                    "the layer has merged adapters; unmerge first",
+                ));
+            }
+            // The base must be editable (a 4-bit base cannot take deq(Q)): ask before the work.
+            self.base.weight_mut()?;
+            let (dequantized, a, b) = self.loftq_factors(options, loftq_bits, loftq_iter)?;
+            let mut plain = options.clone();
+            plain.use_dora = false;
+            let adapter = LoraAdapter::from_weights(a, b, None, &plain, seed, &context)?;
+            *self.base.weight_mut()? = dequantized;
+            adapter
+        } else if options.init == InitLoraWeights::Pissa {
             if !self.merged.is_empty() {
                 return Err(LoraError::state(
                     "PiSSA initialisation",
@@ -147,6 +167,33 @@ impl<B: FrozenBase> LoraLinear<B> {
         let a = &svd.vt * &root.view().insert_axis(Axis(1));
         let b = &svd.u * &root.view().insert_axis(Axis(0));
         Ok((a, b))
+    }
+
+    /// PEFT's LoftQ (`LoraLayer.loftq_init`): `(deq(Q), lora_A, lora_B)` with `lora_A = √S·Vᵀ`,
+    /// `lora_B = U·√S` of the last residual's rank-`r` SVD, not rescaled by `s` (PEFT assigns
+    /// them as they come, so `deq(Q) + s·B·A` approximates `W` when `s = 1`), each
+    /// quantization NF4 at blocksize 64 without double quantization (PEFT's `Params4bit`).
+    fn loftq_factors(
+        &self,
+        options: &AdapterOptions,
+        loftq_bits: u32,
+        loftq_iter: usize,
+    ) -> Result<(Array2<f32>, Array2<f32>, Array2<f32>)> {
+        let weight = self.base.dense_weight()?;
+        // Unit scale: loftq_init then returns PEFT's unscaled factors.
+        let mut unit = AdapterOptions::new(options.r, options.r as f64);
+        unit.use_rslora = false;
+        let config = crate::qlora::LoftqConfig {
+            loftq_bits,
+            loftq_iter,
+            quantization: crate::qlora::Nf4Options {
+                double_quant: false,
+                ..crate::qlora::Nf4Options::default()
+            },
+        };
+        let result = crate::qlora::loftq_init(weight.view(), &unit, &config, &self.context)?;
+        let dequantized = result.base.dense_weight()?.into_owned();
+        Ok((dequantized, result.a, result.b))
     }
 
     /// Adds an adapter built elsewhere (a loaded file, a combination). Its shape must match.
@@ -209,6 +256,14 @@ impl<B: FrozenBase> LoraLinear<B> {
         let principal = adapter.delta_weight()?;
         *self.base.weight_mut()? += &principal;
         Ok(())
+    }
+
+    /// Puts back a base weight saved before a LoftQ creation that a later layer's failure
+    /// rolls back (the layer's dense base accepted `deq(Q)`, so it accepts this too).
+    pub(crate) fn restore_base_weight(&mut self, weight: Array2<f32>) {
+        if let Ok(w) = self.base.weight_mut() {
+            *w = weight;
+        }
     }
 
     /// Names of all adapters, in the order they were added.

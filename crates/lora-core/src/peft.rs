@@ -3,9 +3,12 @@
 //! Keys are `base_model.model.<module>.lora_A.weight` `[r, in]`,
 //! `base_model.model.<module>.lora_B.weight` `[out, r]` and, for DoRA,
 //! `base_model.model.<module>.lora_magnitude_vector` `[out]` (no `.weight` suffix in the
-//! adapter file). Tensors are little-endian `f32`. Saving writes each file to a temporary
-//! name in the same directory and renames it over the old one, so a failed save leaves the
-//! previous files whole.
+//! adapter file). Tensors are little-endian `f32`, `f16` or `bf16` — most published adapters
+//! are stored in half precision — and are widened to `f32` exactly on reading; saving writes
+//! the [`SaveDtype`] asked for (`f32` by default; `f16`/`bf16` round to nearest even, and a
+//! finite value outside `f16`'s range is an error naming the key). Saving writes each file to a
+//! temporary name in the same directory and renames it over the old one, so a failed save
+//! leaves the previous files whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -27,6 +30,87 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's prefix of every key.
 pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The element type [`save_adapters_as`] writes the adapter tensors in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SaveDtype {
+    /// Little-endian `f32`, exact.
+    #[default]
+    F32,
+    /// IEEE half, round to nearest even (PEFT's `torch_dtype=float16` files).
+    F16,
+    /// bfloat16, round to nearest even.
+    Bf16,
+}
+
+impl SaveDtype {
+    /// `"f32"`, `"f16"` or `"bf16"` (also `float32`, `float16`, `bfloat16`).
+    ///
+    /// ```
+    /// use lora_core::peft::SaveDtype;
+    /// assert_eq!(SaveDtype::from_name("bf16").unwrap(), SaveDtype::Bf16);
+    /// assert!(SaveDtype::from_name("f8").unwrap_err().to_string().contains("save_dtype"));
+    /// ```
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(SaveDtype::F32),
+            "f16" | "float16" | "fp16" | "half" => Ok(SaveDtype::F16),
+            "bf16" | "bfloat16" => Ok(SaveDtype::Bf16),
+            _ => Err(LoraError::option(
+                "save_dtype",
+                format!("{name:?}"),
+                "must be f32, f16 or bf16",
+            )),
+        }
+    }
+
+    /// The name `from_name` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "f32",
+            SaveDtype::F16 => "f16",
+            SaveDtype::Bf16 => "bf16",
+        }
+    }
+
+    fn dtype(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::F16 => Dtype::F16,
+            SaveDtype::Bf16 => Dtype::BF16,
+        }
+    }
+
+    /// Little-endian bytes of `values` in this type; a finite value that overflows `f16` is
+    /// an error naming `key` and the index.
+    fn encode(self, key: &str, file: &Path, values: &[f32]) -> Result<Vec<u8>> {
+        match self {
+            SaveDtype::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            SaveDtype::Bf16 => Ok(values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect()),
+            SaveDtype::F16 => {
+                let mut out = Vec::with_capacity(values.len() * 2);
+                for (i, &v) in values.iter().enumerate() {
+                    let h = half::f16::from_f32(v);
+                    if h.is_infinite() && v.is_finite() {
+                        return Err(LoraError::Key {
+                            file: file.to_path_buf(),
+                            key: key.to_string(),
+                            reason: format!(
+                                "value {v} at flat index {i} is outside f16's range (±65504); \
+                                 save as bf16 or f32"
+                            ),
+                        });
+                    }
+                    out.extend_from_slice(&h.to_le_bytes());
+                }
+                Ok(out)
+            }
+        }
+    }
+}
 
 /// The weights of one module's adapter as stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +182,7 @@ pub fn load_adapter(
         reason: e.to_string(),
     })?;
     config.validate()?;
+    check_fan_in_fan_out(&config, &config_path)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = fs::read(&weights_path).map_err(|source| LoraError::Io {
         action: "reading",
@@ -153,6 +238,26 @@ pub fn load_adapter(
     Ok(LoadedAdapter { config, modules })
 }
 
+/// PEFT's `fan_in_fan_out` says the *base* weight is stored `(in, out)` (GPT-2's `Conv1D`);
+/// the adapter tensors keep their layout and only the merge is transposed. The modules given
+/// here are `nn.Linear` weights `(out, in)`, for which PEFT itself resets the flag to false
+/// with a warning; rather than guess, a file saying `true` is refused by name.
+fn check_fan_in_fan_out(config: &LoraConfig, path: &Path) -> Result<()> {
+    if config.fan_in_fan_out {
+        return Err(LoraError::option(
+            "fan_in_fan_out",
+            true,
+            format!(
+                "{}: the adapter was made for a base stored (in, out) (GPT-2 Conv1D); the \
+                 modules here are (out, in) nn.Linear weights — transpose such a base with \
+                 DenseBase::from_stored and set fan_in_fan_out to false",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn read_f32(
     tensors: &SafeTensors<'_>,
     file: &Path,
@@ -167,20 +272,16 @@ fn read_f32(
     let view = tensors
         .tensor(key)
         .map_err(|_| err("missing".to_string()))?;
-    if view.dtype() != Dtype::F32 {
+    if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(err(format!(
-            "dtype {:?}, only F32 is supported",
+            "dtype {:?}, only F32, F16 and BF16 are supported",
             view.dtype()
         )));
     }
     if view.shape() != shape {
         return Err(err(format!("shape {:?}, expected {shape:?}", view.shape())));
     }
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let values = quant_core::io::tensor_to_f32(key, &view).map_err(|e| err(e.to_string()))?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(err(format!(
             "non-finite value {} at flat index {i}",
@@ -237,25 +338,49 @@ pub fn save_adapters<'a>(
     config: &LoraConfig,
     modules: impl IntoIterator<Item = (&'a str, &'a LoraAdapter)>,
 ) -> Result<()> {
+    save_adapters_as(dir, config, modules, SaveDtype::F32)
+}
+
+/// [`save_adapters`] with the tensors stored as `dtype` (what `--save-dtype` chooses).
+///
+/// ```
+/// use lora_core::{peft, peft::SaveDtype, AdapterOptions, LoraAdapter, LoraConfig};
+/// let adapter = LoraAdapter::new(&AdapterOptions::new(2, 4.0), 4, 4, 1, "q").unwrap();
+/// let dir = std::env::temp_dir().join(format!("lora-core-doc-bf16-{}", std::process::id()));
+/// let config = LoraConfig::new(2, 4.0, &["q_proj"]);
+/// let module = "model.layers.0.self_attn.q_proj";
+/// peft::save_adapters_as(&dir, &config, [(module, &adapter)], SaveDtype::Bf16).unwrap();
+/// let loaded = peft::load_adapter(&dir, &[(module.to_string(), (4, 4))].into()).unwrap();
+/// let a = &loaded.modules[module].a;
+/// assert!(a.iter().zip(adapter.a()).all(|(x, y)| (x - y).abs() <= y.abs() / 256.0));
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn save_adapters_as<'a>(
+    dir: &Path,
+    config: &LoraConfig,
+    modules: impl IntoIterator<Item = (&'a str, &'a LoraAdapter)>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let weights_path = dir.join(WEIGHTS_FILE);
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (module, adapter) in modules {
-        let le = |values: &mut dyn Iterator<Item = &f32>| -> Vec<u8> {
-            values.flat_map(|v| v.to_le_bytes()).collect()
+        let mut push = |key: String, shape: Vec<usize>, values: Vec<f32>| -> Result<()> {
+            let bytes = dtype.encode(&key, &weights_path, &values)?;
+            tensors.push((key, dtype.dtype(), shape, bytes));
+            Ok(())
         };
-        tensors.push((
+        push(
             key_a(module),
-            Dtype::F32,
             adapter.a().shape().to_vec(),
-            le(&mut adapter.a().iter()),
-        ));
-        tensors.push((
+            adapter.a().iter().copied().collect(),
+        )?;
+        push(
             key_b(module),
-            Dtype::F32,
             adapter.b().shape().to_vec(),
-            le(&mut adapter.b().iter()),
-        ));
+            adapter.b().iter().copied().collect(),
+        )?;
         if let Some(m) = adapter.magnitude() {
-            tensors.push((key_m(module), Dtype::F32, vec![m.len()], le(&mut m.iter())));
+            push(key_m(module), vec![m.len()], m.iter().copied().collect())?;
         }
     }
     let views = tensors

@@ -15,7 +15,6 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
 use quant_core::linalg::gemm;
 use quant_core::nf4::bnb_layout::{from_safetensors, to_bnb_tensors, BnbTensor};
 use quant_core::nf4::{check_blocksize, FourBitTensor, FourBitType};
-use rayon::prelude::*;
 use safetensors::SafeTensors;
 
 use crate::adapter::{AdapterOptions, LoraAdapter};
@@ -23,6 +22,7 @@ use crate::base::FrozenBase;
 use crate::error::{check_finite, LoraError, Result};
 use crate::linear::LoraLinear;
 use crate::svd::truncated_svd;
+use crate::tiled::for_each_column_tile;
 
 /// How a weight is quantized to NF4 and how the tiled products are cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -413,32 +413,6 @@ impl LoraLinear<Nf4Base> {
     pub fn merge_to_nf4(&self) -> Result<Nf4Base> {
         let merged = self.merged_weight()?;
         self.base().requantized(merged.view())
-    }
-}
-
-/// Runs `run_tile(buffer, (t, out[:, t·tile..]))` for every tile of `tile` columns of `out`,
-/// on the rayon pool (one dequantization buffer per worker) or on the calling thread (one
-/// buffer for all tiles).
-fn for_each_column_tile<F>(
-    mut out: ArrayViewMut2<'_, f32>,
-    tile: usize,
-    parallel: bool,
-    run_tile: F,
-) -> Result<()>
-where
-    F: Fn(&mut Vec<f32>, (usize, ArrayViewMut2<'_, f32>)) -> Result<()> + Sync + Send,
-{
-    let tiles = out.axis_chunks_iter_mut(Axis(1), tile);
-    if parallel {
-        tiles
-            .into_par_iter()
-            .enumerate()
-            .try_for_each_init(Vec::new, run_tile)
-    } else {
-        let mut buffer = Vec::new();
-        tiles
-            .enumerate()
-            .try_for_each(|item| run_tile(&mut buffer, item))
     }
 }
 

@@ -222,15 +222,25 @@ impl<B: FrozenBase + Clone> AdapterSet<B> {
             let (out_features, in_features) = self.layers[path].shape();
             AdapterOptions::from_config(&config, path).validate(out_features, in_features, path)?;
         }
+        // LoftQ replaces each base weight by deq(Q): keep the originals to roll back.
+        let loftq = matches!(config.init_lora_weights, InitLoraWeights::Loftq { .. });
+        let mut originals = Vec::new();
         for path in &targets {
             let options = AdapterOptions::from_config(&config, path);
             let layer_seed = LoraLinear::<B>::derive_seed(seed, path);
-            let layer = self
-                .layers
-                .get_mut(path)
-                .expect("target paths come from the map");
+            let Some(layer) = self.layers.get_mut(path) else {
+                continue;
+            };
+            if loftq {
+                originals.push((path.clone(), layer.base().dense_weight()?.into_owned()));
+            }
             if let Err(e) = layer.add_adapter(name, &options, layer_seed) {
                 self.remove_from_layers(name, config.init_lora_weights == InitLoraWeights::Pissa);
+                for (path, weight) in originals {
+                    if let Some(layer) = self.layers.get_mut(&path) {
+                        layer.restore_base_weight(weight);
+                    }
+                }
                 return Err(e);
             }
         }

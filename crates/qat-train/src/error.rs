@@ -74,6 +74,13 @@ pub enum TrainError {
     Lora(#[from] lora_core::LoraError),
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for TrainError {
+    fn from(e: quant_core::FormatError) -> Self {
+        TrainError::Quant(e.into())
+    }
+}
+
 /// Result with [`TrainError`].
 pub type Result<T> = std::result::Result<T, TrainError>;
 

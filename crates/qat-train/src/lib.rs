@@ -23,6 +23,8 @@
 //! * [`schedule`] — constant, warmup + cosine, warmup + linear learning-rate factors.
 //! * [`data`] — pre-tokenized JSONL datasets, seeded per-epoch shuffling, padded batches, a
 //!   resumable cursor.
+//! * [`distributed`] — data-parallel training: the [`distributed::Collective`] a trainer runs
+//!   its ranks with (one process by default; MPI with the `mpi` feature).
 //! * [`checkpoint`] — a safetensors file plus a JSON file, written crash-safely and verified to
 //!   belong together on load; a serializable seeded RNG.
 //! * [`metrics`] — per-step and evaluation metrics, a callback trait and a CSV writer.
@@ -52,6 +54,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod loss;
 pub mod metrics;

@@ -29,6 +29,7 @@ use rand::RngCore;
 use crate::checkpoint::{Checkpoint, CheckpointFiles, TrainRng, OPTIMIZER_PREFIX};
 use crate::config::{LayerPair, OptimizerKind, TrainConfig};
 use crate::data::{Batch, BatchConfig, DataLoader, Dataset};
+use crate::distributed::{self, Collective, SingleProcess};
 use crate::error::{Result, TrainError};
 use crate::loss::{
     composite_loss, multi_layer_hidden_loss, reasoning_loss, CompositeInputs, CompositeOutput,
@@ -135,6 +136,9 @@ pub struct Trainer {
     /// LoRA-QAT layers of the student (whose fake quantization the phases switch).
     quant_layers: usize,
     calibration: Option<CalibrationReport>,
+    /// The ranks of a data-parallel run ([`SingleProcess`] unless
+    /// [`Trainer::set_collective`] says otherwise).
+    collective: Box<dyn Collective>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -268,6 +272,7 @@ impl Trainer {
             last_eval: None,
             quant_layers,
             calibration: None,
+            collective: Box::new(SingleProcess),
             config,
         })
     }
@@ -330,6 +335,29 @@ impl Trainer {
     /// The student's LoRA-QAT layers (0 for LoRA, DoRA, QLoRA students).
     pub fn quantized_layers(&self) -> usize {
         self.quant_layers
+    }
+
+    /// Makes this trainer one rank of a data-parallel run (see [`crate::distributed`] and
+    /// docs/SCALING.md): each step this rank takes micro-batches `rank, rank + size, …` of the
+    /// global batch (`batch_size × gradient_accumulation` examples) and the gradients are
+    /// summed over the ranks before clipping, so every rank takes the step one process would;
+    /// evaluation batches are shared out the same way; only rank 0 calls the metrics
+    /// callbacks and writes checkpoints. Errors when `gradient_accumulation` is not a multiple
+    /// of the rank count.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>) -> Result<()> {
+        distributed::check_split(self.config.gradient_accumulation, collective.size())?;
+        self.collective = collective;
+        Ok(())
+    }
+
+    /// `(rank, number of ranks)` of this trainer's run; `(0, 1)` in one process.
+    pub fn rank_and_size(&self) -> (usize, usize) {
+        (self.collective.rank(), self.collective.size())
+    }
+
+    /// Whether this trainer is rank 0 (the one that writes files and reports metrics).
+    pub fn is_root(&self) -> bool {
+        self.collective.rank() == 0
     }
 
     /// Whether the student computes with fake quantization at the current step (LoRA-QAT
@@ -436,6 +464,10 @@ impl Trainer {
         callbacks: &mut [&mut dyn MetricsCallback],
         checkpoint: Option<&Path>,
     ) -> Result<TrainSummary> {
+        self.check_ranks_agree()?;
+        let root = self.is_root();
+        // Rank 0 alone reports and writes; the others compute the same steps silently.
+        let callbacks = if root { callbacks } else { &mut [] };
         while !self.is_finished() {
             let metrics = self.step()?;
             for cb in callbacks.iter_mut() {
@@ -452,13 +484,13 @@ impl Trainer {
                     }
                 }
             }
-            if let (Some(path), Some(every)) = (checkpoint, self.config.checkpoint_every) {
+            if let (Some(path), Some(every), true) = (checkpoint, self.config.checkpoint_every, root) {
                 if self.step % every == 0 && !self.is_finished() {
                     self.save_checkpoint(path)?;
                 }
             }
         }
-        if let Some(path) = checkpoint {
+        if let (Some(path), true) = (checkpoint, root) {
             self.save_checkpoint(path)?;
         }
         for cb in callbacks.iter_mut() {
@@ -485,10 +517,16 @@ impl Trainer {
         self.enter_phase()?;
         self.student.zero_grad();
         self.student.set_training(true);
-        for _ in 0..micro {
+        for index in 0..micro {
+            // Every rank reads every micro-batch and draws its dropout seed, so the data
+            // position and the RNG stay global; each computes only its own micro-batches.
             let batch = self.loader.next_batch()?;
+            let dropout_seed = self.rng.next_u64();
+            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+                continue;
+            }
             tokens += batch.num_tokens();
-            self.student.reseed_adapter_dropout(self.rng.next_u64())?;
+            self.student.reseed_adapter_dropout(dropout_seed)?;
             let student_layers = self.student_layers();
             let teacher_out = self.teacher_outputs(&batch)?;
             let pass = self
@@ -520,6 +558,15 @@ impl Trainer {
             self.student
                 .backward_with_hidden(pass, grad_logits.view(), &views)?;
         }
+        if self.collective.size() > 1 {
+            // Each micro-batch's gradient is already scaled by 1/gradient_accumulation (the
+            // global count), so the sum over ranks is the one-process mean.
+            distributed::all_reduce_gradients(
+                self.collective.as_mut(),
+                &mut TrainableParams(&mut self.student),
+            )?;
+            sums.all_reduce(&mut tokens, self.collective.as_mut(), "step losses")?;
+        }
         let norm = match self.config.max_grad_norm {
             Some(max) => clip_grad_norm(&mut TrainableParams(&mut self.student), max)?,
             None => grad_norm(&mut TrainableParams(&mut self.student))? as f32,
@@ -550,6 +597,29 @@ impl Trainer {
         };
         metrics.validate()?;
         Ok(metrics)
+    }
+
+    /// Errors (on every rank) unless every rank holds rank 0's step, total steps, data
+    /// position, RNG position and trainable values (hashed per tensor).
+    fn check_ranks_agree(&mut self) -> Result<()> {
+        if self.collective.size() == 1 {
+            return Ok(());
+        }
+        let cursor = self.loader.cursor();
+        let rng = self.rng.state();
+        let mut state: Vec<(String, u64)> = vec![
+            ("step".into(), self.step),
+            ("total steps".into(), self.total_steps),
+            ("data cursor epoch".into(), cursor.epoch),
+            ("data cursor index".into(), cursor.index as u64),
+            ("RNG seed".into(), rng.seed),
+            ("RNG word position".into(), rng.word_pos as u64),
+        ];
+        TrainableParams(&mut self.student).visit_params(&mut |name, value, _| {
+            state.push((format!("hash of `{name}`"), distributed::hash_f32s(value)));
+            Ok(())
+        })?;
+        distributed::check_same_state(self.collective.as_mut(), &state, "run state")
     }
 
     /// The student layers the losses read, in the order [`Trainer::batch_loss`] expects:
@@ -746,11 +816,17 @@ impl Trainer {
         let batches = loader.batches_per_epoch();
         let mut sums = LossSums::default();
         let mut tokens = 0;
-        for _ in 0..batches {
+        for index in 0..batches {
             let batch = loader.next_batch()?;
+            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+                continue;
+            }
             tokens += batch.num_tokens();
             let loss = self.eval_batch_loss(&batch)?;
             sums.add(&loss);
+        }
+        if self.collective.size() > 1 {
+            sums.all_reduce(&mut tokens, self.collective.as_mut(), "evaluation losses")?;
         }
         let n = batches as f64;
         Ok(EvalMetrics {
@@ -905,10 +981,31 @@ impl Trainer {
     /// quantizer steps beside them (`lm::qat::QAT_STATE_FILE`, read by
     /// `LlamaModel::load_qat_adapter`).
     pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<()> {
+        self.save_adapter_as(dir, name, lora_core::peft::SaveDtype::F32)
+    }
+
+    /// [`Trainer::save_adapter`] with the adapter tensors stored as `dtype`. A LoRA-QAT
+    /// adapter is written in f32 only: its quantizer steps were trained against the f32
+    /// `W + s·B·A`, and rounding `A`, `B` would move the grid the steps fit.
+    pub fn save_adapter_as(
+        &self,
+        dir: &Path,
+        name: &str,
+        dtype: lora_core::peft::SaveDtype,
+    ) -> Result<()> {
         if self.quant_layers > 0 {
+            if dtype != lora_core::peft::SaveDtype::F32 {
+                return Err(lora_core::LoraError::option(
+                    "save_dtype",
+                    dtype.name(),
+                    "a LoRA-QAT adapter is saved in f32 (its quantizer steps fit the f32 \
+                     W + s·B·A)",
+                )
+                .into());
+            }
             Ok(self.student.save_qat_adapter(dir, name)?)
         } else {
-            Ok(self.student.save_adapter(dir, name)?)
+            Ok(self.student.save_adapter_as(dir, name, dtype)?)
         }
     }
 
@@ -948,6 +1045,27 @@ impl LossSums {
             loss.composite.reasoning.as_ref().map(|r| r.value),
         );
         acc(&mut self.hidden, loss.hidden);
+    }
+
+    /// Sums these sums and `tokens` over the ranks; a term is present when any rank had it.
+    fn all_reduce(
+        &mut self,
+        tokens: &mut usize,
+        collective: &mut dyn Collective,
+        what: &str,
+    ) -> Result<()> {
+        let terms = [self.task, self.kd, self.reasoning, self.hidden];
+        let mut buffer = vec![self.total, *tokens as f64];
+        for term in terms {
+            buffer.extend([term.unwrap_or(0.0), f64::from(u8::from(term.is_some()))]);
+        }
+        collective.all_reduce_sum_f64(&mut buffer, what)?;
+        self.total = buffer[0];
+        // Token counts are integers far below 2^53: exact in f64.
+        *tokens = buffer[1] as usize;
+        let term = |i: usize| (buffer[3 + 2 * i] > 0.0).then_some(buffer[2 + 2 * i]);
+        (self.task, self.kd, self.reasoning, self.hidden) = (term(0), term(1), term(2), term(3));
+        Ok(())
     }
 }
 

@@ -81,6 +81,44 @@ impl QuantError {
     }
 }
 
+impl From<formats::FormatError> for QuantError {
+    /// The container's errors keep their text: I/O and format problems become
+    /// [`QuantError::Format`], size disagreements [`QuantError::ShapeMismatch`], refused
+    /// values [`QuantError::InvalidParameter`].
+    fn from(e: formats::FormatError) -> Self {
+        use formats::FormatError as F;
+        match e {
+            F::Io {
+                context,
+                action,
+                source,
+            } => QuantError::Format {
+                context,
+                reason: format!("{action}: {source}"),
+            },
+            F::Format { context, reason } => QuantError::Format { context, reason },
+            F::Shape {
+                context,
+                expected,
+                got,
+            } => QuantError::ShapeMismatch {
+                context,
+                expected,
+                got,
+            },
+            F::Invalid {
+                name,
+                value,
+                reason,
+            } => QuantError::InvalidParameter {
+                name,
+                value,
+                reason,
+            },
+        }
+    }
+}
+
 /// Returns an error naming the first non-finite element of `values` (flat index), if any.
 ///
 /// ```

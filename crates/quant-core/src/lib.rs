@@ -9,6 +9,10 @@
 //! calibration statistics, and [`linalg::gemm`], the single matrix-multiply entry point every
 //! layer above calls. It knows nothing of adapters, models or training.
 //!
+//! ggml's block formats ([`ggml`]) are quantizers too and live here; the file containers
+//! (GGUF, safetensors streaming, crash-safe writes) are the `formats` crate's, re-exported
+//! under their old paths ([`gguf`], [`io`], [`safetensors_stream`]) so callers need not care.
+//!
 //! ```
 //! use quant_core::linalg::gemm;
 //! use ndarray::array;
@@ -29,7 +33,8 @@ pub mod ggml;
 pub mod gguf;
 pub mod hadamard;
 pub mod incoherence;
-pub mod io;
+/// Safetensors dtype conversion, owned tensors, crash-safe writes (the `formats` crate's).
+pub use formats::io;
 pub mod linalg;
 pub mod nf4;
 pub mod nf4_grid;
@@ -38,8 +43,11 @@ pub mod packing;
 pub mod pi;
 pub mod quantizer;
 pub mod rounding;
-pub mod safetensors_stream;
+/// Safetensors one tensor at a time (the `formats` crate's).
+pub use formats::safetensors_stream;
 pub mod ste;
 pub mod uniform;
 
 pub use error::{QuantError, Result};
+/// The error type of the re-exported containers; converts into [`QuantError`].
+pub use formats::FormatError;

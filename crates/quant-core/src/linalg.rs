@@ -1,18 +1,66 @@
 //! The one matrix-multiply entry point of the workspace.
 //!
-//! Every layer above (LoRA, QLoRA, attention, the LM head) calls [`gemm`]; performance work
-//! (blocking, threading, fused dequantization) happens here and nowhere else. Views may have
-//! any strides, so `x·Wᵀ`, `dY·W` and `Xᵀ·dY` are computed straight from `W.t()` or `x.t()`
-//! without copying a transpose.
+//! Every layer above (LoRA, QLoRA, attention, the LM head) calls [`gemm`] (or [`gemm_in`]
+//! with a [`ComputeDtype`]); performance work (blocking, threading, fused dequantization)
+//! happens here and nowhere else. Views may have any strides, so `x·Wᵀ`, `dY·W` and `Xᵀ·dY`
+//! are computed straight from `W.t()` or `x.t()` without copying a transpose.
 //!
-//! The kernel is the `gemm` crate's packed, cache-blocked SGEMM (runtime-dispatched
-//! AVX2/FMA/AVX-512 micro-kernels), threaded on rayon's pool. On the 2-core machines this
-//! project is measured on it computes `x·Wᵀ` at 512×2048×2048 in ~26 ms where `matrixmultiply`
-//! takes ~34 ms (the `gemm_512x2048x2048` criterion bench keeps both side by side).
+//! * `f32`: the `gemm` crate's packed, cache-blocked SGEMM with its AVX-512 micro-kernels
+//!   compiled in (the `x86-v4` feature), chosen at run time: AVX-512F → 16-lane kernels, else
+//!   AVX2/FMA → 8-lane kernels, else scalar; threaded on rayon's pool. At 512×2048×2048 on the
+//!   2-core AVX-512 machine the AVX-512 kernels double the AVX2 ones (docs/PERFORMANCE.md);
+//!   `matrixmultiply`, the kernel this replaced, stays beside it in the criterion bench.
+//! * bf16 ([`ComputeDtype::Bf16`]): operands rounded to bf16, products summed in `f32`
+//!   (PyTorch's CPU autocast arithmetic), by `vdpbf16ps` when the CPU has AVX512-BF16 and by
+//!   the `f32` kernel on rounded copies otherwise ([`Bf16Kernel`], module `bf16`).
 
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::error::{QuantError, Result};
+
+mod bf16;
+
+pub use bf16::Bf16Kernel;
+
+/// The precision a product's operands are rounded to; sums are `f32` either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    /// Full `f32` products.
+    #[default]
+    F32,
+    /// bf16 operands (round to nearest even), `f32` accumulation.
+    Bf16,
+}
+
+impl ComputeDtype {
+    /// `"f32"` or `"bf16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses `"f32"` / `"bf16"`; anything else is an error naming the value.
+    ///
+    /// ```
+    /// use quant_core::linalg::ComputeDtype;
+    /// assert_eq!(ComputeDtype::from_name("bf16").unwrap(), ComputeDtype::Bf16);
+    /// assert!(ComputeDtype::from_name("fp8").is_err());
+    /// ```
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(ComputeDtype::F32),
+            "bf16" => Ok(ComputeDtype::Bf16),
+            other => Err(QuantError::invalid(
+                "compute dtype",
+                other,
+                "supported: f32, bf16",
+            )),
+        }
+    }
+}
 
 /// `C ← α·A·B + β·C` for `A: (m, k)`, `B: (k, n)`, `C: (m, n)`, any strides.
 ///
@@ -32,8 +80,78 @@ pub fn gemm(
     a: ArrayView2<'_, f32>,
     b: ArrayView2<'_, f32>,
     beta: f32,
-    mut c: ArrayViewMut2<'_, f32>,
+    c: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
+    gemm_in(ComputeDtype::F32, alpha, a, b, beta, c)
+}
+
+/// `C ← α·A·B + β·C` with the operands rounded to `dtype` (bf16: the fastest
+/// [`Bf16Kernel`] this CPU has). Same shapes, strides and `β = 0` rule as [`gemm`].
+///
+/// ```
+/// use ndarray::array;
+/// use quant_core::linalg::{gemm_in, ComputeDtype};
+/// let a = array![[1.0f32, 1.0 / 3.0]];
+/// let b = array![[3.0f32], [3.0]];
+/// let mut c = array![[0.0f32]];
+/// gemm_in(ComputeDtype::Bf16, 1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
+/// // 1/3 rounds to bf16 0.333984375: 3 + 1.001953125.
+/// assert_eq!(c[[0, 0]], 4.001953125);
+/// ```
+pub fn gemm_in(
+    dtype: ComputeDtype,
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    c: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    match dtype {
+        ComputeDtype::F32 => {
+            if let Some(c) = checked(a, b, beta, c)? {
+                gemm_f32(alpha, a, b, beta, c);
+            }
+            Ok(())
+        }
+        ComputeDtype::Bf16 => gemm_bf16_with(Bf16Kernel::detect(), alpha, a, b, beta, c),
+    }
+}
+
+/// [`gemm_in`] with bf16 operands on a chosen kernel, for tests and benchmarks that run
+/// every path this CPU has; a kernel the CPU lacks is refused by name.
+///
+/// ```
+/// use ndarray::array;
+/// use quant_core::linalg::{gemm_bf16_with, Bf16Kernel};
+/// let a = array![[1.0f32, 2.0], [3.0, 4.0]];
+/// for kernel in Bf16Kernel::available() {
+///     let mut c = ndarray::Array2::zeros((2, 2));
+///     gemm_bf16_with(kernel, 1.0, a.view(), a.t(), 0.0, c.view_mut()).unwrap();
+///     assert_eq!(c, array![[5.0, 11.0], [11.0, 25.0]]);
+/// }
+/// ```
+pub fn gemm_bf16_with(
+    kernel: Bf16Kernel,
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    c: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
+    match checked(a, b, beta, c)? {
+        Some(c) => bf16::gemm_bf16(kernel, alpha, a, b, beta, c),
+        None => Ok(()),
+    }
+}
+
+/// Checks the shapes; handles the empty cases (`C ← β·C` when `k = 0`) and returns `None`
+/// for them, else hands `C` back for the kernel.
+fn checked<'c>(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<'c, f32>,
+) -> Result<Option<ArrayViewMut2<'c, f32>>> {
     let (m, k) = a.dim();
     let (kb, n) = b.dim();
     if k != kb {
@@ -51,7 +169,7 @@ pub fn gemm(
         ));
     }
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(None);
     }
     if k == 0 {
         // The product is empty: C ← β·C (β = 0 means overwrite, even NaN).
@@ -60,8 +178,21 @@ pub fn gemm(
         } else {
             c.mapv_inplace(|v| v * beta);
         }
-        return Ok(());
+        return Ok(None);
     }
+    Ok(Some(c))
+}
+
+/// The `f32` kernel on checked, non-empty operands.
+fn gemm_f32(
+    alpha: f32,
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    beta: f32,
+    mut c: ArrayViewMut2<'_, f32>,
+) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
     let [rsa, csa] = strides(a.strides());
     let [rsb, csb] = strides(b.strides());
     let [rsc, csc] = strides(c.strides());
@@ -99,7 +230,6 @@ pub fn gemm(
             parallelism,
         );
     }
-    Ok(())
 }
 
 /// `A·B` into a new row-major array.
@@ -218,6 +348,120 @@ mod tests {
         let mut c = Array2::<f32>::ones((2, 2));
         gemm(0.5, a.view(), b.view(), 2.0, c.view_mut()).unwrap();
         assert!(c.iter().all(|&v| v == 3.5));
+    }
+
+    /// `Σ bf16(a)·bf16(b)` in f64: what every bf16 kernel must give up to f32 summation.
+    fn naive_bf16(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+        let round = |v: f32| half::bf16::from_f32(v).to_f32();
+        naive(a.mapv(round).view(), b.mapv(round).view())
+    }
+
+    /// Checks one bf16 product against the bf16-input reference (f32 summation error only)
+    /// and against the f32 product (bf16 tolerance: 1e-2 of ‖a_i‖·‖b_j‖).
+    fn check_bf16(kernel: Bf16Kernel, a: ArrayView2<f32>, b: ArrayView2<f32>) {
+        let (m, k) = a.dim();
+        let n = b.ncols();
+        let mut c = Array2::<f32>::from_elem((m, n), f32::NAN);
+        gemm_bf16_with(kernel, 1.0, a, b, 0.0, c.view_mut()).unwrap();
+        let exact = naive_bf16(a, b);
+        let full = naive(a, b);
+        let row_norm: Vec<f32> = a.rows().into_iter().map(|r| r.dot(&r).sqrt()).collect();
+        let col_norm: Vec<f32> = b.columns().into_iter().map(|c| c.dot(&c).sqrt()).collect();
+        for ((i, j), &v) in c.indexed_iter() {
+            let scale = row_norm[i] * col_norm[j];
+            let sum_tol = 1e-6 * (k as f32).sqrt().max(1.0) * 4.0 * scale.max(1e-30);
+            assert!(
+                (v - exact[[i, j]]).abs() <= sum_tol,
+                "{} {m}×{k}×{n} at ({i}, {j}): {v} vs bf16 reference {}",
+                kernel.name(),
+                exact[[i, j]]
+            );
+            assert!(
+                (v - full[[i, j]]).abs() <= 1e-2 * scale,
+                "{} {m}×{k}×{n} at ({i}, {j}): {v} vs f32 {}",
+                kernel.name(),
+                full[[i, j]]
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_kernels_match_the_reference_on_odd_shapes_and_views() {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let shapes = [
+            (1, 1, 1),
+            (1, 17, 1),
+            (3, 5, 7),
+            (13, 33, 31),
+            (12, 64, 32),
+            (25, 513, 67),
+            (130, 96, 200),
+            (200, 600, 70),
+        ];
+        for kernel in Bf16Kernel::available() {
+            for &(m, k, n) in &shapes {
+                let a = random(&mut rng, m, k);
+                let b = random(&mut rng, k, n);
+                let w = random(&mut rng, n, k);
+                // A·B contiguous, x·Wᵀ, Aᵀ·dY-style transposed left operand.
+                check_bf16(kernel, a.view(), b.view());
+                check_bf16(kernel, a.view(), w.t());
+                let at = a.t().as_standard_layout().into_owned();
+                check_bf16(kernel, at.t(), b.view());
+                // Neither operand unit-stride in any direction.
+                let big = random(&mut rng, 2 * m, 2 * k);
+                let bb = random(&mut rng, 2 * k, 3 * n);
+                check_bf16(
+                    kernel,
+                    big.slice(s![..;2, ..;2]),
+                    bb.slice(s![..;2, ..;-3]),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_alpha_beta_and_strided_output() {
+        let mut rng = ChaCha8Rng::seed_from_u64(29);
+        let (m, k, n) = (37, 700, 45);
+        let a = random(&mut rng, m, k);
+        let b = random(&mut rng, k, n);
+        let start = random(&mut rng, m, n);
+        let exact = naive_bf16(a.view(), b.view());
+        for kernel in Bf16Kernel::available() {
+            // C = 0.5·A·B + 2·C, in a column-major (transposed) output view.
+            let mut c_t = start.t().to_owned();
+            gemm_bf16_with(kernel, 0.5, a.view(), b.view(), 2.0, c_t.view_mut().reversed_axes())
+                .unwrap();
+            for ((i, j), &v) in c_t.t().indexed_iter() {
+                let want = 0.5 * exact[[i, j]] + 2.0 * start[[i, j]];
+                assert!((v - want).abs() <= 1e-4, "{} ({i}, {j}): {v} vs {want}", kernel.name());
+            }
+            // β = 0 never reads C.
+            let mut c = Array2::<f32>::from_elem((m, n), f32::NAN);
+            gemm_in(ComputeDtype::Bf16, 1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
+            assert!(c.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    #[test]
+    fn bf16_kernels_agree_with_each_other() {
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let a = random(&mut rng, 70, 300);
+        let w = random(&mut rng, 90, 300);
+        let outputs: Vec<Array2<f32>> = Bf16Kernel::available()
+            .into_iter()
+            .map(|kernel| {
+                let mut c = Array2::zeros((70, 90));
+                gemm_bf16_with(kernel, 1.0, a.view(), w.t(), 0.0, c.view_mut()).unwrap();
+                c
+            })
+            .collect();
+        for other in &outputs[1..] {
+            for (x, y) in outputs[0].iter().zip(other.iter()) {
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// NF4 quantize and dequantize (double quant) of a 4096×4096 f32 matrix, and the
     /// Walsh–Hadamard transform of a 4096-vector.
     Quant(BenchQuantArgs),
+    /// GFLOP/s of the GEMM entry point (f32 and every bf16 kernel this CPU runs) on one
+    /// shape, 512×2048×2048 by default.
+    Gemm(super::bench_gemm::BenchGemmArgs),
     /// Forward + backward (input gradient included) of one adapted linear layer: LoRA over
     /// an f32 base, QLoRA over an NF4 base (blocksize 64, double quant), and LoRA-QAT
     /// (3-bit uniform LSQ, per-channel steps, quantizing W + s·B·A).
@@ -74,6 +77,7 @@ pub fn run(cmd: &BenchCommand) -> CliResult {
     match cmd {
         BenchCommand::Quant(args) => bench_quant(args),
         BenchCommand::Layer(args) => bench_layer(args),
+        BenchCommand::Gemm(args) => super::bench_gemm::run(args),
         BenchCommand::Train(args) => super::bench_train::run(args),
         BenchCommand::Merge(args) => super::bench_merge::run(args),
     }

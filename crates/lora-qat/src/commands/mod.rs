@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_gemm;
 pub mod bench_merge;
 pub mod bench_train;
 pub mod demo;
+pub mod distributed;
 pub mod eval;
 pub mod export_gguf;
 pub mod generate;
@@ -41,6 +43,13 @@ pub enum CliError {
     /// A bad combination of options.
     #[error("{0}")]
     Usage(String),
+}
+
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for CliError {
+    fn from(e: quant_core::FormatError) -> Self {
+        CliError::Quant(e.into())
+    }
 }
 
 pub type CliResult<T = ()> = Result<T, CliError>;

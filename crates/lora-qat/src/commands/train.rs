@@ -165,6 +165,18 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun` (a build with `--features mpi`): end the whole job when one rank has
+    /// waited this many seconds in one exchange with the others (a rank died or hangs);
+    /// 0 waits forever. See docs/SCALING.md.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    pub collective_timeout: f64,
+    /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
+    pub save_dtype: lora_core::peft::SaveDtype,
+}
+
+fn parse_save_dtype(name: &str) -> Result<lora_core::peft::SaveDtype, String> {
+    lora_core::peft::SaveDtype::from_name(name).map_err(|e| e.to_string())
 }
 
 fn file_error(path: &Path, reason: impl ToString) -> CliError {
@@ -354,7 +366,16 @@ impl MetricsCallback for Progress {
     }
 }
 
+/// Runs the training on this process's rank (one process, or one of `mpirun -np N`).
 pub fn run(args: &TrainArgs) -> CliResult {
+    let ranks = super::distributed::Ranks::start(args.collective_timeout)?;
+    let result = run_rank(args, &ranks);
+    ranks.finish(result)
+}
+
+/// Every rank builds the same trainer; rank 0 alone writes files and shows progress.
+fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
+    let root = ranks.rank() == 0;
     let checkpoint = args.out.join(CHECKPOINT_FILE);
     if args.resume && !checkpoint.is_file() {
         return Err(file_error(
@@ -364,7 +385,9 @@ pub fn run(args: &TrainArgs) -> CliResult {
     }
     let config = effective_config(args)?;
     let model_dir = resolve_model_arg(&args.model, args.revision.as_deref())?;
-    std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
+    if root {
+        std::fs::create_dir_all(&args.out).map_err(|e| file_error(&args.out, e))?;
+    }
     let mut train = read_dataset(&args.data, &model_dir)?;
     let mut validation = args
         .validation
@@ -391,12 +414,20 @@ pub fn run(args: &TrainArgs) -> CliResult {
         .map(LlamaModel::from_pretrained)
         .transpose()?;
     let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
+    trainer.set_collective(ranks.collective())?;
     let metrics_path = args.out.join(METRICS_FILE);
-    let mut csv = if args.resume {
+    if args.resume {
         trainer.load_checkpoint(&checkpoint)?;
         if let Some(steps) = args.max_steps {
             trainer.set_total_steps(steps)?;
         }
+    }
+    if !root {
+        // The same steps as rank 0, which reports them and writes every file.
+        trainer.train(&mut [], Some(&checkpoint))?;
+        return Ok(());
+    }
+    let mut csv = if args.resume {
         CsvMetricsWriter::append(&metrics_path)?
     } else {
         CsvMetricsWriter::create(&metrics_path)?
@@ -425,7 +456,7 @@ pub fn run(args: &TrainArgs) -> CliResult {
     let mut log = MetricsLog::default();
     let summary = trainer.train(&mut [&mut csv, &mut progress, &mut log], Some(&checkpoint))?;
     write_loss_curve(&args.out.join(LOSS_CURVE_FILE), &log)?;
-    trainer.save_adapter(&args.out.join(ADAPTER_DIR), ADAPTER_NAME)?;
+    trainer.save_adapter_as(&args.out.join(ADAPTER_DIR), ADAPTER_NAME, args.save_dtype)?;
     if trainer.quantized_layers() > 0 && args.adapter_type == AdapterType::LoraQat {
         trainer.export_quantized(&args.out.join(QUANTIZED_FILE))?;
     }
@@ -440,6 +471,9 @@ pub fn run(args: &TrainArgs) -> CliResult {
             },
             args.out.join(ADAPTER_DIR).display()
         );
+        if ranks.size() > 1 {
+            eprintln!("data-parallel over {} ranks", ranks.size());
+        }
     }
     Ok(())
 }

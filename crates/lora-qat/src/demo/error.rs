@@ -46,6 +46,13 @@ pub enum DemoError {
     Plot { path: PathBuf, reason: String },
 }
 
+/// The file containers' errors (re-exported by quant-core) arrive as quant-core's.
+impl From<quant_core::FormatError> for DemoError {
+    fn from(e: quant_core::FormatError) -> Self {
+        DemoError::Quant(e.into())
+    }
+}
+
 impl DemoError {
     pub(crate) fn invalid(
         name: impl Into<String>,

@@ -62,6 +62,9 @@ pub enum TextError {
     /// From quant-core (GGUF reading).
     #[error(transparent)]
     Quant(#[from] quant_core::QuantError),
+    /// From the file containers (GGUF reading).
+    #[error(transparent)]
+    Format(#[from] quant_core::FormatError),
 }
 
 /// Results of this module.

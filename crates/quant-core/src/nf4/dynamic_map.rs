@@ -196,53 +196,59 @@ pub fn torch_cpu_mean_f32_threads(values: &[f32], torch_threads: usize) -> f32 {
     sum / n as f32
 }
 
-/// Index of the entry of the sorted `map` nearest to `x`, ties to the lower index — what
-/// `torch.argmin(|x − map|)` picks.
-#[cfg(test)]
-fn nearest_in_sorted_map(map: &[f32; DYNAMIC_MAP_LEN], x: f32) -> u8 {
-    let mut out = [0u8; 1];
-    nearest_batch(map, &[x], &mut out);
-    out[0]
+/// Number of bins of bitsandbytes' CPU code lookup table.
+const LUT_BINS: usize = 65536;
+
+/// bitsandbytes' CPU lookup table (`build_quantize_lut` in `csrc/cpu_ops.cpp`, 0.50): the
+/// interval `[-1, 1]` is cut into 65536 evenly spaced sample points
+/// `v_i = −1 + (2·i)/65535` (`f32`), and bin `i` holds the index of the map entry nearest to
+/// `v_i` (the number of the 255 midpoints `(map[k] + map[k+1])·0.5` strictly below `v_i`, so
+/// a sample exactly on a midpoint goes to the lower entry).
+///
+/// Why not simply the nearest entry: a value is first rounded to its bin (see
+/// [`lut_bin`]) and then coded as the bin's sample point, so a value within half a bin
+/// (`1/65535`) of a midpoint can get the entry on the other side — this is why bitsandbytes'
+/// 8-bit codes are "not always the nearest" map entry. Near zero the map's entries are closer
+/// together than a bin (the smallest are ±1e-6·0.55), so several entries are never chosen.
+fn build_lut(map: &[f32; DYNAMIC_MAP_LEN]) -> Vec<u8> {
+    let midpoints: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+    let mut lut = vec![0u8; LUT_BINS];
+    let mut code = 0usize;
+    for (i, slot) in lut.iter_mut().enumerate() {
+        // `-1.0f + (2.0f * i) / (kLUTSize - 1)`, every operation in f32 (no contraction:
+        // a division cannot fuse).
+        let sample = -1.0f32 + (2.0f32 * i as f32) / (LUT_BINS - 1) as f32;
+        while code < DYNAMIC_MAP_LEN - 1 && midpoints[code] < sample {
+            code += 1;
+        }
+        *slot = code as u8;
+    }
+    lut
 }
 
-/// [`nearest_in_sorted_map`] for a batch of up to `NEAREST_BATCH` values. The binary searches
-/// of the batch run in lock-step, so their dependent loads overlap instead of queueing.
-const NEAREST_BATCH: usize = 8;
-
+/// The LUT bin of a scaled value: `uint16((clamp(v, −1, 1) + 1)·0.5·65535 + 0.5)` in `f32`,
+/// operation by operation as written in `norm_to_lut_index` (bitsandbytes is compiled as ISO
+/// C++17, where GCC does not contract `a·b + c` into a fused multiply-add), truncated toward
+/// zero by the integer conversion.
 #[inline]
-fn nearest_batch(map: &[f32; DYNAMIC_MAP_LEN], xs: &[f32], out: &mut [u8]) {
-    debug_assert!(xs.len() <= NEAREST_BATCH && out.len() == xs.len());
-    // count[j] = number of map entries <= xs[j], capped at 255 (binary lifting, branch-free).
-    let mut count = [0usize; NEAREST_BATCH];
-    let mut step = DYNAMIC_MAP_LEN / 2;
-    while step > 0 {
-        for (c, &x) in count.iter_mut().zip(xs) {
-            *c += step * usize::from(map[*c + step - 1] <= x);
-        }
-        step /= 2;
-    }
-    for ((o, &c), &x) in out.iter_mut().zip(&count).zip(xs) {
-        // The nearest entry is the last one <= x or the first one above it.
-        let mut best = c.saturating_sub(1);
-        if (x - map[c]).abs() < (x - map[best]).abs() {
-            best = c;
-        }
-        // Equal rounded distances further left would win argmin's first-index rule.
-        while best > 0 && (x - map[best - 1]).abs() == (x - map[best]).abs() {
-            best -= 1;
-        }
-        *o = best as u8;
-    }
+fn lut_bin(scaled: f32) -> usize {
+    let v = scaled.clamp(-1.0, 1.0);
+    let position = (v + 1.0) * 0.5 * (LUT_BINS - 1) as f32 + 0.5;
+    // `as usize` truncates like C's float-to-integer conversion; the range is [0.5, 65535.5].
+    (position as usize).min(LUT_BINS - 1)
 }
 
-/// bitsandbytes' `quantize_blockwise` with a sorted 8-bit `map`: per block of `blocksize` the
-/// absmax, then each `x·(1/absmax)` clamped to `[-1, 1]` to its nearest map entry.
-/// Returns `(codes, block_absmax)`. An all-zero block gets absmax 0 and the code of 0.
+/// bitsandbytes' `quantize_blockwise` on the CPU (`quantize_cpu_impl`) with an 8-bit `map`:
+/// per block of `blocksize` the absmax, then each `x·(1/absmax)` through the lookup table
+/// ([`build_lut`], [`lut_bin`]). Returns `(codes, block_absmax)`. An all-zero block gets
+/// absmax 0 and code 0 for every value (bitsandbytes writes 0 there; it decodes to 0 since
+/// the block's absmax is 0).
 pub(crate) fn quantize_blockwise_8bit(
     values: &[f32],
     map: &[f32; DYNAMIC_MAP_LEN],
     blocksize: usize,
 ) -> (Vec<u8>, Vec<f32>) {
+    let lut = build_lut(map);
     let absmax: Vec<f32> = values
         .par_chunks(blocksize)
         .map(|block| block.iter().fold(0.0f32, |m, v| m.max(v.abs())))
@@ -253,16 +259,13 @@ pub(crate) fn quantize_blockwise_8bit(
         .zip(values.par_chunks(blocksize))
         .zip(absmax.par_iter())
         .for_each(|((out, block), &amax)| {
-            let inv = if amax > 0.0 { 1.0 / amax } else { 0.0 };
-            for (o, v) in out
-                .chunks_mut(NEAREST_BATCH)
-                .zip(block.chunks(NEAREST_BATCH))
-            {
-                let mut scaled = [0.0f32; NEAREST_BATCH];
-                for (s, &x) in scaled.iter_mut().zip(v) {
-                    *s = (x * inv).clamp(-1.0, 1.0);
-                }
-                nearest_batch(map, &scaled[..v.len()], o);
+            if amax == 0.0 {
+                out.fill(0);
+                return;
+            }
+            let inv = 1.0 / amax;
+            for (o, &x) in out.iter_mut().zip(block) {
+                *o = lut[lut_bin(x * inv)];
             }
         });
     (codes, absmax)
@@ -287,30 +290,55 @@ mod tests {
         assert_eq!(torch_cpu_mean_f32(&v), 499.5);
     }
 
+    /// The LUT's code for each bin is the map entry nearest to the bin's sample point.
     #[test]
-    fn batched_search_equals_exhaustive_argmin() {
-        let map: Vec<f32> = bnb_dynamic_map_signed();
-        let map: [f32; DYNAMIC_MAP_LEN] = map.try_into().unwrap();
-        let mut probes: Vec<f32> = map.to_vec();
-        for w in map.windows(2) {
-            let mid = (w[0] + w[1]) / 2.0;
-            probes.extend([
-                mid,
-                f32::from_bits(mid.to_bits() + 1),
-                f32::from_bits(mid.to_bits().wrapping_sub(1)),
-            ]);
-        }
-        probes.extend((0..2001).map(|i| i as f32 / 1000.0 - 1.0));
-        for &x in &probes {
-            let x = x.clamp(-1.0, 1.0);
+    fn lut_bins_hold_the_entry_nearest_their_sample_point() {
+        let map: [f32; DYNAMIC_MAP_LEN] = bnb_dynamic_map_signed().try_into().unwrap();
+        let lut = build_lut(&map);
+        for i in (0..LUT_BINS).step_by(7).chain([0, LUT_BINS - 1]) {
+            let sample = -1.0f32 + (2.0f32 * i as f32) / (LUT_BINS - 1) as f32;
             let mut best = 0;
             for (k, &v) in map.iter().enumerate() {
-                if (x - v).abs() < (x - map[best]).abs() {
+                if (sample - v).abs() < (sample - map[best]).abs() {
                     best = k;
                 }
             }
-            assert_eq!(nearest_in_sorted_map(&map, x) as usize, best, "x = {x}");
+            let got = lut[i] as usize;
+            // Equidistant entries (ties) go to the lower one in both rules; the f32 midpoint
+            // can differ from the exact one by an ulp, so accept either side of an exact tie.
+            assert!(
+                got == best
+                    || (sample - map[got]).abs() == (sample - map[best]).abs()
+                    || (sample - 0.5 * (map[got.min(best)] + map[got.max(best)])).abs() == 0.0,
+                "bin {i}: sample {sample}, lut {got}, nearest {best}"
+            );
         }
+        assert_eq!(lut[0], 0);
+        assert_eq!(lut[LUT_BINS - 1], 255);
+    }
+
+    /// A value just past a midpoint, but in a bin whose sample point is before it, gets the
+    /// lower entry: the rule that makes bitsandbytes' code not the nearest one.
+    #[test]
+    fn a_value_takes_its_bins_code_not_its_nearest_entry() {
+        let map: [f32; DYNAMIC_MAP_LEN] = bnb_dynamic_map_signed().try_into().unwrap();
+        let lut = build_lut(&map);
+        let mut differing = 0;
+        for k in 128..254 {
+            let mid = 0.5 * (map[k] + map[k + 1]);
+            let above = f32::from_bits(mid.to_bits() + 64);
+            let (codes, _) = quantize_blockwise_8bit(&[above, 1.0], &map, 2);
+            let bin = lut_bin(above);
+            assert_eq!(codes[0], lut[bin], "k = {k}");
+            if codes[0] as usize == k {
+                differing += 1;
+            }
+        }
+        assert!(differing > 0, "some values just above a midpoint keep the lower code");
+        // Clamping and the ends.
+        assert_eq!(lut_bin(-3.0), 0);
+        assert_eq!(lut_bin(3.0), LUT_BINS - 1);
+        assert_eq!(quantize_blockwise_8bit(&[0.0, 0.0], &map, 2).0, vec![0, 0]);
     }
 
     #[test]
@@ -333,17 +361,5 @@ mod tests {
             torch_cpu_mean_f32_threads(&big, 8).to_bits(),
             want.to_bits()
         );
-    }
-
-    #[test]
-    fn nearest_prefers_lower_on_ties() {
-        let map: [f32; DYNAMIC_MAP_LEN] = std::array::from_fn(|i| i as f32 - 128.0);
-        assert_eq!(nearest_in_sorted_map(&map, 0.5), 128);
-        assert_eq!(nearest_in_sorted_map(&map, 0.6), 129);
-        assert_eq!(nearest_in_sorted_map(&map, -0.5), 127);
-        assert_eq!(nearest_in_sorted_map(&map, -200.0), 0);
-        assert_eq!(nearest_in_sorted_map(&map, 200.0), 255);
-        assert_eq!(nearest_in_sorted_map(&map, 127.0), 255);
-        assert_eq!(nearest_in_sorted_map(&map, -128.0), 0);
     }
 }

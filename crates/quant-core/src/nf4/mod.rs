@@ -21,8 +21,9 @@
 //! * **Dequantization.** `code_value[c] · a` in `f32`.
 //! * **Double quantization** (`compress_statistics=True`): `offset = mean(absmax)` (PyTorch's
 //!   CPU cascade sum, see [`torch_cpu_mean_f32`]); `absmax − offset` is quantized in blocks of
-//!   256 with bitsandbytes' signed 8-bit dynamic map ([`bnb_dynamic_map_signed`]) to the
-//!   nearest entry (ties to the lower index), keeping one `f32` absmax per 256 scales. The
+//!   256 with bitsandbytes' signed 8-bit dynamic map ([`bnb_dynamic_map_signed`]) as its CPU
+//!   kernel does (through a 65536-bin lookup table, below), keeping one `f32` absmax per 256
+//!   scales. The
 //!   effective scale of block `b` is `map[code_b] · absmax2[b / 256] + offset`.
 //! * **Storage.** [`FourBitTensor::stored_bytes`] counts `ceil(n/2)` packed bytes plus either
 //!   4 bytes per block, or 1 byte per block + 4 per 256 blocks + 4 (offset) + 1024 (the map).
@@ -40,7 +41,11 @@
 //!   across its threads, so the last bit of the offset depends on `torch.get_num_threads()`;
 //!   [`FourBitTensor::quantize`] matches one thread, [`FourBitTensor::into_double_quant`]
 //!   any given count. bitsandbytes on CUDA sums in yet another order.
-//! * The 8-bit codes take the nearest map entry (`argmin`, ties to the lower index).
+//! * The 8-bit codes are not always the nearest map entry: bitsandbytes' CPU kernel
+//!   (`quantize_cpu_impl`) rounds `x/a` to one of 65536 bins,
+//!   `trunc((clamp(x/a, −1, 1) + 1)·0.5·65535 + 0.5)`, and takes the entry nearest to the
+//!   bin's sample point `−1 + 2i/65535` (midpoint ties to the lower index); an all-zero block
+//!   codes 0. A value within half a bin of a midpoint can so get the farther entry.
 //!
 //! # Against the reference data
 //!
@@ -48,10 +53,8 @@
 //! bit-identical to all eight `tests/data/nf4` files. Two observations differ from the
 //! reference README: the odd-length padding nibble is the code of 0.0 (7 for NF4), not
 //! code 0; and requantizing the f32 llama checkpoint reproduces every tensor of the
-//! transformers bnb-4bit checkpoint byte for byte (packed, quant_map, nested_absmax,
-//! nested_quant_map, quant-state JSON) except one of the 288 absmax codes, which the
-//! checkpoint could only have produced with an offset one ulp below the one it stores (see
-//! `tests/nf4_bnb_layout.rs`).
+//! transformers bnb-4bit checkpoint byte for byte (packed, absmax codes, quant_map,
+//! nested_absmax, nested_quant_map, quant-state JSON; `tests/nf4_bnb_layout.rs`).
 //!
 //! ```
 //! use quant_core::nf4::{FourBitTensor, FourBitType};
@@ -67,6 +70,7 @@
 //! ```
 
 pub mod bnb_layout;
+mod dequant;
 mod dynamic_map;
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -75,6 +79,7 @@ use rayon::prelude::*;
 use crate::codebook::{FP4_CODE, NF4_CODE};
 use crate::error::{check_finite, check_non_empty, QuantError, Result};
 
+pub use dequant::DequantKernel;
 pub use dynamic_map::{
     bnb_dynamic_map_signed, torch_cpu_mean_f32, torch_cpu_mean_f32_threads, DYNAMIC_MAP_LEN,
 };
@@ -471,39 +476,6 @@ impl QuantizeTask<'_> {
     }
 }
 
-/// The unscaled code values of both nibbles of every byte: `(code[b >> 4], code[b & 15])`.
-/// One load per byte then a multiply by the block scale gives the same bits as looking up
-/// each nibble and multiplying.
-type PairTable = [[f32; 2]; 256];
-
-fn pair_table(code: &[f32; 16]) -> Box<PairTable> {
-    Box::new(std::array::from_fn(|b| [code[b >> 4], code[b & 15]]))
-}
-
-/// Writes `code_value · scale` for the flat elements `start..start + out.len()` of one block,
-/// reading codes from `packed` (indexed by flat element / 2).
-#[inline]
-fn dequantize_segment(pairs: &PairTable, scale: f32, packed: &[u8], start: usize, out: &mut [f32]) {
-    let mut out = out;
-    let mut index = start;
-    if index % 2 == 1 && !out.is_empty() {
-        out[0] = pairs[packed[index / 2] as usize][1] * scale;
-        out = &mut out[1..];
-        index += 1;
-    }
-    let bytes = &packed[index / 2..];
-    let tail_byte = out.len() / 2;
-    let mut chunks = out.chunks_exact_mut(2);
-    for (pair, &byte) in (&mut chunks).zip(bytes) {
-        let [hi, lo] = pairs[byte as usize];
-        pair[0] = hi * scale;
-        pair[1] = lo * scale;
-    }
-    if let [last] = chunks.into_remainder() {
-        *last = pairs[bytes[tail_byte] as usize][0] * scale;
-    }
-}
-
 impl FourBitTensor {
     /// Quantizes `values` (row-major, `shape`) in blocks of `blocksize` to `quant_type`,
     /// double-quantizing the block absmaxes when `double_quant`.
@@ -802,7 +774,7 @@ impl FourBitTensor {
     }
 
     fn dequantize_flat(&self, out: &mut [f32]) {
-        let pairs = pair_table(self.quant_type.code());
+        let (kernel, quant_type) = (DequantKernel::detect(), self.quant_type);
         let bs = self.blocksize;
         let task_values = BLOCKS_PER_TASK * bs;
         let scales = self.absmax_values();
@@ -812,7 +784,14 @@ impl FourBitTensor {
                 let first_block = task * BLOCKS_PER_TASK;
                 for (k, block_out) in chunk.chunks_mut(bs).enumerate() {
                     let block = first_block + k;
-                    dequantize_segment(&pairs, scales[block], &self.packed, block * bs, block_out);
+                    dequant::dequantize_segment(
+                        kernel,
+                        quant_type,
+                        scales[block],
+                        &self.packed,
+                        block * bs,
+                        block_out,
+                    );
                 }
             });
     }
@@ -829,6 +808,38 @@ impl FourBitTensor {
     /// assert_eq!(&part[..], &q.dequantize().as_slice().unwrap()[27..68]);
     /// ```
     pub fn dequantize_range(&self, start: usize, end: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_range_with(DequantKernel::detect(), start, end, out)
+    }
+
+    /// [`FourBitTensor::dequantize_range`] on a chosen kernel (every kernel gives the same
+    /// bits; tests and benchmarks run each one this CPU has). A kernel the CPU lacks is
+    /// refused by name.
+    ///
+    /// ```
+    /// use quant_core::nf4::{DequantKernel, FourBitTensor, FourBitType};
+    /// let w: Vec<f32> = (0..300).map(|i| (i as f32 * 0.1).sin()).collect();
+    /// let q = FourBitTensor::quantize(&w, &[300], 64, FourBitType::Nf4, false).unwrap();
+    /// let all = q.dequantize();
+    /// for kernel in DequantKernel::available() {
+    ///     let mut part = vec![0.0; 250];
+    ///     q.dequantize_range_with(kernel, 7, 257, &mut part).unwrap();
+    ///     assert_eq!(&part[..], &all.as_slice().unwrap()[7..257]);
+    /// }
+    /// ```
+    pub fn dequantize_range_with(
+        &self,
+        kernel: DequantKernel,
+        start: usize,
+        end: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        if !kernel.is_available() {
+            return Err(QuantError::invalid(
+                "4-bit dequantization kernel",
+                kernel.name(),
+                "this CPU lacks the instructions it needs (use DequantKernel::detect())",
+            ));
+        }
         let n = self.len();
         if start > end || end > n {
             return Err(QuantError::invalid(
@@ -844,7 +855,6 @@ impl FourBitTensor {
                 out.len(),
             ));
         }
-        let pairs = pair_table(self.quant_type.code());
         let bs = self.blocksize;
         let mut index = start;
         let mut out = out;
@@ -856,7 +866,7 @@ impl FourBitTensor {
                 BlockScales::DoubleQuant(dq) => dq.scale(block),
             };
             let (seg, rest) = out.split_at_mut(seg_end - index);
-            dequantize_segment(&pairs, scale, &self.packed, index, seg);
+            dequant::dequantize_segment(kernel, self.quant_type, scale, &self.packed, index, seg);
             out = rest;
             index = seg_end;
         }

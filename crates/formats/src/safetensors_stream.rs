@@ -10,9 +10,9 @@
 //! [`SafetensorsReader`] parses only the header and reads single tensors by seeking.
 //!
 //! ```
-//! use quant_core::safetensors_stream::{SafetensorsReader, StreamingSafetensorsWriter};
+//! use formats::safetensors_stream::{SafetensorsReader, StreamingSafetensorsWriter};
 //! use safetensors::Dtype;
-//! let dir = std::env::temp_dir().join(format!("qc-sts-doc-{}", std::process::id()));
+//! let dir = std::env::temp_dir().join(format!("formats-sts-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).unwrap();
 //! let path = dir.join("m.safetensors");
 //! let specs = vec![("a".to_string(), Dtype::F32, vec![2]), ("b".to_string(), Dtype::U8, vec![3])];
@@ -31,16 +31,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
 
-use crate::error::{QuantError, Result};
+use crate::atomic::AtomicFile;
+use crate::error::{FormatError, Result};
 
-fn err(path: &Path, reason: impl std::fmt::Display) -> QuantError {
-    QuantError::format(
+fn err(path: &Path, reason: impl std::fmt::Display) -> FormatError {
+    FormatError::format(
         format!("safetensors file {}", path.display()),
         reason.to_string(),
     )
@@ -49,13 +50,24 @@ fn err(path: &Path, reason: impl std::fmt::Display) -> QuantError {
 /// Bytes of `n` elements of `dtype` (whole bytes only: sub-byte dtypes are rejected).
 pub fn dtype_bytes(dtype: Dtype, n: usize) -> Result<usize> {
     if dtype.bitsize() % 8 != 0 {
-        return Err(QuantError::invalid(
+        return Err(FormatError::invalid(
             "safetensors dtype",
             format!("{dtype:?}"),
             "sub-byte dtypes are not supported",
         ));
     }
-    Ok(n * dtype.bitsize() / 8)
+    n.checked_mul(dtype.bitsize() / 8).ok_or_else(|| {
+        FormatError::shape(
+            format!("{dtype:?} tensor"),
+            "a size that fits in memory",
+            format!("{n} elements"),
+        )
+    })
+}
+
+/// The number of elements of `shape`, `None` when the product overflows (a corrupt header).
+pub fn checked_len(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Name, dtype and shape of a stored tensor, and where its bytes are in the file.
@@ -121,7 +133,7 @@ impl SafetensorsReader {
                 .map_err(|e| bad(format!("shape: {e}")))?;
             let offsets: [u64; 2] = serde_json::from_value(entry["data_offsets"].clone())
                 .map_err(|e| bad(format!("data_offsets: {e}")))?;
-            let n: usize = shape.iter().product();
+            let n = checked_len(&shape).ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
             let expected = dtype_bytes(dtype, n).map_err(|e| bad(e.to_string()))? as u64;
             if offsets[1] < offsets[0] || offsets[1] - offsets[0] != expected {
                 return Err(bad(format!(
@@ -183,8 +195,7 @@ impl SafetensorsReader {
 /// Writes a safetensors file tensor by tensor (see the module docs).
 pub struct StreamingSafetensorsWriter {
     path: PathBuf,
-    tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: AtomicFile,
     /// (name, bytes) in writing order.
     expected: Vec<(String, u64)>,
     next: usize,
@@ -234,23 +245,15 @@ impl StreamingSafetensorsWriter {
         // As the reference serializer: pad the header with spaces to a multiple of 8 so the
         // data starts aligned.
         text.resize(text.len().div_ceil(8) * 8, b' ');
-        let tmp = crate::io::temp_path(path);
-        let file = File::create(&tmp).map_err(|e| err(&tmp, format!("cannot create: {e}")))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let write = |out: &mut BufWriter<File>| -> std::io::Result<()> {
-            out.write_all(&(text.len() as u64).to_le_bytes())?;
-            out.write_all(&text)
-        };
-        let mut writer = StreamingSafetensorsWriter {
+        let mut out = AtomicFile::create(path)?;
+        out.write_bytes(&(text.len() as u64).to_le_bytes())?;
+        out.write_bytes(&text)?;
+        Ok(StreamingSafetensorsWriter {
             path: path.to_path_buf(),
-            tmp,
-            out: None,
+            out,
             expected,
             next: 0,
-        };
-        write(&mut out).map_err(|e| err(&writer.tmp, format!("write failed: {e}")))?;
-        writer.out = Some(out);
-        Ok(writer)
+        })
     }
 
     /// Appends the bytes of tensor `name`, which must be the next one declared.
@@ -266,45 +269,27 @@ impl StreamingSafetensorsWriter {
             ));
         }
         if bytes.len() as u64 != *len {
-            return Err(QuantError::shape(
+            return Err(FormatError::shape(
                 format!("safetensors tensor {name}"),
                 format!("{len} bytes"),
                 bytes.len(),
             ));
         }
-        let out = self.out.as_mut().expect("open until finish");
-        out.write_all(bytes)
-            .map_err(|e| err(&self.tmp, format!("write failed: {e}")))?;
+        self.out.write_bytes(bytes)?;
         self.next += 1;
         Ok(())
     }
 
     /// Checks every declared tensor was written, syncs and renames the file into place.
     /// Dropping the writer unfinished removes the temporary file.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
         if let Some((missing, _)) = self.expected.get(self.next) {
             return Err(err(
                 &self.path,
                 format!("finished before tensor {missing} was written"),
             ));
         }
-        let out = self.out.take().expect("open until finish");
-        let file = out
-            .into_inner()
-            .map_err(|e| err(&self.tmp, format!("write failed: {}", e.error())))?;
-        file.sync_all()
-            .map_err(|e| err(&self.tmp, format!("sync failed: {e}")))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| err(&self.path, format!("rename failed: {e}")))
-    }
-}
-
-impl Drop for StreamingSafetensorsWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.out.commit()
     }
 }
 
@@ -314,7 +299,7 @@ mod tests {
 
     #[test]
     fn reads_what_the_reference_serializer_writes_and_rejects_bad_offsets() {
-        let dir = std::env::temp_dir().join(format!("qc-sts-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("formats-sts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ref.safetensors");
         let t = crate::io::OwnedTensor::f32(vec![2, 2], &[1.0, -2.0, 3.5, 4.0]).unwrap();
@@ -333,7 +318,7 @@ mod tests {
 
     #[test]
     fn unfinished_writer_leaves_nothing() {
-        let dir = std::env::temp_dir().join(format!("qc-sts-unf-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("formats-sts-unf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("x.safetensors");
         let specs = vec![("a".to_string(), Dtype::F32, vec![1])];

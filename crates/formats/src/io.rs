@@ -1,11 +1,11 @@
 //! Reading and writing safetensors files: dtype conversion to `f32` and crash-safe saves.
 //!
 //! Every crate above reads weights through [`tensor_to_f32`] (f32, f16 and bf16 are accepted,
-//! as Hugging Face checkpoints use all three) and writes files through [`write_atomic`], so a
-//! failed or interrupted save never leaves a half-written file under the final name.
+//! as Hugging Face checkpoints use all three) and writes files through [`write_atomic`] (the
+//! crash-safe write of [`crate::atomic`]), so a failed or interrupted save never leaves a
+//! half-written file under the final name.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -13,7 +13,9 @@ use std::collections::HashMap;
 use safetensors::tensor::{TensorView, View};
 use safetensors::Dtype;
 
-use crate::error::{QuantError, Result};
+use crate::error::{FormatError, Result};
+
+pub use crate::atomic::{write_atomic, write_atomic_with};
 
 /// The elements of a floating-point tensor as `f32` (f32 copied, f16/bf16 widened exactly).
 ///
@@ -22,7 +24,7 @@ use crate::error::{QuantError, Result};
 /// let bytes: Vec<u8> = [half::f16::from_f32(1.5), half::f16::from_f32(-2.0)]
 ///     .iter().flat_map(|h| h.to_le_bytes()).collect();
 /// let view = TensorView::new(Dtype::F16, vec![2], &bytes).unwrap();
-/// assert_eq!(quant_core::io::tensor_to_f32("w", &view).unwrap(), vec![1.5, -2.0]);
+/// assert_eq!(formats::io::tensor_to_f32("w", &view).unwrap(), vec![1.5, -2.0]);
 /// ```
 pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     let data = view.data();
@@ -40,7 +42,7 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
         other => {
-            return Err(QuantError::format(
+            return Err(FormatError::format(
                 format!("tensor `{name}`"),
                 format!(
                 "dtype {other:?} is not a floating-point type this crate reads (f32, f16, bf16)"
@@ -54,48 +56,6 @@ pub fn tensor_to_f32(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
 /// Little-endian bytes of `f32` values, as safetensors stores them.
 pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
-/// the file under `path` is either the old one, whole, or the new one, whole.
-///
-/// ```
-/// let dir = std::env::temp_dir().join(format!("quant-core-doc-{}", std::process::id()));
-/// std::fs::create_dir_all(&dir).unwrap();
-/// let path = dir.join("a.bin");
-/// quant_core::io::write_atomic(&path, b"hello").unwrap();
-/// assert_eq!(std::fs::read(&path).unwrap(), b"hello");
-/// std::fs::remove_dir_all(&dir).unwrap();
-/// ```
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |file| file.write_all(bytes))
-}
-
-/// Like [`write_atomic`], with the content produced by a writer callback (for streaming).
-pub fn write_atomic_with(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
-) -> Result<()> {
-    let io_err = |what: &str, p: &Path, e: std::io::Error| {
-        QuantError::format(format!("file {}", p.display()), format!("{what}: {e}"))
-    };
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
-        let mut writer = std::io::BufWriter::new(file);
-        write(&mut writer).map_err(|e| io_err("write failed", &tmp, e))?;
-        let file = writer
-            .into_inner()
-            .map_err(|e| io_err("write failed", &tmp, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| io_err("sync failed", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err("rename failed", path, e))
-    })();
-    if result.is_err() {
-        // Best effort: the temporary file is garbage whatever happened to it.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// A tensor that owns its little-endian bytes, ready to be written to a safetensors file.
@@ -113,13 +73,13 @@ impl OwnedTensor {
     /// An `f32` tensor; errors when `values.len()` is not the product of `shape`.
     ///
     /// ```
-    /// let t = quant_core::io::OwnedTensor::f32(vec![2], &[1.0, 2.0]).unwrap();
+    /// let t = formats::io::OwnedTensor::f32(vec![2], &[1.0, 2.0]).unwrap();
     /// assert_eq!(t.data.len(), 8);
     /// ```
     pub fn f32(shape: Vec<usize>, values: &[f32]) -> Result<Self> {
         let expected: usize = shape.iter().product();
         if expected != values.len() {
-            return Err(QuantError::shape(
+            return Err(FormatError::shape(
                 "OwnedTensor::f32",
                 format!("{expected} values for shape {shape:?}"),
                 values.len(),
@@ -136,7 +96,7 @@ impl OwnedTensor {
     pub fn u8(shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
         let expected: usize = shape.iter().product();
         if expected != bytes.len() {
-            return Err(QuantError::shape(
+            return Err(FormatError::shape(
                 "OwnedTensor::u8",
                 format!("{expected} bytes for shape {shape:?}"),
                 bytes.len(),
@@ -180,14 +140,14 @@ pub fn serialize_safetensors(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
     safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| QuantError::format("safetensors serialization", e.to_string()))
+        .map_err(|e| FormatError::format("safetensors serialization", e.to_string()))
 }
 
 /// Serializes and writes a safetensors file crash-safely (see [`write_atomic`]).
 ///
 /// ```
-/// use quant_core::io::{write_safetensors, OwnedTensor};
-/// let dir = std::env::temp_dir().join(format!("qc-st-doc-{}", std::process::id()));
+/// use formats::io::{write_safetensors, OwnedTensor};
+/// let dir = std::env::temp_dir().join(format!("formats-st-doc-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir).unwrap();
 /// let path = dir.join("t.safetensors");
 /// let t = OwnedTensor::f32(vec![1, 2], &[0.5, -1.0]).unwrap();
@@ -208,45 +168,12 @@ pub fn write_safetensors(
 
 /// Reads a whole file, with an error that names it.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| QuantError::format(format!("file {}", path.display()), e.to_string()))
-}
-
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    std::fs::read(path).map_err(|e| FormatError::io(path, "cannot read", e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failed_save_leaves_the_old_file_whole() {
-        let dir = std::env::temp_dir().join(format!("qc-io-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("w.bin");
-        write_atomic(&path, b"old contents").unwrap();
-        let err = write_atomic_with(&path, |w| {
-            w.write_all(b"partial")?;
-            Err(std::io::Error::other("disk full"))
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("disk full"), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"old contents");
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn unwritable_directory_is_an_error_naming_the_file() {
-        let err = write_atomic(Path::new("/nonexistent-dir-xyz/out.bin"), b"x").unwrap_err();
-        assert!(err.to_string().contains("out.bin"), "{err}");
-    }
 
     #[test]
     fn integer_tensors_are_rejected_with_their_name() {

@@ -1,0 +1,172 @@
+"""`cargo xtask bench-compare`: PyTorch / PEFT / bitsandbytes against `lora-qat bench` on the
+same shapes, in one run, on 2 threads. Prints one JSON row per line:
+    {"work", "ours", "pytorch", "unit", "speed": ours speed / PyTorch speed, "note"}
+(speed > 1: we are faster).
+
+* layer m=512 d=2048 r=16, forward + backward with the input gradient: LoRA over f32, QLoRA
+  over bnb NF4 (blocksize 64, double quant), LoRA-QAT 3-bit LSQ per-channel on W + s·B·A;
+* sgemm 512×2048×2048;
+* training on the SmolLM2-135M shape (LoRA r=8 on 7 projections, batch 4×128): PyTorch+PEFT
+  f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
+  `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
+  small).
+"""
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import BIN, log, ours, ours_help
+
+torch.set_num_threads(2)
+RUNS = int(os.environ.get("BENCH_RUNS", "10"))
+TRAIN_RUNS = int(os.environ.get("BENCH_TRAIN_RUNS", "3"))
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+               rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def median_ms(fn, runs):
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def emit(work, ours_value, theirs, unit, note=""):
+    if ours_value is None or theirs is None:
+        speed = None
+    elif unit == "ms":
+        speed = theirs / ours_value
+    else:  # a rate: tokens/s, GFLOP/s
+        speed = ours_value / theirs
+    print(json.dumps({"work": work, "ours": ours_value, "pytorch": theirs, "unit": unit,
+                      "speed": speed, "note": note}), flush=True)
+
+
+def lsq(w, step, bits):
+    """3-bit LSQ fake quantization (Esser et al.): straight-through round, step gradient
+    scaled by 1/sqrt(N·Qp)."""
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    g = 1.0 / math.sqrt(w.shape[1] * qp)
+    s = step * g + (step - step * g).detach()
+    v = torch.clamp(w / s, -qn, qp)
+    return ((v.round() - v).detach() + v) * s
+
+
+def torch_layer(m=512, d=2048, r=16):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    w = 0.02 * torch.randn(d, d, generator=gen)
+    x = torch.randn(m, d, generator=gen).requires_grad_()
+    dy = torch.randn(m, d, generator=gen)
+    a = (0.02 * torch.randn(r, d, generator=gen)).requires_grad_()
+    b = (0.02 * torch.randn(d, r, generator=gen)).requires_grad_()
+    scale = 2.0
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    qp = 3
+    step = (w.abs().amax(dim=1, keepdim=True) / qp).requires_grad_()
+
+    def lora():
+        y = x @ w.T + scale * (x @ a.T) @ b.T
+        y.backward(dy)
+
+    def qlora():
+        y = bnb.matmul_4bit(x, packed.t(), quant_state=state) + scale * (x @ a.T) @ b.T
+        y.backward(dy)
+
+    def lora_qat():
+        merged = w + scale * b @ a
+        y = x @ lsq(merged, step, 3).T
+        y.backward(dy)
+
+    return {"lora_fwd_bwd": median_ms(lora, RUNS), "qlora_fwd_bwd": median_ms(qlora, RUNS),
+            "lora_qat_fwd_bwd": median_ms(lora_qat, RUNS)}
+
+
+def torch_sgemm():
+    a, b = torch.randn(512, 2048), torch.randn(2048, 2048)
+    ms = median_ms(lambda: a @ b, RUNS)
+    return 2 * 512 * 2048 * 2048 / (ms / 1e3) / 1e9
+
+
+def torch_train(mode):
+    """tokens/s of PyTorch+PEFT on the SmolLM2-135M shape; mode f32 | bf16 | qlora."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SMOLLM2)
+    torch.manual_seed(0)
+    if mode == "qlora":  # bnb quantizes while loading: save the random model once
+        path = Path(os.environ.get("INTEROP_WORK", "target/interop")) / "bench/smollm2-shape"
+        if not (path / "config.json").is_file():
+            LlamaForCausalLM(config).save_pretrained(path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    else:
+        model = LlamaForCausalLM(config)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (4, 128))
+
+    def step():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    return 4 * 128 / (median_ms(step, TRAIN_RUNS) / 1e3)
+
+
+def ours_json(*args):
+    return [json.loads(l) for l in ours(*args).splitlines() if l.startswith("{")]
+
+
+def ours_train(qlora):
+    args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--hidden", 576,
+            "--intermediate", 1536, "--layers", 30, "--heads", 9, "--vocab", 49152,
+            "--rank", 8, "--runs", TRAIN_RUNS]
+    if "--kv-heads" in ours_help("bench", "train"):
+        args += ["--kv-heads", 3]
+    if qlora:
+        args.append("--qlora")
+    return ours_json(*args)[0]["tokens_per_s"]
+
+
+if __name__ == "__main__":
+    log(f"bench-compare: {BIN}, torch {torch.__version__} on {torch.get_num_threads()} threads")
+    layer_ours = {r["bench"]: r["ms"] for r in ours_json("bench", "layer", "--json", "--runs", RUNS)}
+    layer_torch = torch_layer()
+    names = {"lora_fwd_bwd": "LoRA", "qlora_fwd_bwd": "QLoRA NF4 (bnb)", "lora_qat_fwd_bwd": "LoRA-QAT 3-bit LSQ"}
+    for key, label in names.items():
+        emit(f"layer m=512 d=2048 r=16: {label}", layer_ours.get(key), layer_torch[key], "ms",
+             "fwd+bwd incl. input gradient, median")
+    gemm_note = "ours: no `lora-qat bench gemm` in this build (criterion bench `gemm` has it)"
+    emit("sgemm 512x2048x2048", None, torch_sgemm(), "GFLOP/s", gemm_note)
+    kv_note = "" if "--kv-heads" in ours_help("bench", "train") else \
+        "; ours with 9 kv heads (bench train has no --kv-heads), PyTorch the real 3"
+    f32_ours = ours_train(qlora=False)
+    for mode, label in [("f32", "PEFT f32 eager"), ("bf16", "PEFT bf16 autocast")]:
+        emit(f"train SmolLM2-135M shape: ours f32 vs {label}", f32_ours, torch_train(mode), "tokens/s",
+             "LoRA r=8 x7, batch 4x128" + kv_note)
+    try:
+        bnb_tps = torch_train("qlora")
+        note = ""
+    except Exception as e:  # bitsandbytes' CPU 4-bit loading is young: report, don't stop
+        bnb_tps, note = None, f"bnb QLoRA failed: {str(e)[:120]}"
+    emit("train SmolLM2-135M shape: ours QLoRA vs bnb QLoRA", ours_train(qlora=True), bnb_tps,
+         "tokens/s", (note or "NF4 blocksize 64 + double quant") + kv_note)
