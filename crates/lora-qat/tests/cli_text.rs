@@ -177,12 +177,19 @@ fn train_on_chat_jsonl_writes_the_loss_curve_and_eval_reads_text() {
     // 4 conversations of 2 + 3 + 3 + 4 tokens ("<|user|> a b <|end|> <|assistant|> c d e <|end|>").
     assert_eq!(row[tokens], "36", "{csv}");
 
-    // --packing is refused until the trainer runs the segmented forward pass.
-    let packed = run(
-        &["train", "--quiet", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--max-seq-len", "32", "--packing"],
+    // --packing: documents packed into sequences of 32 tokens train through the segmented
+    // forward pass (3 conversations of 9 tokens per packed sequence).
+    let packed_out = dir.join("packed");
+    ok(run(
+        &[
+            "train", "--quiet", "--model", s(&model), "--data", s(&data), "--out", s(&packed_out),
+            "--max-steps", "2", "--batch-size", "1", "--max-seq-len", "32", "--packing",
+        ],
         &[],
-    );
-    assert!(String::from_utf8_lossy(&packed.stderr).contains("packed"), "{packed:?}");
+    ));
+    let csv = std::fs::read_to_string(packed_out.join("metrics.csv")).unwrap();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(row[tokens], "27", "{csv}");
 
     // eval: perplexity of a text file.
     let text = dir.join("eval.txt");
