@@ -30,7 +30,11 @@ fn run(args: &[&str], env: &[(&str, &Path)]) -> Output {
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -75,7 +79,14 @@ fn generate_takes_text_chat_and_stop_strings() {
     let dir = temp_dir("generate");
     let model = text_model(&dir);
     let args = |extra: &[&str]| {
-        let mut a = vec!["generate", "--model", s(&model), "--max-new", "8", "--ignore-eos"];
+        let mut a = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--max-new",
+            "8",
+            "--ignore-eos",
+        ];
         a.extend_from_slice(extra);
         a.into_iter().map(String::from).collect::<Vec<_>>()
     };
@@ -96,22 +107,72 @@ fn generate_takes_text_chat_and_stop_strings() {
         })
         .filter(|w| !w.is_empty())
         .collect();
-    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), words, "{text:?} vs {ids:?}");
+    assert_eq!(
+        text.split_whitespace().collect::<Vec<_>>(),
+        words,
+        "{text:?} vs {ids:?}"
+    );
     // Seeded sampling repeats; the chat template changes the prompt.
-    let sampled = go(&["--prompt", "w1 w2 w3", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]);
-    assert_eq!(sampled, go(&["--prompt", "w1 w2 w3", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]));
+    let sampled = go(&[
+        "--prompt",
+        "w1 w2 w3",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(
+        sampled,
+        go(&[
+            "--prompt",
+            "w1 w2 w3",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "3"
+        ])
+    );
     let chat = go(&["--chat", "--system", "w9", "--prompt", "w1 w2 w3"]);
     assert_ne!(chat, text);
     // A stop string ends the output before it.
     let first = text.split_whitespace().nth(1).unwrap().to_string();
     let stopped = go(&["--prompt", "w1 w2 w3", "--stop", &first]);
-    assert_eq!(stopped.trim_end(), text.split(&first).next().unwrap().trim_end());
+    assert_eq!(
+        stopped.trim_end(),
+        text.split(&first).next().unwrap().trim_end()
+    );
     // Bad sampling values and a model without a template are refused by name.
-    let bad = run(&args(&["--prompt", "w1", "--top-p", "1.5"]).iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("top_p"), "{bad:?}");
+    let bad = run(
+        &args(&["--prompt", "w1", "--top-p", "1.5"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("top_p"),
+        "{bad:?}"
+    );
     std::fs::remove_file(model.join("tokenizer_config.json")).unwrap();
-    let bad = run(&args(&["--chat", "--prompt", "w1"]).iter().map(String::as_str).collect::<Vec<_>>(), &[]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("no chat template"), "{bad:?}");
+    let bad = run(
+        &args(&["--chat", "--prompt", "w1"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("no chat template"),
+        "{bad:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -123,24 +184,81 @@ fn hub_ids_resolve_in_the_local_cache_only() {
     let snapshot = cache.join("models--tiny-org--tiny-llama/snapshots/0123abcd");
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(cache.join("models--tiny-org--tiny-llama/refs")).unwrap();
-    std::fs::write(cache.join("models--tiny-org--tiny-llama/refs/main"), "0123abcd").unwrap();
+    std::fs::write(
+        cache.join("models--tiny-org--tiny-llama/refs/main"),
+        "0123abcd",
+    )
+    .unwrap();
     for f in std::fs::read_dir(&model).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, snapshot.join(f.file_name().unwrap())).unwrap();
     }
-    let by_path = ok(run(&["generate", "--model", s(&model), "--prompt", "w1 w2", "--max-new", "4"], &[]));
+    let by_path = ok(run(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "w1 w2",
+            "--max-new",
+            "4",
+        ],
+        &[],
+    ));
     let env = [("HF_HUB_CACHE", cache.as_path())];
-    let by_id = ok(run(&["generate", "--model", "tiny-org/tiny-llama", "--prompt", "w1 w2", "--max-new", "4"], &env));
+    let by_id = ok(run(
+        &[
+            "generate",
+            "--model",
+            "tiny-org/tiny-llama",
+            "--prompt",
+            "w1 w2",
+            "--max-new",
+            "4",
+        ],
+        &env,
+    ));
     assert_eq!(by_id, by_path);
     // HF_HOME/hub is the fallback.
     let home = [("HF_HOME", dir.as_path())];
-    let by_home = ok(run(&["generate", "--model", "tiny-org/tiny-llama", "--prompt", "w1 w2", "--max-new", "4"], &home));
+    let by_home = ok(run(
+        &[
+            "generate",
+            "--model",
+            "tiny-org/tiny-llama",
+            "--prompt",
+            "w1 w2",
+            "--max-new",
+            "4",
+        ],
+        &home,
+    ));
     assert_eq!(by_home, by_path);
-    let absent = run(&["generate", "--model", "tiny-org/absent", "--prompt", "w1"], &env);
+    let absent = run(
+        &["generate", "--model", "tiny-org/absent", "--prompt", "w1"],
+        &env,
+    );
     let err = String::from_utf8_lossy(&absent.stderr);
-    assert!(!absent.status.success() && err.contains("not in the local Hugging Face cache"), "{err}");
-    let absent = run(&["eval", "--model", "tiny-org/tiny-llama", "--revision", "v2", "--data", "x"], &env);
-    assert!(String::from_utf8_lossy(&absent.stderr).contains("revision v2"), "{absent:?}");
+    assert!(
+        !absent.status.success() && err.contains("not in the local Hugging Face cache"),
+        "{err}"
+    );
+    let absent = run(
+        &[
+            "eval",
+            "--model",
+            "tiny-org/tiny-llama",
+            "--revision",
+            "v2",
+            "--data",
+            "x",
+        ],
+        &env,
+    );
+    assert!(
+        String::from_utf8_lossy(&absent.stderr).contains("revision v2"),
+        "{absent:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -162,9 +280,24 @@ fn train_on_chat_jsonl_writes_the_loss_curve_and_eval_reads_text() {
     let out = dir.join("out");
     ok(run(
         &[
-            "train", "--quiet", "--model", s(&model), "--data", s(&data), "--out", s(&out),
-            "--max-steps", "3", "--batch-size", "4", "--validation-split", "0.25",
-            "--max-seq-len", "16", "--lr", "0.01",
+            "train",
+            "--quiet",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--validation-split",
+            "0.25",
+            "--max-seq-len",
+            "16",
+            "--lr",
+            "0.01",
         ],
         &[],
     ));
@@ -182,8 +315,21 @@ fn train_on_chat_jsonl_writes_the_loss_curve_and_eval_reads_text() {
     let packed_out = dir.join("packed");
     ok(run(
         &[
-            "train", "--quiet", "--model", s(&model), "--data", s(&data), "--out", s(&packed_out),
-            "--max-steps", "2", "--batch-size", "1", "--max-seq-len", "32", "--packing",
+            "train",
+            "--quiet",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&packed_out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--max-seq-len",
+            "32",
+            "--packing",
         ],
         &[],
     ));
@@ -194,7 +340,13 @@ fn train_on_chat_jsonl_writes_the_loss_curve_and_eval_reads_text() {
     // eval: perplexity of a text file.
     let text = dir.join("eval.txt");
     std::fs::write(&text, "w1 w2 w3 w4\nw5 w6 w7\n").unwrap();
-    let report = ok(run(&["eval", "--model", s(&model), "--data", s(&text)], &[]));
-    assert!(report.starts_with("perplexity ") && report.contains("of 2 examples"), "{report}");
+    let report = ok(run(
+        &["eval", "--model", s(&model), "--data", s(&text)],
+        &[],
+    ));
+    assert!(
+        report.starts_with("perplexity ") && report.contains("of 2 examples"),
+        "{report}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -473,7 +473,9 @@ impl Trainer {
                     }
                 }
             }
-            if let (Some(path), Some(every), true) = (checkpoint, self.config.checkpoint_every, root) {
+            if let (Some(path), Some(every), true) =
+                (checkpoint, self.config.checkpoint_every, root)
+            {
                 if self.step % every == 0 && !self.is_finished() {
                     self.save_checkpoint(path)?;
                 }
@@ -521,11 +523,10 @@ impl Trainer {
             // A packed batch runs the segmented forward: positions restart and attention stays
             // inside each packed document.
             let pass = match &batch.segment_ids {
-                Some(segments) => self.student.forward_segmented(
-                    batch.input_ids.view(),
-                    segments.view(),
-                    None,
-                )?,
+                Some(segments) => {
+                    self.student
+                        .forward_segmented(batch.input_ids.view(), segments.view(), None)?
+                }
                 None => self
                     .student
                     .forward(batch.input_ids.view(), Some(batch.attention_mask.view()))?,

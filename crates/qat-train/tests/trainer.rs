@@ -450,6 +450,9 @@ fn packed_documents_score_as_unpacked_and_train() {
     );
     let mut log = MetricsLog::default();
     trainer.train(&mut [&mut log], None).unwrap();
-    let (first, last) = (log.steps[0].total_loss, log.steps.last().unwrap().total_loss);
+    let (first, last) = (
+        log.steps[0].total_loss,
+        log.steps.last().unwrap().total_loss,
+    );
     assert!(last < 0.5 * first, "{first} -> {last}");
 }
