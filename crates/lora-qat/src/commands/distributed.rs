@@ -28,8 +28,7 @@ impl Ranks {
                 "--collective-timeout {collective_timeout}: must be a number of seconds >= 0"
             )));
         }
-        let timeout =
-            (collective_timeout > 0.0).then(|| Duration::from_secs_f64(collective_timeout));
+        let timeout = (collective_timeout > 0.0).then(|| Duration::from_secs_f64(collective_timeout));
         #[cfg(feature = "mpi")]
         {
             use qat_train::distributed::mpi::{launched_by_mpirun, MpiSession};
@@ -45,9 +44,7 @@ impl Ranks {
             let _ = timeout;
             // Variables an MPI launcher sets to the number of ranks (OpenMPI, MPICH/Hydra).
             for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
-                let ranks = std::env::var(var)
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok());
+                let ranks = std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok());
                 if let Some(n) = ranks.filter(|&n| n > 1) {
                     return Err(CliError::Usage(format!(
                         "started as one of {n} MPI ranks ({var}={n}) but this lora-qat was built \
