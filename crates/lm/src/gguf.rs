@@ -640,6 +640,16 @@ pub fn export_gguf_lora(
         });
     }
     let source = MergedSource::open(model_dir, Some(adapter_dir))?;
+    if let Some(file) = source.qat_state_file() {
+        return Err(LmError::Unsupported {
+            key: file.display().to_string(),
+            value: "LoRA-QAT adapter".into(),
+            reason: "its trained weights are Q(W + s·B·A), a quantized weight that no low-rank \
+                     delta B·A added to W expresses; write the model with the adapter merged \
+                     (export-gguf --model M --adapter DIR without --lora, or merge)"
+                .into(),
+        });
+    }
     let config = source.checkpoint.config.clone();
     check_exportable(&config)?;
     let adapter = source.adapter.as_ref().expect("opened with an adapter");

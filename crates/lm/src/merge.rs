@@ -26,27 +26,49 @@ use serde_json::{json, Value};
 use crate::error::{LmError, Result};
 use crate::lazy_checkpoint::{LazyCheckpoint, StoredAs};
 use crate::model::LAYER_LINEAR_NAMES;
+use crate::qat::{read_qat_state, QatState, QAT_STATE_FILE};
 
 /// A checkpoint and, optionally, an adapter to merge into it, read one tensor at a time.
+/// A LoRA-QAT adapter directory (one holding [`QAT_STATE_FILE`]) merges as the weights its
+/// training computed with: `Q(W + s·B·A)` with the trained steps (`Q(W) + s·B·A` in the
+/// frozen-base mode), not `W + s·B·A`.
 #[derive(Clone, Debug)]
 pub struct MergedSource {
     pub checkpoint: LazyCheckpoint,
     pub adapter: Option<LoadedAdapter>,
+    /// The quantizer state of a LoRA-QAT adapter, and the file it came from.
+    qat: Option<(QatState, PathBuf)>,
 }
 
 impl MergedSource {
     /// Opens `model_dir` lazily and reads the adapter in `adapter_dir` (small: loaded whole),
-    /// checking that every module it targets exists in the model with its shape.
+    /// checking that every module it targets exists in the model with its shape; a
+    /// [`QAT_STATE_FILE`] beside it is read too.
     pub fn open(model_dir: &Path, adapter_dir: Option<&Path>) -> Result<Self> {
         let checkpoint = LazyCheckpoint::open(model_dir)?;
-        let adapter = match adapter_dir {
-            None => None,
-            Some(dir) => Some(load_adapter(dir, &checkpoint.linear_shapes())?),
+        let (adapter, qat) = match adapter_dir {
+            None => (None, None),
+            Some(dir) => {
+                let adapter = load_adapter(dir, &checkpoint.linear_shapes())?;
+                let state_file = dir.join(QAT_STATE_FILE);
+                let qat = if state_file.is_file() {
+                    Some((read_qat_state(&state_file)?, state_file))
+                } else {
+                    None
+                };
+                (Some(adapter), qat)
+            }
         };
         Ok(MergedSource {
             checkpoint,
             adapter,
+            qat,
         })
+    }
+
+    /// The [`QAT_STATE_FILE`] of a LoRA-QAT adapter, `None` for a plain PEFT adapter.
+    pub fn qat_state_file(&self) -> Option<&Path> {
+        self.qat.as_ref().map(|(_, file)| file.as_path())
     }
 
     /// The adapter's scale `s` for `module`.
@@ -70,6 +92,10 @@ impl MergedSource {
         let (out, inp) = (weights.b.nrows(), weights.a.ncols());
         let mut w = Array2::from_shape_vec((out, inp), values)
             .map_err(|e| LmError::shape(format!("{name} (merge)"), format!("({out}, {inp})"), e))?;
+        if let (Some((state, file)), Some(adapter)) = (&self.qat, &self.adapter) {
+            let q = state.quantized_weight(w, weights, &adapter.config, module, file)?;
+            return Ok(q.into_raw_vec_and_offset().0);
+        }
         merge_into(
             &mut w,
             weights.a.view(),

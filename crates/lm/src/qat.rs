@@ -215,7 +215,13 @@ impl AdaptedLayer for QatLayer {
     }
     fn merged_weight(&mut self) -> lora_core::Result<Array2<f32>> {
         if self.active {
-            self.layer.effective_weight()
+            // The deployed weight is the quantized one whatever the fake-quant switch says
+            // (a warm-up turns it off; merging then must not hand back full precision).
+            let was = self.layer.fake_quant();
+            self.layer.set_fake_quant(true);
+            let w = self.layer.effective_weight();
+            self.layer.set_fake_quant(was);
+            w
         } else {
             Ok(self.layer.weight().clone())
         }
@@ -232,10 +238,60 @@ impl AdaptedLayer for QatLayer {
 }
 
 /// The LoRA-QAT state of a model as the [`QAT_STATE_FILE`] stores it.
-struct QatState {
-    config: QatConfig,
-    mode: QatMode,
-    steps: BTreeMap<String, Vec<f32>>,
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct QatState {
+    pub(crate) config: QatConfig,
+    pub(crate) mode: QatMode,
+    pub(crate) steps: BTreeMap<String, Vec<f32>>,
+}
+
+impl QatState {
+    /// The weight a LoRA-QAT layer of `module` computes with, with fake quantization on:
+    /// `Q(W + s·B·A)` (merged mode) or `Q(W) + s·B·A` (frozen-base mode), from its base
+    /// `weight`, the adapter's tensors and this state's steps. What `merge` and `export-gguf`
+    /// write for a LoRA-QAT adapter, one module at a time.
+    pub(crate) fn quantized_weight(
+        &self,
+        weight: Array2<f32>,
+        adapter: &peft::AdapterWeights,
+        lora: &LoraConfig,
+        module: &str,
+        file: &Path,
+    ) -> Result<Array2<f32>> {
+        let options = AdapterOptions::from_config(lora, module);
+        let adapter = LoraAdapter::from_weights(
+            adapter.a.clone(),
+            adapter.b.clone(),
+            adapter.magnitude.clone(),
+            &options,
+            LoraLinear::<lora_core::DenseBase>::derive_seed(0, module),
+            module,
+        )?;
+        let mut layer =
+            LoraQatLinear::with_adapter(weight, None, adapter, &self.config, self.mode, module)?;
+        self.copy_steps(&mut layer, module, file)?;
+        layer.set_fake_quant(true);
+        Ok(layer.effective_weight()?)
+    }
+
+    /// Replaces `layer`'s quantizer steps with the stored ones of `module`.
+    fn copy_steps(&self, layer: &mut LoraQatLinear, module: &str, file: &Path) -> Result<()> {
+        let key = quantizer_step_name(module);
+        let steps = self.steps.get(module).ok_or_else(|| LmError::MissingTensor {
+            key: format!("{key} (in {})", file.display()),
+            expected: vec![layer.quantizer_params().len()],
+        })?;
+        let params = layer.quantizer_params_mut();
+        if steps.len() != params.len() {
+            return Err(LmError::TensorShape {
+                key,
+                expected: vec![params.len()],
+                got: vec![steps.len()],
+            });
+        }
+        params.copy_from_slice(steps);
+        Ok(())
+    }
 }
 
 fn mode_name(mode: QatMode) -> &'static str {
@@ -245,7 +301,7 @@ fn mode_name(mode: QatMode) -> &'static str {
     }
 }
 
-fn read_qat_state(path: &Path) -> Result<QatState> {
+pub(crate) fn read_qat_state(path: &Path) -> Result<QatState> {
     let bytes = std::fs::read(path).map_err(|e| LmError::io(path, e))?;
     let bad = |reason: String| LmError::SafeTensors {
         path: path.to_path_buf(),
@@ -500,23 +556,7 @@ impl LlamaModel {
                 state.mode,
                 &module,
             )?;
-            let key = quantizer_step_name(&module);
-            let steps = state
-                .steps
-                .get(&module)
-                .ok_or_else(|| LmError::MissingTensor {
-                    key: key.clone(),
-                    expected: vec![layer.quantizer_params().len()],
-                })?;
-            let params = layer.quantizer_params_mut();
-            if steps.len() != params.len() {
-                return Err(LmError::TensorShape {
-                    key,
-                    expected: vec![params.len()],
-                    got: vec![steps.len()],
-                });
-            }
-            params.copy_from_slice(steps);
+            state.copy_steps(&mut layer, &module, &dir.join(QAT_STATE_FILE))?;
             built.push((
                 module,
                 LinearModule::Qat(Box::new(QatLayer::new(name, layer))),

@@ -28,6 +28,9 @@
 //! * [`checkpoint`] — a safetensors file plus a JSON file, written crash-safely and verified to
 //!   belong together on load; a serializable seeded RNG.
 //! * [`metrics`] — per-step and evaluation metrics, a callback trait and a CSV writer.
+//! * [`quality`] — a quantized model against its reference as llama.cpp's
+//!   `perplexity --kl-divergence` measures it (mean and 99th-percentile KLD, top-1 agreement,
+//!   both perplexities).
 //!
 //! ```
 //! use ndarray::array;
@@ -60,6 +63,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod quality;
 pub mod schedule;
 pub mod trainer;
 

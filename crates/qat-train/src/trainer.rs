@@ -239,6 +239,7 @@ impl Trainer {
         let total_steps = config
             .max_steps
             .unwrap_or_else(|| (micro_batches / config.gradient_accumulation as u64).max(1));
+        check_warmup(&config, quant_layers, total_steps)?;
         if let Some(v) = &validation {
             if v.is_empty() {
                 return Err(TrainError::invalid(
@@ -296,6 +297,7 @@ impl Trainer {
         if steps == 0 {
             return Err(TrainError::invalid("total steps", 0, "must be at least 1"));
         }
+        check_warmup(&self.config, self.quant_layers, steps)?;
         self.total_steps = steps;
         Ok(())
     }
@@ -1130,4 +1132,21 @@ fn eval_logits_and_hidden(
         .map(|&l| pass.hidden_state(l).map(|h| h.to_owned()))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok((pass.logits().clone(), hidden))
+}
+
+/// A LoRA-QAT student whose warm-up lasts the whole run would never train (or be graded)
+/// through its quantizer: `quant_warmup_steps` must end before the last step.
+fn check_warmup(config: &TrainConfig, quant_layers: usize, total_steps: u64) -> Result<()> {
+    if quant_layers > 0 && config.quant_warmup_steps >= total_steps {
+        return Err(TrainError::invalid(
+            "TrainConfig.quant_warmup_steps",
+            config.quant_warmup_steps,
+            format!(
+                "the run has {total_steps} optimizer steps, so fake quantization would never \
+                 turn on for the {quant_layers} LoRA-QAT layers; use fewer warm-up steps than \
+                 steps"
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -19,7 +19,9 @@ pub struct ExportGgufArgs {
     #[arg(long)]
     pub revision: Option<String>,
     /// PEFT adapter directory: merged into the weights (W + s·B·A, DoRA too), or, with
-    /// `--lora`, written as a GGUF LoRA adapter.
+    /// `--lora`, written as a GGUF LoRA adapter. A LoRA-QAT directory (with
+    /// qat_quantizers.safetensors) merges as its trained weights Q(W + s·B·A); `--lora`
+    /// refuses it (a quantized weight is no low-rank delta).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Write the adapter as a llama.cpp LoRA adapter (general.type = adapter) instead of

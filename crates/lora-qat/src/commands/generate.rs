@@ -21,7 +21,8 @@ pub struct GenerateArgs {
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
-    /// PEFT adapter directory to apply.
+    /// Adapter directory to apply: PEFT LoRA, or LoRA-QAT (with qat_quantizers.safetensors),
+    /// which generates with its trained quantized weights Q(W + s·B·A).
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Prompt text, tokenized with the model's tokenizer; the continuation is printed as text.

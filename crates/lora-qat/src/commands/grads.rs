@@ -1,10 +1,13 @@
-//! `lora-qat grads`: the gradient of the loss for every tensor of a PEFT adapter.
+//! `lora-qat grads`: the gradient of the loss for every tensor of a PEFT adapter, or of a
+//! LoRA-QAT adapter through its quantizer (its steps' gradients included).
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use super::logits::{load_model, read_tokens, write_f32_tensors, ADAPTER_NAME};
+use super::logits::{
+    is_qat_adapter, load_with_adapter_layers, read_tokens, write_f32_tensors, ADAPTER_NAME,
+};
 use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
@@ -16,7 +19,9 @@ pub struct GradsArgs {
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
-    /// PEFT adapter directory whose tensors get gradients.
+    /// Adapter directory whose tensors get gradients: PEFT LoRA/DoRA, or LoRA-QAT (with
+    /// qat_quantizers.safetensors: the loss of Q(W + s·B·A), gradients through its
+    /// straight-through estimator, plus `<module>.quantizer.step`).
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Safetensors file with I64 `input_ids` [batch, seq] and I64 `labels` [batch, seq]
@@ -25,7 +30,7 @@ pub struct GradsArgs {
     pub tokens: PathBuf,
     /// Output safetensors file: F32 d(loss)/d(tensor) under the adapter file's keys
     /// (`base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
-    /// `.lora_magnitude_vector`), and F32 `loss` [1].
+    /// `.lora_magnitude_vector`; LoRA-QAT also `.quantizer.step`), and F32 `loss` [1].
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
 }
@@ -37,13 +42,18 @@ pub fn run(args: &GradsArgs) -> CliResult {
         path: args.tokens.display().to_string(),
         reason: "no tensor `labels` (I64 [batch, seq]): gradients need a loss".into(),
     })?;
-    let mut model = load_model(&model_dir, Some(&args.adapter))?;
+    let mut model = load_with_adapter_layers(&model_dir, Some(&args.adapter))?;
     let loss = model.loss_and_backward(tokens.input_ids.view(), labels.view(), None)?;
     let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = model
         .adapter_gradients(ADAPTER_NAME)?
         .into_iter()
         .map(|(key, grad)| (key, grad.shape().to_vec(), grad.iter().copied().collect()))
         .collect();
+    if is_qat_adapter(&args.adapter) {
+        for (key, grad) in model.quantizer_gradients(ADAPTER_NAME)? {
+            out.push((key, vec![grad.len()], grad));
+        }
+    }
     out.push(("loss".to_string(), vec![1], vec![loss]));
     write_f32_tensors(&args.out, &out)
 }

@@ -24,7 +24,9 @@ pub struct LogitsArgs {
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
-    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+    /// Adapter directory to apply: a PEFT adapter (adapter_config.json +
+    /// adapter_model.safetensors), or a LoRA-QAT one (also qat_quantizers.safetensors),
+    /// applied as the quantized weights Q(W + s·B·A) it was trained with.
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Safetensors file with I64 `input_ids` [batch, seq] and, optionally, I64 `labels`
@@ -43,8 +45,29 @@ pub struct Tokens {
     pub labels: Option<Array2<i64>>,
 }
 
-/// Reads the model in `model_dir` and, if given, the PEFT adapter in `adapter_dir`.
+/// Whether `dir` is a LoRA-QAT adapter directory (it holds [`lm::qat::QAT_STATE_FILE`]).
+pub fn is_qat_adapter(dir: &Path) -> bool {
+    dir.join(lm::qat::QAT_STATE_FILE).is_file()
+}
+
+/// Reads the model in `model_dir` and, if given, the adapter in `adapter_dir` as it is
+/// deployed: a PEFT adapter as its LoRA layers, a LoRA-QAT directory (with
+/// `qat_quantizers.safetensors`) loaded with its trained steps and merged to the quantized
+/// weights `Q(W + s·B·A)` its training computed with.
 pub fn load_model(model_dir: &Path, adapter_dir: Option<&Path>) -> CliResult<LlamaModel> {
+    let mut model = load_with_adapter_layers(model_dir, adapter_dir)?;
+    if adapter_dir.is_some_and(is_qat_adapter) {
+        model.merge_and_unload()?;
+    }
+    Ok(model)
+}
+
+/// As [`load_model`] but a LoRA-QAT adapter stays as its layers (quantizer steps included),
+/// so that gradients reach `A`, `B` and the steps; evaluation mode.
+pub fn load_with_adapter_layers(
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
+) -> CliResult<LlamaModel> {
     if !model_dir.is_dir() {
         return Err(CliError::File {
             path: model_dir.display().to_string(),
@@ -52,8 +75,14 @@ pub fn load_model(model_dir: &Path, adapter_dir: Option<&Path>) -> CliResult<Lla
         });
     }
     let mut model = LlamaModel::from_pretrained(model_dir)?;
-    if let Some(dir) = adapter_dir {
-        model.load_adapter(dir, ADAPTER_NAME, 0)?;
+    match adapter_dir {
+        Some(dir) if is_qat_adapter(dir) => {
+            model.load_qat_adapter(dir, ADAPTER_NAME)?;
+        }
+        Some(dir) => {
+            model.load_adapter(dir, ADAPTER_NAME, 0)?;
+        }
+        None => {}
     }
     // These commands evaluate: no adapter dropout.
     model.set_training(false);

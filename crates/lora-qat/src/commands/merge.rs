@@ -18,7 +18,9 @@ pub struct MergeArgs {
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
-    /// PEFT adapter directory (LoRA, rsLoRA or DoRA) whose targets must exist in the model.
+    /// PEFT adapter directory (LoRA, rsLoRA or DoRA) whose targets must exist in the model;
+    /// a LoRA-QAT directory (with qat_quantizers.safetensors) merges as its trained
+    /// quantized weights Q(W + s·B·A).
     #[arg(long, value_name = "DIR")]
     pub adapter: PathBuf,
     /// Output directory (created; must not be the model directory). config.json is copied
