@@ -277,10 +277,13 @@ impl QatState {
     /// Replaces `layer`'s quantizer steps with the stored ones of `module`.
     fn copy_steps(&self, layer: &mut LoraQatLinear, module: &str, file: &Path) -> Result<()> {
         let key = quantizer_step_name(module);
-        let steps = self.steps.get(module).ok_or_else(|| LmError::MissingTensor {
-            key: format!("{key} (in {})", file.display()),
-            expected: vec![layer.quantizer_params().len()],
-        })?;
+        let steps = self
+            .steps
+            .get(module)
+            .ok_or_else(|| LmError::MissingTensor {
+                key: format!("{key} (in {})", file.display()),
+                expected: vec![layer.quantizer_params().len()],
+            })?;
         let params = layer.quantizer_params_mut();
         if steps.len() != params.len() {
             return Err(LmError::TensorShape {

@@ -37,7 +37,9 @@ fn qat_model(mode: QatMode) -> LlamaModel {
         incoherence: None,
         init: InitMethod::MseClipSearch,
     };
-    model.inject_qat_adapters(&lora, &qat, mode, "default", 3).unwrap();
+    model
+        .inject_qat_adapters(&lora, &qat, mode, "default", 3)
+        .unwrap();
     model
 }
 
@@ -56,7 +58,10 @@ fn merge_and_unload_quantizes_whatever_the_fake_quant_switch_says() {
         let quantized = model.logits(ids().view(), None).unwrap();
         model.set_fake_quant(false);
         let full_precision = model.logits(ids().view(), None).unwrap();
-        assert!(max_diff(&quantized, &full_precision) > 1e-3, "3 bits change the logits");
+        assert!(
+            max_diff(&quantized, &full_precision) > 1e-3,
+            "3 bits change the logits"
+        );
         let mut merged = model.clone();
         assert_eq!(merged.merge_and_unload().unwrap(), 3);
         let deployed = merged.logits(ids().view(), None).unwrap();

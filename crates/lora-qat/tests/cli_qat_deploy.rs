@@ -16,7 +16,10 @@ fn base_model() -> PathBuf {
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-qat-cli-qatdeploy-{tag}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "lora-qat-cli-qatdeploy-{tag}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -80,14 +83,16 @@ fn tokens_file(dir: &Path) -> PathBuf {
     let view = safetensors::tensor::TensorView::new(Dtype::I64, vec![2, 8], &bytes).unwrap();
     let labels = safetensors::tensor::TensorView::new(Dtype::I64, vec![2, 8], &bytes).unwrap();
     let path = dir.join("tokens.safetensors");
-    safetensors::serialize_to_file([("input_ids", view), ("labels", labels)], None, &path)
-        .unwrap();
+    safetensors::serialize_to_file([("input_ids", view), ("labels", labels)], None, &path).unwrap();
     path
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Trains a 3-bit uniform LoRA-QAT adapter for three steps; returns its adapter directory.
@@ -131,21 +136,48 @@ fn train_qat(dir: &Path, extra: &[&str]) -> Output {
 fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
     let dir = temp_dir("all");
     let trained = train_qat(&dir, &[]);
-    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
     let adapter = dir.join("run").join("adapter");
     let model = base_model();
     let tokens = tokens_file(&dir);
 
     // logits --adapter == logits of the merged model.
     let merged = dir.join("merged");
-    ok(&["merge", "--model", s(&model), "--adapter", s(&adapter), "--out", s(&merged)]);
+    ok(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
     let with_adapter = dir.join("with_adapter.safetensors");
     ok(&[
-        "logits", "--model", s(&model), "--adapter", s(&adapter), "--tokens", s(&tokens),
-        "--out", s(&with_adapter),
+        "logits",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&with_adapter),
     ]);
     let of_merged = dir.join("of_merged.safetensors");
-    ok(&["logits", "--model", s(&merged), "--tokens", s(&tokens), "--out", s(&of_merged)]);
+    ok(&[
+        "logits",
+        "--model",
+        s(&merged),
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&of_merged),
+    ]);
     let (a, m) = (read_f32s(&with_adapter), read_f32s(&of_merged));
     let diff = max_abs_diff(&a["logits"], &m["logits"]);
     assert!(diff < 1e-5, "logits --adapter vs merged model: {diff}");
@@ -159,21 +191,42 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
     }
     let of_plain = dir.join("of_plain.safetensors");
     ok(&[
-        "logits", "--model", s(&model), "--adapter", s(&plain), "--tokens", s(&tokens),
-        "--out", s(&of_plain),
+        "logits",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&plain),
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&of_plain),
     ]);
     let p = read_f32s(&of_plain);
-    assert!(max_abs_diff(&a["logits"], &p["logits"]) > 1e-3, "3-bit weights change logits");
+    assert!(
+        max_abs_diff(&a["logits"], &p["logits"]) > 1e-3,
+        "3-bit weights change logits"
+    );
 
     // The merged projections are on the trained 3-bit grid: at most 8 levels per row.
     let w = read_f32s(&merged.join("model.safetensors"));
     let q = &w["model.layers.0.self_attn.q_proj.weight"];
     let row: std::collections::BTreeSet<u32> = q[..16].iter().map(|v| v.to_bits()).collect();
-    assert!(row.len() <= 8, "a row of Q(W + s·B·A) has {} values", row.len());
+    assert!(
+        row.len() <= 8,
+        "a row of Q(W + s·B·A) has {} values",
+        row.len()
+    );
 
     // generate --adapter == generate on the merged model (greedy).
     let gen = |args: &[&str]| {
-        let mut all = vec!["generate", "--prompt-ids", "1,2,3", "--max-new", "5", "--ignore-eos"];
+        let mut all = vec![
+            "generate",
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new",
+            "5",
+            "--ignore-eos",
+        ];
         all.extend_from_slice(args);
         ok(&all).stdout
     };
@@ -197,14 +250,36 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
     // eval --reference: llama.cpp's KL-divergence statistics, the quantized model against
     // full precision; the base against itself diverges by nothing.
     let vs_base = eval(&[
-        "--model", s(&model), "--adapter", s(&adapter), "--reference", s(&model), "--ctx", "6",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--reference",
+        s(&model),
+        "--ctx",
+        "6",
     ]);
-    for field in ["Mean    KLD:", "99.0%   KLD:", "Same top p:", "Mean PPL(Q)", "Mean PPL(base)"] {
+    for field in [
+        "Mean    KLD:",
+        "99.0%   KLD:",
+        "Same top p:",
+        "Mean PPL(Q)",
+        "Mean PPL(base)",
+    ] {
         assert!(vs_base.contains(field), "{vs_base}");
     }
     let mean_kld = |text: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with("Mean    KLD:")).unwrap();
-        line["Mean    KLD:".len()..].split('±').next().unwrap().trim().parse().unwrap()
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Mean    KLD:"))
+            .unwrap();
+        line["Mean    KLD:".len()..]
+            .split('±')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     assert!(mean_kld(&vs_base) > 0.0, "{vs_base}");
     let itself = eval(&["--model", s(&model), "--reference", s(&model), "--ctx", "6"]);
@@ -214,34 +289,64 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
     // grads: through the quantizer, the steps' gradients included.
     let grads = dir.join("grads.safetensors");
     ok(&[
-        "grads", "--model", s(&model), "--adapter", s(&adapter), "--tokens", s(&tokens),
-        "--out", s(&grads),
+        "grads",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--tokens",
+        s(&tokens),
+        "--out",
+        s(&grads),
     ]);
     let g = read_f32s(&grads);
     let step_key = "base_model.model.model.layers.0.self_attn.q_proj.quantizer.step";
-    assert!(g.contains_key(step_key), "{:?}", g.keys().collect::<Vec<_>>());
+    assert!(
+        g.contains_key(step_key),
+        "{:?}",
+        g.keys().collect::<Vec<_>>()
+    );
     assert!(g[step_key].iter().any(|v| *v != 0.0));
     let loss = g["loss"][0];
     // The loss is the one of the quantized (merged) model.
-    assert!((loss - m["loss"][0]).abs() < 1e-5, "{loss} vs {}", m["loss"][0]);
+    assert!(
+        (loss - m["loss"][0]).abs() < 1e-5,
+        "{loss} vs {}",
+        m["loss"][0]
+    );
 
     // export-gguf of the model with the adapter merges the quantized weights (f32: exact).
     let gguf = dir.join("model.gguf");
     ok(&[
-        "export-gguf", "--model", s(&model), "--adapter", s(&adapter), "--type", "f32",
-        "--out", s(&gguf),
+        "export-gguf",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--type",
+        "f32",
+        "--out",
+        s(&gguf),
     ]);
     let bytes = std::fs::read(&gguf).unwrap();
     let down = &w["model.layers.0.mlp.down_proj.weight"];
     let needle: Vec<u8> = down.iter().flat_map(|v| v.to_le_bytes()).collect();
     assert!(
-        bytes.windows(needle.len()).any(|win| win == needle.as_slice()),
+        bytes
+            .windows(needle.len())
+            .any(|win| win == needle.as_slice()),
         "the GGUF holds the merged quantized down_proj bit for bit"
     );
 
     // export-gguf --lora refuses it, naming the file and pointing to the merge.
     let refused = run(&[
-        "export-gguf", "--model", s(&model), "--adapter", s(&adapter), "--lora", "--out",
+        "export-gguf",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--lora",
+        "--out",
         s(&dir.join("lora.gguf")),
     ]);
     assert!(!refused.status.success());

@@ -73,7 +73,11 @@ fn log_softmax(logits: &[f32], what: &str) -> Result<(Vec<f64>, usize)> {
     let mut imax = 0;
     for (i, &v) in logits.iter().enumerate() {
         if !v.is_finite() {
-            return Err(TrainError::non_finite(what, format!("vocabulary index {i}"), v as f64));
+            return Err(TrainError::non_finite(
+                what,
+                format!("vocabulary index {i}"),
+                v as f64,
+            ));
         }
         if v > logits[imax] {
             imax = i;
@@ -184,8 +188,17 @@ impl KlDivergence {
         if reference.dim() != quantized.dim() || reference.nrows() != next.len() {
             return Err(TrainError::shape(
                 "logits of both models and next tokens",
-                format!("{:?} twice and {} tokens", reference.dim(), reference.nrows()),
-                format!("{:?}, {:?}, {}", reference.dim(), quantized.dim(), next.len()),
+                format!(
+                    "{:?} twice and {} tokens",
+                    reference.dim(),
+                    reference.nrows()
+                ),
+                format!(
+                    "{:?}, {:?}, {}",
+                    reference.dim(),
+                    quantized.dim(),
+                    next.len()
+                ),
             ));
         }
         for ((r, q), &t) in reference.rows().into_iter().zip(quantized.rows()).zip(next) {
@@ -313,7 +326,11 @@ mod tests {
         let r = kl.finish().unwrap();
         let k1 = 0.5 * (4.0f64 / 3.0).ln();
         let k2 = 0.25 * 0.5f64.ln() + 0.75 * 1.5f64.ln();
-        assert!((r.mean_kld - (k1 + k2) / 2.0).abs() < 1e-7, "{}", r.mean_kld);
+        assert!(
+            (r.mean_kld - (k1 + k2) / 2.0).abs() < 1e-7,
+            "{}",
+            r.mean_kld
+        );
         assert!((r.max_kld - k1).abs() < 1e-7);
         assert!((r.kld_p99 - (0.01 * k2 + 0.99 * k1)).abs() < 1e-7);
         assert_eq!(r.same_top, 0.5);
