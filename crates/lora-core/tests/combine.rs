@@ -357,12 +357,12 @@ fn combinators_refuse_empty_and_mismatched_input() {
         .contains("at least one"));
     let err = weighted_sum(&[a.clone(), b.clone()], &[1.0, 1.0]).unwrap_err();
     assert!(err.to_string().contains("tensor 1"), "{err}");
-    let err = weighted_sum(&[a.clone()], &[1.0, 2.0]).unwrap_err();
+    let err = weighted_sum(std::slice::from_ref(&a), &[1.0, 2.0]).unwrap_err();
     assert!(err.to_string().contains("weights"), "{err}");
     assert!(disjoint_merge(&[], &[], MajoritySign::Total).is_err());
     assert!(disjoint_merge(&[a.clone(), b], &[1.0, 1.0], MajoritySign::Frequency).is_err());
     assert_eq!(
-        disjoint_merge(&[a.clone()], &[2.0], MajoritySign::Total).unwrap(),
+        disjoint_merge(std::slice::from_ref(&a), &[2.0], MajoritySign::Total).unwrap(),
         &a * 2.0
     );
 }

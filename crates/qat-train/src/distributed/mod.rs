@@ -262,8 +262,12 @@ mod tests {
         size: usize,
         to_root: Sender<(usize, Vec<f64>)>,
         from_root: Receiver<Vec<f64>>,
-        root_inbox: Option<(Receiver<(usize, Vec<f64>)>, Vec<Sender<Vec<f64>>>)>,
+        root_inbox: Option<RootInbox>,
     }
+
+    /// What rank 0 of a [`ThreadRank`] group holds: every rank's contribution arrives on one
+    /// receiver, and one sender per rank carries the result back.
+    type RootInbox = (Receiver<(usize, Vec<f64>)>, Vec<Sender<Vec<f64>>>);
 
     impl ThreadRank {
         fn group(size: usize) -> Vec<ThreadRank> {
