@@ -5,7 +5,7 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
 
 * layer m=512 d=2048 r=16, forward + backward with the input gradient: LoRA over f32, QLoRA
   over bnb NF4 (blocksize 64, double quant), LoRA-QAT 3-bit LSQ per-channel on W + s·B·A;
-* sgemm 512×2048×2048;
+* GEMM 512×2048×2048 in f32 and bf16 (`lora-qat bench gemm`);
 * training on the SmolLM2-135M shape (LoRA r=8 on 7 projections, batch 4×128): PyTorch+PEFT
   f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
   `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
@@ -94,10 +94,19 @@ def torch_layer(m=512, d=2048, r=16):
             "lora_qat_fwd_bwd": median_ms(lora_qat, RUNS)}
 
 
-def torch_sgemm():
-    a, b = torch.randn(512, 2048), torch.randn(2048, 2048)
+def torch_gemm(dtype):
+    a, b = torch.randn(512, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
     ms = median_ms(lambda: a @ b, RUNS)
     return 2 * 512 * 2048 * 2048 / (ms / 1e3) / 1e9
+
+
+def ours_gemm():
+    """GFLOP/s of `lora-qat bench gemm` rows x·B (f32, and the fastest bf16 kernel)."""
+    if "gemm" not in ours_help("bench"):
+        return None, None
+    rows = {r["bench"]: r["gflops"] for r in ours_json("bench", "gemm", "--json", "--runs", RUNS)}
+    bf16 = [v for k, v in rows.items() if k.startswith("bf16_") and k.endswith("_x_b")]
+    return rows.get("f32_x_b"), max(bf16) if bf16 else None
 
 
 def torch_train(mode):
@@ -107,8 +116,10 @@ def torch_train(mode):
 
     config = LlamaConfig(**SMOLLM2)
     torch.manual_seed(0)
-    if mode == "qlora":  # bnb quantizes while loading: save the random model once
-        path = Path(os.environ.get("INTEROP_WORK", "target/interop")) / "bench/smollm2-shape"
+    if mode == "qlora":  # bnb quantizes while loading: the real model, or a saved random one
+        path = Path(os.environ.get("LORA_QAT_REAL_MODEL_HF", "-"))
+        if not (path / "config.json").is_file():
+            path = Path(os.environ.get("INTEROP_WORK", "target/interop")) / "bench/smollm2-shape"
         if not (path / "config.json").is_file():
             LlamaForCausalLM(config).save_pretrained(path)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -155,8 +166,10 @@ if __name__ == "__main__":
     for key, label in names.items():
         emit(f"layer m=512 d=2048 r=16: {label}", layer_ours.get(key), layer_torch[key], "ms",
              "fwd+bwd incl. input gradient, median")
-    gemm_note = "ours: no `lora-qat bench gemm` in this build (criterion bench `gemm` has it)"
-    emit("sgemm 512x2048x2048", None, torch_sgemm(), "GFLOP/s", gemm_note)
+    f32_gemm, bf16_gemm = ours_gemm()
+    emit("sgemm 512x2048x2048 f32", f32_gemm, torch_gemm(torch.float32), "GFLOP/s", "x·B, median")
+    emit("GEMM 512x2048x2048 bf16", bf16_gemm, torch_gemm(torch.bfloat16), "GFLOP/s",
+         "ours: fastest bf16 kernel, f32 accumulation")
     kv_note = "" if "--kv-heads" in ours_help("bench", "train") else \
         "; ours with 9 kv heads (bench train has no --kv-heads), PyTorch the real 3"
     f32_ours = ours_train(qlora=False)

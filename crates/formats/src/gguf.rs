@@ -609,6 +609,14 @@ impl GgufFile {
             let key = r.string(&format!("metadata key #{i}"))?;
             let ty = r.u32(&format!("type of {key}"))?;
             let value = r.value(ty, &key)?;
+            if metadata.iter().any(|(k, _)| *k == key) {
+                // llama.cpp refuses a repeated key too: which value would count is undefined.
+                return Err(io_err(
+                    path,
+                    "corrupt metadata",
+                    format!("duplicate key {key}"),
+                ));
+            }
             metadata.push((key, value));
         }
         let alignment = alignment_of(&metadata, &format!("GGUF file {}", path.display()))?;
@@ -663,6 +671,13 @@ impl GgufFile {
                 .bytes_for(n)
                 .map_err(|e| io_err(path, &format!("tensor {name}"), e))?
                 as u64;
+            if tensors.iter().any(|t: &TensorInfo| t.name == name) {
+                return Err(io_err(
+                    path,
+                    "corrupt tensor info",
+                    format!("duplicate tensor name {name}"),
+                ));
+            }
             tensors.push(TensorInfo {
                 name,
                 shape,

@@ -140,7 +140,10 @@ impl SafetensorsReader {
                     "data_offsets {offsets:?} do not hold {expected} bytes of {dtype:?} {shape:?}"
                 )));
             }
-            if data_start + offsets[1] > file_len {
+            if data_start
+                .checked_add(offsets[1])
+                .is_none_or(|end| end > file_len)
+            {
                 return Err(bad("data past the end of the file".into()));
             }
             tensors.insert(

@@ -666,7 +666,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn softcap_window_and_segments_backward_match_finite_differences() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -697,8 +696,16 @@ mod tests {
         let forward = |q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>| {
             let mut probs = Array3::zeros((4, 6, 6));
             let mut out = Array2::zeros((n, 8));
-            attention_forward(shape, &options, q.view(), k.view(), v.view(), &mut probs, out.view_mut())
-                .unwrap();
+            attention_forward(
+                shape,
+                &options,
+                q.view(),
+                k.view(),
+                v.view(),
+                &mut probs,
+                out.view_mut(),
+            )
+            .unwrap();
             (out, probs)
         };
         let (_, probs) = forward(&q, &k, &v);
@@ -708,7 +715,11 @@ mod tests {
         assert!(probs[[2, 3, 2]] > 0.0);
         assert_eq!(probs[[0, 3, 2]], 0.0);
         assert!((probs[[0, 3, 3]] - 1.0).abs() < 1e-6);
-        let (mut dq, mut dk, mut dv) = (Array2::zeros((n, 8)), Array2::zeros((n, 4)), Array2::zeros((n, 4)));
+        let (mut dq, mut dk, mut dv) = (
+            Array2::zeros((n, 8)),
+            Array2::zeros((n, 4)),
+            Array2::zeros((n, 4)),
+        );
         attention_backward(
             shape,
             &options,
@@ -723,8 +734,14 @@ mod tests {
         )
         .unwrap();
         let (k0, v0, q0) = (k.clone(), v.clone(), q.clone());
-        check("capped dq", &mut q, &dq, |q| weighted_sum(&forward(q, &k0, &v0).0, &r));
-        check("capped dk", &mut k, &dk, |k| weighted_sum(&forward(&q0, k, &v0).0, &r));
-        check("capped dv", &mut v, &dv, |v| weighted_sum(&forward(&q0, &k0, v).0, &r));
+        check("capped dq", &mut q, &dq, |q| {
+            weighted_sum(&forward(q, &k0, &v0).0, &r)
+        });
+        check("capped dk", &mut k, &dk, |k| {
+            weighted_sum(&forward(&q0, k, &v0).0, &r)
+        });
+        check("capped dv", &mut v, &dv, |v| {
+            weighted_sum(&forward(&q0, &k0, v).0, &r)
+        });
     }
 }

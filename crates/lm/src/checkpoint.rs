@@ -201,13 +201,9 @@ fn to_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so
 /// a crash never leaves a half-written file under the final name.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| LmError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LmError::io(path, e))
+    // The workspace's one crash-safe write: temp file, fsync, rename, directory fsync.
+    quant_core::io::write_atomic(path, bytes)
+        .map_err(|e| LmError::io(path, std::io::Error::other(e.to_string())))
 }
 
 /// Serializes named `f32` tensors (row-major values + shape) as a safetensors file, atomically.

@@ -144,7 +144,10 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Self::from_json_value(&value)
+        Self::from_json_value(&value).map_err(|e| LmError::ConfigFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Parses the text of a `config.json`.
@@ -317,7 +320,10 @@ impl LlamaConfig {
                 ("num_attention_heads", json!(self.num_attention_heads)),
                 ("num_key_value_heads", json!(self.num_key_value_heads)),
                 ("head_dim", json!(self.head_dim)),
-                ("max_position_embeddings", json!(self.max_position_embeddings)),
+                (
+                    "max_position_embeddings",
+                    json!(self.max_position_embeddings),
+                ),
                 ("tie_word_embeddings", json!(self.tie_word_embeddings)),
             ] {
                 out.insert(key.into(), value);

@@ -75,10 +75,15 @@ impl DecoderLayer {
         }
         let [input, post_attn, pre_ff, post_ff, q_norm, k_norm] = norms;
         let missing = |n: &str| LmError::invalid("decoder layer norms", n, "missing");
-        let (attn_inputs, mlp_inputs) = if arch.fused_projections { (1, 1) } else { (3, 2) };
+        let (attn_inputs, mlp_inputs) = if arch.fused_projections {
+            (1, 1)
+        } else {
+            (3, 2)
+        };
         Ok(DecoderLayer {
             input_layernorm: input.ok_or_else(|| missing("input_layernorm"))?,
-            post_attention_layernorm: post_attn.ok_or_else(|| missing("post_attention_layernorm"))?,
+            post_attention_layernorm: post_attn
+                .ok_or_else(|| missing("post_attention_layernorm"))?,
             pre_feedforward_layernorm: pre_ff,
             post_feedforward_layernorm: post_ff,
             q_norm,
@@ -101,18 +106,30 @@ impl DecoderLayer {
 
     /// The projection named `name` below the layer (`self_attn.q_proj`, `mlp.gate_up_proj`).
     pub fn linear(&self, name: &str) -> Option<&LinearModule> {
-        self.linears.iter().find(|(n, _)| *n == name).map(|(_, l)| l)
+        self.linears
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, l)| l)
     }
 
     /// The norms present, each with its HF name below the layer, in checkpoint order.
     pub fn norms_mut(&mut self) -> Vec<(&'static str, &mut Parameter<Ix1>)> {
         let mut out = vec![
             ("input_layernorm", &mut self.input_layernorm),
-            ("post_attention_layernorm", &mut self.post_attention_layernorm),
+            (
+                "post_attention_layernorm",
+                &mut self.post_attention_layernorm,
+            ),
         ];
         for (name, norm) in [
-            ("pre_feedforward_layernorm", &mut self.pre_feedforward_layernorm),
-            ("post_feedforward_layernorm", &mut self.post_feedforward_layernorm),
+            (
+                "pre_feedforward_layernorm",
+                &mut self.pre_feedforward_layernorm,
+            ),
+            (
+                "post_feedforward_layernorm",
+                &mut self.post_feedforward_layernorm,
+            ),
             ("self_attn.q_norm", &mut self.q_norm),
             ("self_attn.k_norm", &mut self.k_norm),
         ] {
@@ -131,7 +148,10 @@ impl DecoderLayer {
         ];
         for (name, norm) in [
             ("pre_feedforward_layernorm", &self.pre_feedforward_layernorm),
-            ("post_feedforward_layernorm", &self.post_feedforward_layernorm),
+            (
+                "post_feedforward_layernorm",
+                &self.post_feedforward_layernorm,
+            ),
             ("self_attn.q_norm", &self.q_norm),
             ("self_attn.k_norm", &self.k_norm),
         ] {
@@ -245,7 +265,12 @@ pub(crate) struct LayerActivations {
 }
 
 /// RMSNorm of `x` with a parameter as the family applies it; returns `(y, rstd)`.
-fn norm(kind: NormKind, x: ArrayView2<'_, f32>, w: &Parameter<Ix1>, eps: f32) -> Result<(Array2<f32>, Vec<f32>)> {
+fn norm(
+    kind: NormKind,
+    x: ArrayView2<'_, f32>,
+    w: &Parameter<Ix1>,
+    eps: f32,
+) -> Result<(Array2<f32>, Vec<f32>)> {
     let weight = norm_weight_array(kind, w.value().view());
     let mut y = Array2::zeros(x.dim());
     let mut rstd = vec![0.0; x.nrows()];
@@ -254,7 +279,12 @@ fn norm(kind: NormKind, x: ArrayView2<'_, f32>, w: &Parameter<Ix1>, eps: f32) ->
 }
 
 /// Recomputes a norm's output from its input and `rstd`.
-fn norm_again(kind: NormKind, x: ArrayView2<'_, f32>, w: &Parameter<Ix1>, rstd: &[f32]) -> Result<Array2<f32>> {
+fn norm_again(
+    kind: NormKind,
+    x: ArrayView2<'_, f32>,
+    w: &Parameter<Ix1>,
+    rstd: &[f32],
+) -> Result<Array2<f32>> {
     let weight = norm_weight_array(kind, w.value().view());
     let mut y = Array2::zeros(x.dim());
     rms_norm_apply(x, weight.view(), rstd, y.view_mut())?;
@@ -271,7 +301,14 @@ fn norm_backward(
     grad_x: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
     let weight = norm_weight_array(kind, w.value().view());
-    rms_norm_backward(x, weight.view(), rstd, grad_y, grad_x, w.grad_mut().map(|g| g.view_mut()))
+    rms_norm_backward(
+        x,
+        weight.view(),
+        rstd,
+        grad_y,
+        grad_x,
+        w.grad_mut().map(|g| g.view_mut()),
+    )
 }
 
 /// Per-head RMSNorm of `cols` (`heads` blocks of `head_dim`) in place; returns the `rstd` of
@@ -314,7 +351,14 @@ fn head_norm_backward(
     let raw_flat = reshape(raw.to_owned())?;
     let grad_flat = reshape(grad.to_owned())?;
     let mut grad_raw = Array2::<f32>::zeros((n * heads, hd));
-    norm_backward(kind, raw_flat.view(), w, rstd, grad_flat.view(), grad_raw.view_mut())?;
+    norm_backward(
+        kind,
+        raw_flat.view(),
+        w,
+        rstd,
+        grad_flat.view(),
+        grad_raw.view_mut(),
+    )?;
     let grad_raw = grad_raw
         .into_shape_with_order((n, heads * hd))
         .map_err(|e| LmError::shape("q/k head norm backward", format!("{n}×{}", heads * hd), e))?;
@@ -323,7 +367,11 @@ fn head_norm_backward(
 }
 
 /// `out ← Σ` of `linears` writing consecutive column blocks of `out`.
-fn project_into(linears: &mut [(&'static str, LinearModule)], x: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
+fn project_into(
+    linears: &mut [(&'static str, LinearModule)],
+    x: ArrayView2<'_, f32>,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
     let mut col = 0;
     for (_, lin) in linears {
         let width = lin.out_features();
@@ -343,7 +391,12 @@ fn project_backward(
     let mut col = 0;
     for (i, (_, lin)) in linears.iter_mut().enumerate() {
         let width = lin.out_features();
-        lin.backward(x, grad_out.slice(s![.., col..col + width]), grad_x.view_mut(), i > 0)?;
+        lin.backward(
+            x,
+            grad_out.slice(s![.., col..col + width]),
+            grad_x.view_mut(),
+            i > 0,
+        )?;
         col += width;
     }
     Ok(())
@@ -367,7 +420,13 @@ pub(crate) fn layer_forward(
     let (mut qk_raw, mut rstd_q, mut rstd_k) = (None, Vec::new(), Vec::new());
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         qk_raw = Some(qkv.slice(s![.., ..q_width + kv_width]).to_owned());
-        rstd_q = head_norm_forward(kind, qkv.slice_mut(s![.., ..q_width]), ctx.heads, qn, ctx.eps)?;
+        rstd_q = head_norm_forward(
+            kind,
+            qkv.slice_mut(s![.., ..q_width]),
+            ctx.heads,
+            qn,
+            ctx.eps,
+        )?;
         rstd_k = head_norm_forward(
             kind,
             qkv.slice_mut(s![.., q_width..q_width + kv_width]),
@@ -385,7 +444,8 @@ pub(crate) fn layer_forward(
     let mut attn_out = Array2::<f32>::zeros((n, q_width));
     let probs = match keys {
         KeysFrom::Batch { shape, mask } => {
-            let mut probs = Array3::<f32>::zeros((shape.batch * shape.n_heads, shape.seq, shape.seq));
+            let mut probs =
+                Array3::<f32>::zeros((shape.batch * shape.n_heads, shape.seq, shape.seq));
             attention_forward(
                 shape,
                 &ctx.options(mask),
@@ -397,7 +457,11 @@ pub(crate) fn layer_forward(
             )?;
             probs
         }
-        KeysFrom::Cache { keys, values, offset } => {
+        KeysFrom::Cache {
+            keys,
+            values,
+            offset,
+        } => {
             for row in qkv.axis_iter(Axis(0)) {
                 keys.extend(row.slice(s![q_width..q_width + kv_width]).iter());
                 values.extend(row.slice(s![q_width + kv_width..]).iter());
@@ -436,7 +500,8 @@ pub(crate) fn layer_forward(
         true => {
             let mut o = Array2::<f32>::zeros((n, ctx.hidden));
             o_proj.forward(attn_out.view(), o.view_mut(), false)?;
-            let (normed_o, rstd_o) = norm(kind, o.view(), &layer.post_attention_layernorm, ctx.eps)?;
+            let (normed_o, rstd_o) =
+                norm(kind, o.view(), &layer.post_attention_layernorm, ctx.eps)?;
             (x_in + &normed_o, Some((o, rstd_o)))
         }
         false => {
@@ -524,9 +589,19 @@ pub(crate) fn layer_backward(
     }
     drop(act);
     let mut grad_gate_up = Array2::<f32>::zeros((n, 2 * ctx.intermediate));
-    gated_backward(ctx.arch.activation, acts.gate_up.view(), grad_act.view(), grad_gate_up.view_mut())?;
+    gated_backward(
+        ctx.arch.activation,
+        acts.gate_up.view(),
+        grad_act.view(),
+        grad_gate_up.view_mut(),
+    )?;
     drop(grad_act);
-    let normed_mlp = norm_again(kind, acts.residual_mid.view(), layer.mlp_norm(), &acts.rstd_mlp)?;
+    let normed_mlp = norm_again(
+        kind,
+        acts.residual_mid.view(),
+        layer.mlp_norm(),
+        &acts.rstd_mlp,
+    )?;
     let mut grad_normed = Array2::<f32>::zeros((n, ctx.hidden));
     project_backward(
         &mut layer.linears[attn_inputs + 1..attn_inputs + 1 + mlp_inputs],
@@ -583,7 +658,9 @@ pub(crate) fn layer_backward(
         ctx.heads + ctx.kv_heads,
         true,
     )?;
-    if let (Some(raw), Some(qn), Some(kn)) = (&acts.qk_raw, layer.q_norm.as_mut(), layer.k_norm.as_mut()) {
+    if let (Some(raw), Some(qn), Some(kn)) =
+        (&acts.qk_raw, layer.q_norm.as_mut(), layer.k_norm.as_mut())
+    {
         head_norm_backward(
             kind,
             raw.slice(s![.., ..q_width]),

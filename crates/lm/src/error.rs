@@ -21,6 +21,12 @@ pub enum LmError {
     /// A JSON file (config, shard index) that does not parse.
     #[error("invalid JSON in {path}: {reason}")]
     Json { path: PathBuf, reason: String },
+    /// An error in the config file at `path` (the inner error names the key).
+    #[error("{}: {source}", path.display())]
+    ConfigFile {
+        path: std::path::PathBuf,
+        source: Box<LmError>,
+    },
     /// A config key that is missing, has the wrong type or an invalid value.
     #[error("config key `{key}`: {reason}")]
     Config { key: String, reason: String },

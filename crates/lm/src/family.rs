@@ -192,12 +192,16 @@ impl Architecture {
 
     /// Whether the module named `name` (below the layer) has a bias.
     pub fn has_bias(&self, name: &str) -> bool {
-        self.biases.iter().any(|b| *b == name)
+        self.biases.contains(&name)
     }
 
     /// Reads the family description from a config object; `head_dim` and `num_layers` come
     /// from the already-parsed sizes.
-    pub fn from_config(obj: &Map<String, Value>, head_dim: usize, num_layers: usize) -> Result<Self> {
+    pub fn from_config(
+        obj: &Map<String, Value>,
+        head_dim: usize,
+        num_layers: usize,
+    ) -> Result<Self> {
         let family = Family::from_model_type(
             obj.get("model_type")
                 .ok_or_else(|| LmError::config("model_type", "missing"))?,
@@ -279,7 +283,9 @@ impl Architecture {
         let mut biases: Vec<&'static str> = Vec::new();
         let attention_bias = flag("attention_bias");
         match family {
-            Family::Qwen2 => biases.extend(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            Family::Qwen2 => {
+                biases.extend(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+            }
             Family::Phi3 => {}
             _ if attention_bias => biases.extend([
                 "self_attn.q_proj",
@@ -310,12 +316,12 @@ impl Architecture {
         // Attention windows per layer.
         let window = match obj.get("sliding_window") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .filter(|&w| w > 0)
-                    .ok_or_else(|| LmError::config("sliding_window", format!("expected a positive integer, got {v}")))?
-                    as usize,
-            ),
+            Some(v) => Some(v.as_u64().filter(|&w| w > 0).ok_or_else(|| {
+                LmError::config(
+                    "sliding_window",
+                    format!("expected a positive integer, got {v}"),
+                )
+            })? as usize),
         };
         let layer_types: Vec<bool> = match obj.get("layer_types") {
             Some(Value::Array(items)) => {
@@ -342,9 +348,13 @@ impl Architecture {
                 .map(|i| match family {
                     Family::Llama | Family::Mistral | Family::Phi3 => window.is_some(),
                     Family::Qwen2 | Family::Qwen3 => {
-                        let max_window_layers =
-                            obj.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28);
-                        flag("use_sliding_window") && window.is_some() && i as u64 >= max_window_layers
+                        let max_window_layers = obj
+                            .get("max_window_layers")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(28);
+                        flag("use_sliding_window")
+                            && window.is_some()
+                            && i as u64 >= max_window_layers
                     }
                     Family::Gemma2 => (i + 1) % 2 != 0,
                     Family::Gemma3 => {
@@ -357,7 +367,12 @@ impl Architecture {
                     }
                 })
                 .collect(),
-            Some(v) => return Err(LmError::config("layer_types", format!("expected a list, got {v}"))),
+            Some(v) => {
+                return Err(LmError::config(
+                    "layer_types",
+                    format!("expected a list, got {v}"),
+                ))
+            }
         };
         if family == Family::Llama && window.is_some() {
             return Err(unsupported(
@@ -384,9 +399,8 @@ impl Architecture {
         };
         let params = rope_dict("rope_parameters")?;
         let legacy = rope_dict("rope_scaling")?;
-        let per_type = params.filter(|p| {
-            p.contains_key("full_attention") || p.contains_key("sliding_attention")
-        });
+        let per_type = params
+            .filter(|p| p.contains_key("full_attention") || p.contains_key("sliding_attention"));
         let (ropes, rope_of): (Vec<Rope>, Box<dyn Fn(bool) -> usize>) = if let Some(p) = per_type {
             let sub = |name: &str| -> Result<Option<&Map<String, Value>>> {
                 match p.get(name) {
@@ -398,26 +412,40 @@ impl Architecture {
                     )),
                 }
             };
-            let full = Rope::parse("rope_parameters.full_attention", sub("full_attention")?, theta, head_dim, obj)?;
+            let full = Rope::parse(
+                "rope_parameters.full_attention",
+                sub("full_attention")?,
+                theta,
+                head_dim,
+                obj,
+            )?;
             let sliding = match sub("sliding_attention")? {
-                Some(s) => Rope::parse("rope_parameters.sliding_attention", Some(s), theta, head_dim, obj)?,
+                Some(s) => Rope::parse(
+                    "rope_parameters.sliding_attention",
+                    Some(s),
+                    theta,
+                    head_dim,
+                    obj,
+                )?,
                 None => full.clone(),
             };
-            (vec![full, sliding], Box::new(|s| usize::from(s)))
+            (vec![full, sliding], Box::new(usize::from))
         } else if family == Family::Gemma3 {
             // transformers 4 layout: `rope_theta` + `rope_scaling` for global layers,
             // `rope_local_base_freq` for sliding ones.
             let full = Rope::parse("rope_scaling", legacy.or(params), theta, head_dim, obj)?;
             let local = number("rope_local_base_freq")?.unwrap_or(10000.0);
             let sliding = Rope::parse("rope_local_base_freq", None, Some(local), head_dim, obj)?;
-            (vec![full, sliding], Box::new(|s| usize::from(s)))
+            (vec![full, sliding], Box::new(usize::from))
         } else {
             let (key, dict) = match (params, legacy) {
                 (Some(p), None) => ("rope_parameters", Some(p)),
                 (None, Some(l)) => ("rope_scaling", Some(l)),
                 (Some(p), Some(l)) => {
                     // Both present: transformers 5 moved rope_scaling into rope_parameters.
-                    if l.get("rope_type").or_else(|| l.get("type")).and_then(Value::as_str)
+                    if l.get("rope_type")
+                        .or_else(|| l.get("type"))
+                        .and_then(Value::as_str)
                         .is_some_and(|t| t != "default")
                         && p.get("rope_type").and_then(Value::as_str) == Some("default")
                     {
@@ -442,7 +470,10 @@ impl Architecture {
         let query_scale = if gemma {
             let scalar = number("query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
             if !(scalar.is_finite() && scalar > 0.0) {
-                return Err(LmError::config("query_pre_attn_scalar", format!("{scalar} is invalid")));
+                return Err(LmError::config(
+                    "query_pre_attn_scalar",
+                    format!("{scalar} is invalid"),
+                ));
             }
             (scalar as f32).powf(-0.5)
         } else {
@@ -456,7 +487,10 @@ impl Architecture {
             }
         };
         let (attn_softcap, final_softcap) = if gemma {
-            (cap("attn_logit_softcapping")?, cap("final_logit_softcapping")?)
+            (
+                cap("attn_logit_softcapping")?,
+                cap("final_logit_softcapping")?,
+            )
         } else {
             for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
                 if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
@@ -468,7 +502,11 @@ impl Architecture {
         let hidden = obj.get("hidden_size").and_then(Value::as_u64).unwrap_or(0) as f32;
         Ok(Architecture {
             family,
-            norm: if gemma { NormKind::OnePlusWeight } else { NormKind::Weight },
+            norm: if gemma {
+                NormKind::OnePlusWeight
+            } else {
+                NormKind::Weight
+            },
             activation,
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             sandwich_norms: gemma,

@@ -148,7 +148,6 @@ impl LlamaModel {
         Ok((input_ids.iter().copied().collect(), mask))
     }
 
-
     /// Logits `(batch, seq, vocab)` for `input_ids: (batch, seq)`, keeping the activations the
     /// backward pass needs. `attention_mask` (false = padding) hides padded keys, as a right-
     /// padded batch of different lengths needs; positions are `0..seq` in every row, as
@@ -289,7 +288,12 @@ impl LlamaModel {
     }
 
     /// Rope tables for positions `0..len`, one per distinct rope of the family.
-    pub(crate) fn rope_tables(&self, first: usize, len: usize, seq_len: usize) -> Result<Vec<RopeTable>> {
+    pub(crate) fn rope_tables(
+        &self,
+        first: usize,
+        len: usize,
+        seq_len: usize,
+    ) -> Result<Vec<RopeTable>> {
         self.config
             .architecture
             .ropes
@@ -337,13 +341,22 @@ impl LlamaModel {
 
     /// Final norm, LM head (tied or not) and final soft cap of the residual stream `x`:
     /// returns `(normed, rstd, logits)`.
-    pub(crate) fn head_forward(&mut self, x: &Array2<f32>) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
+    pub(crate) fn head_forward(
+        &mut self,
+        x: &Array2<f32>,
+    ) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
         let c = &self.config;
         let n = x.nrows();
         let weight = norm_weight_array(c.architecture.norm, self.norm.value().view());
         let mut normed = Array2::<f32>::zeros((n, c.hidden_size));
         let mut rstd = vec![0.0; n];
-        rms_norm_forward(x.view(), weight.view(), c.rms_norm_eps, normed.view_mut(), &mut rstd)?;
+        rms_norm_forward(
+            x.view(),
+            weight.view(),
+            c.rms_norm_eps,
+            normed.view_mut(),
+            &mut rstd,
+        )?;
         let mut logits = Array2::<f32>::zeros((n, c.vocab_size));
         let cap = c.architecture.final_softcap;
         match &mut self.lm_head {

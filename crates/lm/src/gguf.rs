@@ -477,6 +477,35 @@ pub struct GgufExportReport {
 }
 
 /// Hugging Face tensor names of a Llama checkpoint in llama.cpp's order.
+/// The GGUF writer maps the Llama layout only (llama.cpp's `llama` architecture with the
+/// default rope): other families and rope scalings are refused by name rather than written
+/// under names llama.cpp would misread.
+fn check_exportable(config: &LlamaConfig) -> Result<()> {
+    let arch = &config.architecture;
+    if arch.family != crate::family::Family::Llama {
+        return Err(LmError::Unsupported {
+            key: "model_type".into(),
+            value: format!("{:?}", arch.family.model_type()),
+            reason: "GGUF export is implemented for the llama family only".into(),
+        });
+    }
+    if let Some(rope) = arch.ropes.iter().find(|r| r.type_name() != "default") {
+        return Err(LmError::Unsupported {
+            key: "rope_parameters.rope_type".into(),
+            value: format!("{:?}", rope.type_name()),
+            reason: "GGUF export writes the default rotary embedding only".into(),
+        });
+    }
+    if let Some(b) = arch.biases.first() {
+        return Err(LmError::Unsupported {
+            key: "attention_bias / mlp_bias".into(),
+            value: format!("true ({b})"),
+            reason: "GGUF export of projection biases is not implemented".into(),
+        });
+    }
+    Ok(())
+}
+
 fn ordered_hf_names(config: &LlamaConfig) -> Vec<String> {
     let mut names = vec!["model.embed_tokens.weight".to_string()];
     for layer in 0..config.num_hidden_layers {
@@ -530,6 +559,7 @@ pub fn export_gguf(
 ) -> Result<GgufExportReport> {
     let source = MergedSource::open(model_dir, adapter_dir)?;
     let config = source.checkpoint.config.clone();
+    check_exportable(&config)?;
     let names = ordered_hf_names(&config);
     // Every stored tensor must have a place: anything else means options llama.cpp ignores.
     for t in source.checkpoint.tensors() {
@@ -621,6 +651,7 @@ pub fn export_gguf_lora(
         });
     }
     let config = source.checkpoint.config.clone();
+    check_exportable(&config)?;
     let adapter = source.adapter.as_ref().expect("opened with an adapter");
     if adapter.config.use_dora {
         return Err(LmError::Unsupported {

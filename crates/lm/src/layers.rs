@@ -273,8 +273,7 @@ pub fn gated_backward(
         Activation::Silu => swiglu_backward(gate_up, grad_out, grad_gate_up),
         Activation::GeluTanh => {
             let inter = grad_out.ncols();
-            if gate_up.dim() != (grad_out.nrows(), 2 * inter)
-                || grad_gate_up.dim() != gate_up.dim()
+            if gate_up.dim() != (grad_out.nrows(), 2 * inter) || grad_gate_up.dim() != gate_up.dim()
             {
                 return Err(LmError::shape(
                     "geglu backward gate|up, grad_out, grad_gate_up",
@@ -479,7 +478,13 @@ mod tests {
             out
         };
         let mut grad = Array2::zeros((3, 10));
-        gated_backward(Activation::GeluTanh, gate_up.view(), r.view(), grad.view_mut()).unwrap();
+        gated_backward(
+            Activation::GeluTanh,
+            gate_up.view(),
+            r.view(),
+            grad.view_mut(),
+        )
+        .unwrap();
         check("geglu d(gate|up)", &mut gate_up, &grad, |gu| {
             weighted_sum(&forward(gu), &r)
         });
@@ -503,10 +508,19 @@ mod tests {
         let eff = norm_weight_array(NormKind::OnePlusWeight, w.row(0));
         let mut dx = Array2::zeros((3, 5));
         let mut dw = Array1::zeros(5);
-        rms_norm_backward(x.view(), eff.view(), &rstd, r.view(), dx.view_mut(), Some(dw.view_mut()))
-            .unwrap();
+        rms_norm_backward(
+            x.view(),
+            eff.view(),
+            &rstd,
+            r.view(),
+            dx.view_mut(),
+            Some(dw.view_mut()),
+        )
+        .unwrap();
         let dw = dw.insert_axis(Axis(0));
-        check("(1+w) norm dw", &mut w, &dw, |w| weighted_sum(&forward(w).0, &r));
+        check("(1+w) norm dw", &mut w, &dw, |w| {
+            weighted_sum(&forward(w).0, &r)
+        });
     }
 
     #[test]

@@ -14,7 +14,6 @@ use serde_json::Value;
 
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
-use crate::model::LAYER_LINEAR_NAMES;
 
 /// How a logical weight is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -227,16 +226,15 @@ impl LazyCheckpoint {
     }
 }
 
-/// `(out, in)` of every projection of a Llama config, by module path.
+/// `(out, in)` of every projection of a config (with the family's module names: Phi-3's
+/// fused `qkv_proj`/`gate_up_proj`), by module path.
 pub fn linear_shapes(c: &LlamaConfig) -> BTreeMap<String, (usize, usize)> {
-    let (d, i) = (c.hidden_size, c.intermediate_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let shapes = [(q, d), (kv, d), (kv, d), (d, q), (i, d), (i, d), (d, i)];
+    let d = c.hidden_size;
+    let shapes = crate::model::linear_shapes(c);
     let mut out = BTreeMap::new();
     for layer in 0..c.num_hidden_layers {
-        for (name, shape) in LAYER_LINEAR_NAMES.iter().zip(shapes) {
-            out.insert(format!("model.layers.{layer}.{name}"), shape);
+        for (name, shape) in c.architecture.linear_names().iter().zip(&shapes) {
+            out.insert(format!("model.layers.{layer}.{name}"), (shape[0], shape[1]));
         }
     }
     if !c.tie_word_embeddings {

@@ -76,6 +76,9 @@ impl DenseLinear {
 ///
 /// Equality compares what the module computes with: the weight of a dense module; the base
 /// weight, adapter names, active and merged state and adapter tensors of an adapted one.
+// The dense variant (weight and optional bias inline) is the common one; boxing it would add
+// an indirection to every projection for the sake of the rarer adapted variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum LinearModule {
     /// A plain `f32` weight.

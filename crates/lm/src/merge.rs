@@ -255,7 +255,11 @@ fn is_layer_projection(name: &str) -> bool {
         .and_then(|m| m.strip_prefix("model.layers."))
         .and_then(|rest| rest.split_once('.'))
         .is_some_and(|(layer, lin)| {
-            layer.parse::<usize>().is_ok() && LAYER_LINEAR_NAMES.contains(&lin)
+            layer.parse::<usize>().is_ok()
+                && (LAYER_LINEAR_NAMES.contains(&lin)
+                    // Phi-3's fused projections.
+                    || lin == "self_attn.qkv_proj"
+                    || lin == "mlp.gate_up_proj")
         })
 }
 
@@ -412,13 +416,6 @@ pub fn merge_checkpoint(
     }
 
     std::fs::create_dir_all(out_dir).map_err(|e| LmError::io(out_dir, e))?;
-    // A previous checkpoint in out_dir would shadow or mix with this one.
-    for stale in ["model.safetensors", "model.safetensors.index.json"] {
-        let p = out_dir.join(stale);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| LmError::io(&p, e))?;
-        }
-    }
     let n_shards = shards.len();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut weight_map = BTreeMap::new();
@@ -471,6 +468,17 @@ pub fn merge_checkpoint(
             &out_dir.join("model.safetensors.index.json"),
             text.as_bytes(),
         )?;
+    }
+    // A previous checkpoint in out_dir would shadow or mix with this one; it is removed only
+    // now that the new one is complete (a crash before here leaves the old one loadable).
+    let stale = if n_shards > 1 {
+        "model.safetensors"
+    } else {
+        "model.safetensors.index.json"
+    };
+    let stale = out_dir.join(stale);
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| LmError::io(&stale, e))?;
     }
     let mut config = ckpt.config_json.clone();
     let obj = config.as_object_mut().ok_or_else(|| LmError::Json {

@@ -151,7 +151,11 @@ impl LlamaModel {
             let mut norms: [Option<Parameter<Ix1>>; 6] = Default::default();
             for (slot, (name, len)) in norm_layout(c).into_iter().enumerate() {
                 if let Some(name) = name {
-                    norms[slot] = Some(Parameter::new(take1(ckpt, &format!("{p}.{name}.weight"), len)?));
+                    norms[slot] = Some(Parameter::new(take1(
+                        ckpt,
+                        &format!("{p}.{name}.weight"),
+                        len,
+                    )?));
                 }
             }
             let mut linears = Vec::with_capacity(shapes.len());
@@ -495,7 +499,6 @@ impl LlamaModel {
         }
         Ok(())
     }
-
 }
 
 /// `(out, in)` of the layer's projections in the family's order (q, k, v, o, gate, up, down;

@@ -203,8 +203,9 @@ impl AdaptedLayer for QatLayer {
     fn is_merged(&self) -> bool {
         false
     }
-    fn set_training(&mut self, _training: bool) {
-        // The merged mode has no dropout; the frozen-base mode's dropout is the layer's own.
+    fn set_training(&mut self, training: bool) {
+        // The merged mode has no dropout; the frozen-base mode draws it only in training.
+        self.layer.set_training(training);
     }
     fn zero_grad(&mut self) {
         self.layer.zero_grad();
@@ -276,10 +277,13 @@ impl QatState {
     /// Replaces `layer`'s quantizer steps with the stored ones of `module`.
     fn copy_steps(&self, layer: &mut LoraQatLinear, module: &str, file: &Path) -> Result<()> {
         let key = quantizer_step_name(module);
-        let steps = self.steps.get(module).ok_or_else(|| LmError::MissingTensor {
-            key: format!("{key} (in {})", file.display()),
-            expected: vec![layer.quantizer_params().len()],
-        })?;
+        let steps = self
+            .steps
+            .get(module)
+            .ok_or_else(|| LmError::MissingTensor {
+                key: format!("{key} (in {})", file.display()),
+                expected: vec![layer.quantizer_params().len()],
+            })?;
         let params = layer.quantizer_params_mut();
         if steps.len() != params.len() {
             return Err(LmError::TensorShape {

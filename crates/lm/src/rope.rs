@@ -117,8 +117,7 @@ impl Rope {
             } => {
                 let correction_dim = |rotations: f32| -> f64 {
                     (dim as f64
-                        * (*original_max as f64
-                            / (rotations as f64 * 2.0 * std::f64::consts::PI))
+                        * (*original_max as f64 / (rotations as f64 * 2.0 * std::f64::consts::PI))
                             .ln())
                         / (2.0 * (theta as f64).ln())
                 };
@@ -175,7 +174,8 @@ impl Rope {
                     .map(|f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // Frequencies are finite and positive, so the wavelengths compare totally.
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                         if medium {
                             let smooth = (old / wavelen - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);
@@ -206,10 +206,12 @@ impl Rope {
         let num = |name: &str| -> Result<Option<f64>> {
             match p.get(name) {
                 None | Some(Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| LmError::config(format!("{key}.{name}"), format!("expected a number, got {v}"))),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    LmError::config(
+                        format!("{key}.{name}"),
+                        format!("expected a number, got {v}"),
+                    )
+                }),
             }
         };
         let theta = match num("rope_theta")? {
@@ -217,12 +219,20 @@ impl Rope {
             None => theta_fallback.unwrap_or(10000.0),
         };
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(LmError::config(format!("{key}.rope_theta"), format!("{theta} is invalid")));
+            return Err(LmError::config(
+                format!("{key}.rope_theta"),
+                format!("{theta} is invalid"),
+            ));
         }
         let kind = match p.get("rope_type").or_else(|| p.get("type")) {
             None | Some(Value::Null) => "default".to_string(),
             Some(Value::String(s)) => s.clone(),
-            Some(v) => return Err(LmError::config(format!("{key}.rope_type"), format!("expected a string, got {v}"))),
+            Some(v) => {
+                return Err(LmError::config(
+                    format!("{key}.rope_type"),
+                    format!("expected a string, got {v}"),
+                ))
+            }
         };
         let max_pos = config
             .get("max_position_embeddings")
@@ -245,46 +255,49 @@ impl Rope {
         let factor = || -> Result<f32> {
             match num("factor")? {
                 Some(f) if f.is_finite() && f > 0.0 => Ok(f as f32),
-                Some(f) => Err(LmError::config(format!("{key}.factor"), format!("{f} is invalid"))),
+                Some(f) => Err(LmError::config(
+                    format!("{key}.factor"),
+                    format!("{f} is invalid"),
+                )),
                 None => Err(LmError::config(format!("{key}.factor"), "missing")),
             }
         };
-        let allowed: &[&str] = match kind.as_str() {
-            "default" => &[],
-            "linear" => &["factor"],
-            "dynamic" => &["factor", "original_max_position_embeddings"],
-            "yarn" => &[
-                "factor",
-                "original_max_position_embeddings",
-                "beta_fast",
-                "beta_slow",
-                "attention_factor",
-                "mscale",
-                "mscale_all_dim",
-                "truncate",
-            ],
-            "longrope" => &[
-                "short_factor",
-                "long_factor",
-                "factor",
-                "attention_factor",
-                "original_max_position_embeddings",
-            ],
-            "llama3" => &[
-                "factor",
-                "low_freq_factor",
-                "high_freq_factor",
-                "original_max_position_embeddings",
-            ],
-            _ => {
-                return Err(LmError::Unsupported {
+        let allowed: &[&str] =
+            match kind.as_str() {
+                "default" => &[],
+                "linear" => &["factor"],
+                "dynamic" => &["factor", "original_max_position_embeddings"],
+                "yarn" => &[
+                    "factor",
+                    "original_max_position_embeddings",
+                    "beta_fast",
+                    "beta_slow",
+                    "attention_factor",
+                    "mscale",
+                    "mscale_all_dim",
+                    "truncate",
+                ],
+                "longrope" => &[
+                    "short_factor",
+                    "long_factor",
+                    "factor",
+                    "attention_factor",
+                    "original_max_position_embeddings",
+                ],
+                "llama3" => &[
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                ],
+                _ => return Err(LmError::Unsupported {
                     key: format!("{key}.rope_type"),
                     value: format!("{kind:?}"),
-                    reason: "implemented rope types: default, linear, dynamic, yarn, longrope, llama3"
-                        .into(),
-                })
-            }
-        };
+                    reason:
+                        "implemented rope types: default, linear, dynamic, yarn, longrope, llama3"
+                            .into(),
+                }),
+            };
         for (name, value) in p {
             let common = ["rope_type", "type", "rope_theta"].contains(&name.as_str());
             if !common && !allowed.contains(&name.as_str()) && !value.is_null() {
@@ -327,15 +340,27 @@ impl Rope {
             }
             "longrope" => {
                 let list = |name: &str| -> Result<Vec<f32>> {
-                    let v = p.get(name).ok_or_else(|| LmError::config(format!("{key}.{name}"), "missing"))?;
+                    let v = p
+                        .get(name)
+                        .ok_or_else(|| LmError::config(format!("{key}.{name}"), "missing"))?;
                     let items = v.as_array().ok_or_else(|| {
-                        LmError::config(format!("{key}.{name}"), format!("expected a list, got {v}"))
+                        LmError::config(
+                            format!("{key}.{name}"),
+                            format!("expected a list, got {v}"),
+                        )
                     })?;
-                    let values: Vec<f32> = items.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
+                    let values: Vec<f32> = items
+                        .iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect();
                     if values.len() != dim / 2 || items.len() != dim / 2 {
                         return Err(LmError::config(
                             format!("{key}.{name}"),
-                            format!("has {} numbers, expected head_dim/2 = {}", items.len(), dim / 2),
+                            format!(
+                                "has {} numbers, expected head_dim/2 = {}",
+                                items.len(),
+                                dim / 2
+                            ),
                         ));
                     }
                     Ok(values)
@@ -427,7 +452,12 @@ impl RopeTable {
 
     /// The table of `rope` for positions `first_position .. first_position + len`, in a forward
     /// whose sequence length (for dynamic and LongRoPE scaling) is `seq_len`.
-    pub fn for_rope(rope: &Rope, first_position: usize, len: usize, seq_len: usize) -> Result<Self> {
+    pub fn for_rope(
+        rope: &Rope,
+        first_position: usize,
+        len: usize,
+        seq_len: usize,
+    ) -> Result<Self> {
         let head_dim = rope.dim;
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(LmError::invalid(
@@ -510,5 +540,119 @@ impl RopeTable {
                 }
             });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Inverse frequencies of every rope type against values computed by hand (Python `math`,
+    //! f64) from the formulas of transformers' `modeling_rope_utils.py`; committed numbers.
+
+    use super::*;
+    use serde_json::json;
+
+    fn rope(params: Value, dim: usize, config: Value) -> Rope {
+        let config = config.as_object().unwrap().clone();
+        Rope::parse("rope_parameters", params.as_object(), None, dim, &config).unwrap()
+    }
+
+    fn close(got: &[f32], expected: &[f64]) {
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(expected) {
+            assert!(
+                (*g as f64 - e).abs() <= 1e-6 * e.abs().max(1e-3),
+                "{got:?} vs {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_rope_type_matches_the_reference_formulas() {
+        let cfg = json!({"max_position_embeddings": 32});
+        let linear = rope(
+            json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+            8,
+            cfg.clone(),
+        );
+        close(&linear.inv_freq(4).0, &[0.25, 0.025, 0.0025, 0.00025]);
+
+        let dynamic = rope(
+            json!({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8}),
+            8,
+            cfg.clone(),
+        );
+        // Within the original length: the default frequencies; at 16 positions θ grows.
+        close(&dynamic.inv_freq(8).0, &[1.0, 0.1, 0.01, 0.001]);
+        close(
+            &dynamic.inv_freq(16).0,
+            &[
+                1.0,
+                0.069_336_127_435_063_47,
+                0.004_807_498_567_691_361,
+                0.000_333_333_333_333_333_4,
+            ],
+        );
+
+        let yarn = rope(
+            json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}),
+            8,
+            cfg.clone(),
+        );
+        let (inv, attention) = yarn.inv_freq(4);
+        close(&inv, &[1.0, 0.1, 0.00625, 0.00025]);
+        close(&[attention], &[1.138_629_436_111_989]);
+
+        let longrope = rope(
+            json!({"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5],
+                   "long_factor": [3.0, 4.0, 5.0, 6.0]}),
+            8,
+            json!({"max_position_embeddings": 32, "original_max_position_embeddings": 8}),
+        );
+        let (short, attention) = longrope.inv_freq(8);
+        close(&short, &[1.0, 0.066_666_666_666_666_67, 0.005, 0.0004]);
+        close(&[attention], &[1.290_994_448_735_805_6]);
+        close(
+            &longrope.inv_freq(9).0,
+            &[
+                0.333_333_333_333_333_3,
+                0.025,
+                0.002,
+                0.000_166_666_666_666_666_66,
+            ],
+        );
+
+        let llama3 = rope(
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+            16,
+            cfg,
+        );
+        close(
+            &llama3.inv_freq(4).0,
+            &[
+                1.0,
+                0.095_839_985_882_962_66,
+                0.0125,
+                0.003_952_847_075_210_474,
+                0.00125,
+                0.000_395_284_707_521_047_37,
+                0.000125,
+                3.952_847_075_210_474e-5,
+            ],
+        );
+    }
+
+    #[test]
+    fn unknown_rope_types_and_options_are_refused_by_name() {
+        let cfg = json!({}).as_object().unwrap().clone();
+        let p = json!({"rope_type": "su"});
+        let e = Rope::parse("rope_scaling", p.as_object(), None, 8, &cfg).unwrap_err();
+        assert!(
+            e.to_string().contains("rope_scaling.rope_type") && e.to_string().contains("su"),
+            "{e}"
+        );
+        let p = json!({"rope_type": "linear", "factor": 2.0, "beta_fast": 3.0});
+        let e = Rope::parse("rope_parameters", p.as_object(), None, 8, &cfg).unwrap_err();
+        assert!(e.to_string().contains("rope_parameters.beta_fast"), "{e}");
     }
 }

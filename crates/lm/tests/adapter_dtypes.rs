@@ -86,7 +86,7 @@ fn f16_and_bf16_adapter_files_give_peft_logits_within_their_rounding() {
 fn save_dtype_writes_that_dtype_and_loads_back() {
     let mut model = LlamaModel::from_pretrained(data_dir().join("base")).unwrap();
     model
-        .load_adapter(&data_dir().join("adapter_lora"), "default", 0)
+        .load_adapter(data_dir().join("adapter_lora"), "default", 0)
         .unwrap();
     for (save, want) in [
         (SaveDtype::F32, Dtype::F32),

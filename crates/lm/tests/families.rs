@@ -13,10 +13,14 @@ use lm::{cross_entropy, LlamaModel, Sampling};
 use ndarray::{Array2, ArrayD};
 use safetensors::SafeTensors;
 
-const FAMILIES: [&str; 7] = ["llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"];
+const FAMILIES: [&str; 7] = [
+    "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
+];
 
 fn dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/arch").join(family)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/arch")
+        .join(family)
 }
 
 fn i64s(family: &str, name: &str) -> (Vec<usize>, Vec<i64>) {
@@ -35,8 +39,11 @@ fn ids_and_labels(family: &str) -> (Array2<u32>, Array2<i64>) {
     let (shape, ids) = i64s(family, "input_ids");
     let (_, labels) = i64s(family, "labels");
     (
-        Array2::from_shape_vec((shape[0], shape[1]), ids.into_iter().map(|v| v as u32).collect())
-            .unwrap(),
+        Array2::from_shape_vec(
+            (shape[0], shape[1]),
+            ids.into_iter().map(|v| v as u32).collect(),
+        )
+        .unwrap(),
         Array2::from_shape_vec((shape[0], shape[1]), labels).unwrap(),
     )
 }
@@ -44,7 +51,12 @@ fn ids_and_labels(family: &str) -> (Array2<u32>, Array2<i64>) {
 fn relative(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());
     let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt();
     err / norm.max(f32::MIN_POSITIVE)
 }
 
@@ -52,19 +64,25 @@ fn check_family(family: &str) {
     let io = read_f32s(&dir(family).join("io.safetensors"));
     let (ids, labels) = ids_and_labels(family);
     let mut model = LlamaModel::from_pretrained(dir(family).join("base")).unwrap();
-    assert_eq!(model.config().family().to_string().replace("_text", ""), family.replace("llama3", "llama"));
+    assert_eq!(
+        model.config().family().to_string().replace("_text", ""),
+        family.replace("llama3", "llama")
+    );
 
     // Base.
     let logits = model.logits(ids.view(), None).unwrap();
     let base_logits = max_abs_diff(&logits, &io["base_logits"]);
-    let base_loss = (cross_entropy(logits.view(), labels.view()).unwrap().loss - io["base_loss"][[0]]).abs();
+    let base_loss =
+        (cross_entropy(logits.view(), labels.view()).unwrap().loss - io["base_loss"][[0]]).abs();
 
     // Greedy continuation with the KV cache.
     let (_, prompt) = i64s(family, "greedy_prompt");
     let (_, expected) = i64s(family, "greedy_tokens");
     let prompt: Vec<u32> = prompt.iter().map(|&v| v as u32).collect();
     // `greedy_tokens` holds the new tokens only (prompt + new runs past the windows).
-    let generated = model.generate(&prompt, expected.len(), &Sampling::Greedy, None).unwrap();
+    let generated = model
+        .generate(&prompt, expected.len(), &Sampling::Greedy, None)
+        .unwrap();
     let expected_new: Vec<u32> = expected.iter().map(|&v| v as u32).collect();
 
     // LoRA.
@@ -76,7 +94,11 @@ fn check_family(family: &str) {
     let lora_loss = (ce.loss - io["lora_loss"][[0]]).abs();
     model.backward(pass, ce.grad_logits.view()).unwrap();
     let expected_grads = read_f32s(&adapter.join("grads.safetensors"));
-    let ours: BTreeMap<String, ArrayD<f32>> = model.adapter_gradients("default").unwrap().into_iter().collect();
+    let ours: BTreeMap<String, ArrayD<f32>> = model
+        .adapter_gradients("default")
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(ours.len(), expected_grads.len(), "{family}: gradient count");
     let mut worst_grad = 0.0f32;
     for (key, grad) in &ours {
@@ -89,12 +111,27 @@ fn check_family(family: &str) {
         "{family}: base logits {base_logits:e}, base loss {base_loss:e}, LoRA logits \
          {lora_logits:e}, LoRA loss {lora_loss:e}, worst gradient {worst_grad:e}"
     );
-    assert!(base_logits <= 1e-4, "{family}: base logits differ by {base_logits}");
-    assert!(base_loss <= 1e-5, "{family}: base loss differs by {base_loss}");
+    assert!(
+        base_logits <= 1e-4,
+        "{family}: base logits differ by {base_logits}"
+    );
+    assert!(
+        base_loss <= 1e-5,
+        "{family}: base loss differs by {base_loss}"
+    );
     assert_eq!(generated, expected_new, "{family}: greedy tokens");
-    assert!(lora_logits <= 1e-4, "{family}: LoRA logits differ by {lora_logits}");
-    assert!(lora_loss <= 1e-5, "{family}: LoRA loss differs by {lora_loss}");
-    assert!(worst_grad <= 1e-3, "{family}: adapter gradient relative error {worst_grad}");
+    assert!(
+        lora_logits <= 1e-4,
+        "{family}: LoRA logits differ by {lora_logits}"
+    );
+    assert!(
+        lora_loss <= 1e-5,
+        "{family}: LoRA loss differs by {lora_loss}"
+    );
+    assert!(
+        worst_grad <= 1e-3,
+        "{family}: adapter gradient relative error {worst_grad}"
+    );
 
     // A saved adapter loads back equal.
     let saved = std::env::temp_dir().join(format!("lm-families-{family}-{}", std::process::id()));
@@ -153,10 +190,17 @@ fn packed_rows_equal_separate_rows_for_every_family() {
         let a: Vec<u32> = ids.row(0).iter().take(6).copied().collect();
         let b: Vec<u32> = ids.row(1).iter().take(5).copied().collect();
         let packed = Array2::from_shape_vec((1, 11), [a.clone(), b.clone()].concat()).unwrap();
-        let segments = Array2::from_shape_vec((1, 11), [vec![7u32; 6], vec![3u32; 5]].concat()).unwrap();
-        let pass = model.forward_segmented(packed.view(), segments.view(), None).unwrap();
-        let alone_a = model.logits(Array2::from_shape_vec((1, 6), a).unwrap().view(), None).unwrap();
-        let alone_b = model.logits(Array2::from_shape_vec((1, 5), b).unwrap().view(), None).unwrap();
+        let segments =
+            Array2::from_shape_vec((1, 11), [vec![7u32; 6], vec![3u32; 5]].concat()).unwrap();
+        let pass = model
+            .forward_segmented(packed.view(), segments.view(), None)
+            .unwrap();
+        let alone_a = model
+            .logits(Array2::from_shape_vec((1, 6), a).unwrap().view(), None)
+            .unwrap();
+        let alone_b = model
+            .logits(Array2::from_shape_vec((1, 5), b).unwrap().view(), None)
+            .unwrap();
         let mut worst = 0.0f32;
         for v in 0..model.config().vocab_size {
             for t in 0..6 {
@@ -170,7 +214,9 @@ fn packed_rows_equal_separate_rows_for_every_family() {
         // The pass backs up like any other.
         let grad = ndarray::Array3::<f32>::ones(pass.logits().dim());
         model.set_base_trainable(true);
-        let pass = model.forward_segmented(packed.view(), segments.view(), Some(&[0])).unwrap();
+        let pass = model
+            .forward_segmented(packed.view(), segments.view(), Some(&[0]))
+            .unwrap();
         model.backward(pass, grad.view()).unwrap();
     }
 }

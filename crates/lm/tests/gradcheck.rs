@@ -387,3 +387,100 @@ fn nf4_projections_pass_the_input_gradient() {
         }
     }
 }
+
+/// A tiny random model of `model_type` with every family option switched on that it has.
+fn tiny_family_model(json: &str, seed: u64) -> LlamaModel {
+    let config = LlamaConfig::from_json_str(json).unwrap();
+    let mut model = LlamaModel::random(config, seed).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    model
+        .visit_parameters(|name, p| {
+            if name.contains("norm") || name.ends_with(".bias") {
+                p.value.iter_mut().for_each(|v| {
+                    *v = rng.random_range(-0.5..0.5) + if name.contains("norm") { 0.5 } else { 0.0 }
+                });
+            } else {
+                p.value.iter_mut().for_each(|v| *v *= 20.0);
+            }
+            Ok(())
+        })
+        .unwrap();
+    model
+}
+
+/// Central differences of the loss for three elements of every parameter of a family model:
+/// covers soft caps, GeGLU, `(1 + w)` norms, sandwich norms, q/k norms, biases, fused
+/// projections, sliding windows and the scaled ropes through the whole backward.
+fn check_family_parameters(json: &str) {
+    let mut model = tiny_family_model(json, 3);
+    let (ids, labels) = batch();
+    model.set_base_trainable(true);
+    model
+        .loss_and_backward(ids.view(), labels.view(), None)
+        .unwrap();
+    let analytic = grads(&mut model);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut names: Vec<&String> = analytic.keys().collect();
+    names.sort();
+    for name in names {
+        let g = &analytic[name];
+        let largest = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        for i in [
+            largest,
+            rng.random_range(0..g.len()),
+            rng.random_range(0..g.len()),
+        ] {
+            let numeric = numeric_grad(&mut model, name, i, &ids, &labels);
+            let a = g[i] as f64;
+            assert!(
+                (numeric - a).abs() <= 2e-3 + 3e-2 * a.abs(),
+                "{name}[{i}]: analytic {a}, numeric {numeric}"
+            );
+        }
+    }
+}
+
+const SIZES: &str = r#""vocab_size": 16, "hidden_size": 8, "intermediate_size": 12,
+    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+    "max_position_embeddings": 16, "initializer_range": 0.02"#;
+
+#[test]
+fn gemma2_gradients_match_finite_differences() {
+    // Soft caps low enough to bend the scores and logits; window 2 on layer 0.
+    check_family_parameters(&format!(
+        r#"{{"model_type": "gemma2", {SIZES}, "attn_logit_softcapping": 0.8,
+        "final_logit_softcapping": 1.5, "query_pre_attn_scalar": 6, "sliding_window": 2}}"#
+    ));
+}
+
+#[test]
+fn gemma3_gradients_match_finite_differences() {
+    check_family_parameters(&format!(
+        r#"{{"model_type": "gemma3_text", {SIZES}, "sliding_window": 3,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {{"full_attention": {{"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}},
+                             "sliding_attention": {{"rope_type": "default", "rope_theta": 10000.0}}}}}}"#
+    ));
+}
+
+#[test]
+fn qwen_biases_and_qk_norms_gradients_match_finite_differences() {
+    check_family_parameters(&format!(
+        r#"{{"model_type": "qwen2", {SIZES}, "tie_word_embeddings": false}}"#
+    ));
+    check_family_parameters(&format!(r#"{{"model_type": "qwen3", {SIZES}}}"#));
+}
+
+#[test]
+fn phi3_fused_and_scaled_rope_gradients_match_finite_differences() {
+    check_family_parameters(&format!(
+        r#"{{"model_type": "phi3", {SIZES}, "original_max_position_embeddings": 4,
+        "rope_scaling": {{"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 3.0]}}}}"#
+    ));
+    check_family_parameters(&format!(
+        r#"{{"model_type": "llama", {SIZES}, "rope_parameters": {{"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 8, "rope_theta": 10000.0}}}}"#
+    ));
+}

@@ -206,7 +206,10 @@ fn parameters_fake_quant_switch_and_recalibration() {
         .inject_qat_adapters(&lora, &QatConfig::piq2(), QatMode::QuantizeMerged, "qat", 0)
         .unwrap();
     assert_eq!(n, 2);
-    assert_eq!(model.layers()[0].linear("self_attn.q_proj").unwrap().kind(), "LoRA-QAT");
+    assert_eq!(
+        model.layers()[0].linear("self_attn.q_proj").unwrap().kind(),
+        "LoRA-QAT"
+    );
     // PEFT's default B = 0: with fake quantization off the model computes the base.
     model.set_fake_quant(false);
     assert_eq!(model.logits(ids.view(), None).unwrap(), base);

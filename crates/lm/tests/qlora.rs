@@ -29,7 +29,10 @@ fn bnb4_checkpoint_loads_nf4_projections_and_matches_transformers() {
     let (ids, labels) = io_ids();
     let mut model = bnb4_model();
     for layer in model.layers() {
-        assert!(layer.linear("self_attn.q_proj").unwrap().kind() == "NF4" && layer.linear("mlp.down_proj").unwrap().kind() == "NF4");
+        assert!(
+            layer.linear("self_attn.q_proj").unwrap().kind() == "NF4"
+                && layer.linear("mlp.down_proj").unwrap().kind() == "NF4"
+        );
     }
     // bitsandbytes leaves lm_head (and embeddings, norms) in f32.
     let head = model
@@ -60,7 +63,10 @@ fn qlora_matches_peft_on_the_bnb4_base() {
     let mut model = bnb4_model();
     let adapter_dir = data_dir().join("adapter_qlora");
     assert_eq!(model.load_adapter(&adapter_dir, "default", 0).unwrap(), 14);
-    assert_eq!(model.layers()[1].linear("self_attn.v_proj").unwrap().kind(), "QLoRA");
+    assert_eq!(
+        model.layers()[1].linear("self_attn.v_proj").unwrap().kind(),
+        "QLoRA"
+    );
 
     let pass = model.forward(ids.view(), None).unwrap();
     let logit_diff = max_abs_diff(pass.logits(), &io["qlora_logits"]);
@@ -98,7 +104,10 @@ fn qlora_matches_peft_on_the_bnb4_base() {
     assert_eq!(model.logits(ids.view(), None).unwrap(), unmerged);
     assert_eq!(model.merge_and_unload().unwrap(), 14);
     assert!(model.adapter_names().is_empty());
-    assert_eq!(model.layers()[0].linear("self_attn.q_proj").unwrap().kind(), "dense f32");
+    assert_eq!(
+        model.layers()[0].linear("self_attn.q_proj").unwrap().kind(),
+        "dense f32"
+    );
     let merged = model.logits(ids.view(), None).unwrap();
     let merged_diff = max_abs_diff(&merged, &io["qlora_logits"]);
     eprintln!("qlora: max |merged logits − PEFT| = {merged_diff:e}");

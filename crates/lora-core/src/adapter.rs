@@ -373,6 +373,15 @@ impl LoraAdapter {
         mut y: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
         let tokens = x.nrows();
+        self.check_io(base, "forward x", x.dim(), self.in_features_())?;
+        check_dim("adapter forward y", (tokens, self.b.nrows()), y.dim())?;
+        if let Some(u) = &base_out {
+            check_dim(
+                "adapter forward base_out",
+                (tokens, self.b.nrows()),
+                u.dim(),
+            )?;
+        }
         let p = self.options.dropout as f32;
         let (x_dropped, mask) = if training && p > 0.0 {
             let keep_scale = 1.0 / (1.0 - p);
@@ -447,6 +456,37 @@ impl LoraAdapter {
         Ok(())
     }
 
+    fn in_features_(&self) -> usize {
+        self.a.ncols()
+    }
+
+    /// The base must have this adapter's `(out, in)` and `x` must have `in` columns: a
+    /// caller's mismatch is an error here, not a panic inside an elementwise product.
+    fn check_io<B: FrozenBase + ?Sized>(
+        &self,
+        base: &B,
+        what: &str,
+        x: (usize, usize),
+        in_features: usize,
+    ) -> Result<()> {
+        let shape = (self.b.nrows(), self.a.ncols());
+        if (base.out_features(), base.in_features()) != shape {
+            return Err(LoraError::shape(
+                format!("adapter {what}: base (out, in)"),
+                format!("{shape:?}"),
+                format!("{:?}", (base.out_features(), base.in_features())),
+            ));
+        }
+        if x.1 != in_features {
+            return Err(LoraError::shape(
+                format!("adapter {what}"),
+                format!("(tokens, {in_features})"),
+                format!("{x:?}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Given `dy = ∂L/∂y: (tokens, out)` and the layer input `x` of the last forward,
     /// accumulates `∂L/∂A`, `∂L/∂B` (and `∂L/∂m`) and adds this adapter's part of `∂L/∂x`
     /// into `dx: (tokens, in)`.
@@ -476,6 +516,11 @@ impl LoraAdapter {
                 dy.nrows(),
             ));
         }
+        let tokens = dy.nrows();
+        self.check_io(base, "backward x", x.dim(), self.in_features_())?;
+        check_dim("adapter backward x", (tokens, self.a.ncols()), x.dim())?;
+        check_dim("adapter backward dy", (tokens, self.b.nrows()), dy.dim())?;
+        check_dim("adapter backward dx", (tokens, self.a.ncols()), dx.dim())?;
         let xd = cache.x_dropped.as_ref().map_or(x, |v| v.view());
         // The low-rank path sees g⊙dy under DoRA (g is a constant: the norm is detached).
         let scaled_dy;
@@ -701,4 +746,16 @@ impl LoraAdapter {
             magnitude: self.magnitude.as_mut().zip(self.grad_magnitude.as_mut()),
         }
     }
+}
+
+/// A caller-supplied buffer's shape must be `want`.
+fn check_dim(what: &str, want: (usize, usize), got: (usize, usize)) -> Result<()> {
+    if want != got {
+        return Err(LoraError::shape(
+            what,
+            format!("{want:?}"),
+            format!("{got:?}"),
+        ));
+    }
+    Ok(())
 }

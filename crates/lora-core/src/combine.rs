@@ -238,16 +238,16 @@ pub fn combine(
     let weights: Vec<f32> = adapters.iter().map(|(_, w)| *w as f32).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ combination.seed);
     let combined = match combination.kind {
-        CombinationType::Linear | CombinationType::Svd => weighted_sum(&deltas, &weights),
+        CombinationType::Linear | CombinationType::Svd => weighted_sum(&deltas, &weights)?,
         CombinationType::MagnitudePrune => {
             let d = density()?;
             let trimmed: Vec<_> = deltas.iter().map(|t| magnitude_prune(t, d)).collect();
-            weighted_sum(&trimmed, &weights)
+            weighted_sum(&trimmed, &weights)?
         }
         CombinationType::Ties => {
             let d = density()?;
             let trimmed: Vec<_> = deltas.iter().map(|t| magnitude_prune(t, d)).collect();
-            disjoint_merge(&trimmed, &weights, combination.majority_sign)
+            disjoint_merge(&trimmed, &weights, combination.majority_sign)?
         }
         CombinationType::DareLinear => {
             let d = density()?;
@@ -255,7 +255,7 @@ pub fn combine(
                 .iter()
                 .map(|t| random_prune(t, d, &mut rng))
                 .collect();
-            weighted_sum(&dropped, &weights)
+            weighted_sum(&dropped, &weights)?
         }
         CombinationType::DareTies => {
             let d = density()?;
@@ -263,7 +263,7 @@ pub fn combine(
                 .iter()
                 .map(|t| random_prune(t, d, &mut rng))
                 .collect();
-            disjoint_merge(&dropped, &weights, combination.majority_sign)
+            disjoint_merge(&dropped, &weights, combination.majority_sign)?
         }
         CombinationType::Cat => unreachable!("handled above"),
     };
@@ -272,13 +272,51 @@ pub fn combine(
     LoraAdapter::from_weights(svd.vt, b, None, &new_options(new_rank), seed, context)
 }
 
-/// `Σ wᵢ·tᵢ`.
-pub fn weighted_sum(tensors: &[Array2<f32>], weights: &[f32]) -> Array2<f32> {
-    let mut sum = Array2::zeros(tensors[0].dim());
+/// Errors unless there is at least one tensor, one weight per tensor, and every tensor has
+/// the first one's shape; returns that shape.
+fn check_inputs(what: &str, tensors: &[Array2<f32>], weights: &[f32]) -> Result<(usize, usize)> {
+    let first = tensors.first().ok_or_else(|| {
+        LoraError::option(
+            format!("{what} tensors"),
+            "[]",
+            "at least one tensor is needed",
+        )
+    })?;
+    if weights.len() != tensors.len() {
+        return Err(LoraError::shape(
+            format!("{what} weights (one per tensor)"),
+            tensors.len(),
+            weights.len(),
+        ));
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        if t.dim() != first.dim() {
+            return Err(LoraError::shape(
+                format!("{what} tensor {i} (every tensor has tensor 0's shape)"),
+                format!("{:?}", first.dim()),
+                format!("{:?}", t.dim()),
+            ));
+        }
+    }
+    Ok(first.dim())
+}
+
+/// `Σ wᵢ·tᵢ`. Empty input, a weight count other than the tensor count, or tensors of
+/// different shapes are errors.
+///
+/// ```
+/// use ndarray::array;
+/// let s = lora_core::combine::weighted_sum(&[array![[1.0f32]], array![[2.0]]], &[1.0, 0.5]);
+/// assert_eq!(s.unwrap(), array![[2.0]]);
+/// assert!(lora_core::combine::weighted_sum(&[], &[]).is_err());
+/// ```
+pub fn weighted_sum(tensors: &[Array2<f32>], weights: &[f32]) -> Result<Array2<f32>> {
+    let dim = check_inputs("weighted_sum", tensors, weights)?;
+    let mut sum = Array2::zeros(dim);
     for (t, &w) in tensors.iter().zip(weights) {
         sum.scaled_add(w, t);
     }
-    sum
+    Ok(sum)
 }
 
 /// Keeps the `⌊density·n⌋` elements of largest magnitude (ties: the earlier element), zeroes
@@ -321,9 +359,9 @@ pub fn disjoint_merge(
     tensors: &[Array2<f32>],
     weights: &[f32],
     method: MajoritySign,
-) -> Array2<f32> {
-    let dim = tensors[0].dim();
-    Array2::from_shape_fn(dim, |ij| {
+) -> Result<Array2<f32>> {
+    let dim = check_inputs("disjoint_merge", tensors, weights)?;
+    Ok(Array2::from_shape_fn(dim, |ij| {
         let election: f32 = match method {
             MajoritySign::Total => tensors.iter().map(|t| t[ij]).sum(),
             MajoritySign::Frequency => tensors.iter().map(|t| sign(t[ij])).sum(),
@@ -337,7 +375,7 @@ pub fn disjoint_merge(
             }
         }
         sum / count.max(1) as f32
-    })
+    }))
 }
 
 /// torch's `sign`: −1, 0 or 1.

@@ -93,7 +93,9 @@ impl GgmlBase {
                 ),
             ));
         }
-        let row_bytes = ty.bytes_for(in_features).map_err(quant_core::QuantError::from)?;
+        let row_bytes = ty
+            .bytes_for(in_features)
+            .map_err(quant_core::QuantError::from)?;
         let expected = out_features.checked_mul(row_bytes).ok_or_else(|| {
             LoraError::shape(
                 format!("ggml base {context}"),
@@ -142,7 +144,10 @@ impl GgmlBase {
         context: &str,
     ) -> Result<Self> {
         let (out_features, in_features) = weight.dim();
-        check_finite(|| format!("weight of the ggml base {context}"), weight.iter())?;
+        check_finite(
+            || format!("weight of the ggml base {context}"),
+            weight.iter(),
+        )?;
         let standard = weight.as_standard_layout();
         let values = standard.as_slice().expect("standard layout is contiguous");
         if in_features == 0 {

@@ -384,7 +384,12 @@ impl<B: FrozenBase> LoraLinear<B> {
         if let Some(bias) = self.base.bias() {
             y += &bias.insert_axis(Axis(0));
         }
-        self.input = Some(x.to_owned());
+        // Refill the last step's copy of x when the shape repeats (as in training) instead of
+        // a fresh allocation that page-faults on first touch.
+        match &mut self.input {
+            Some(kept) if kept.dim() == x.dim() => kept.assign(&x),
+            slot => *slot = Some(x.to_owned()),
+        }
         Ok(y)
     }
 

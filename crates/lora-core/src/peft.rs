@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::{Array1, Array2};
 use safetensors::{Dtype, SafeTensors};
@@ -412,33 +412,14 @@ pub fn save_adapters_as<'a>(
     write_atomically(&dir.join(CONFIG_FILE), json.as_bytes())
 }
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+/// Writes `bytes` through the workspace's one crash-safe write (`formats::atomic`: temporary
+/// file beside `path`, fsync, rename, directory fsync), so a failed save leaves the old file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let io = |action: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| LoraError::Io {
-            action,
-            path: p,
-            source,
-        }
-    };
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io("renaming over", path))
-    })();
-    if result.is_err() {
-        // The temporary file is ours and incomplete; the old file is untouched.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    quant_core::io::write_atomic(path, bytes).map_err(|e| LoraError::Io {
+        action: "writing",
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 impl<B: FrozenBase + Clone> AdapterSet<B> {

@@ -149,6 +149,9 @@ pub struct LoraQatLinear {
     /// Off: it computes with `W + s·B·A` unquantized (full-precision warm-up steps), and the
     /// quantizer neither runs nor gets gradients.
     fake_quant: bool,
+    /// Training mode (the default) draws the frozen-base mode's dropout; evaluation mode
+    /// does not (set by [`LoraQatLinear::set_training`]).
+    training: bool,
     cache: Option<QatCache>,
     /// Weight-sized scratch reused across steps (`W + s·B·A` in forward, `dŴ` in backward):
     /// refilling warm memory is a copy, a fresh allocation adds a page fault per 4 KiB.
@@ -222,6 +225,7 @@ impl LoraQatLinear {
             fake_quant: true,
             cache: None,
             scratch: None,
+            training: true,
             context: context.to_string(),
         };
         layer.recalibrate(config.init)?;
@@ -412,6 +416,17 @@ impl LoraQatLinear {
         }
     }
 
+    /// Training mode draws the adapter's dropout masks (frozen-base mode); evaluation mode
+    /// does not, so an evaluation forward is deterministic and unscaled.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Whether the layer is in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
     /// `y = x·W_qᵀ + b` for `x: (tokens, in)` (`W_q` as [`LoraQatLinear::effective_weight`]
     /// says); keeps what backward needs.
     pub fn forward(&mut self, x: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
@@ -435,13 +450,19 @@ impl LoraQatLinear {
             ),
             None => (Array2::zeros((tokens, out_features)), 0.0),
         };
+        // The last forward's buffers are refilled instead of reallocated (a fresh
+        // weight-sized array costs a page fault per 4 KiB on first touch).
+        let (old_input, old_weight) = match self.cache.take() {
+            Some(cache) => (Some(cache.input), cache.merged),
+            None => (None, None),
+        };
         let merged = match &self.frozen {
             Some(frozen) => {
                 // Fake quantization off: the adapter over the unquantized W.
                 let base = if self.fake_quant { frozen } else { &self.base };
                 gemm(1.0, x, base.weight().t(), beta, y.view_mut())?;
                 self.adapter
-                    .forward_into(base, x, None, true, y.view_mut())?;
+                    .forward_into(base, x, None, self.training, y.view_mut())?;
                 None
             }
             None => {
@@ -459,7 +480,10 @@ impl LoraQatLinear {
                     merged.view_mut(),
                 )?;
                 let used = if self.fake_quant {
-                    let w_q = self.grid.get_mut().forward(merged.view())?.dequantized;
+                    let mut w_q = old_weight.unwrap_or_default();
+                    self.grid
+                        .get_mut()
+                        .forward_dequantized_into(merged.view(), &mut w_q)?;
                     self.scratch = Some(merged);
                     w_q
                 } else {
@@ -469,8 +493,15 @@ impl LoraQatLinear {
                 Some(used)
             }
         };
+        let input = match old_input {
+            Some(mut kept) if kept.dim() == x.dim() => {
+                kept.assign(&x);
+                kept
+            }
+            _ => x.to_owned(),
+        };
         self.cache = Some(QatCache {
-            input: x.to_owned(),
+            input,
             merged,
             quantized: self.fake_quant,
         });
@@ -510,24 +541,21 @@ impl LoraQatLinear {
                 gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
                 // dV: through the quantizer's STE with fake quantization on; the identity
                 // (V itself was the weight) with it off.
-                let grad_v = if cache.quantized {
-                    let grads = self.grid.get_mut().backward(grad_w.view());
-                    self.scratch = Some(grad_w);
-                    let grads = grads?;
-                    for (acc, g) in self.grad_quantizer.iter_mut().zip(&grads.params) {
+                if cache.quantized {
+                    // dŴ becomes dV in place.
+                    let params = self.grid.get_mut().backward_in_place(&mut grad_w)?;
+                    for (acc, g) in self.grad_quantizer.iter_mut().zip(&params) {
                         *acc += g;
                     }
-                    grads.input
-                } else {
-                    grad_w
-                };
+                }
+                let grad_v = grad_w;
                 let scale = self.adapter.scale();
                 let (a, b) = (self.adapter.a().clone(), self.adapter.b().clone());
                 let (grad_a, grad_b) = self.adapter.grads_mut();
                 // dA = s·Bᵀ·dV (r, in); dB = s·dV·Aᵀ (out, r).
                 gemm(scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
                 gemm(scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
-                if !cache.quantized && self.scratch.is_none() {
+                if self.scratch.is_none() {
                     self.scratch = Some(grad_v);
                 }
             }

@@ -344,3 +344,25 @@ fn a_set_combination_gets_a_config_that_describes_it() {
         .unwrap_err();
     assert!(e.to_string().contains("weights"), "{e}");
 }
+
+/// Empty or mismatched inputs to the ΔW combinators are errors, not panics.
+#[test]
+fn combinators_refuse_empty_and_mismatched_input() {
+    use lora_core::combine::{disjoint_merge, weighted_sum, MajoritySign};
+    let a = ndarray::Array2::<f32>::ones((2, 3));
+    let b = ndarray::Array2::<f32>::ones((3, 2));
+    assert!(weighted_sum(&[], &[])
+        .unwrap_err()
+        .to_string()
+        .contains("at least one"));
+    let err = weighted_sum(&[a.clone(), b.clone()], &[1.0, 1.0]).unwrap_err();
+    assert!(err.to_string().contains("tensor 1"), "{err}");
+    let err = weighted_sum(std::slice::from_ref(&a), &[1.0, 2.0]).unwrap_err();
+    assert!(err.to_string().contains("weights"), "{err}");
+    assert!(disjoint_merge(&[], &[], MajoritySign::Total).is_err());
+    assert!(disjoint_merge(&[a.clone(), b], &[1.0, 1.0], MajoritySign::Frequency).is_err());
+    assert_eq!(
+        disjoint_merge(std::slice::from_ref(&a), &[2.0], MajoritySign::Total).unwrap(),
+        &a * 2.0
+    );
+}

@@ -61,9 +61,10 @@ fn tiled_products_equal_those_of_the_dequantized_matrix_for_every_type() {
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err < 0.75, "{ty}: round trip error {err}");
     }
-    let (ty, e) = worst
-        .iter()
-        .fold((GgmlType::F32, 0.0f32), |m, &(t, e)| if e > m.1 { (t, e) } else { m });
+    let (ty, e) = worst.iter().fold(
+        (GgmlType::F32, 0.0f32),
+        |m, &(t, e)| if e > m.1 { (t, e) } else { m },
+    );
     eprintln!("largest relative product error: {e:e} ({ty})");
 }
 
@@ -89,7 +90,9 @@ fn bad_blocks_and_shapes_are_errors_not_panics() {
     assert!(GgmlBase::quantize(w.view(), Some(Array1::zeros(3)), GgmlType::Q8_0, "p").is_err());
     let base = GgmlBase::quantize(w.view(), None, GgmlType::Q8_0, "p").unwrap();
     let mut y = Array2::zeros((1, 3));
-    assert!(base.matmul_into(Array2::zeros((1, 32)).view(), y.view_mut()).is_err());
+    assert!(base
+        .matmul_into(Array2::zeros((1, 32)).view(), y.view_mut())
+        .is_err());
     let mut base = base;
     assert!(base.weight_mut().is_err());
     assert!(base.set_tiling(0, true).is_err());
@@ -139,9 +142,7 @@ impl Reference {
 
 fn numeric(f: &mut dyn FnMut(usize, f64) -> f64, len: usize) -> Vec<f64> {
     let h = 1e-6;
-    (0..len)
-        .map(|i| (f(i, h) - f(i, -h)) / (2.0 * h))
-        .collect()
+    (0..len).map(|i| (f(i, h) - f(i, -h)) / (2.0 * h)).collect()
 }
 
 fn assert_close(what: &str, analytic: &[f32], numeric: &[f64]) {
@@ -217,7 +218,11 @@ fn check_backward(ty: GgmlType, dora: bool) {
         },
         n,
     );
-    assert_close(&format!("{name} dA"), ad.grad_a().as_slice().unwrap(), &num_da);
+    assert_close(
+        &format!("{name} dA"),
+        ad.grad_a().as_slice().unwrap(),
+        &num_da,
+    );
     let n = rf.b.len();
     let num_db = numeric(
         &mut |i, h| {
@@ -228,7 +233,11 @@ fn check_backward(ty: GgmlType, dora: bool) {
         },
         n,
     );
-    assert_close(&format!("{name} dB"), ad.grad_b().as_slice().unwrap(), &num_db);
+    assert_close(
+        &format!("{name} dB"),
+        ad.grad_b().as_slice().unwrap(),
+        &num_db,
+    );
     if dora {
         let n = out_f;
         let num_dm = numeric(
@@ -269,7 +278,10 @@ fn merging_into_a_ggml_base_requantizes_to_its_type() {
     let mut options = AdapterOptions::new(2, 2.0);
     options.init = InitLoraWeights::Random;
     layer.add_adapter("default", &options, 1).unwrap();
-    assert!(layer.merge().is_err(), "a block base is not edited in place");
+    assert!(
+        layer.merge().is_err(),
+        "a block base is not edited in place"
+    );
     let merged = layer.merge_to_f32().unwrap();
     let requantized = layer.merge_to_ggml().unwrap();
     assert_eq!(requantized.ggml_type(), GgmlType::Q6_K);

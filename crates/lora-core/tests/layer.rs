@@ -406,3 +406,53 @@ fn pissa_through_a_config_keeps_the_layer_function() {
     }
     assert_ne!(layer.base().weight(), &w);
 }
+
+/// A caller's shape mistake in `forward_into`/`backward_into` (DoRA included) is an error.
+#[test]
+fn adapter_forward_and_backward_into_refuse_wrong_shapes() {
+    use lora_core::{DenseBase, LoraAdapter};
+    let mut options = opts(2, 4.0, InitLoraWeights::Random);
+    options.use_dora = true;
+    let w = Array2::from_shape_fn((5, 4), |(i, j)| (i as f32 - j as f32) * 0.25 + 0.1);
+    let base = DenseBase::new(w.clone(), None, "q").unwrap();
+    let mut adapter = LoraAdapter::new(&options, 5, 4, 1, "q").unwrap();
+    adapter.init_dora_magnitude(w.view()).unwrap();
+    let x = Array2::<f32>::ones((3, 4));
+    // y of the wrong shape, x of the wrong width, base_out of the wrong shape, a base of
+    // another shape.
+    let mut y = Array2::<f32>::zeros((3, 4));
+    assert!(adapter
+        .forward_into(&base, x.view(), None, true, y.view_mut())
+        .is_err());
+    let mut y = Array2::<f32>::zeros((3, 5));
+    let wide = Array2::<f32>::ones((3, 6));
+    assert!(adapter
+        .forward_into(&base, wide.view(), None, true, y.view_mut())
+        .is_err());
+    let bad_out = Array2::<f32>::zeros((2, 5));
+    let err = adapter
+        .forward_into(&base, x.view(), Some(bad_out.view()), false, y.view_mut())
+        .unwrap_err();
+    assert!(err.to_string().contains("base_out"), "{err}");
+    let other = DenseBase::new(Array2::ones((6, 4)), None, "o").unwrap();
+    assert!(adapter
+        .forward_into(&other, x.view(), None, true, y.view_mut())
+        .is_err());
+    adapter
+        .forward_into(&base, x.view(), None, true, y.view_mut())
+        .unwrap();
+    let dy = Array2::<f32>::ones((3, 5));
+    let mut dx = Array2::<f32>::zeros((3, 3));
+    let err = adapter
+        .backward_into(&base, x.view(), dy.view(), dx.view_mut(), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("dx"), "{err}");
+    let bad_dy = Array2::<f32>::ones((3, 4));
+    let mut dx = Array2::<f32>::zeros((3, 4));
+    assert!(adapter
+        .backward_into(&base, x.view(), bad_dy.view(), dx.view_mut(), false)
+        .is_err());
+    adapter
+        .backward_into(&base, x.view(), dy.view(), dx.view_mut(), false)
+        .unwrap();
+}

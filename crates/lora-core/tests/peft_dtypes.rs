@@ -90,7 +90,10 @@ fn f16_overflow_is_an_error_naming_the_key_and_index() {
     let config = LoraConfig::new(1, 1.0, &["q_proj"]);
     let err = save_adapters_as(&dir, &config, [(MODULE, &adapter)], SaveDtype::F16).unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("lora_A.weight") && text.contains("index 0"), "{text}");
+    assert!(
+        text.contains("lora_A.weight") && text.contains("index 0"),
+        "{text}"
+    );
     assert!(!dir.join(WEIGHTS_FILE).exists(), "nothing written");
     // bf16 has f32's range.
     save_adapters_as(&dir, &config, [(MODULE, &adapter)], SaveDtype::Bf16).unwrap();
@@ -104,7 +107,11 @@ fn fan_in_fan_out_is_refused_by_name() {
     let mut config = LoraConfig::new(2, 4.0, &["q_proj"]);
     save_adapters_as(&dir, &config, [(MODULE, &adapter)], SaveDtype::F32).unwrap();
     config.fan_in_fan_out = true;
-    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join(CONFIG_FILE),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
     let err = load_adapter(&dir, &[(MODULE.to_string(), (4, 4))].into()).unwrap_err();
     assert!(err.to_string().contains("fan_in_fan_out"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -137,7 +144,10 @@ fn loftq_from_adapter_config_is_peft_s_computation() {
         &LoftqConfig {
             loftq_bits: 4,
             loftq_iter: 2,
-            quantization: Nf4Options { double_quant: false, ..Nf4Options::default() },
+            quantization: Nf4Options {
+                double_quant: false,
+                ..Nf4Options::default()
+            },
         },
         MODULE,
     )
@@ -160,27 +170,33 @@ fn loftq_from_adapter_config_is_peft_s_computation() {
 #[test]
 fn bad_loftq_settings_are_named() {
     let read = |extra: &str| -> String {
-        let json = format!(
-            r#"{{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"], {extra}}}"#
-        );
+        let json = format!(r#"{{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"], {extra}}}"#);
         let config: LoraConfig = serde_json::from_str(&json).unwrap();
         config.validate().unwrap_err().to_string()
     };
     assert!(read(r#""init_lora_weights": "loftq""#).contains("loftq_config"));
-    assert!(read(r#""init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8}"#)
-        .contains("loftq_config.loftq_bits"));
-    assert!(read(r#""init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 0}"#)
-        .contains("loftq_config.loftq_iter"));
+    assert!(
+        read(r#""init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 8}"#)
+            .contains("loftq_config.loftq_bits")
+    );
+    assert!(
+        read(r#""init_lora_weights": "loftq", "loftq_config": {"loftq_iter": 0}"#)
+            .contains("loftq_config.loftq_iter")
+    );
     assert!(read(r#""loftq_config": {"loftq_bits": 4}"#).contains("not \"loftq\""));
     // PEFT writes an empty loftq_config on every other adapter: that is fine.
     let json = r#"{"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"], "loftq_config": {}}"#;
     let config: LoraConfig = serde_json::from_str(json).unwrap();
     config.validate().unwrap();
     // A quantized base cannot take deq(Q): refused by name before any work.
-    let mut qlora = lora_core::qlora::QLoraLinear::qlora(
-        weight().view(), None, &Nf4Options::default(), MODULE).unwrap();
+    let mut qlora =
+        lora_core::qlora::QLoraLinear::qlora(weight().view(), None, &Nf4Options::default(), MODULE)
+            .unwrap();
     let mut options = AdapterOptions::new(4, 4.0);
-    options.init = InitLoraWeights::Loftq { loftq_bits: 4, loftq_iter: 1 };
+    options.init = InitLoraWeights::Loftq {
+        loftq_bits: 4,
+        loftq_iter: 1,
+    };
     let err = qlora.add_adapter("x", &options, 0).unwrap_err();
     assert!(err.to_string().contains("NF4"), "{err}");
 }

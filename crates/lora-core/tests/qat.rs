@@ -599,3 +599,38 @@ fn dora_options_are_refused_before_any_magnitude_exists() {
     .unwrap_err();
     assert!(err.to_string().contains("DoRA"), "{err}");
 }
+
+/// Issue 13 item 7: a frozen-base LoRA-QAT layer in evaluation mode draws no dropout — two
+/// evaluation forwards agree and equal the dropout-free layer; training mode still drops.
+#[test]
+fn frozen_base_mode_draws_no_dropout_in_evaluation() {
+    let p = problem(11);
+    let cfg = config(QuantizerKind::Uniform, Ste::Lsq);
+    let mut options = random_options(2, 4.0);
+    let build = |options: &AdapterOptions| {
+        LoraQatLinear::new(
+            p.w.clone(),
+            None,
+            options,
+            &cfg,
+            QatMode::FrozenQuantizedBase,
+            6,
+            "frozen",
+        )
+        .unwrap()
+    };
+    let no_dropout = build(&options).forward(p.x.view()).unwrap();
+    options.dropout = 0.5;
+    let mut layer = build(&options);
+    assert!(layer.is_training());
+    let trained = layer.forward(p.x.view()).unwrap();
+    assert_ne!(trained, no_dropout, "training mode drops inputs");
+    layer.set_training(false);
+    let first = layer.forward(p.x.view()).unwrap();
+    let second = layer.forward(p.x.view()).unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        first, no_dropout,
+        "evaluation mode is the dropout-free layer"
+    );
+}

@@ -12,7 +12,9 @@ use quant_core::gguf::{GgufArray, GgufValue, GgufWriter};
 use serde_json::Value;
 
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/text").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/text")
+        .join(rel)
 }
 
 fn reference() -> Value {
@@ -56,7 +58,12 @@ fn chat_templates_render_as_transformers() {
         let messages = conversation(&reference, r["conversation"].as_str().unwrap());
         let agp = r["add_generation_prompt"].as_bool().unwrap();
         let (text, _) = template.render_json(&messages, agp, &extra).unwrap();
-        assert_eq!(text, r["text"].as_str().unwrap(), "{name} {} agp={agp}", r["conversation"]);
+        assert_eq!(
+            text,
+            r["text"].as_str().unwrap(),
+            "{name} {} agp={agp}",
+            r["conversation"]
+        );
     }
 }
 
@@ -67,7 +74,11 @@ fn small_text() -> ModelText {
 /// The small tokenizer directory with `template` as its chat_template.jinja.
 fn with_template(name: &str, template: &str) -> PathBuf {
     let dir = tmp_dir(name);
-    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(data("smollm2_small").join(f), dir.join(f)).unwrap();
     }
     let source = std::fs::read_to_string(data(&format!("templates/{template}.jinja"))).unwrap();
@@ -112,18 +123,27 @@ fn directory_tokenizer_matches_transformers() {
     }
     for d in reference["decoded"].as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(d["ids"].clone()).unwrap();
-        assert_eq!(text.decode(&ids, false).unwrap(), d["text"].as_str().unwrap());
+        assert_eq!(
+            text.decode(&ids, false).unwrap(),
+            d["text"].as_str().unwrap()
+        );
     }
 }
 
 /// A GGUF file holding only tokenizer metadata: the small tokenizer's tokens at their ids
 /// (gaps filled with unused tokens), merges, types and SmolLM2's special ids.
 fn write_tokenizer_gguf(path: &Path, pre: &str, edit: impl FnOnce(&mut Vec<(String, GgufValue)>)) {
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(data("smollm2_small/tokenizer.json")).unwrap())
-            .unwrap();
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(data("smollm2_small/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
     let vocab = doc["model"]["vocab"].as_object().unwrap();
-    let n = vocab.values().map(|v| v.as_u64().unwrap() as usize).max().unwrap() + 1;
+    let n = vocab
+        .values()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .max()
+        .unwrap()
+        + 1;
     let mut tokens: Vec<String> = (0..n).map(|i| format!("[unused{i}]")).collect();
     let mut types = vec![5i32; n];
     for (t, id) in vocab {
@@ -145,18 +165,33 @@ fn write_tokenizer_gguf(path: &Path, pre: &str, edit: impl FnOnce(&mut Vec<(Stri
         ("general.architecture".to_string(), s("llama")),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s(pre)),
-        ("tokenizer.ggml.tokens".into(), GgufValue::Array(GgufArray::String(tokens))),
-        ("tokenizer.ggml.token_type".into(), GgufValue::Array(GgufArray::I32(types))),
-        ("tokenizer.ggml.merges".into(), GgufValue::Array(GgufArray::String(merges))),
+        (
+            "tokenizer.ggml.tokens".into(),
+            GgufValue::Array(GgufArray::String(tokens)),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::Array(GgufArray::I32(types)),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            GgufValue::Array(GgufArray::String(merges)),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(2)),
         ("tokenizer.ggml.unknown_token_id".into(), GgufValue::U32(0)),
         ("tokenizer.ggml.padding_token_id".into(), GgufValue::U32(2)),
-        ("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(false)),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            GgufValue::Bool(false),
+        ),
         ("tokenizer.chat_template".into(), s(&template)),
     ];
     edit(&mut meta);
-    GgufWriter::create(path, &meta, &[]).unwrap().finish().unwrap();
+    GgufWriter::create(path, &meta, &[])
+        .unwrap()
+        .finish()
+        .unwrap();
 }
 
 fn check_gguf_tokenizer(text: &ModelText) {
@@ -175,7 +210,11 @@ fn check_gguf_tokenizer(text: &ModelText) {
     for t in reference["tokenized"].as_array().unwrap() {
         let s = t["text"].as_str().unwrap();
         let ids: Vec<u32> = serde_json::from_value(t["ids"].clone()).unwrap();
-        assert_eq!(text.encode(s, true).unwrap(), ids, "{s:?} (transformers' GGUF tokenizer)");
+        assert_eq!(
+            text.encode(s, true).unwrap(),
+            ids,
+            "{s:?} (transformers' GGUF tokenizer)"
+        );
         assert_eq!(text.decode(&ids, false).unwrap(), s);
     }
     assert_eq!(text.eos_token(), Some("<|im_end|>"));
@@ -201,22 +240,39 @@ fn gguf_metadata_alone_gives_the_tokenizer_and_template() {
         m.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(true)));
     });
     let text = ModelText::load(&path).unwrap();
-    assert_eq!(text.encode("Hello world", true).unwrap(), vec![1, 19556, 905]);
+    assert_eq!(
+        text.encode("Hello world", true).unwrap(),
+        vec![1, 19556, 905]
+    );
     assert_eq!(text.encode("Hello world", false).unwrap(), vec![19556, 905]);
 
     // Errors name the key.
     write_tokenizer_gguf(&path, "unheard-of", |_| {});
     let err = ModelText::load(&path).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.ggml.pre") && err.contains("unheard-of"), "{err}");
-    write_tokenizer_gguf(&path, "smollm", |m| m.retain(|(k, _)| k != "tokenizer.ggml.merges"));
-    let err = ModelText::load(&path).unwrap_err().to_string();
-    assert!(err.contains("tokenizer.ggml.merges") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.pre") && err.contains("unheard-of"),
+        "{err}"
+    );
     write_tokenizer_gguf(&path, "smollm", |m| {
-        m.retain(|(k, _)| k != "tokenizer.ggml.eos_token_id");
-        m.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(1 << 20)));
+        m.retain(|(k, _)| k != "tokenizer.ggml.merges")
     });
     let err = ModelText::load(&path).unwrap_err().to_string();
-    assert!(err.contains("eos_token_id") && err.contains("outside the vocabulary"), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.merges") && err.contains("missing"),
+        "{err}"
+    );
+    write_tokenizer_gguf(&path, "smollm", |m| {
+        m.retain(|(k, _)| k != "tokenizer.ggml.eos_token_id");
+        m.push((
+            "tokenizer.ggml.eos_token_id".into(),
+            GgufValue::U32(1 << 20),
+        ));
+    });
+    let err = ModelText::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("eos_token_id") && err.contains("outside the vocabulary"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -245,7 +301,10 @@ fn streaming_never_splits_characters_and_honours_stop_strings() {
     assert_eq!(pieces.concat(), s);
     // The emoji is several byte-level tokens: nothing is emitted until it is whole.
     assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
-    assert!(pieces.iter().filter(|p| p.is_empty()).count() >= 2, "{pieces:?}");
+    assert!(
+        pieces.iter().filter(|p| p.is_empty()).count() >= 2,
+        "{pieces:?}"
+    );
 
     // A stop string is cut with what follows; text that might start one is held back.
     let stop = vec!["va?".to_string()];
@@ -284,7 +343,10 @@ fn data_files_are_read_by_content() {
     assert_eq!(trained, vec![46292, 2, 198]); // "Rome", <|im_end|>, "\n"
 
     // Prompt-completion strings: the completion and eos.
-    let pc = write("pc.jsonl", "{\"prompt\": \"Hello\", \"completion\": \" world\"}\n");
+    let pc = write(
+        "pc.jsonl",
+        "{\"prompt\": \"Hello\", \"completion\": \" world\"}\n",
+    );
     let d = examples_from_file(&pc, load).unwrap();
     assert_eq!(d.format, DataFormat::PromptCompletion);
     let e = &d.dataset.examples()[0];
@@ -297,13 +359,21 @@ fn data_files_are_read_by_content() {
         "{\"prompt\": [{\"role\": \"user\", \"content\": \"Capital of Italy?\"}], \"completion\": [{\"role\": \"assistant\", \"content\": \"Rome\"}]}\n",
     );
     let e = examples_from_file(&pc, load).unwrap().dataset.examples()[0].clone();
-    let trained: Vec<i64> = e.labels.unwrap().into_iter().filter(|&l| l != -100).collect();
+    let trained: Vec<i64> = e
+        .labels
+        .unwrap()
+        .into_iter()
+        .filter(|&l| l != -100)
+        .collect();
     assert_eq!(trained, vec![46292, 2, 198]);
 
     // Text JSONL and plain lines: every token, eos appended.
     let t = write("t.jsonl", "{\"text\": \"Hello world\"}\n");
     let d = examples_from_file(&t, load).unwrap();
-    assert_eq!((d.format, d.dataset.examples()[0].input_ids.clone()), (DataFormat::Text, vec![19556, 905, 2]));
+    assert_eq!(
+        (d.format, d.dataset.examples()[0].input_ids.clone()),
+        (DataFormat::Text, vec![19556, 905, 2])
+    );
     let p = write("p.txt", "Hello world\n\nHello\n");
     let d = examples_from_file(&p, load).unwrap();
     assert_eq!(d.format, DataFormat::PlainLines);
@@ -315,12 +385,21 @@ fn data_files_are_read_by_content() {
     assert_eq!(d.format, DataFormat::PreTokenized);
 
     // Mixed formats and bad lines name the line.
-    let bad = write("bad.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"text\": \"b\"}\n");
+    let bad = write(
+        "bad.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n{\"text\": \"b\"}\n",
+    );
     let err = examples_from_file(&bad, load).unwrap_err().to_string();
-    assert!(err.contains("line 2") && err.contains("text JSONL"), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("text JSONL"),
+        "{err}"
+    );
     let bad = write("bad2.jsonl", "{\"messages\": \"nope\"}\n");
     let err = examples_from_file(&bad, load).unwrap_err().to_string();
-    assert!(err.contains("line 1") && err.contains("not a list"), "{err}");
+    assert!(
+        err.contains("line 1") && err.contains("not a list"),
+        "{err}"
+    );
     let bad = write("bad3.jsonl", "{\"foo\": 1}\n");
     let err = examples_from_file(&bad, load).unwrap_err().to_string();
     assert!(err.contains("line 1") && err.contains("foo"), "{err}");

@@ -68,9 +68,15 @@ impl Example {
         }
         if let Some(seg) = &self.segment_ids {
             if seg[0] != 0 {
-                return Some(format!("segment_ids[0] = {} (segments count from 0)", seg[0]));
+                return Some(format!(
+                    "segment_ids[0] = {} (segments count from 0)",
+                    seg[0]
+                ));
             }
-            if let Some(i) = seg.windows(2).position(|w| w[1] != w[0] && w[1] != w[0] + 1) {
+            if let Some(i) = seg
+                .windows(2)
+                .position(|w| w[1] != w[0] && w[1] != w[0] + 1)
+            {
                 return Some(format!(
                     "segment_ids[{}] = {} after {} (each new segment is the previous + 1)",
                     i + 1,
@@ -199,7 +205,11 @@ impl Dataset {
     /// ```
     pub fn packed(&self, max_len: usize) -> Result<Dataset> {
         if max_len == 0 {
-            return Err(TrainError::invalid("packing max_len", 0, "must be at least 1"));
+            return Err(TrainError::invalid(
+                "packing max_len",
+                0,
+                "must be at least 1",
+            ));
         }
         if self.is_packed() {
             return Err(TrainError::invalid(
@@ -214,7 +224,10 @@ impl Dataset {
         let mut current: Option<Example> = None;
         for e in &self.examples {
             let n = e.input_ids.len().min(max_len);
-            if current.as_ref().is_some_and(|c| c.input_ids.len() + n > max_len) {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.input_ids.len() + n > max_len)
+            {
                 out.extend(current.take());
             }
             let c = current.get_or_insert_with(|| Example {
@@ -235,7 +248,9 @@ impl Dataset {
                 labels.push(if t == 0 {
                     IGNORE_INDEX
                 } else {
-                    e.labels.as_ref().map_or(i64::from(e.input_ids[t]), |l| l[t])
+                    e.labels
+                        .as_ref()
+                        .map_or(i64::from(e.input_ids[t]), |l| l[t])
                 });
             }
             if let Some(m) = c.step_mask.as_mut() {

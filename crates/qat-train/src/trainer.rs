@@ -14,6 +14,10 @@
 //!    updates every trainable tensor with its group's learning rate times the schedule's
 //!    factor; gradients are zeroed.
 //!
+//! As one rank of a data-parallel run ([`Trainer::set_collective`], [`crate::distributed`]),
+//! step 1 computes only this rank's contiguous block of the micro-batches, and the gradients
+//! are summed over the ranks (rank order) before step 2.
+//!
 //! The reasoning loss is taken per sequence (its trajectory term must not join one example's
 //! last step to the next example's first) and averaged over the sequences that have step or
 //! answer positions.
@@ -227,17 +231,6 @@ impl Trainer {
             t.set_training(false);
             t.set_base_trainable(false);
         }
-        // Packed examples need a forward pass that restarts positions and masks attention per
-        // document (lm's `forward_segmented`, from the model-families work); until the
-        // trainer calls it, a packed batch would attend across documents, so it is refused.
-        if train.is_packed() || validation.as_ref().is_some_and(Dataset::is_packed) {
-            return Err(TrainError::invalid(
-                "dataset",
-                "packed (segment_ids)",
-                "this trainer runs the plain causal forward pass, which would attend across \
-                 the packed documents; train unpacked examples (--max-seq-len without --packing)",
-            ));
-        }
         let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
         let micro_batches = config
             .epochs
@@ -340,8 +333,8 @@ impl Trainer {
     }
 
     /// Makes this trainer one rank of a data-parallel run (see [`crate::distributed`] and
-    /// docs/SCALING.md): each step this rank takes micro-batches `rank, rank + size, …` of the
-    /// global batch (`batch_size × gradient_accumulation` examples) and the gradients are
+    /// docs/SCALING.md): each step this rank takes its contiguous block of the micro-batches of
+    /// the global batch (`batch_size × gradient_accumulation` examples) and the gradients are
     /// summed over the ranks before clipping, so every rank takes the step one process would;
     /// evaluation batches are shared out the same way; only rank 0 calls the metrics
     /// callbacks and writes checkpoints. Errors when `gradient_accumulation` is not a multiple
@@ -486,7 +479,9 @@ impl Trainer {
                     }
                 }
             }
-            if let (Some(path), Some(every), true) = (checkpoint, self.config.checkpoint_every, root) {
+            if let (Some(path), Some(every), true) =
+                (checkpoint, self.config.checkpoint_every, root)
+            {
                 if self.step % every == 0 && !self.is_finished() {
                     self.save_checkpoint(path)?;
                 }
@@ -524,16 +519,24 @@ impl Trainer {
             // position and the RNG stay global; each computes only its own micro-batches.
             let batch = self.loader.next_batch()?;
             let dropout_seed = self.rng.next_u64();
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, micro) {
                 continue;
             }
             tokens += batch.num_tokens();
             self.student.reseed_adapter_dropout(dropout_seed)?;
             let student_layers = self.student_layers();
             let teacher_out = self.teacher_outputs(&batch)?;
-            let pass = self
-                .student
-                .forward(batch.input_ids.view(), Some(batch.attention_mask.view()))?;
+            // A packed batch runs the segmented forward: positions restart and attention stays
+            // inside each packed document.
+            let pass = match &batch.segment_ids {
+                Some(segments) => {
+                    self.student
+                        .forward_segmented(batch.input_ids.view(), segments.view(), None)?
+                }
+                None => self
+                    .student
+                    .forward(batch.input_ids.view(), Some(batch.attention_mask.view()))?,
+            };
             let (b, seq, vocab) = pass.logits().dim();
             let logits = pass
                 .logits()
@@ -652,11 +655,7 @@ impl Trainer {
         let Some(teacher) = self.teacher.as_mut() else {
             return Ok(None);
         };
-        let (logits, hidden) = teacher.logits_and_hidden_states(
-            batch.input_ids.view(),
-            Some(batch.attention_mask.view()),
-            &layers,
-        )?;
+        let (logits, hidden) = eval_logits_and_hidden(teacher, batch, &layers)?;
         let (b, seq, vocab) = logits.dim();
         let logits = logits
             .into_shape_with_order((b * seq, vocab))
@@ -820,7 +819,7 @@ impl Trainer {
         let mut tokens = 0;
         for index in 0..batches {
             let batch = loader.next_batch()?;
-            if !distributed::owns_micro_batch(self.collective.as_ref(), index) {
+            if !distributed::owns(self.collective.as_ref(), index, batches) {
                 continue;
             }
             tokens += batch.num_tokens();
@@ -847,11 +846,7 @@ impl Trainer {
     fn eval_batch_loss(&mut self, batch: &Batch) -> Result<BatchLoss> {
         let layers = self.student_layers();
         let teacher_out = self.teacher_outputs(batch)?;
-        let (logits, hidden) = self.student.logits_and_hidden_states(
-            batch.input_ids.view(),
-            Some(batch.attention_mask.view()),
-            &layers,
-        )?;
+        let (logits, hidden) = eval_logits_and_hidden(&mut self.student, batch, &layers)?;
         let (b, seq, vocab) = logits.dim();
         let logits = logits
             .into_shape_with_order((b * seq, vocab))
@@ -1111,6 +1106,32 @@ fn build_optimizer(config: &TrainConfig) -> Result<Box<dyn Optimizer>> {
         OptimizerKind::Adamw => Box::new(AdamW::new(config.optimizer.adamw, groups)?),
         OptimizerKind::Sgd => Box::new(Sgd::new(config.optimizer.sgd, groups)?),
     })
+}
+
+/// Logits and the hidden states of `layers` without dropout; a packed batch (segment ids) runs
+/// the segmented forward (positions restart, attention within each document).
+fn eval_logits_and_hidden(
+    model: &mut LlamaModel,
+    batch: &Batch,
+    layers: &[usize],
+) -> Result<(ndarray::Array3<f32>, Vec<Array2<f32>>)> {
+    let Some(segments) = &batch.segment_ids else {
+        return Ok(model.logits_and_hidden_states(
+            batch.input_ids.view(),
+            Some(batch.attention_mask.view()),
+            layers,
+        )?);
+    };
+    let training = model.is_training();
+    model.set_training(false);
+    let pass = model.forward_segmented(batch.input_ids.view(), segments.view(), Some(layers));
+    model.set_training(training);
+    let pass = pass?;
+    let hidden = layers
+        .iter()
+        .map(|&l| pass.hidden_state(l).map(|h| h.to_owned()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((pass.logits().clone(), hidden))
 }
 
 /// A LoRA-QAT student whose warm-up lasts the whole run would never train (or be graded)

@@ -425,3 +425,34 @@ fn lora_qat_student_distils_from_its_fp32_teacher_and_resumes_exactly() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Packing changes the layout, not the loss: documents packed into one sequence (positions
+/// restarting, attention within each, first tokens not targets) score what they score
+/// unpacked, and training on packed batches learns.
+#[test]
+fn packed_documents_score_as_unpacked_and_train() {
+    let docs = Dataset::new(vec![
+        Example::new(vec![3, 4, 5, 6]),
+        Example::new(vec![10, 11, 12]),
+        Example::new(vec![20, 21, 22, 23, 0]),
+    ])
+    .unwrap();
+    let packed = docs.packed(7).unwrap();
+    assert_eq!(packed.len(), 2);
+    let cfg = || config(r#"{"max_steps": 30, "batch_size": 3, "optimizer": {"lr": 0.01}}"#);
+    let mut plain = Trainer::new(cfg(), student(5, 0.0), None, docs.clone(), None).unwrap();
+    let unpacked_loss = plain.evaluate_dataset(&docs).unwrap().total_loss;
+    let mut trainer = Trainer::new(cfg(), student(5, 0.0), None, packed.clone(), None).unwrap();
+    let packed_loss = trainer.evaluate_dataset(&packed).unwrap().total_loss;
+    assert!(
+        (packed_loss - unpacked_loss).abs() < 1e-5,
+        "packed {packed_loss} vs unpacked {unpacked_loss}"
+    );
+    let mut log = MetricsLog::default();
+    trainer.train(&mut [&mut log], None).unwrap();
+    let (first, last) = (
+        log.steps[0].total_loss,
+        log.steps.last().unwrap().total_loss,
+    );
+    assert!(last < 0.5 * first, "{first} -> {last}");
+}

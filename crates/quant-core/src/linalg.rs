@@ -411,11 +411,7 @@ mod tests {
                 // Neither operand unit-stride in any direction.
                 let big = random(&mut rng, 2 * m, 2 * k);
                 let bb = random(&mut rng, 2 * k, 3 * n);
-                check_bf16(
-                    kernel,
-                    big.slice(s![..;2, ..;2]),
-                    bb.slice(s![..;2, ..;-3]),
-                );
+                check_bf16(kernel, big.slice(s![..;2, ..;2]), bb.slice(s![..;2, ..;-3]));
             }
         }
     }
@@ -431,15 +427,34 @@ mod tests {
         for kernel in Bf16Kernel::available() {
             // C = 0.5·A·B + 2·C, in a column-major (transposed) output view.
             let mut c_t = start.t().to_owned();
-            gemm_bf16_with(kernel, 0.5, a.view(), b.view(), 2.0, c_t.view_mut().reversed_axes())
-                .unwrap();
+            gemm_bf16_with(
+                kernel,
+                0.5,
+                a.view(),
+                b.view(),
+                2.0,
+                c_t.view_mut().reversed_axes(),
+            )
+            .unwrap();
             for ((i, j), &v) in c_t.t().indexed_iter() {
                 let want = 0.5 * exact[[i, j]] + 2.0 * start[[i, j]];
-                assert!((v - want).abs() <= 1e-4, "{} ({i}, {j}): {v} vs {want}", kernel.name());
+                assert!(
+                    (v - want).abs() <= 1e-4,
+                    "{} ({i}, {j}): {v} vs {want}",
+                    kernel.name()
+                );
             }
             // β = 0 never reads C.
             let mut c = Array2::<f32>::from_elem((m, n), f32::NAN);
-            gemm_in(ComputeDtype::Bf16, 1.0, a.view(), b.view(), 0.0, c.view_mut()).unwrap();
+            gemm_in(
+                ComputeDtype::Bf16,
+                1.0,
+                a.view(),
+                b.view(),
+                0.0,
+                c.view_mut(),
+            )
+            .unwrap();
             assert!(c.iter().all(|v| v.is_finite()));
         }
     }

@@ -73,6 +73,29 @@ pub trait DifferentiableQuantizer: QuantizerClone + Send + Sync + std::fmt::Debu
     /// `∂L/∂ŵ` → (`∂L/∂w`, `∂L/∂θ`) for the last forward input.
     fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads>;
 
+    /// [`Self::forward`] without the codes, `ŵ` written into `out` (replaced by a fresh
+    /// array when its shape differs from `w`'s or it is not row-major): a training layer
+    /// that never reads the codes reuses one buffer across steps. Keeps what
+    /// [`Self::backward`] needs exactly as `forward` does, and gives the same `ŵ` bit for bit.
+    /// The default calls `forward`.
+    fn forward_dequantized_into(
+        &mut self,
+        w: ArrayView2<'_, f32>,
+        out: &mut Array2<f32>,
+    ) -> Result<()> {
+        *out = self.forward(w)?.dequantized;
+        Ok(())
+    }
+
+    /// [`Self::backward`] in place: `grad` holds `∂L/∂ŵ` on entry and `∂L/∂w` on return
+    /// (replaced by a fresh array if the quantizer cannot write it in place); returns
+    /// `∂L/∂θ`. Same numbers bit for bit. The default calls `backward`.
+    fn backward_in_place(&mut self, grad: &mut Array2<f32>) -> Result<Vec<f32>> {
+        let grads = self.backward(grad.view())?;
+        *grad = grads.input;
+        Ok(grads.params)
+    }
+
     /// The learnable parameters θ (steps, scales, α), flattened.
     fn params(&self) -> &[f32];
 

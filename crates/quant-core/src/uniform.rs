@@ -1065,6 +1065,168 @@ impl UniformQuantizer {
         }
     }
 
+    /// The forward pass: `ŵ` into `dequantized` and, when given, the codes into `codes`
+    /// (both row-major, `w`'s length); keeps `w` and the steps for backward.
+    fn run_forward(
+        &mut self,
+        w: ArrayView2<'_, f32>,
+        codes: Option<&mut [u8]>,
+        dequantized: &mut [f32],
+    ) -> Result<()> {
+        let layout = self.checked_layout(w.dim())?;
+        self.check_steps()?;
+        // Reuse the previous forward's buffer: refilling warm pages costs a copy, a fresh
+        // weight-sized allocation costs a page fault per 4 KiB on top.
+        let reused = self.last_forward.take().map(|(buffer, _)| buffer);
+        let data = row_major_into(w, reused.unwrap_or_default());
+        check_finite("uniform quantizer input", &data)?;
+        let cols = w.ncols();
+        let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
+        let (steps, zps) = (&self.steps, &self.zero_points);
+        let quantize_row =
+            |r: usize, code_row: Option<&mut [u8]>, deq_row: &mut [f32], row: &[f32]| {
+                let mut code_row = code_row;
+                for (g, range) in layout.row_segments(r) {
+                    let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
+                    let deq = &mut deq_row[range.clone()];
+                    match code_row.as_deref_mut() {
+                        Some(code_row) => {
+                            let codes = &mut code_row[range.clone()];
+                            for ((code, out), &x) in
+                                codes.iter_mut().zip(deq.iter_mut()).zip(&row[range])
+                            {
+                                let (_, q) = grid.locate(x);
+                                *code = (q + grid.code_offset) as u8;
+                                *out = q * grid.step;
+                            }
+                        }
+                        None => {
+                            for (out, &x) in deq.iter_mut().zip(&row[range]) {
+                                *out = grid.locate(x).1 * grid.step;
+                            }
+                        }
+                    }
+                }
+            };
+        match codes {
+            Some(codes) => codes
+                .par_chunks_mut(cols)
+                .zip(dequantized.par_chunks_mut(cols))
+                .zip(data.par_chunks(cols))
+                .enumerate()
+                .for_each(|(r, ((c, d), x))| quantize_row(r, Some(c), d, x)),
+            None => dequantized
+                .par_chunks_mut(cols)
+                .zip(data.par_chunks(cols))
+                .enumerate()
+                .for_each(|(r, (d, x))| quantize_row(r, None, d, x)),
+        }
+        self.last_forward = Some((data, self.steps.clone()));
+        Ok(())
+    }
+
+    /// The backward pass on a row-major `∂L/∂ŵ` of shape `dim`: `∂L/∂w` into `grad_input`,
+    /// returns `∂L/∂θ`.
+    fn run_backward(
+        &self,
+        grad: &[f32],
+        dim: (usize, usize),
+        grad_input: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let (data, steps) = self.backward_state(dim)?;
+        check_finite("uniform quantizer grad_output", grad)?;
+        let layout = self.checked_layout(dim)?;
+        let cols = dim.1;
+        let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
+        let (zps, ste) = (&self.zero_points, self.ste);
+        let partials: Vec<Vec<(usize, f64)>> = grad_input
+            .par_chunks_mut(cols)
+            .zip(data.par_chunks(cols))
+            .zip(grad.par_chunks(cols))
+            .enumerate()
+            .map(|(r, ((gin_row, row), g_row))| {
+                layout
+                    .row_segments(r)
+                    .map(|(g, range)| {
+                        let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
+                        let gin = &mut gin_row[range.clone()];
+                        let (x, up) = (&row[range.clone()], &g_row[range]);
+                        (g, backward_segment(ste, grid, x, up, gin))
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(self.step_grads(&layout, partials))
+    }
+
+    /// [`UniformQuantizer::run_backward`] with `∂L/∂ŵ` overwritten by `∂L/∂w`. Each element
+    /// of the gradient is read once before its own slot is written, so one segment copy of
+    /// the incoming gradient (one group's width) is all the scratch it needs.
+    fn run_backward_in_place(&self, grad: &mut [f32], dim: (usize, usize)) -> Result<Vec<f32>> {
+        let (data, steps) = self.backward_state(dim)?;
+        check_finite("uniform quantizer grad_output", grad)?;
+        let layout = self.checked_layout(dim)?;
+        let cols = dim.1;
+        let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
+        let (zps, ste) = (&self.zero_points, self.ste);
+        let partials: Vec<Vec<(usize, f64)>> = grad
+            .par_chunks_mut(cols)
+            .zip(data.par_chunks(cols))
+            .enumerate()
+            .map_init(Vec::new, |upstream: &mut Vec<f32>, (r, (g_row, row))| {
+                layout
+                    .row_segments(r)
+                    .map(|(g, range)| {
+                        let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
+                        upstream.clear();
+                        upstream.extend_from_slice(&g_row[range.clone()]);
+                        let x = &row[range.clone()];
+                        (
+                            g,
+                            backward_segment(ste, grid, x, upstream, &mut g_row[range]),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(self.step_grads(&layout, partials))
+    }
+
+    /// The saved forward input and steps, checked against a backward of shape `dim`.
+    fn backward_state(&self, dim: (usize, usize)) -> Result<(&[f32], &[f32])> {
+        let (data, steps) = self.last_forward.as_ref().ok_or_else(|| {
+            QuantError::invalid(
+                "uniform quantizer state",
+                "no forward pass",
+                "call forward before backward",
+            )
+        })?;
+        self.checked_layout(dim)?;
+        Ok((data, steps))
+    }
+
+    /// Sums the per-segment step partials per group and applies LSQ's gradient scale.
+    fn step_grads(&self, layout: &GroupLayout, partials: Vec<Vec<(usize, f64)>>) -> Vec<f32> {
+        let qmax = self.grid.qmax();
+        let mut step_grads = vec![0.0f64; layout.num_groups()];
+        for (g, partial) in partials.into_iter().flatten() {
+            step_grads[g] += partial;
+        }
+        let sizes = layout.group_sizes();
+        step_grads
+            .iter()
+            .zip(&sizes)
+            .map(|(&sum, &n)| {
+                let scale = if self.ste.scales_step_grad() {
+                    lsq_grad_scale(n, qmax)
+                } else {
+                    1.0
+                };
+                (sum * f64::from(scale)) as f32
+            })
+            .collect()
+    }
+
     /// Sets the steps and zero points directly (for example from a checkpoint).
     pub fn set_params(
         &mut self,
@@ -1120,95 +1282,53 @@ impl DifferentiableQuantizer for UniformQuantizer {
     }
 
     fn forward(&mut self, w: ArrayView2<'_, f32>) -> Result<QuantizerOutput> {
-        let layout = self.checked_layout(w.dim())?;
-        self.check_steps()?;
-        // Reuse the previous forward's buffer: refilling warm pages costs a copy, a fresh
-        // weight-sized allocation costs a page fault per 4 KiB on top.
-        let reused = self.last_forward.take().map(|(buffer, _)| buffer);
-        let data = row_major_into(w, reused.unwrap_or_default());
-        check_finite("uniform quantizer input", &data)?;
         let (rows, cols) = w.dim();
-        let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
-        let mut codes = vec![0u8; data.len()];
-        let mut dequantized = vec![0.0f32; data.len()];
-        let (steps, zps) = (&self.steps, &self.zero_points);
-        codes
-            .par_chunks_mut(cols)
-            .zip(dequantized.par_chunks_mut(cols))
-            .zip(data.par_chunks(cols))
-            .enumerate()
-            .for_each(|(r, ((code_row, deq_row), row))| {
-                for (g, range) in layout.row_segments(r) {
-                    let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
-                    let (codes, deq) = (&mut code_row[range.clone()], &mut deq_row[range.clone()]);
-                    for ((code, out), &x) in codes.iter_mut().zip(deq.iter_mut()).zip(&row[range]) {
-                        let (_, q) = grid.locate(x);
-                        *code = (q + grid.code_offset) as u8;
-                        *out = q * grid.step;
-                    }
-                }
-            });
-        self.last_forward = Some((data, self.steps.clone()));
+        let mut codes = vec![0u8; rows * cols];
+        let mut dequantized = vec![0.0f32; rows * cols];
+        self.run_forward(w, Some(&mut codes), &mut dequantized)?;
         Ok(QuantizerOutput {
             codes: shaped(rows, cols, codes)?,
             dequantized: shaped(rows, cols, dequantized)?,
         })
     }
 
-    fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads> {
-        let (data, steps) = self.last_forward.as_ref().ok_or_else(|| {
-            QuantError::invalid(
-                "uniform quantizer state",
-                "no forward pass",
-                "call forward before backward",
-            )
-        })?;
-        let layout = self.checked_layout(grad_output.dim())?;
-        let grad = row_major_cow(grad_output);
-        let grad: &[f32] = &grad;
-        check_finite("uniform quantizer grad_output", grad)?;
-        let (rows, cols) = layout.shape();
-        let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
-        let (zps, ste) = (&self.zero_points, self.ste);
-        let mut grad_input = vec![0.0f32; data.len()];
-        let partials: Vec<Vec<(usize, f64)>> = grad_input
-            .par_chunks_mut(cols)
-            .zip(data.par_chunks(cols))
-            .zip(grad.par_chunks(cols))
-            .enumerate()
-            .map(|(r, ((gin_row, row), g_row))| {
-                layout
-                    .row_segments(r)
-                    .map(|(g, range)| {
-                        let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
-                        let gin = &mut gin_row[range.clone()];
-                        let (x, up) = (&row[range.clone()], &g_row[range]);
-                        (g, backward_segment(ste, grid, x, up, gin))
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut step_grads = vec![0.0f64; layout.num_groups()];
-        for (g, partial) in partials.into_iter().flatten() {
-            step_grads[g] += partial;
+    fn forward_dequantized_into(
+        &mut self,
+        w: ArrayView2<'_, f32>,
+        out: &mut Array2<f32>,
+    ) -> Result<()> {
+        if out.dim() != w.dim() || !out.is_standard_layout() {
+            *out = Array2::zeros(w.dim());
         }
-        let sizes = layout.group_sizes();
-        let params = step_grads
-            .iter()
-            .zip(&sizes)
-            .map(|(&sum, &n)| {
-                let scale = if ste.scales_step_grad() {
-                    lsq_grad_scale(n, qmax)
-                } else {
-                    1.0
-                };
-                (sum * f64::from(scale)) as f32
-            })
-            .collect();
+        let out = out
+            .as_slice_mut()
+            .ok_or_else(|| QuantError::shape("uniform quantizer output", "row-major", "strided"))?;
+        self.run_forward(w, None, out)
+    }
+
+    fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads> {
+        let (rows, cols) = grad_output.dim();
+        let mut grad_input = vec![0.0f32; rows * cols];
+        let params = {
+            let grad = row_major_cow(grad_output);
+            self.run_backward(&grad, grad_output.dim(), &mut grad_input)?
+        };
         Ok(QuantizerGrads {
             input: shaped(rows, cols, grad_input)?,
             params,
         })
+    }
+
+    fn backward_in_place(&mut self, grad: &mut Array2<f32>) -> Result<Vec<f32>> {
+        let dim = grad.dim();
+        match grad.as_slice_mut() {
+            Some(values) => self.run_backward_in_place(values, dim),
+            None => {
+                let grads = self.backward(grad.view())?;
+                *grad = grads.input;
+                Ok(grads.params)
+            }
+        }
     }
 
     fn params(&self) -> &[f32] {
@@ -1359,6 +1479,52 @@ pub(crate) fn shaped<T>(rows: usize, cols: usize, data: Vec<T>) -> Result<Array2
 mod tests {
     use super::*;
     use crate::ste::{lsq_step_derivative, GridPoint};
+
+    /// The buffer-reusing pair (`forward_dequantized_into`, `backward_in_place`) gives the
+    /// allocating pair's numbers bit for bit, for every granularity and estimator, including
+    /// into a wrongly shaped buffer and on a strided gradient.
+    #[test]
+    fn buffer_reusing_forward_and_backward_are_bit_identical() {
+        let (rows, cols) = (9, 70);
+        let w = Array2::from_shape_fn((rows, cols), |(i, j)| {
+            ((i * cols + j) as f32 * 0.37).sin() * 1.3
+        });
+        let g = Array2::from_shape_fn((rows, cols), |(i, j)| ((i + 3 * j) as f32 * 0.11).cos());
+        let bits_of = |a: &Array2<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for granularity in [
+            Granularity::PerTensor,
+            Granularity::PerChannel,
+            Granularity::PerBlock { size: 16 },
+        ] {
+            for ste in [Ste::Standard, Ste::Lsq, Ste::Clipped { clip: 0.9 }] {
+                for symmetric in [true, false] {
+                    let mut a = UniformQuantizer::new(3, symmetric, granularity, ste).unwrap();
+                    a.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+                    let mut b = a.clone();
+                    let want = a.forward(w.view()).unwrap().dequantized;
+                    let mut out = Array2::zeros((2, 2));
+                    b.forward_dequantized_into(w.view(), &mut out).unwrap();
+                    assert_eq!(bits_of(&out), bits_of(&want), "{granularity:?} {ste:?}");
+                    let want = a.backward(g.view()).unwrap();
+                    let mut in_place = g.clone();
+                    let params = b.backward_in_place(&mut in_place).unwrap();
+                    assert_eq!(
+                        bits_of(&in_place),
+                        bits_of(&want.input),
+                        "{granularity:?} {ste:?}"
+                    );
+                    assert_eq!(params, want.params);
+                    // A column-major gradient goes through the allocating path.
+                    let mut strided = g.t().as_standard_layout().into_owned().reversed_axes();
+                    b.backward_in_place(&mut strided).unwrap();
+                    assert_eq!(
+                        bits_of(&strided.as_standard_layout().into_owned()),
+                        bits_of(&want.input)
+                    );
+                }
+            }
+        }
+    }
 
     /// The branch-free kernels agree bit for bit with the scalar definitions
     /// ([`quantize_scalar`], [`Ste::input_grad`], [`lsq_step_derivative`]) on ties, clamped

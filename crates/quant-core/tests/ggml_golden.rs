@@ -127,8 +127,8 @@ fn dequantization_of_random_blocks_matches_gguf_py_bit_for_bit() {
 #[test]
 fn q2_k_hand_built_block_decodes_to_d_sc_q_minus_dmin_m() {
     let mut block = vec![0u8; 84];
-    for j in 0..16 {
-        block[j] = (j as u8) | ((15 - j as u8) << 4);
+    for (j, sc) in block.iter_mut().take(16).enumerate() {
+        *sc = (j as u8) | ((15 - j as u8) << 4);
     }
     let code = |i: usize| ((i / 16 + i) % 4) as u8;
     for half in 0..2 {

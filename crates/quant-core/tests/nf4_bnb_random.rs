@@ -27,7 +27,11 @@ fn random_cases_match_bitsandbytes_bit_for_bit() {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "expected the ten random cases in {}", dir.display());
+    assert!(
+        files.len() >= 10,
+        "expected the ten random cases in {}",
+        dir.display()
+    );
     let mut over_256_blocks = 0;
     for path in &files {
         let bytes = std::fs::read(path).unwrap();
@@ -41,7 +45,11 @@ fn random_cases_match_bitsandbytes_bit_for_bit() {
         let x = f32s(&file, "input");
         let q = FourBitTensor::quantize(&x, &shape, blocksize, quant_type, true).unwrap();
         let case = path.file_name().unwrap().to_string_lossy();
-        assert_eq!(q.packed(), file.tensor("packed").unwrap().data(), "{case}: packed");
+        assert_eq!(
+            q.packed(),
+            file.tensor("packed").unwrap().data(),
+            "{case}: packed"
+        );
         let BlockScales::DoubleQuant(dq) = q.scales() else {
             panic!("{case}: not double-quantized")
         };

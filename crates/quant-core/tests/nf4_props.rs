@@ -211,3 +211,22 @@ fn bits_per_weight_counts_what_is_stored() {
     assert_eq!(dq.stored_bytes(), 8192 + 256 + 4 + 4 + 1024);
     assert!((dq.bits_per_weight() - 8.0 * 9480.0 / 16384.0).abs() < 1e-12);
 }
+
+/// `DoubleQuantAbsmax`'s fields are public: inconsistent ones are errors on use.
+#[test]
+fn inconsistent_double_quant_fields_are_errors_on_use() {
+    use quant_core::nf4::DoubleQuantAbsmax;
+    let good = DoubleQuantAbsmax::quantize(&[0.5, 1.0, 2.0]).unwrap();
+    assert_eq!(good.decode().unwrap().len(), 3);
+    let mut dq = good.clone();
+    dq.code2.truncate(10);
+    assert!(dq.decode().unwrap_err().to_string().contains("code2"));
+    let mut dq = good.clone();
+    dq.blocksize2 = 0;
+    assert!(dq.scale(0).unwrap_err().to_string().contains("blocksize2"));
+    assert!(dq.decode().is_err());
+    let mut dq = good.clone();
+    dq.absmax2.clear();
+    assert!(dq.scale(2).unwrap_err().to_string().contains("absmax2"));
+    assert!(good.scale(3).unwrap_err().to_string().contains("codes"));
+}

@@ -90,8 +90,15 @@ struct Timing {
     runs: usize,
 }
 
+/// One measured layer benchmark, with its CPU time.
+struct LayerTiming {
+    bench: &'static str,
+    median_ms: f64,
+    cpu_ms: Option<f64>,
+}
+
 /// Median wall time of `runs` calls after one warm-up call.
-fn time_median(runs: usize, mut f: impl FnMut()) -> f64 {
+pub(crate) fn time_median(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
     let mut times: Vec<f64> = (0..runs.max(1))
         .map(|_| {
@@ -102,6 +109,29 @@ fn time_median(runs: usize, mut f: impl FnMut()) -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
+}
+
+/// CPU time used so far by every thread of this process, in ns, from Linux's
+/// `/proc/self/task/*/schedstat` (`None` where that does not exist). On a machine shared with
+/// other work the wall time of a run includes waiting for a core; its CPU time does not, so
+/// the benches print both.
+pub(crate) fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// [`time_median`] plus the mean CPU time of one call (warm-up included), in ms.
+pub(crate) fn time_median_cpu(runs: usize, f: impl FnMut()) -> (f64, Option<f64>) {
+    let before = process_cpu_ns();
+    let wall = time_median(runs, f);
+    let cpu = before
+        .zip(process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / (runs.max(1) + 1) as f64);
+    (wall, cpu)
 }
 
 fn bench_quant(args: &BenchQuantArgs) -> CliResult {
@@ -217,14 +247,14 @@ fn bench_layer(args: &BenchLayerArgs) -> CliResult {
             failure.get_or_insert(e.into());
         }
     };
-    let lora_ms = time_median(args.runs, || {
+    let (lora_ms, lora_cpu) = time_median_cpu(args.runs, || {
         record(lora.forward(x.view()).and_then(|y| {
             std::hint::black_box(&y);
             lora.backward(dy.view())
                 .map(|dx| drop(std::hint::black_box(dx)))
         }))
     });
-    let qlora_ms = time_median(args.runs, || {
+    let (qlora_ms, qlora_cpu) = time_median_cpu(args.runs, || {
         record(qlora.forward(x.view()).and_then(|y| {
             std::hint::black_box(&y);
             qlora
@@ -232,7 +262,7 @@ fn bench_layer(args: &BenchLayerArgs) -> CliResult {
                 .map(|dx| drop(std::hint::black_box(dx)))
         }))
     });
-    let qat_ms = time_median(args.runs, || {
+    let (qat_ms, qat_cpu) = time_median_cpu(args.runs, || {
         record(qat.forward(x.view()).and_then(|y| {
             std::hint::black_box(&y);
             qat.backward(dy.view())
@@ -243,41 +273,43 @@ fn bench_layer(args: &BenchLayerArgs) -> CliResult {
         return Err(e);
     }
     let timings = [
-        Timing {
+        LayerTiming {
             bench: "lora_fwd_bwd",
             median_ms: lora_ms,
-            runs: args.runs,
+            cpu_ms: lora_cpu,
         },
-        Timing {
+        LayerTiming {
             bench: "qlora_fwd_bwd",
             median_ms: qlora_ms,
-            runs: args.runs,
+            cpu_ms: qlora_cpu,
         },
-        Timing {
+        LayerTiming {
             bench: "lora_qat_fwd_bwd",
             median_ms: qat_ms,
-            runs: args.runs,
+            cpu_ms: qat_cpu,
         },
     ];
     if args.json {
         for t in &timings {
             println!(
                 "{}",
-                serde_json::json!({"bench": t.bench, "ms": t.median_ms, "runs": t.runs})
+                serde_json::json!({"bench": t.bench, "ms": t.median_ms, "cpu_ms": t.cpu_ms, "runs": args.runs})
             );
         }
     } else {
         println!(
-            "{:<18} {:>12} {:>10} {:>6}",
-            "bench", "median ms", "vs LoRA", "runs"
+            "{:<18} {:>12} {:>10} {:>14} {:>6}",
+            "bench", "median ms", "vs LoRA", "cpu ms / run", "runs"
         );
         for t in &timings {
+            let cpu = t.cpu_ms.map_or("-".to_string(), |c| format!("{c:.3}"));
             println!(
-                "{:<18} {:>12.3} {:>9.2}x {:>6}",
+                "{:<18} {:>12.3} {:>9.2}x {:>14} {:>6}",
                 t.bench,
                 t.median_ms,
                 t.median_ms / lora_ms,
-                t.runs
+                cpu,
+                args.runs
             );
         }
         println!(

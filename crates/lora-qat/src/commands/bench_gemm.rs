@@ -31,8 +31,13 @@ pub struct BenchGemmArgs {
     pub json: bool,
 }
 
-/// Median wall time in ms of `runs` calls after one warm-up call.
-fn time_median(runs: usize, mut f: impl FnMut() -> CliResult) -> Result<f64, CliError> {
+/// Median wall time in ms of `runs` calls after one warm-up call, and the mean CPU time of
+/// one call (all threads, warm-up included) where the OS reports it.
+fn time_median(
+    runs: usize,
+    mut f: impl FnMut() -> CliResult,
+) -> Result<(f64, Option<f64>), CliError> {
+    let cpu_before = super::bench::process_cpu_ns();
     f()?;
     let mut times = Vec::with_capacity(runs.max(1));
     for _ in 0..runs.max(1) {
@@ -41,7 +46,10 @@ fn time_median(runs: usize, mut f: impl FnMut() -> CliResult) -> Result<f64, Cli
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let cpu = cpu_before
+        .zip(super::bench::process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / (runs.max(1) + 1) as f64);
+    Ok((times[times.len() / 2], cpu))
 }
 
 pub fn run(args: &BenchGemmArgs) -> CliResult {
@@ -61,7 +69,7 @@ pub fn run(args: &BenchGemmArgs) -> CliResult {
     let mut y = Array2::<f32>::zeros((m, n));
     let flops = 2.0 * (m * n * k) as f64;
 
-    let mut rows: Vec<(String, f64)> = Vec::new();
+    let mut rows: Vec<(String, (f64, Option<f64>))> = Vec::new();
     let operands: [(&str, ArrayView2<'_, f32>); 2] = [("x_wT", w.t()), ("x_b", b.view())];
     for (label, rhs) in operands {
         let ms = time_median(args.runs, || {
@@ -80,16 +88,24 @@ pub fn run(args: &BenchGemmArgs) -> CliResult {
         }
     }
     if args.json {
-        for (bench, ms) in &rows {
+        for (bench, (ms, cpu)) in &rows {
             println!(
                 "{}",
-                serde_json::json!({"bench": bench, "ms": ms, "gflops": flops / ms / 1e6, "runs": args.runs})
+                serde_json::json!({"bench": bench, "ms": ms, "gflops": flops / ms / 1e6,
+                                   "cpu_ms": cpu, "runs": args.runs})
             );
         }
     } else {
-        println!("{:<28} {:>10} {:>10}", "bench", "median ms", "GFLOP/s");
-        for (bench, ms) in &rows {
-            println!("{bench:<28} {ms:>10.3} {:>10.1}", flops / ms / 1e6);
+        println!(
+            "{:<28} {:>10} {:>10} {:>12}",
+            "bench", "median ms", "GFLOP/s", "cpu ms/run"
+        );
+        for (bench, (ms, cpu)) in &rows {
+            let cpu = cpu.map_or("-".to_string(), |c| format!("{c:.3}"));
+            println!(
+                "{bench:<28} {ms:>10.3} {:>10.1} {cpu:>12}",
+                flops / ms / 1e6
+            );
         }
         println!(
             "(m = {m}, k = {k}, n = {n}; {} rayon threads; bf16 kernels on this CPU: {})",

@@ -28,7 +28,8 @@ impl Ranks {
                 "--collective-timeout {collective_timeout}: must be a number of seconds >= 0"
             )));
         }
-        let timeout = (collective_timeout > 0.0).then(|| Duration::from_secs_f64(collective_timeout));
+        let timeout =
+            (collective_timeout > 0.0).then(|| Duration::from_secs_f64(collective_timeout));
         #[cfg(feature = "mpi")]
         {
             use qat_train::distributed::mpi::{launched_by_mpirun, MpiSession};
@@ -44,7 +45,9 @@ impl Ranks {
             let _ = timeout;
             // Variables an MPI launcher sets to the number of ranks (OpenMPI, MPICH/Hydra).
             for var in ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"] {
-                let ranks = std::env::var(var).ok().and_then(|v| v.parse::<usize>().ok());
+                let ranks = std::env::var(var)
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok());
                 if let Some(n) = ranks.filter(|&n| n > 1) {
                     return Err(CliError::Usage(format!(
                         "started as one of {n} MPI ranks ({var}={n}) but this lora-qat was built \
@@ -91,11 +94,13 @@ impl Ranks {
         #[cfg(feature = "mpi")]
         if let (Err(e), Some(s)) = (&result, &self.session) {
             if s.size() > 1 {
-                eprintln!(
-                    "error: rank {} of {}: {e}; ending the job on every rank",
+                // One write, so the launcher does not interleave it with another rank's.
+                let line = format!(
+                    "error: rank {} of {}: {e}; ending the job on every rank\n",
                     s.rank(),
                     s.size()
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 s.abort(1);
             }
         }

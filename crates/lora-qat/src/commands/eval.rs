@@ -99,7 +99,10 @@ fn compare(args: &EvalArgs, model_dir: &Path, reference: &Path) -> CliResult {
         tokens.len() / args.ctx,
         args.ctx
     );
-    println!("Mean    KLD: {:10.6} ± {:10.6}", r.mean_kld, r.mean_kld_uncertainty);
+    println!(
+        "Mean    KLD: {:10.6} ± {:10.6}",
+        r.mean_kld, r.mean_kld_uncertainty
+    );
     println!("99.0%   KLD: {:10.6}", r.kld_p99);
     println!("Median  KLD: {:10.6}", r.median_kld);
     println!("Maximum KLD: {:10.6}", r.max_kld);

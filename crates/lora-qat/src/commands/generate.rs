@@ -26,7 +26,12 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// Prompt text, tokenized with the model's tokenizer; the continuation is printed as text.
-    #[arg(long, value_name = "TEXT", conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        value_name = "TEXT",
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     pub prompt: Option<String>,
     /// Prompt token ids, comma-separated (e.g. 1,2,3); the new ids are printed.
     #[arg(long, value_name = "IDS", value_delimiter = ',')]
@@ -115,9 +120,13 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     }
     match (&args.prompt_ids, &text, &args.prompt) {
         (Some(ids), _, _) => {
-            let new = model.decode_stream(ids, args.max_new.unwrap_or(20), &mut sampler, &stop_ids, |_| {
-                ControlFlow::Continue(())
-            })?;
+            let new = model.decode_stream(
+                ids,
+                args.max_new.unwrap_or(20),
+                &mut sampler,
+                &stop_ids,
+                |_| ControlFlow::Continue(()),
+            )?;
             let text: Vec<String> = new.iter().map(u32::to_string).collect();
             println!("{}", text.join(","));
             Ok(())
@@ -153,8 +162,14 @@ pub fn run(args: &GenerateArgs) -> CliResult {
                             return ControlFlow::Break(());
                         }
                     };
-                    if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
-                        failure = Some(CliError::File { path: "<stdout>".into(), reason: e.to_string() });
+                    if let Err(e) = stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush())
+                    {
+                        failure = Some(CliError::File {
+                            path: "<stdout>".into(),
+                            reason: e.to_string(),
+                        });
                         return ControlFlow::Break(());
                     }
                     if streamer.stopped() {
@@ -168,10 +183,14 @@ pub fn run(args: &GenerateArgs) -> CliResult {
                 return Err(e);
             }
             let rest = streamer.finish()?;
-            writeln!(stdout, "{rest}")
-                .map_err(|e| CliError::File { path: "<stdout>".into(), reason: e.to_string() })?;
+            writeln!(stdout, "{rest}").map_err(|e| CliError::File {
+                path: "<stdout>".into(),
+                reason: e.to_string(),
+            })?;
             Ok(())
         }
-        _ => Err(CliError::Usage("give --prompt TEXT or --prompt-ids IDS".into())),
+        _ => Err(CliError::Usage(
+            "give --prompt TEXT or --prompt-ids IDS".into(),
+        )),
     }
 }

@@ -71,8 +71,10 @@ fn describe_model(dir: &Path, limit: usize) -> CliResult<String> {
     let c = &ckpt.config;
     let mut s = format!("model directory {}\n", dir.display());
     s += &format!(
-        "  llama: {} layers, hidden {}, MLP {}, {} heads ({} kv) of {}, vocab {}, context {}, \
+        "  {} ({}): {} layers, hidden {}, MLP {}, {} heads ({} kv) of {}, vocab {}, context {}, \
          rope θ {}, rms eps {}, tied embeddings {}\n",
+        c.family(),
+        c.architecture.family.architecture(),
         c.num_hidden_layers,
         c.hidden_size,
         c.intermediate_size,

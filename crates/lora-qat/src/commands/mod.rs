@@ -60,8 +60,8 @@ pub fn resolve_model_arg(
     model: &std::path::Path,
     revision: Option<&str>,
 ) -> CliResult<std::path::PathBuf> {
-    let spec = model.to_str().ok_or_else(|| {
-        CliError::Usage(format!("--model {}: not valid UTF-8", model.display()))
-    })?;
+    let spec = model
+        .to_str()
+        .ok_or_else(|| CliError::Usage(format!("--model {}: not valid UTF-8", model.display())))?;
     Ok(lora_qat::text::resolve_model(spec, revision)?)
 }

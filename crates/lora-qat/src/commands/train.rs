@@ -8,8 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lm::{LinearModule, LlamaModel};
 use lora_core::qlora::Nf4Options;
 use lora_core::{LoraConfig, QatMode};
-use qat_train::config::TrainConfig;
 use lora_qat::text::{examples_from_file, ModelText};
+use qat_train::config::TrainConfig;
 use qat_train::data::Dataset;
 use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, MetricsLog, StepMetrics};
 use qat_train::trainer::Trainer;
@@ -267,7 +267,11 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
 
 /// The student: the base (quantized for qlora) with a fresh adapter seeded by the run's seed,
 /// or the one in `--init-adapter`.
-fn build_student(args: &TrainArgs, model_dir: &Path, config: &TrainConfig) -> CliResult<LlamaModel> {
+fn build_student(
+    args: &TrainArgs,
+    model_dir: &Path,
+    config: &TrainConfig,
+) -> CliResult<LlamaModel> {
     let mut model = LlamaModel::from_pretrained(model_dir)?;
     let lora = lora_config(args);
     let seed = config.seed;
@@ -349,8 +353,10 @@ impl MetricsCallback for Progress {
         } else {
             0.0
         };
-        self.bar
-            .set_message(format!("loss {:.4} lr {:.2e} {rate:.0} tok/s", m.total_loss, m.lr));
+        self.bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {rate:.0} tok/s",
+            m.total_loss, m.lr
+        ));
         Ok(())
     }
     fn on_eval(&mut self, m: &EvalMetrics) -> qat_train::Result<()> {
@@ -445,7 +451,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps [{elapsed_precise}, ETA {eta_precise}] {msg}",
         )
-            .map_err(|e| CliError::Usage(e.to_string()))?,
+        .map_err(|e| CliError::Usage(e.to_string()))?,
     );
     bar.set_position(trainer.step_count());
     let mut progress = Progress {

@@ -107,8 +107,13 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (`add_generation_prompt` appends the assistant header).
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> TextResult<String> {
-        let messages = serde_json::to_value(messages).map_err(|e| TextError::Template(e.to_string()))?;
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> TextResult<String> {
+        let messages =
+            serde_json::to_value(messages).map_err(|e| TextError::Template(e.to_string()))?;
         self.render_json(&messages, add_generation_prompt, &serde_json::Map::new())
             .map(|(text, _)| text)
     }
@@ -171,9 +176,7 @@ fn strip_generation_markers(rendered: &str) -> TextResult<(String, Vec<Range<usi
         match c {
             GENERATION_START => {
                 if open.is_some() {
-                    return Err(TextError::Template(
-                        "nested {% generation %} blocks".into(),
-                    ));
+                    return Err(TextError::Template("nested {% generation %} blocks".into()));
                 }
                 open = Some(text.len());
             }
@@ -357,11 +360,27 @@ fn strftime_now(format: String) -> Result<Value, Error> {
 /// Formats Unix time `secs` (UTC).
 fn strftime(secs: i64, format: &str) -> Result<String, Error> {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
     ];
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -440,7 +459,10 @@ mod tests {
         // 2024-07-23 12:34:56 UTC was a Tuesday.
         let t = 1_721_738_096;
         assert_eq!(strftime(t, "%d %b %Y").unwrap(), "23 Jul 2024");
-        assert_eq!(strftime(t, "%A %B %d, %H:%M:%S %j %%").unwrap(), "Tuesday July 23, 12:34:56 205 %");
+        assert_eq!(
+            strftime(t, "%A %B %d, %H:%M:%S %j %%").unwrap(),
+            "Tuesday July 23, 12:34:56 205 %"
+        );
         assert_eq!(strftime(0, "%Y-%m-%d %a").unwrap(), "1970-01-01 Thu");
         assert!(strftime(0, "%Q").is_err());
     }
@@ -451,7 +473,9 @@ mod tests {
         let x = serde_json::json!({"a": [1, 2.5, "é\n"], "b": {}, "c": null});
         let mut extra = serde_json::Map::new();
         extra.insert("x".into(), x);
-        let (text, _) = t.render_json(&serde_json::json!([]), false, &extra).unwrap();
+        let (text, _) = t
+            .render_json(&serde_json::json!([]), false, &extra)
+            .unwrap();
         assert_eq!(
             text,
             "{\"a\": [1, 2.5, \"é\\n\"], \"b\": {}, \"c\": null}|{\n  \"a\": [\n    1,\n    2.5,\n    \"é\\n\"\n  ],\n  \"b\": {},\n  \"c\": null\n}"
@@ -483,8 +507,13 @@ mod tests {
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new("{{ messages[0].content.strip().split(' ') | length }}{{ ' x '.rstrip() }}").unwrap();
-        let text = t.render(&[ChatMessage::new("user", "  a b c ")], false).unwrap();
+        let t = ChatTemplate::new(
+            "{{ messages[0].content.strip().split(' ') | length }}{{ ' x '.rstrip() }}",
+        )
+        .unwrap();
+        let text = t
+            .render(&[ChatMessage::new("user", "  a b c ")], false)
+            .unwrap();
         assert_eq!(text, "3 x");
     }
 }

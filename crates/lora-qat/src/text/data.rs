@@ -92,7 +92,10 @@ pub fn examples_from_file(
     let format = match serde_json::from_str::<Value>(first) {
         Ok(Value::Object(obj)) => DataFormat::of_object(&obj).ok_or_else(|| TextError::Line {
             source_name: name.clone(),
-            line: 1 + content.lines().position(|l| !l.trim().is_empty()).unwrap_or(0),
+            line: 1 + content
+                .lines()
+                .position(|l| !l.trim().is_empty())
+                .unwrap_or(0),
             reason: format!(
                 "a JSON object with none of the keys a format is known by (input_ids, \
                  messages, prompt + completion, text); keys: {:?}",
@@ -122,8 +125,7 @@ pub fn examples_from_file(
         let example = if format == DataFormat::PlainLines {
             text_example(&text, line)
         } else {
-            let value: Value =
-                serde_json::from_str(line).map_err(|e| line_error(e.to_string()))?;
+            let value: Value = serde_json::from_str(line).map_err(|e| line_error(e.to_string()))?;
             let obj = value
                 .as_object()
                 .ok_or_else(|| line_error("not a JSON object".into()))?;
@@ -201,7 +203,10 @@ pub fn chat_example(text: &ModelText, messages: &Value) -> TextResult<Example> {
 }
 
 /// The rendered conversation and the byte ranges of its assistant turns.
-pub fn assistant_spans(text: &ModelText, messages: &Value) -> TextResult<(String, Vec<Range<usize>>)> {
+pub fn assistant_spans(
+    text: &ModelText,
+    messages: &Value,
+) -> TextResult<(String, Vec<Range<usize>>)> {
     let list = check_messages(messages)?;
     let template = text.require_chat_template()?;
     let none = serde_json::Map::new();
@@ -238,7 +243,9 @@ fn check_messages(messages: &Value) -> TextResult<&Vec<Value>> {
     }
     for (i, m) in list.iter().enumerate() {
         if !m["role"].is_string() {
-            return Err(TextError::Template(format!("message {i} has no string `role`")));
+            return Err(TextError::Template(format!(
+                "message {i} has no string `role`"
+            )));
         }
     }
     Ok(list)
@@ -270,7 +277,10 @@ pub fn prompt_completion_example(
                     "the rendered prompt is not the start of the rendered conversation".into(),
                 ));
             }
-            (text.encode(&prompt_text, false)?, text.encode(&full, false)?)
+            (
+                text.encode(&prompt_text, false)?,
+                text.encode(&full, false)?,
+            )
         }
         _ => {
             return Err(TextError::Template(
@@ -282,7 +292,13 @@ pub fn prompt_completion_example(
     let labels = ids
         .iter()
         .enumerate()
-        .map(|(t, &id)| if t < n_prompt { IGNORE_INDEX } else { i64::from(id) })
+        .map(|(t, &id)| {
+            if t < n_prompt {
+                IGNORE_INDEX
+            } else {
+                i64::from(id)
+            }
+        })
         .collect();
     Ok(Example {
         input_ids: ids,

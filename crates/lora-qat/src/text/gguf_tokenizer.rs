@@ -75,7 +75,10 @@ impl Meta<'_> {
     fn strings(&self, key: &str) -> TextResult<&[String]> {
         match self.file.metadata(key) {
             Some(GgufValue::Array(GgufArray::String(v))) => Ok(v),
-            Some(other) => Err(self.err(key, format!("expected an array of strings, found {}", other.summary()))),
+            Some(other) => Err(self.err(
+                key,
+                format!("expected an array of strings, found {}", other.summary()),
+            )),
             None => Err(self.err(key, "missing")),
         }
     }
@@ -87,7 +90,10 @@ impl Meta<'_> {
             Some(GgufValue::Array(GgufArray::U32(v))) => {
                 Ok(Some(v.iter().map(|&x| x as i32).collect()))
             }
-            Some(other) => Err(self.err(key, format!("expected an array of integers, found {}", other.summary()))),
+            Some(other) => Err(self.err(
+                key,
+                format!("expected an array of integers, found {}", other.summary()),
+            )),
         }
     }
 
@@ -95,7 +101,10 @@ impl Meta<'_> {
         match self.file.metadata(key) {
             None => Ok(None),
             Some(GgufValue::Array(GgufArray::F32(v))) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(key, format!("expected an array of f32, found {}", other.summary()))),
+            Some(other) => Err(self.err(
+                key,
+                format!("expected an array of f32, found {}", other.summary()),
+            )),
         }
     }
 
@@ -111,7 +120,10 @@ impl Meta<'_> {
             .as_u64()
             .ok_or_else(|| self.err(key, format!("expected a token id, found {}", v.summary())))?;
         if id as usize >= vocab {
-            return Err(self.err(key, format!("token id {id} is outside the vocabulary of {vocab}")));
+            return Err(self.err(
+                key,
+                format!("token id {id} is outside the vocabulary of {vocab}"),
+            ));
         }
         Ok(Some(id as u32))
     }
@@ -120,7 +132,9 @@ impl Meta<'_> {
         match self.file.metadata(key) {
             None => Ok(None),
             Some(GgufValue::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.err(key, format!("expected a bool, found {}", other.summary()))),
+            Some(other) => {
+                Err(self.err(key, format!("expected a bool, found {}", other.summary())))
+            }
         }
     }
 }
@@ -143,9 +157,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile, source_name: &str) -> TextResult<Ggu
         file,
         name: source_name.to_string(),
     };
-    let model = file
-        .metadata_str("tokenizer.ggml.model")
-        .ok_or_else(|| meta.err("tokenizer.ggml.model", "missing (the file has no tokenizer)"))?;
+    let model = file.metadata_str("tokenizer.ggml.model").ok_or_else(|| {
+        meta.err(
+            "tokenizer.ggml.model",
+            "missing (the file has no tokenizer)",
+        )
+    })?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let n = tokens.len();
     if n == 0 {
@@ -239,9 +256,12 @@ pub fn tokenizer_from_gguf(file: &GgufFile, source_name: &str) -> TextResult<Ggu
             (doc, false)
         }
         "llama" => {
-            let scores = meta
-                .opt_f32s("tokenizer.ggml.scores")?
-                .ok_or_else(|| meta.err("tokenizer.ggml.scores", "missing (SentencePiece needs scores)"))?;
+            let scores = meta.opt_f32s("tokenizer.ggml.scores")?.ok_or_else(|| {
+                meta.err(
+                    "tokenizer.ggml.scores",
+                    "missing (SentencePiece needs scores)",
+                )
+            })?;
             if scores.len() != n {
                 return Err(meta.err(
                     "tokenizer.ggml.scores",
@@ -253,13 +273,18 @@ pub fn tokenizer_from_gguf(file: &GgufFile, source_name: &str) -> TextResult<Ggu
                 .opt_bool("tokenizer.ggml.add_space_prefix")?
                 .unwrap_or(true);
             let unk_token = token_of(unk.or_else(|| {
-                types.iter().position(|&t| t == TYPE_UNKNOWN).map(|i| i as u32)
+                types
+                    .iter()
+                    .position(|&t| t == TYPE_UNKNOWN)
+                    .map(|i| i as u32)
             }));
             let mut normalizers = Vec::new();
             if add_space_prefix {
                 normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            normalizers.push(
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+            );
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -297,7 +322,10 @@ pub fn tokenizer_from_gguf(file: &GgufFile, source_name: &str) -> TextResult<Ggu
     let mut tokenizer_json = tokenizer_json;
     if add_bos_token {
         let bos_id = bos.ok_or_else(|| {
-            meta.err("tokenizer.ggml.bos_token_id", "missing, but add_bos_token is true")
+            meta.err(
+                "tokenizer.ggml.bos_token_id",
+                "missing, but add_bos_token is true",
+            )
         })?;
         let bos_text = &tokens[bos_id as usize];
         tokenizer_json["post_processor"] = json!({
@@ -314,7 +342,9 @@ pub fn tokenizer_from_gguf(file: &GgufFile, source_name: &str) -> TextResult<Ggu
         eos_token: token_of(eos),
         stop_ids,
         add_bos_token,
-        chat_template: file.metadata_str("tokenizer.chat_template").map(str::to_string),
+        chat_template: file
+            .metadata_str("tokenizer.chat_template")
+            .map(str::to_string),
     })
 }
 
@@ -339,11 +369,7 @@ fn spm_merges(
             }
         }
     }
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-    });
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     merges
         .into_iter()
         .map(|(_, _, l, r)| json!([tokens[l as usize], tokens[r as usize]]))
@@ -370,6 +396,8 @@ pub fn model_text_from_gguf(path: &Path) -> TextResult<ModelText> {
 pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokenizer> {
     let text = doc.to_string();
     text.parse::<Tokenizer>().map_err(|e| {
-        TextError::Tokenizer(format!("{source_name}: the tokenizer built from the metadata: {e}"))
+        TextError::Tokenizer(format!(
+            "{source_name}: the tokenizer built from the metadata: {e}"
+        ))
     })
 }

@@ -163,7 +163,9 @@ mod tests {
         assert_eq!(r(Some("c2")).unwrap(), repo.join("snapshots/c2"));
         let err = r(Some("v9")).unwrap_err().to_string();
         assert!(err.contains("snapshots/v9 does not exist"), "{err}");
-        let err = resolve_model_in("org/m", None, None).unwrap_err().to_string();
+        let err = resolve_model_in("org/m", None, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("HF_HUB_CACHE"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }

@@ -33,7 +33,11 @@ impl<'a> TextStreamer<'a> {
             prefix: 0,
             read: 0,
             skip_special_tokens,
-            stop_strings: stop_strings.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stop_strings: stop_strings
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
             pending: String::new(),
             full: String::new(),
             stopped: false,
@@ -46,8 +50,12 @@ impl<'a> TextStreamer<'a> {
             return Ok(String::new());
         }
         self.ids.push(id);
-        let before = self.text.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
-        let after = self.text.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        let before = self
+            .text
+            .decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let after = self
+            .text
+            .decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         // As Hugging Face's streamers: the new text is what the longer decode adds past the
         // shorter one, once it no longer ends in an incomplete character.
         if after.ends_with('\u{FFFD}')
@@ -107,8 +115,12 @@ impl<'a> TextStreamer<'a> {
         if self.stopped {
             return Ok(String::new());
         }
-        let before = self.text.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
-        let after = self.text.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        let before = self
+            .text
+            .decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let after = self
+            .text
+            .decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         let mut out = std::mem::take(&mut self.pending);
         if after.len() > before.len() && after.is_char_boundary(before.len()) {
             let tail = &after[before.len()..];

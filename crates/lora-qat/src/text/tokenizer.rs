@@ -9,6 +9,9 @@ use tokenizers::Tokenizer;
 use super::chat::ChatTemplate;
 use super::{TextError, TextResult};
 
+/// Token ids and, for each, its byte range `(start, end)` in the encoded text.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 /// Tokenizer, chat template and special tokens of one model.
 #[derive(Debug)]
 pub struct ModelText {
@@ -228,7 +231,7 @@ impl ModelText {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> TextResult<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> TextResult<IdsWithOffsets> {
         let encoding = self
             .tokenizer
             .encode(text, add_special_tokens)

@@ -179,7 +179,10 @@ pub fn check_same_state(
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     let mismatch = if root_len != state.len() as u64 {
-        Some(format!("{} entries here, {root_len} on rank 0", state.len()))
+        Some(format!(
+            "{} entries here, {root_len} on rank 0",
+            state.len()
+        ))
     } else {
         state
             .iter()
@@ -214,10 +217,9 @@ pub fn check_same_state(
 /// FNV-1a over the bits of `values`: a cheap fingerprint of a tensor for [`check_same_state`].
 pub fn hash_f32s(values: &[f32]) -> u64 {
     values.iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
-        v.to_bits()
-            .to_le_bytes()
-            .iter()
-            .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+        v.to_bits().to_le_bytes().iter().fold(h, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
     })
 }
 
@@ -238,10 +240,12 @@ pub(crate) fn check_split(micro_batches: usize, size: usize) -> Result<()> {
     Ok(())
 }
 
-/// Whether micro-batch `index` of a step is this rank's: rank `r` of `N` takes micro-batches
-/// `r, r + N, r + 2N, …`.
-pub(crate) fn owns_micro_batch(collective: &dyn Collective, index: usize) -> bool {
-    index % collective.size() == collective.rank()
+/// Whether item `index` of `count` (a step's micro-batches, an evaluation's batches) is
+/// this rank's: rank `r` of `N` takes the contiguous block `index·N/count = r`, so the ranks
+/// in order hold the items in order (micro-batches `0..k`, `k..2k`, … for `count = kN`).
+pub(crate) fn owns(collective: &dyn Collective, index: usize, count: usize) -> bool {
+    let (rank, size) = (collective.rank(), collective.size());
+    size == 1 || (index as u128 * size as u128 / count.max(1) as u128) == rank as u128
 }
 
 #[cfg(test)]
@@ -258,8 +262,12 @@ mod tests {
         size: usize,
         to_root: Sender<(usize, Vec<f64>)>,
         from_root: Receiver<Vec<f64>>,
-        root_inbox: Option<(Receiver<(usize, Vec<f64>)>, Vec<Sender<Vec<f64>>>)>,
+        root_inbox: Option<RootInbox>,
     }
+
+    /// What rank 0 of a [`ThreadRank`] group holds: every rank's contribution arrives on one
+    /// receiver, and one sender per rank carries the result back.
+    type RootInbox = (Receiver<(usize, Vec<f64>)>, Vec<Sender<Vec<f64>>>);
 
     impl ThreadRank {
         fn group(size: usize) -> Vec<ThreadRank> {
@@ -281,7 +289,11 @@ mod tests {
             ranks
         }
 
-        fn exchange(&mut self, mine: Vec<f64>, combine: impl Fn(&[Vec<f64>]) -> Vec<f64>) -> Vec<f64> {
+        fn exchange(
+            &mut self,
+            mine: Vec<f64>,
+            combine: impl Fn(&[Vec<f64>]) -> Vec<f64>,
+        ) -> Vec<f64> {
             self.to_root.send((self.rank, mine)).unwrap();
             if let Some((inbox, outs)) = &self.root_inbox {
                 let mut all = vec![Vec::new(); self.size];
@@ -361,7 +373,10 @@ mod tests {
             store.set_grad("a", &[r, 10.0 * r]).unwrap();
             store.set_grad("b", &[100.0 * r]).unwrap();
             assert_eq!(all_reduce_gradients(c, &mut store).unwrap(), 3);
-            (store.get("a").unwrap().grad.clone(), store.get("b").unwrap().grad.clone())
+            (
+                store.get("a").unwrap().grad.clone(),
+                store.get("b").unwrap().grad.clone(),
+            )
         });
         for (a, b) in results {
             assert_eq!(a, vec![3.0, 30.0]);
@@ -372,7 +387,10 @@ mod tests {
     #[test]
     fn a_rank_with_another_state_is_named() {
         let named = |v: &[u64]| -> Vec<(String, u64)> {
-            v.iter().enumerate().map(|(i, &x)| (format!("entry {i}"), x)).collect()
+            v.iter()
+                .enumerate()
+                .map(|(i, &x)| (format!("entry {i}"), x))
+                .collect()
         };
         let results = on_ranks(3, move |c| {
             let mut state = vec![1, 2, 3];
@@ -384,9 +402,17 @@ mod tests {
                 .map(|e| e.to_string())
         });
         let own = results[2].as_ref().unwrap();
-        assert!(own.contains("rank 2") && own.contains("entry 1: 9 here, 2 on rank 0"), "{own}");
-        assert!(results[0].as_ref().unwrap().contains("1 other rank"), "{results:?}");
-        let same = on_ranks(2, move |c| check_same_state(c, &named(&[7, 7]), "s").is_ok());
+        assert!(
+            own.contains("rank 2") && own.contains("entry 1: 9 here, 2 on rank 0"),
+            "{own}"
+        );
+        assert!(
+            results[0].as_ref().unwrap().contains("1 other rank"),
+            "{results:?}"
+        );
+        let same = on_ranks(2, move |c| {
+            check_same_state(c, &named(&[7, 7]), "s").is_ok()
+        });
         assert_eq!(same, vec![true, true]);
         let lengths = on_ranks(2, move |c| {
             let state = vec![0; 2 + c.rank()];
@@ -400,9 +426,15 @@ mod tests {
     fn micro_batches_are_split_whole_and_strided() {
         assert!(check_split(4, 2).is_ok());
         let err = check_split(3, 2).unwrap_err().to_string();
-        assert!(err.contains("gradient_accumulation = 3") && err.contains("multiple of 2"), "{err}");
-        let owned: Vec<Vec<usize>> = on_ranks(2, |c| (0..6).filter(|&i| owns_micro_batch(c, i)).collect());
-        assert_eq!(owned, vec![vec![0, 2, 4], vec![1, 3, 5]]);
+        assert!(
+            err.contains("gradient_accumulation = 3") && err.contains("multiple of 2"),
+            "{err}"
+        );
+        let owned: Vec<Vec<usize>> = on_ranks(2, |c| (0..6).filter(|&i| owns(c, i, 6)).collect());
+        assert_eq!(owned, vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        // Any count is shared out whole (evaluation batches need not divide evenly).
+        let uneven: Vec<Vec<usize>> = on_ranks(3, |c| (0..5).filter(|&i| owns(c, i, 5)).collect());
+        assert_eq!(uneven, vec![vec![0, 1], vec![2, 3], vec![4]]);
         assert!(SingleProcess.broadcast_bytes(&mut [0], 1, "x").is_err());
     }
 }

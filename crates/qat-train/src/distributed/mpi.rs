@@ -1,13 +1,17 @@
 //! The [`Collective`] over MPI (rsmpi on the system's MPI library; OpenMPI from Debian's
 //! `libopenmpi-dev` is what CI uses), for `mpirun -np N`.
 //!
-//! * **Reduction**: a ring all-reduce written on MPI's point-to-point `sendrecv`, not
+//! * **Reduction**: rank-ordered, written on MPI's point-to-point calls rather than
 //!   `MPI_Allreduce`, whose algorithm (and so summation order) the MPI library picks by
-//!   message size and may change between versions. In the ring, the buffer is cut into `N`
-//!   chunks; chunk `c` is summed as `((g_c + g_{c+1}) + g_{c+2}) + … + g_{c+N−1}` (rank
-//!   indices mod `N`) while travelling once round the ring, then copied round it again, so
-//!   every rank ends with the same bits and the order depends on `N` alone. Each rank sends
-//!   `2(N−1)/N` of the buffer: the bandwidth-optimal ring of docs/SCALING.md.
+//!   message size and may change between versions. The buffer is cut into segments of
+//!   [`SEGMENT_VALUES`]; each segment travels down the chain of ranks `0 → 1 → … → N−1`, every
+//!   rank adding its own values to the partial sum it received, so every element is summed
+//!   as `((p₀ + p₁) + p₂) + … + p_{N−1}` — the order of the ranks, which take contiguous
+//!   blocks of the step's micro-batches, is the order one process accumulates them in. The
+//!   chain is pipelined (rank `r` works on segment `j` while rank `r + 1` works on `j − 1`);
+//!   rank `N−1` then broadcasts the sums. Time ≈ `2·bytes/bandwidth + (N−1)·segment/bandwidth`
+//!   (docs/SCALING.md), against `2(N−1)/N·bytes/bandwidth` for a ring all-reduce, whose order
+//!   differs between chunks of the buffer.
 //! * **Timeout**: a watchdog thread ends the whole job with `MPI_Abort` (after a message naming
 //!   the rank and the operation) when one collective call has waited longer than the
 //!   configured timeout: a rank that hangs, or a dead rank the launcher did not notice,
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
-use mpi::traits::{Communicator, CommunicatorCollectives, Root};
+use mpi::traits::{Communicator, CommunicatorCollectives, Destination, Root, Source};
 use mpi::Threading;
 
 use super::{check_root, Collective};
@@ -192,12 +196,14 @@ fn watchdog(watch: &Watch, limit: Duration, rank: usize, size: usize) {
                 .map(|(_, what)| what.clone())
         });
         if let Some(what) = overdue {
-            eprintln!(
+            // One write, so the launcher does not interleave it with another rank's.
+            let line = format!(
                 "error: rank {rank} of {size}: no progress for {:.1} s in the all-rank \
                  operation on {what} (another rank died, hangs or is far slower; see \
-                 --collective-timeout); aborting the job",
+                 --collective-timeout); aborting the job\n",
                 limit.as_secs_f64()
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `init`), so
             // this thread may call MPI while the main thread waits inside a collective.
             unsafe {
@@ -230,9 +236,17 @@ fn chunk(len: usize, n: usize, c: usize) -> std::ops::Range<usize> {
     (c * len / n)..((c + 1) * len / n)
 }
 
+/// Values per message of the pipelined reduction (1 MiB of `f32`): small enough that the
+/// chain of ranks works on different segments at once, large enough that per-message latency
+/// does not dominate.
+const SEGMENT_VALUES: usize = 1 << 18;
+
 impl MpiCollective {
-    /// The ring all-reduce of the [module docs](self).
-    fn ring_all_reduce<T>(&self, buffer: &mut [T]) -> Result<()>
+    /// The rank-ordered all-reduce of the [module docs](self): a pipelined chain
+    /// `0 → 1 → … → N−1` adds each segment as `((p₀ + p₁) + p₂) + …`, then rank `N−1`
+    /// broadcasts the sums (a copy: the same bits on every rank whatever algorithm the MPI
+    /// library uses for it).
+    fn ordered_all_reduce<T>(&self, buffer: &mut [T]) -> Result<()>
     where
         T: Equivalence + Copy + Default + std::ops::Add<Output = T>,
     {
@@ -240,28 +254,29 @@ impl MpiCollective {
         if n == 1 {
             return Ok(());
         }
-        let right = self.world.process_at_rank(((r + 1) % n) as i32);
-        let left = self.world.process_at_rank(((r + n - 1) % n) as i32);
-        let mut incoming = vec![T::default(); chunk(len, n, 0).len() + 1];
-        // Reduce-scatter: after step s, rank r's chunk (r − s − 1) holds s + 2 ranks' sum.
-        for s in 0..n - 1 {
-            let send = chunk(len, n, (r + n - s) % n);
-            let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
-            let into = &mut incoming[..recv.len()];
-            mpi::point_to_point::send_receive_into(&buffer[send], &right, into, &left);
-            for (own, partial) in buffer[recv].iter_mut().zip(into.iter()) {
-                // partial (ranks before this one, in ring order) + own: the fixed order.
-                *own = *partial + *own;
+        let segments = len.div_ceil(SEGMENT_VALUES).max(1);
+        let mut incoming = vec![T::default(); chunk(len, segments, 0).len() + 1];
+        for j in 0..segments {
+            let range = chunk(len, segments, j);
+            if r > 0 {
+                let into = &mut incoming[..range.len()];
+                self.world
+                    .process_at_rank((r - 1) as i32)
+                    .receive_into(into);
+                for (own, partial) in buffer[range.clone()].iter_mut().zip(into.iter()) {
+                    // The ranks before this one, in rank order, then this one.
+                    *own = *partial + *own;
+                }
+            }
+            if r + 1 < n {
+                self.world
+                    .process_at_rank((r + 1) as i32)
+                    .send(&buffer[range]);
             }
         }
-        // All-gather: the finished chunks travel once more round the ring.
-        for s in 0..n - 1 {
-            let send = chunk(len, n, (r + 1 + n - s) % n);
-            let recv = chunk(len, n, (r + n - s) % n);
-            let into = &mut incoming[..recv.len()];
-            mpi::point_to_point::send_receive_into(&buffer[send], &right, into, &left);
-            buffer[recv].copy_from_slice(into);
-        }
+        self.world
+            .process_at_rank((n - 1) as i32)
+            .broadcast_into(buffer);
         Ok(())
     }
 }
@@ -277,12 +292,12 @@ impl Collective for MpiCollective {
 
     fn all_reduce_sum_f32(&mut self, buffer: &mut [f32], what: &str) -> Result<()> {
         let _busy = self.watch.enter(what);
-        self.ring_all_reduce(buffer)
+        self.ordered_all_reduce(buffer)
     }
 
     fn all_reduce_sum_f64(&mut self, buffer: &mut [f64], what: &str) -> Result<()> {
         let _busy = self.watch.enter(what);
-        self.ring_all_reduce(buffer)
+        self.ordered_all_reduce(buffer)
     }
 
     fn broadcast_bytes(&mut self, buffer: &mut [u8], root: usize, what: &str) -> Result<()> {

@@ -85,7 +85,7 @@ pub(super) fn encode_q4_1(block: &[f32], out: &mut Vec<u8>) {
 
 /// The 5-bit codes of a block split as ggml stores them: `qh` holds bit 4 of code `j` at
 /// bit `j`, `qs[j]` the low nibbles of codes `j` and `j + 16`.
-fn push_5bit(codes: &[u8; QK], out: &mut Vec<u8>) {
+pub(super) fn push_5bit(codes: &[u8; QK], out: &mut Vec<u8>) {
     let mut qh = 0u32;
     for (j, &c) in codes.iter().enumerate() {
         qh |= u32::from((c & 0x10) >> 4) << j;

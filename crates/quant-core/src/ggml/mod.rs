@@ -32,6 +32,7 @@ use crate::error::{QuantError, Result};
 
 pub mod kquants;
 pub mod legacy;
+pub mod qat;
 pub mod search;
 
 pub use formats::ggml_type::{GgmlType, ALL_TYPES, QK, QK_K};
@@ -297,11 +298,7 @@ pub fn dequantize_rows(
     out: &mut [f32],
 ) -> Result<()> {
     let row_bytes = ty.bytes_for(row_len)?;
-    let n_rows = if row_bytes == 0 {
-        0
-    } else {
-        bytes.len() / row_bytes
-    };
+    let n_rows = bytes.len().checked_div(row_bytes).unwrap_or(0);
     if row_bytes == 0 || bytes.len() % row_bytes != 0 {
         return Err(QuantError::shape(
             format!("{ty} matrix with rows of {row_len} values"),

@@ -334,7 +334,10 @@ mod tests {
                 differing += 1;
             }
         }
-        assert!(differing > 0, "some values just above a midpoint keep the lower code");
+        assert!(
+            differing > 0,
+            "some values just above a midpoint keep the lower code"
+        );
         // Clamping and the ends.
         assert_eq!(lut_bin(-3.0), 0);
         assert_eq!(lut_bin(3.0), LUT_BINS - 1);

@@ -236,7 +236,7 @@ impl DoubleQuantAbsmax {
     /// use quant_core::nf4::DoubleQuantAbsmax;
     /// let dq = DoubleQuantAbsmax::quantize(&[1.0, 2.0, 3.0]).unwrap();
     /// assert_eq!(dq.offset, 2.0);
-    /// let back = dq.decode();
+    /// let back = dq.decode().unwrap();
     /// assert!(back.iter().zip([1.0, 2.0, 3.0]).all(|(a, b)| (a - b).abs() < 1e-2));
     /// ```
     pub fn quantize(absmax: &[f32]) -> Result<Self> {
@@ -266,15 +266,65 @@ impl DoubleQuantAbsmax {
         })
     }
 
-    /// The effective scale of block `block`: `code2[codes[b]] · absmax2[b / blocksize2] + offset`.
+    /// The effective scale of block `block`: `code2[codes[b]] · absmax2[b / blocksize2] +
+    /// offset`. The fields are public, so they are checked here: a block past the codes, a
+    /// code past `code2`, a missing `absmax2` entry or `blocksize2 = 0` is an error naming it.
+    ///
+    /// ```
+    /// use quant_core::nf4::DoubleQuantAbsmax;
+    /// let mut dq = DoubleQuantAbsmax::quantize(&[1.0, 2.0, 3.0]).unwrap();
+    /// assert!(dq.scale(1).is_ok());
+    /// dq.absmax2.clear();
+    /// assert!(dq.scale(1).unwrap_err().to_string().contains("absmax2"));
+    /// ```
+    pub fn scale(&self, block: usize) -> Result<f32> {
+        let code = *self.codes.get(block).ok_or_else(|| {
+            QuantError::shape(
+                "DoubleQuantAbsmax codes (block index)",
+                block + 1,
+                self.codes.len(),
+            )
+        })?;
+        let value = *self.code2.get(code as usize).ok_or_else(|| {
+            QuantError::shape(
+                "DoubleQuantAbsmax code2 (8-bit code)",
+                code as usize + 1,
+                self.code2.len(),
+            )
+        })?;
+        if self.blocksize2 == 0 {
+            return Err(QuantError::invalid(
+                "blocksize2",
+                0,
+                "must be positive (bitsandbytes uses 256)",
+            ));
+        }
+        let absmax2 = *self.absmax2.get(block / self.blocksize2).ok_or_else(|| {
+            QuantError::shape(
+                format!(
+                    "DoubleQuantAbsmax absmax2 (one per {} codes)",
+                    self.blocksize2
+                ),
+                block / self.blocksize2 + 1,
+                self.absmax2.len(),
+            )
+        })?;
+        Ok(value * absmax2 + self.offset)
+    }
+
+    /// [`DoubleQuantAbsmax::scale`] on parts already validated (inside a [`FourBitTensor`],
+    /// whose constructor checked them and whose fields are private).
     #[inline]
-    pub fn scale(&self, block: usize) -> f32 {
+    fn scale_validated(&self, block: usize) -> f32 {
         self.code2[self.codes[block] as usize] * self.absmax2[block / self.blocksize2] + self.offset
     }
 
-    /// All effective scales.
-    pub fn decode(&self) -> Vec<f32> {
-        (0..self.codes.len()).map(|b| self.scale(b)).collect()
+    /// All effective scales; inconsistent parts are an error (see `scale`).
+    pub fn decode(&self) -> Result<Vec<f32>> {
+        self.validate(self.codes.len())?;
+        Ok((0..self.codes.len())
+            .map(|b| self.scale_validated(b))
+            .collect())
     }
 
     /// Errors unless the parts are consistent with `n_blocks` 4-bit blocks.
@@ -723,7 +773,9 @@ impl FourBitTensor {
     pub fn absmax_values(&self) -> Vec<f32> {
         match &self.scales {
             BlockScales::Plain(a) => a.clone(),
-            BlockScales::DoubleQuant(dq) => dq.decode(),
+            BlockScales::DoubleQuant(dq) => {
+                (0..dq.codes.len()).map(|b| dq.scale_validated(b)).collect()
+            }
         }
     }
 
@@ -863,7 +915,7 @@ impl FourBitTensor {
             let seg_end = ((block + 1) * bs).min(end);
             let scale = match &self.scales {
                 BlockScales::Plain(a) => a[block],
-                BlockScales::DoubleQuant(dq) => dq.scale(block),
+                BlockScales::DoubleQuant(dq) => dq.scale_validated(block),
             };
             let (seg, rest) = out.split_at_mut(seg_end - index);
             dequant::dequantize_segment(kernel, self.quant_type, scale, &self.packed, index, seg);
