@@ -529,7 +529,9 @@ fn tensor_type(requested: GgmlType, shape: &[usize]) -> GgmlType {
     }
     let row = *shape.last().expect("2-D");
     if row % requested.block_values() != 0 {
-        GgmlType::F16
+        // llama.cpp's converter rule for the K types (Q4_K → Q5_0, Q6_K → Q8_0, ...); rows
+        // that are not whole 32-blocks either, and the 32-value types, are written as f16.
+        quant_core::ggml::fallback_type(requested, row).unwrap_or(GgmlType::F16)
     } else {
         requested
     }

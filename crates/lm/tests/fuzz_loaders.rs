@@ -37,7 +37,19 @@ fn fuzz_file(model: &str, file: &str, n: u32) {
                 let text = e.to_string();
                 // A config whose sizes disagree with the weights is reported at the tensor
                 // that does not fit (`tensor `…` has shape …, expected …`): also named.
-                let named = text.contains(file) || text.contains("tensor `");
+                // A `quantization_config` option is named by its key; a bnb weight's parts
+                // by the tensor's checkpoint name (`model.layers.1.….weight.quant_map`).
+                let named = text.contains(file)
+                    || text.contains("tensor `")
+                    || text.contains("config option `")
+                    || [
+                        "model.layers.",
+                        "model.embed_tokens",
+                        "model.norm",
+                        "lm_head",
+                    ]
+                    .iter()
+                    .any(|t| text.contains(t));
                 prop_assert!(
                     named,
                     "error names neither {file} nor a tensor: {text} ({ms:?})"

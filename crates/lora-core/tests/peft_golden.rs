@@ -416,9 +416,13 @@ fn a_failed_save_leaves_the_old_files_whole() {
     let dir = scratch("atomic");
     save_adapter(&dir, &set, "default").unwrap();
     let before = fs::read(dir.join(WEIGHTS_FILE)).unwrap();
-    // Block the temporary file's name with a directory so that creating it fails.
-    let blocker = dir.join(format!(".{WEIGHTS_FILE}.tmp-{}", std::process::id()));
-    fs::create_dir(&blocker).unwrap();
+    // Block the temporary file's name with a directory so that creating it fails. The crash-
+    // safe writer names it `.<file>.tmp-<pid>-<n>` with a per-process counter `n` that other
+    // tests of this binary advance too, so every name this binary can reach is blocked.
+    for n in 0..2000 {
+        let blocker = dir.join(format!(".{WEIGHTS_FILE}.tmp-{}-{n}", std::process::id()));
+        fs::create_dir(&blocker).unwrap();
+    }
     set.load_adapter(&data("adapter_rslora"), "other", 0)
         .unwrap();
     let e = save_adapter(&dir, &set, "other").unwrap_err();

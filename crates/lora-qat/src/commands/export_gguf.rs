@@ -31,8 +31,9 @@ pub struct ExportGgufArgs {
     /// Output GGUF file (written through a temporary file and renamed when complete).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// Tensor type of the 2-D weights: f32, f16, q8_0 or q4_0 (ggml's reference block
-    /// quantizers). Norms stay f32; rows that are not whole 32-value blocks fall back to f16.
+    /// Tensor type of the 2-D weights: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+    /// q3_k, q4_k, q5_k or q6_k (ggml's reference block quantizers). Norms stay f32; rows that
+    /// are not whole blocks take llama.cpp's fallback type for the K types, else f16.
     /// A LoRA adapter takes f32 or f16.
     #[arg(long = "type", value_name = "TYPE", default_value = "f16")]
     pub ty: String,
