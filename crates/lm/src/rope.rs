@@ -238,16 +238,34 @@ impl Rope {
             .get("max_position_embeddings")
             .and_then(Value::as_u64)
             .unwrap_or(2048) as usize;
-        let original_max = |required: bool| -> Result<usize> {
+        // transformers' `standardize_rope_params`: for llama3, yarn and longrope a pretrained
+        // length at the config's top level (Phi-3 keeps it there) takes precedence over the
+        // rope dict's own, except in a per-layer-type dict; absent both, the model's length.
+        let top_level_original = if key.starts_with("rope_parameters.") {
+            None
+        } else {
+            match config.get("original_max_position_embeddings") {
+                None | Some(Value::Null) => None,
+                Some(v) => match v.as_u64() {
+                    Some(o) if o >= 1 => Some(o as usize),
+                    _ => {
+                        return Err(LmError::config(
+                            "original_max_position_embeddings",
+                            format!("{v} is invalid"),
+                        ))
+                    }
+                },
+            }
+        };
+        let original_max = |scaled_type: bool| -> Result<usize> {
+            if let Some(o) = top_level_original.filter(|_| scaled_type) {
+                return Ok(o);
+            }
             match num("original_max_position_embeddings")? {
                 Some(v) if v >= 1.0 => Ok(v as usize),
                 Some(v) => Err(LmError::config(
                     format!("{key}.original_max_position_embeddings"),
                     format!("{v} is invalid"),
-                )),
-                None if required => Err(LmError::config(
-                    format!("{key}.original_max_position_embeddings"),
-                    "missing",
                 )),
                 None => Ok(max_pos),
             }
@@ -331,7 +349,7 @@ impl Rope {
                 };
                 RopeScaling::Yarn {
                     factor,
-                    original_max: original_max(false)?,
+                    original_max: original_max(true)?,
                     beta_fast: num("beta_fast")?.unwrap_or(32.0) as f32,
                     beta_slow: num("beta_slow")?.unwrap_or(1.0) as f32,
                     attention_factor,
@@ -365,13 +383,12 @@ impl Rope {
                     }
                     Ok(values)
                 };
-                // Phi-3 keeps the pretrained length at the top level and derives the factor.
-                let (original, factor) = match config
-                    .get("original_max_position_embeddings")
-                    .and_then(Value::as_u64)
-                {
-                    Some(o) if o > 0 => (o as usize, max_pos as f64 / o as f64),
-                    _ => (original_max(false)?, num("factor")?.unwrap_or(1.0)),
+                // Without an explicit factor, the ratio of the model's length to the
+                // pretrained one (Phi-3's configs give only the lengths).
+                let original = original_max(true)?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => max_pos as f64 / original as f64,
                 };
                 let attention_factor = match num("attention_factor")? {
                     Some(a) => a as f32,
