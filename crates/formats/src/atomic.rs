@@ -127,22 +127,24 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Fsyncs the directory holding `path`, so a rename into it is durable. On platforms where a
-/// directory cannot be opened for syncing (Windows) this is a no-op.
-fn sync_parent_dir(path: &Path) -> Result<()> {
+/// Fsyncs directory `dir`, so a removal or rename in it is durable (a no-op where a
+/// directory cannot be opened for syncing).
+pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| FormatError::io(dir, "directory sync failed", e))?;
-    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FormatError::io(dir, "directory sync failed", e))?;
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = dir;
     Ok(())
+}
+
+/// Fsyncs the directory holding `path`, so a rename into it is durable.
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 /// Writes `bytes` to `path` crash-safely (see the module docs).
@@ -193,29 +195,45 @@ pub fn write_atomic_with(
 /// std::fs::remove_dir_all(&dir).unwrap();
 /// ```
 pub fn write_atomic_group(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
-    let mut temps: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
+    let mut staged = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        let mut file = AtomicFile::create(path)?;
+        file.write_bytes(bytes)?;
+        staged.push(file);
+    }
+    commit_in_order(staged)
+}
+
+/// Commits files written through [`AtomicFile`] as one unit, as [`write_atomic_group`] does:
+/// every file flushed and fsynced first, then renamed into place in the order given, then
+/// each directory involved fsynced once. For writers that stream their files (a merge's
+/// shards) and must not replace any old file before every new one is complete. A failure
+/// before the first rename leaves every old file whole; no temporary file is left behind.
+pub fn commit_in_order(files: Vec<AtomicFile>) -> Result<()> {
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
     let mut renamed = 0;
     let result = (|| {
-        // Phase 1: every temporary file written and fsynced before any rename.
-        for (path, bytes) in files {
-            let tmp = temp_path(path);
-            temps.push((tmp.clone(), path));
-            let mut file =
-                File::create(&tmp).map_err(|e| FormatError::io(&tmp, "cannot create", e))?;
-            file.write_all(bytes)
-                .map_err(|e| FormatError::io(&tmp, "write failed", e))?;
-            file.sync_all()
-                .map_err(|e| FormatError::io(&tmp, "sync failed", e))?;
+        // Phase 1: every file complete on disk before any rename (files not reached yet
+        // are dropped on an error, which deletes their temporaries).
+        for mut file in files {
+            let out = file.out.take().expect("open until commit");
+            staged.push((file.tmp.clone(), file.path.clone()));
+            let inner = out
+                .into_inner()
+                .map_err(|e| FormatError::io(&file.tmp, "write failed", e.into_error()))?;
+            inner
+                .sync_all()
+                .map_err(|e| FormatError::io(&file.tmp, "sync failed", e))?;
         }
         // Phase 2: the renames, in the caller's order.
-        for (tmp, path) in &temps {
+        for (tmp, path) in &staged {
             fault::before_rename().map_err(|e| FormatError::io(path, "rename failed", e))?;
             std::fs::rename(tmp, path).map_err(|e| FormatError::io(path, "rename failed", e))?;
             renamed += 1;
         }
         // Phase 3: each directory involved fsynced once, so the renames are durable.
         let mut synced: Vec<&Path> = Vec::new();
-        for (_, path) in &temps {
+        for (_, path) in &staged {
             let parent = path.parent().unwrap_or(Path::new("."));
             if !synced.contains(&parent) {
                 sync_parent_dir(path)?;
@@ -225,7 +243,7 @@ pub fn write_atomic_group(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
         Ok(())
     })();
     // Best effort: temporaries not renamed are garbage, whatever happened.
-    for (tmp, _) in temps.iter().skip(renamed) {
+    for (tmp, _) in staged.iter().skip(renamed) {
         let _ = std::fs::remove_file(tmp);
     }
     result
@@ -249,7 +267,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Fault injection for tests of crash safety: make the *n*-th rename of
-/// [`write_atomic_group`] on this thread fail, as a crash between two files would stop it.
+/// [`write_atomic_group`] / [`commit_in_order`] on this thread fail, as a crash between two
+/// files would stop it.
 #[doc(hidden)]
 pub mod fault {
     use std::cell::Cell;
@@ -258,7 +277,8 @@ pub mod fault {
         static RENAMES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
-    /// After `renames` more successful renames on this thread, the next one fails (once);
+    /// After `renames` more successful renames of [`super::write_atomic_group`] or
+    /// [`super::commit_in_order`] on this thread, the next one fails (once);
     /// `None` disarms.
     pub fn fail_group_rename_after(renames: Option<usize>) {
         RENAMES_LEFT.with(|c| c.set(renames));
