@@ -600,7 +600,17 @@ pub fn export_gguf(
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "model".into());
     let mut metadata = llama_metadata(&config, &model_name, ty);
-    metadata.extend(tokenizer_metadata(model_dir, &config)?);
+    match source.checkpoint.gguf() {
+        // A GGUF source keeps its own tokenizer (and chat template) keys.
+        Some(gguf) => metadata.extend(
+            gguf.gguf()
+                .metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        ),
+        None => metadata.extend(tokenizer_metadata(model_dir, &config)?),
+    }
     report.metadata_keys = metadata.len();
     let mut writer = GgufWriter::create(out, &metadata, &specs)?;
     for (name, spec) in names.iter().zip(&specs) {

@@ -272,7 +272,7 @@ fn build_student(
     model_dir: &Path,
     config: &TrainConfig,
 ) -> CliResult<LlamaModel> {
-    let mut model = LlamaModel::from_pretrained(model_dir)?;
+    let mut model = LlamaModel::open(model_dir)?;
     let lora = lora_config(args);
     let seed = config.seed;
     let dense_base = model
@@ -417,7 +417,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         .as_ref()
         .map(|t| resolve_model_arg(t, None))
         .transpose()?
-        .map(LlamaModel::from_pretrained)
+        .map(LlamaModel::open)
         .transpose()?;
     let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
     trainer.set_collective(ranks.collective())?;
