@@ -118,20 +118,6 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Adds `f32` values of `shape` under `key`, as if read from `file` (for model sources
-    /// that are not safetensors, such as a GGUF file); replaces a tensor of the same name.
-    pub fn insert_f32(&mut self, key: &str, shape: Vec<usize>, values: &[f32], file: &Path) {
-        self.tensors.insert(
-            key.to_string(),
-            StoredTensor {
-                dtype: Dtype::F32,
-                shape,
-                bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                file: file.to_path_buf(),
-            },
-        );
-    }
-
     pub fn contains(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }

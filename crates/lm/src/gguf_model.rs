@@ -38,17 +38,19 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ndarray::Array2;
+use lora_core::GgmlBase;
+use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use quant_core::ggml::{self, GgmlType};
 use quant_core::gguf::{GgufArray, GgufFile, GgufValue, TensorInfo};
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::Checkpoint;
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::family::Family;
-use crate::linear::{DenseLinear, LinearModule};
+use crate::gguf::names::{FamilyNames, HeadGroup, Transform};
+use crate::linear::LinearModule;
 use crate::model::LlamaModel;
+use crate::source::ModelSource;
 
 /// Whether `path` is a file that starts with the GGUF magic.
 pub fn is_gguf_file(path: &Path) -> bool {
@@ -71,8 +73,9 @@ pub struct GgufModelFile {
     family: Family,
     config_json: Value,
     config: LlamaConfig,
-    /// Hugging Face tensor name → GGUF tensor name, for every tensor of the file.
-    names: BTreeMap<String, String>,
+    /// Hugging Face tensor name → (GGUF tensor name, how its values were changed), for every
+    /// tensor of the file (from the one table, [`FamilyNames`]).
+    names: BTreeMap<String, (String, Transform)>,
 }
 
 impl GgufModelFile {
@@ -85,11 +88,10 @@ impl GgufModelFile {
             .ok_or_else(|| gguf_err(&file, "general.architecture", "missing (or not a string)"))?
             .to_string();
         let family = family_of(&file, &arch)?;
+        let table = FamilyNames::of(family);
         let mut names = BTreeMap::new();
         for info in &file.tensors {
-            if matches!(info.name.as_str(), "rope_freqs.weight")
-                || info.name.starts_with("rope_factors_")
-            {
+            if table.extra(&info.name).is_some() {
                 return Err(gguf_err(
                     &file,
                     &info.name,
@@ -97,14 +99,14 @@ impl GgufModelFile {
                      implemented for GGUF sources",
                 ));
             }
-            let hf = hf_tensor_name(family, &info.name).ok_or_else(|| {
+            let mapped = table.to_hf(&info.name).ok_or_else(|| {
                 gguf_err(
                     &file,
                     &info.name,
-                    format!("a tensor llama.cpp's `{arch}` architecture does not define here"),
+                    format!("a tensor llama.cpp's `{arch}` architecture does not define"),
                 )
             })?;
-            names.insert(hf, info.name.clone());
+            names.insert(mapped.name, (info.name.clone(), mapped.transform));
         }
         let config_json = config_json(&file, &arch, family)?;
         let config = LlamaConfig::from_json_value(&config_json).map_err(|e| LmError::Gguf {
@@ -161,7 +163,7 @@ impl GgufModelFile {
     pub fn tensor_info(&self, hf: &str) -> Result<&TensorInfo> {
         self.names
             .get(hf)
-            .and_then(|g| self.file.tensor(g))
+            .and_then(|(g, _)| self.file.tensor(g))
             .ok_or_else(|| LmError::MissingTensor {
                 key: format!("{hf} (in {})", self.file.path.display()),
                 expected: Vec::new(),
@@ -207,7 +209,7 @@ impl GgufModelFile {
         let mut values = ggml::dequantize(ty, &bytes, n).map_err(|e| {
             gguf_err(
                 &self.file,
-                &self.names[hf],
+                &self.names[hf].0,
                 format!("dequantizing {}: {e}", ty.name()),
             )
         })?;
@@ -219,72 +221,34 @@ impl GgufModelFile {
 
     /// The model with every projection dequantized to a dense `f32` weight.
     pub fn load_dequantized(&self) -> Result<LlamaModel> {
-        self.load_with(&mut |path, ty, shape, blocks| {
-            let n = shape[0] * shape[1];
-            let values = ggml::dequantize(ty, &blocks, n).map_err(|e| LmError::Gguf {
-                path: self.file.path.clone(),
-                key: format!("{path}.weight"),
-                reason: format!("dequantizing {}: {e}", ty.name()),
-            })?;
-            let w = Array2::from_shape_vec((shape[0], shape[1]), values)
-                .map_err(|e| LmError::shape(format!("{path}.weight"), format!("{shape:?}"), e))?;
-            Ok(LinearModule::Dense(DenseLinear::new(w)))
-        })
+        self.load(GgufBase::Dequantized)
     }
 
-    /// The model with each projection built by `make_linear` from its module path (e.g.
-    /// `model.layers.0.self_attn.q_proj`), stored type, `(out, in)` and stored blocks (rows in
-    /// Hugging Face's order); the other tensors (embedding, norms, biases) are read as `f32`.
-    /// This is where a quantized base plugs in.
-    pub fn load_with(
-        &self,
-        make_linear: &mut dyn FnMut(&str, GgmlType, [usize; 2], Vec<u8>) -> Result<LinearModule>,
-    ) -> Result<LlamaModel> {
-        let projections = crate::lazy_checkpoint::linear_shapes(&self.config);
-        let mut ckpt = Checkpoint::default();
-        for hf in self.names.keys() {
-            let is_projection = hf
-                .strip_suffix(".weight")
-                .is_some_and(|m| projections.contains_key(m));
-            if !is_projection {
-                let (shape, values) = self.read_f32(hf)?;
-                ckpt.insert_f32(hf, shape, &values, &self.file.path);
-            }
-        }
-        let mut loader = |path: &str, shape: [usize; 2], _: &mut Checkpoint| {
-            let key = format!("{path}.weight");
-            let (ty, stored, blocks) = self.read_blocks(&key)?;
-            if stored != shape {
-                return Err(LmError::TensorShape {
-                    key: format!("{key} (GGUF {})", self.names[&key]),
-                    expected: shape.to_vec(),
-                    got: stored,
-                });
-            }
-            make_linear(path, ty, shape, blocks)
-        };
-        let model = LlamaModel::from_checkpoint(self.config.clone(), &mut ckpt, &mut loader)?;
-        ckpt.finish()?;
-        Ok(model)
+    /// The model with every projection a frozen base over the file's own ggml blocks
+    /// ([`LinearModule::ggml`]): the resident bytes of the projections are the file's.
+    pub fn load_quantized(&self) -> Result<LlamaModel> {
+        self.load(GgufBase::Blocks)
+    }
+
+    /// The model with projections as `base` says; embedding, norms and biases are `f32`.
+    pub fn load(&self, base: GgufBase) -> Result<LlamaModel> {
+        LlamaModel::from_source(self.config.clone(), &mut GgufSource { file: self, base })
     }
 
     /// Heads whose rows llama.cpp permuted in tensor `hf` (llama's Q and K), if any.
     fn rope_heads(&self, hf: &str) -> Option<usize> {
-        if !matches!(self.family, Family::Llama | Family::Mistral) {
-            return None;
-        }
-        if hf.contains(".self_attn.q_proj.") {
-            Some(self.config.num_attention_heads)
-        } else if hf.contains(".self_attn.k_proj.") {
-            Some(self.config.num_key_value_heads)
-        } else {
-            None
+        match self.names.get(hf)?.1 {
+            Transform::RopeRows(HeadGroup::Query) => Some(self.config.num_attention_heads),
+            Transform::RopeRows(HeadGroup::KeyValue) => Some(self.config.num_key_value_heads),
+            _ => None,
         }
     }
 
-    /// Whether tensor `hf` is a Gemma norm stored as `1 + w`.
+    /// Whether tensor `hf` is stored as `1 + w` (Gemma's norms).
     fn gemma_norm_shift(&self, hf: &str) -> bool {
-        matches!(self.family, Family::Gemma2 | Family::Gemma3) && hf.ends_with("norm.weight")
+        self.names
+            .get(hf)
+            .is_some_and(|(_, t)| *t == Transform::PlusOne)
     }
 
     /// Every tensor the model needs is present with the shape the metadata implies, and the
@@ -292,10 +256,10 @@ impl GgufModelFile {
     fn check_shapes(&self) -> Result<()> {
         let expected = expected_shapes(&self.config);
         for (hf, shape) in &expected {
-            let Some(gguf) = self.names.get(hf) else {
+            let Some((gguf, _)) = self.names.get(hf) else {
                 return Err(LmError::Gguf {
                     path: self.file.path.clone(),
-                    key: gguf_name_hint(hf),
+                    key: gguf_name_hint(self.family, hf),
                     reason: format!("missing (Hugging Face {hf}, shape {shape:?})"),
                 });
             };
@@ -320,7 +284,7 @@ impl GgufModelFile {
                 ));
             }
         }
-        for (hf, gguf) in &self.names {
+        for (hf, (gguf, _)) in &self.names {
             if !expected.contains_key(hf) {
                 return Err(gguf_err(
                     &self.file,
@@ -352,6 +316,78 @@ impl LlamaModel {
     }
 }
 
+/// What a GGUF file's projections become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufBase {
+    /// Decoded to dense `f32` weights (what transformers' GGUF loading does).
+    Dequantized,
+    /// Kept as the file's ggml blocks ([`GgmlBase`], products tile by tile).
+    Blocks,
+}
+
+/// A [`GgufModelFile`] as the [`ModelSource`] of a model. Shapes were all checked when the
+/// file was opened (and every tensor of the file is one the model takes), so nothing can be
+/// left over.
+pub struct GgufSource<'a> {
+    pub file: &'a GgufModelFile,
+    pub base: GgufBase,
+}
+
+impl ModelSource for GgufSource<'_> {
+    fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let (stored, values) = self.file.read_f32(name)?;
+        if stored != shape {
+            return Err(LmError::TensorShape {
+                key: format!("{name} (GGUF {})", self.file.names[name].0),
+                expected: shape.to_vec(),
+                got: stored,
+            });
+        }
+        ArrayD::from_shape_vec(IxDyn(shape), values)
+            .map_err(|e| LmError::shape(name, format!("{shape:?}"), e))
+    }
+
+    fn take_linear(
+        &mut self,
+        path: &str,
+        (out, inp): (usize, usize),
+        bias: bool,
+    ) -> Result<LinearModule> {
+        let key = format!("{path}.weight");
+        let bias = if bias {
+            let (_, b) = self.file.read_f32(&format!("{path}.bias"))?;
+            Some(Array1::from_vec(b))
+        } else {
+            None
+        };
+        let (ty, stored, blocks) = self.file.read_blocks(&key)?;
+        if stored != [out, inp] {
+            return Err(LmError::TensorShape {
+                key: format!("{key} (GGUF {})", self.file.names[&key].0),
+                expected: vec![out, inp],
+                got: stored,
+            });
+        }
+        match self.base {
+            GgufBase::Blocks => Ok(LinearModule::ggml(GgmlBase::from_blocks(
+                ty, blocks, out, inp, bias, path,
+            )?)),
+            GgufBase::Dequantized => {
+                let values = ggml::dequantize(ty, &blocks, out * inp).map_err(|e| {
+                    gguf_err(
+                        &self.file.file,
+                        &self.file.names[&key].0,
+                        format!("dequantizing {}: {e}", ty.name()),
+                    )
+                })?;
+                let w = Array2::from_shape_vec((out, inp), values)
+                    .map_err(|e| LmError::shape(&key, format!("({out}, {inp})"), e))?;
+                Ok(LinearModule::dense(w, bias))
+            }
+        }
+    }
+}
+
 fn gguf_err(file: &GgufFile, key: &str, reason: impl Into<String>) -> LmError {
     LmError::Gguf {
         path: file.path.clone(),
@@ -360,11 +396,13 @@ fn gguf_err(file: &GgufFile, key: &str, reason: impl Into<String>) -> LmError {
     }
 }
 
-/// A GGUF name to mention for a missing Hugging Face tensor (the common part of the table).
-fn gguf_name_hint(hf: &str) -> String {
-    crate::gguf::gguf_tensor_name(hf)
+/// The GGUF name of Hugging Face tensor `hf`, to name a missing tensor.
+fn gguf_name_hint(family: Family, hf: &str) -> String {
+    FamilyNames::of(family)
+        .to_gguf(hf)
         .ok()
         .flatten()
+        .map(|m| m.name)
         .unwrap_or_else(|| hf.to_string())
 }
 
@@ -416,47 +454,6 @@ fn family_of(file: &GgufFile, arch: &str) -> Result<Family> {
                 "general.architecture",
                 format!("{other:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)"),
             ))
-        }
-    })
-}
-
-/// The Hugging Face name of GGUF tensor `gguf` in a file of `family` (llama.cpp's
-/// `LLM_TENSOR_NAMES` for the architectures read here).
-pub fn hf_tensor_name(family: Family, gguf: &str) -> Option<String> {
-    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
-    Some(match gguf {
-        "token_embd.weight" => "model.embed_tokens.weight".into(),
-        "output_norm.weight" => "model.norm.weight".into(),
-        "output.weight" => "lm_head.weight".into(),
-        _ => {
-            let rest = gguf.strip_prefix("blk.")?;
-            let (layer, tail) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let (short, suffix) = tail.rsplit_once('.')?;
-            if !matches!(suffix, "weight" | "bias") {
-                return None;
-            }
-            let module = match (short, family) {
-                ("attn_norm", _) => "input_layernorm",
-                ("ffn_norm", _) if gemma => "pre_feedforward_layernorm",
-                ("ffn_norm", _) => "post_attention_layernorm",
-                ("post_attention_norm", _) if gemma => "post_attention_layernorm",
-                ("post_ffw_norm", _) if gemma => "post_feedforward_layernorm",
-                ("attn_q_norm", Family::Qwen3 | Family::Gemma3) => "self_attn.q_norm",
-                ("attn_k_norm", Family::Qwen3 | Family::Gemma3) => "self_attn.k_norm",
-                ("attn_qkv", Family::Phi3) => "self_attn.qkv_proj",
-                ("ffn_up", Family::Phi3) => "mlp.gate_up_proj",
-                ("attn_q" | "attn_k" | "attn_v" | "ffn_gate", Family::Phi3) => return None,
-                ("attn_q", _) => "self_attn.q_proj",
-                ("attn_k", _) => "self_attn.k_proj",
-                ("attn_v", _) => "self_attn.v_proj",
-                ("attn_output", _) => "self_attn.o_proj",
-                ("ffn_gate", _) => "mlp.gate_proj",
-                ("ffn_up", _) => "mlp.up_proj",
-                ("ffn_down", _) => "mlp.down_proj",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{module}.{suffix}")
         }
     })
 }

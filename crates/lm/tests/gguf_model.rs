@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use common::{max_abs_diff, read_f32s};
 use lm::gguf::permute_rope_rows;
-use lm::gguf_model::{hf_tensor_name, GgufModelFile};
+use lm::gguf::names::FamilyNames;
+use lm::gguf_model::GgufModelFile;
 use lm::{Family, LlamaModel, Sampling};
 use ndarray::Array2;
 use quant_core::ggml::{self, GgmlType};
@@ -45,40 +46,13 @@ fn gguf_arch(model_type: &str) -> &'static str {
     }
 }
 
-/// The GGUF name of a Hugging Face tensor, found through the reader's table.
-fn gguf_name(family: Family, hf: &str, layers: usize) -> String {
-    let shorts = [
-        "attn_norm",
-        "ffn_norm",
-        "post_attention_norm",
-        "post_ffw_norm",
-        "attn_q_norm",
-        "attn_k_norm",
-        "attn_qkv",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ];
-    let mut candidates = vec![
-        "token_embd.weight".to_string(),
-        "output_norm.weight".to_string(),
-        "output.weight".to_string(),
-    ];
-    for i in 0..layers {
-        for s in shorts {
-            for suffix in ["weight", "bias"] {
-                candidates.push(format!("blk.{i}.{s}.{suffix}"));
-            }
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|g| hf_tensor_name(family, g).as_deref() == Some(hf))
+/// The GGUF name of a Hugging Face tensor (the shared table).
+fn gguf_name(family: Family, hf: &str) -> String {
+    FamilyNames::of(family)
+        .to_gguf(hf)
+        .unwrap()
         .unwrap_or_else(|| panic!("no GGUF name for {hf}"))
+        .name
 }
 
 /// Writes the checkpoint in `dir` as llama.cpp's converter would: projections in `ty`
@@ -192,7 +166,7 @@ fn write_gguf(dir: &Path, out: &Path, ty: GgmlType, extra: &[(String, GgufValue)
             GgmlType::F32
         };
         let data = ggml::quantize(t, &values).unwrap();
-        let g = gguf_name(family, &name, parsed.num_hidden_layers);
+        let g = gguf_name(family, &name);
         tensors.push((g, shape, t, data));
     }
     let specs: Vec<TensorSpec> = tensors
