@@ -20,6 +20,7 @@ const CHECKS: [(&str, &str); 5] = [
     ("families", "check_families.py"),
     ("llama-cpp", "check_llama_cpp.py"),
     ("ggml", "check_ggml_quant.py"),
+    ("gguf-in", "check_gguf_in.py"),
 ];
 
 /// The venv: `$INTEROP_VENV` when set, else `target/interop-venv`, created when absent.

@@ -11,9 +11,10 @@ use super::{CliError, CliResult};
 #[derive(Debug, Args)]
 pub struct ExportGgufArgs {
     /// Hugging Face Llama model directory (config.json + safetensors, f32/f16/bf16 or
-    /// bitsandbytes 4-bit). Its tokenizer.json, when present, becomes tokenizer.ggml.*.
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// bitsandbytes 4-bit), or a llama.cpp GGUF file (decoded; with --lora, the file the
+    /// adapter was trained over). Its tokenizer.json, when present, becomes
+    /// tokenizer.ggml.*. A hub id (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
