@@ -465,7 +465,7 @@ fn expected_shapes(c: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
     out.insert("model.embed_tokens.weight".to_string(), vec![v, d]);
     out.insert("model.norm.weight".to_string(), vec![d]);
-    for (module, (rows, cols)) in crate::lazy_checkpoint::linear_shapes(c) {
+    for (module, (rows, cols)) in crate::config::projection_shapes(c) {
         if module != "lm_head" {
             let name = module.rsplit_once("layers.").map(|(_, n)| n).unwrap_or("");
             let below = name.split_once('.').map(|(_, n)| n).unwrap_or("");
