@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lora_core::{Nf4Base, Nf4Options};
 use ndarray::{ArrayD, IxDyn};
 use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
 use quant_core::nf4::FourBitTensor;
@@ -20,7 +19,7 @@ use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::gguf_model::{is_gguf_file, GgufModelFile};
 use crate::linear::LinearModule;
-use crate::source::{bias_of, take_matrix, ModelSource};
+use crate::source::{bias_of, nf4_linear, take_matrix, ModelSource};
 
 /// How a logical weight is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -363,15 +362,6 @@ impl ModelSource for LazyCheckpoint {
             return Ok(LinearModule::dense(weight, bias));
         }
         let tensor = self.read_bnb4(&weight_key)?;
-        if tensor.shape() != [out, inp] {
-            return Err(LmError::TensorShape {
-                key: weight_key,
-                expected: vec![out, inp],
-                got: tensor.shape().to_vec(),
-            });
-        }
-        let bias = bias_of(self, path, out, bias)?;
-        let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
-        Ok(LinearModule::nf4(base))
+        nf4_linear(self, tensor, path, (out, inp), bias)
     }
 }

@@ -11,6 +11,7 @@
 use lora_core::{Nf4Base, Nf4Options};
 use ndarray::{Array1, ArrayD, Ix1, Ix2};
 use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
+use quant_core::nf4::FourBitTensor;
 use serde_json::Value;
 
 use crate::checkpoint::Checkpoint;
@@ -117,6 +118,27 @@ pub(crate) fn bias_of<S: ModelSource + ?Sized>(
         .transpose()
 }
 
+/// The NF4 projection `path` from its 4-bit weight (checked to be `(out, in)`) and, when
+/// `bias`, the source's `{path}.bias`.
+pub(crate) fn nf4_linear<S: ModelSource + ?Sized>(
+    source: &mut S,
+    tensor: FourBitTensor,
+    path: &str,
+    (out, inp): (usize, usize),
+    bias: bool,
+) -> Result<LinearModule> {
+    if tensor.shape() != [out, inp] {
+        return Err(LmError::TensorShape {
+            key: format!("{path}.weight"),
+            expected: vec![out, inp],
+            got: tensor.shape().to_vec(),
+        });
+    }
+    let bias = bias_of(source, path, out, bias)?;
+    let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
+    Ok(LinearModule::nf4(base))
+}
+
 /// A bitsandbytes 4-bit checkpoint: projections stored in bnb's 4-bit layout become frozen
 /// NF4 bases, the rest (modules bitsandbytes skipped, such as `lm_head`) dense `f32`.
 pub struct Bnb4Checkpoint<'a>(pub &'a mut Checkpoint);
@@ -172,16 +194,7 @@ impl ModelSource for Bnb4Checkpoint<'_> {
             (Err(_), Some(err)) => return Err(err),
             (result, _) => result?,
         };
-        if tensor.shape() != [out, inp] {
-            return Err(LmError::TensorShape {
-                key: weight_key,
-                expected: vec![out, inp],
-                got: tensor.shape().to_vec(),
-            });
-        }
-        let bias = bias_of(self, path, out, bias)?;
-        let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
-        Ok(LinearModule::nf4(base))
+        nf4_linear(self, tensor, path, (out, inp), bias)
     }
 
     fn discard(&mut self, name: &str) {

@@ -8,56 +8,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use common::{max_abs_diff, read_f32s};
+use common::{
+    arch_batch as ids_and_labels, arch_dir, arch_i64s as i64s, max_abs_diff, read_f32s, relative,
+};
 use lm::{cross_entropy, LlamaModel, Sampling};
 use ndarray::{Array2, ArrayD};
-use safetensors::SafeTensors;
 
 const FAMILIES: [&str; 7] = [
     "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
 ];
 
 fn dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/arch")
-        .join(family)
-}
-
-fn i64s(family: &str, name: &str) -> (Vec<usize>, Vec<i64>) {
-    let bytes = std::fs::read(dir(family).join("io.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    let values = t
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), values)
-}
-
-fn ids_and_labels(family: &str) -> (Array2<u32>, Array2<i64>) {
-    let (shape, ids) = i64s(family, "input_ids");
-    let (_, labels) = i64s(family, "labels");
-    (
-        Array2::from_shape_vec(
-            (shape[0], shape[1]),
-            ids.into_iter().map(|v| v as u32).collect(),
-        )
-        .unwrap(),
-        Array2::from_shape_vec((shape[0], shape[1]), labels).unwrap(),
-    )
-}
-
-fn relative(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f32>()
-        .sqrt();
-    err / norm.max(f32::MIN_POSITIVE)
+    arch_dir(family)
 }
 
 fn check_family(family: &str) {

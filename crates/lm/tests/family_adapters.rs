@@ -17,21 +17,18 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use common::read_f32s;
+use common::{arch_batch, arch_dir, read_f32s, relative};
 use lm::{cross_entropy, LinearModule, LlamaModel};
 use lora_core::{FrozenBase, InitLoraWeights, LoraConfig, Nf4Options, QatMode};
 use ndarray::{Array2, ArrayD};
 use quant_core::config::QatConfig;
-use safetensors::SafeTensors;
 
 const FAMILIES: [&str; 7] = [
     "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3",
 ];
 
 fn dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/arch")
-        .join(family)
+    arch_dir(family)
 }
 
 fn base(family: &str) -> LlamaModel {
@@ -39,24 +36,7 @@ fn base(family: &str) -> LlamaModel {
 }
 
 fn batch(family: &str) -> (Array2<u32>, Array2<i64>) {
-    let bytes = std::fs::read(dir(family).join("io.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let read = |name: &str| -> (Vec<usize>, Vec<i64>) {
-        let t = st.tensor(name).unwrap();
-        let values = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), values)
-    };
-    let (shape, ids) = read("input_ids");
-    let (_, labels) = read("labels");
-    let dim = (shape[0], shape[1]);
-    (
-        Array2::from_shape_vec(dim, ids.into_iter().map(|v| v as u32).collect()).unwrap(),
-        Array2::from_shape_vec(dim, labels).unwrap(),
-    )
+    arch_batch(family)
 }
 
 /// PEFT's `target_modules` of the family: every projection it has (Phi-3's are fused).
@@ -77,22 +57,7 @@ fn targets(family: &str) -> Vec<&'static str> {
 }
 
 fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
-}
-
-fn relative(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f32>()
-        .sqrt();
-    err / norm.max(f32::MIN_POSITIVE)
+    common::max_abs(a.view(), b.view())
 }
 
 fn temp_dir(what: &str) -> PathBuf {

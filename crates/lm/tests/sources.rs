@@ -15,12 +15,8 @@ use ndarray::{ArrayD, ArrayViewD, Axis};
 use quant_core::config::QatConfig;
 use quant_core::ggml::GgmlType;
 
-/// Largest `|a − b|` of two arrays of one shape.
 fn max_diff(a: ArrayViewD<'_, f32>, b: ArrayViewD<'_, f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    a.iter()
-        .zip(b.iter())
-        .fold(0.0, |m, (x, y)| m.max((x - y).abs()))
+    common::max_abs(a, b)
 }
 
 fn arch_dir(family: &str) -> PathBuf {
