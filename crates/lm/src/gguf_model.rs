@@ -465,7 +465,7 @@ fn expected_shapes(c: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
     out.insert("model.embed_tokens.weight".to_string(), vec![v, d]);
     out.insert("model.norm.weight".to_string(), vec![d]);
-    for (module, (rows, cols)) in crate::lazy_checkpoint::linear_shapes(c) {
+    for (module, (rows, cols)) in crate::config::projection_shapes(c) {
         if module != "lm_head" {
             let name = module.rsplit_once("layers.").map(|(_, n)| n).unwrap_or("");
             let below = name.split_once('.').map(|(_, n)| n).unwrap_or("");
@@ -519,9 +519,7 @@ impl Meta<'_> {
                     _ => Vec::new(),
                 };
                 match values.first() {
-                    Some(&first) if values.iter().all(|&x| x == first) => {
-                        Ok(Some(first as usize))
-                    }
+                    Some(&first) if values.iter().all(|&x| x == first) => Ok(Some(first as usize)),
                     _ => Err(gguf_err(
                         self.file,
                         key,
@@ -655,16 +653,26 @@ fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result<Value> {
         c.insert("mlp_bias".into(), json!(has("blk.0.ffn_gate.bias")));
     }
     if let Some(w) = m.opt_usize(&m.key("attention.sliding_window"))? {
-        if w > 0 && matches!(family, Family::Mistral | Family::Phi3 | Family::Gemma2 | Family::Gemma3) {
+        if w > 0
+            && matches!(
+                family,
+                Family::Mistral | Family::Phi3 | Family::Gemma2 | Family::Gemma3
+            )
+        {
             c.insert("sliding_window".into(), json!(w));
         }
     } else if gemma {
-        return Err(gguf_err(file, &m.key("attention.sliding_window"), "missing"));
+        return Err(gguf_err(
+            file,
+            &m.key("attention.sliding_window"),
+            "missing",
+        ));
     }
     if gemma {
         // llama.cpp scales scores by 1/√head_dim, except for the 27B models (46 / 62 layers)
         // which use 1/√(hidden/heads).
-        let big = (family == Family::Gemma2 && layers == 46) || (family == Family::Gemma3 && layers == 62);
+        let big = (family == Family::Gemma2 && layers == 46)
+            || (family == Family::Gemma3 && layers == 62);
         let scalar = if big { hidden / heads } else { head_dim };
         c.insert("query_pre_attn_scalar".into(), json!(scalar));
     }
@@ -723,7 +731,13 @@ fn rope_scaling(m: &Meta<'_>) -> Result<Option<Value>> {
     let kind = match m.file.metadata(&key) {
         None => return Ok(None),
         Some(GgufValue::String(s)) => s.as_str(),
-        Some(v) => return Err(gguf_err(m.file, &key, format!("expected a string, got {v:?}"))),
+        Some(v) => {
+            return Err(gguf_err(
+                m.file,
+                &key,
+                format!("expected a string, got {v:?}"),
+            ))
+        }
     };
     match kind {
         "none" => Ok(None),

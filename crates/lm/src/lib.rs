@@ -36,6 +36,7 @@
 pub mod adapted;
 pub mod adapters;
 pub mod attention;
+pub mod backward;
 pub mod base;
 pub mod checkpoint;
 pub mod config;
@@ -49,6 +50,7 @@ pub mod gguf_model;
 pub mod layers;
 pub mod lazy_checkpoint;
 pub mod linear;
+mod linear_params;
 pub mod loss;
 pub mod memory;
 pub mod merge;
