@@ -162,7 +162,17 @@ pub fn export_gguf(
         plan.push((name.clone(), mapped.transform));
     }
     let mut metadata = model_metadata(&config, &model_name(model_dir), ty);
-    metadata.extend(tokenizer_metadata(model_dir, &config)?);
+    match source.checkpoint.gguf() {
+        // A GGUF source keeps its own tokenizer (and chat template) keys.
+        Some(gguf) => metadata.extend(
+            gguf.gguf()
+                .metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        ),
+        None => metadata.extend(tokenizer_metadata(model_dir, &config)?),
+    }
     report.metadata_keys = metadata.len();
     let mut writer = GgufWriter::create(out, &metadata, &specs)?;
     for (spec, (_, values)) in specs.iter().zip(&extras) {

@@ -14,9 +14,11 @@ use super::{CliError, CliResult};
 pub struct ExportGgufArgs {
     /// Hugging Face model directory of a supported family (llama, mistral, qwen2, qwen3,
     /// gemma2, gemma3_text, phi3; config.json + safetensors, f32/f16/bf16 or bitsandbytes
-    /// 4-bit); an option the family's llama.cpp architecture cannot express is refused. Its tokenizer.json, when present, becomes tokenizer.ggml.*.
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// 4-bit), or a llama.cpp GGUF file (decoded; with --lora, the file the adapter was
+    /// trained over); an option the family's llama.cpp architecture cannot express is refused.
+    /// Its tokenizer.json, when present, becomes tokenizer.ggml.*. A hub id (org/name) in the
+    /// local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lm::{LinearModule, LlamaModel};
+use lm::LlamaModel;
 use lora_core::qlora::Nf4Options;
 use lora_core::{LoraConfig, QatMode};
 use lora_qat::text::{examples_from_file, ModelText};
@@ -63,11 +63,18 @@ pub enum SteArg {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json + model.safetensors), or a hub id (org/name)
-    /// in the local Hugging Face cache; its tokenizer.json and chat template turn text data
-    /// into tokens.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory (config.json + model.safetensors), a llama.cpp GGUF file,
+    /// or a hub id (org/name) in the local Hugging Face cache; its tokenizer (tokenizer.json,
+    /// or the GGUF's tokenizer.ggml.* keys) and chat template turn text data into tokens. A
+    /// GGUF file's projections stay in its own quantized blocks (frozen, products tile by
+    /// tile, as QLoRA over NF4) unless --dequantize-base.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
+    /// With a GGUF --model: decode its projections to dense f32 weights first (training over
+    /// the weights llama.cpp computes with, at 4 bytes per parameter) instead of keeping the
+    /// file's quantized blocks as the frozen base.
+    #[arg(long)]
+    pub dequantize_base: bool,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
@@ -265,6 +272,27 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
     Ok(config)
 }
 
+/// The base model: a directory as stored; a GGUF file over its quantized blocks, or decoded
+/// to `f32` with `dequantize` (`--dequantize-base`, refused for a directory).
+fn load_base(model_dir: &Path, dequantize: bool) -> CliResult<LlamaModel> {
+    if lm::gguf_model::is_gguf_file(model_dir) {
+        let source = lm::gguf_model::GgufModelFile::open(model_dir)?;
+        let base = if dequantize {
+            lm::gguf_model::GgufBase::Dequantized
+        } else {
+            lm::gguf_model::GgufBase::Blocks
+        };
+        return Ok(source.load(base)?);
+    }
+    if dequantize {
+        return Err(CliError::Usage(format!(
+            "--dequantize-base: {} is not a GGUF file (a directory's weights load as stored)",
+            model_dir.display()
+        )));
+    }
+    Ok(LlamaModel::from_pretrained(model_dir)?)
+}
+
 /// The student: the base (quantized for qlora) with a fresh adapter seeded by the run's seed,
 /// or the one in `--init-adapter`.
 fn build_student(
@@ -272,12 +300,10 @@ fn build_student(
     model_dir: &Path,
     config: &TrainConfig,
 ) -> CliResult<LlamaModel> {
-    let mut model = LlamaModel::from_pretrained(model_dir)?;
+    let mut model = load_base(model_dir, args.dequantize_base)?;
     let lora = lora_config(args);
     let seed = config.seed;
-    let dense_base = model
-        .linear_modules_mut()
-        .all(|(_, lin)| matches!(lin, LinearModule::Dense(_)));
+    let dense_base = model.linear_modules_mut().all(|(_, lin)| lin.is_dense());
     match args.adapter_type {
         AdapterType::Lora | AdapterType::Dora => match &args.init_adapter {
             Some(dir) => model.load_adapter(dir, ADAPTER_NAME, seed)?,
@@ -417,7 +443,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         .as_ref()
         .map(|t| resolve_model_arg(t, None))
         .transpose()?
-        .map(LlamaModel::from_pretrained)
+        .map(LlamaModel::open)
         .transpose()?;
     let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
     trainer.set_collective(ranks.collective())?;
@@ -434,7 +460,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         return Ok(());
     }
     let mut csv = if args.resume {
-        CsvMetricsWriter::append(&metrics_path)?
+        CsvMetricsWriter::resume(&metrics_path, trainer.step_count())?
     } else {
         CsvMetricsWriter::create(&metrics_path)?
     };
