@@ -233,6 +233,28 @@ fn describe_gguf(path: &Path, limit: usize) -> CliResult<String> {
         file.alignment,
         file.data_offset
     );
+    // The family, from llama.cpp's architecture name through lm's one GGUF name table.
+    let arch = file.metadata_str("general.architecture").unwrap_or("");
+    let kind = match file.metadata_str("general.type") {
+        Some("adapter") => "LoRA adapter",
+        _ => "model",
+    };
+    s += &match lm::gguf::FamilyNames::for_arch(arch) {
+        Some(names) if arch == "llama" => format!(
+            "  {kind} of family {} (llama.cpp architecture `llama`; a Mistral model is written \
+             as `llama` too)\n",
+            names.family
+        ),
+        Some(names) => format!(
+            "  {kind} of family {} (llama.cpp architecture `{arch}`)\n",
+            names.family
+        ),
+        None => format!(
+            "  {kind} of llama.cpp architecture {arch:?}: not a family this project reads \
+             ({})\n",
+            lm::gguf::FamilyNames::architectures().join(", ")
+        ),
+    };
     for (key, value) in &file.metadata {
         s += &format!("  {key} = {}\n", value.summary());
     }
