@@ -604,8 +604,15 @@ pub fn export_gguf(
     report.metadata_keys = metadata.len();
     let mut writer = GgufWriter::create(out, &metadata, &specs)?;
     for (name, spec) in names.iter().zip(&specs) {
-        let mut values = source.read_f32(name)?;
         let module = name.strip_suffix(".weight").unwrap_or(name);
+        // A LoRA-QAT adapter on a ggml grid: the blocks it trained, as they are.
+        let heads = rope_heads(&config, module);
+        if let Some(bytes) = crate::qat_export::trained_gguf_blocks(&source, name, spec.ty, heads)?
+        {
+            writer.write_tensor(&spec.name, &bytes)?;
+            continue;
+        }
+        let mut values = source.read_f32(name)?;
         if let Some(heads) = rope_heads(&config, module) {
             values = permute_rope_rows(&values, spec.shape[0], spec.shape[1], heads)?;
         }

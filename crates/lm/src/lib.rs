@@ -52,6 +52,7 @@ pub mod merge;
 pub mod model;
 pub mod param;
 pub mod qat;
+pub mod qat_export;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
