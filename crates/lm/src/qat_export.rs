@@ -14,6 +14,7 @@ use quant_core::config::QatConfig;
 use quant_core::ggml::GgmlType;
 
 use crate::error::{LmError, Result};
+use crate::gguf::names::Transform;
 use crate::merge::MergedSource;
 use crate::model::LlamaModel;
 use crate::qat::QatState;
@@ -63,15 +64,16 @@ impl QatState {
 
 /// The bytes to write for tensor `name` (a Hugging Face name, `…q_proj.weight`) of a GGUF
 /// export in type `ty` when `source`'s adapter is a LoRA-QAT adapter on a ggml grid that
-/// targets it: the trained blocks, rows permuted for `rope_heads` heads as the Q/K weights
-/// of a GGUF are. `None` for every other tensor (quantize it as usual). A requested type
-/// other than the trained one is an error naming both: re-quantizing would discard what
-/// training learned.
+/// targets it: the trained blocks, with the tensor's name-table `transform` applied to whole
+/// rows (llama.cpp's Q/K row order; `heads` = `(num_attention_heads, num_key_value_heads)`).
+/// `None` for every other tensor (quantize it as usual). A requested type other than the
+/// trained one is an error naming both: re-quantizing would discard what training learned.
 pub fn trained_gguf_blocks(
     source: &MergedSource,
     name: &str,
     ty: GgmlType,
-    rope_heads: Option<usize>,
+    transform: Transform,
+    heads: (usize, usize),
 ) -> Result<Option<Vec<u8>>> {
     let (Some((state, file)), Some(adapter)) = (source.qat_state(), source.adapter.as_ref()) else {
         return Ok(None);
@@ -108,9 +110,16 @@ pub fn trained_gguf_blocks(
             ),
         });
     }
-    Ok(Some(match rope_heads {
-        Some(heads) => permute_block_rows(&blocks, rows, heads, name)?,
-        None => blocks,
+    Ok(Some(match transform {
+        Transform::Identity => blocks,
+        Transform::RopeRows(group) => permute_block_rows(&blocks, rows, group.count(heads), name)?,
+        Transform::PlusOne => {
+            return Err(LmError::AdapterState {
+                operation: format!("exporting the trained blocks of {name}"),
+                reason: "the tensor is stored with +1 added (a norm), which blocks cannot carry"
+                    .into(),
+            })
+        }
     }))
 }
 

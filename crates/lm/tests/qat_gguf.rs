@@ -56,9 +56,12 @@ fn trained(grid: GgmlType) -> (LlamaModel, Vec<(String, Array2<f32>)>) {
 }
 
 fn gguf_name(module: &str) -> String {
-    lm::gguf::gguf_tensor_name(&format!("{module}.weight"))
+    lm::gguf::FamilyNames::for_arch("llama")
+        .unwrap()
+        .to_gguf(&format!("{module}.weight"))
         .unwrap()
         .unwrap()
+        .name
 }
 
 #[test]

@@ -137,9 +137,12 @@ fn export_gguf_of_a_q4_0_run_writes_the_trained_blocks() {
         let state = packed.tensor(&format!("{module}.qstate")).unwrap();
         let state: serde_json::Value = serde_json::from_slice(state.data()).unwrap();
         assert_eq!(state["type"], "q4_0");
-        let name = lm::gguf::gguf_tensor_name(&format!("{module}.weight"))
+        let name = lm::gguf::FamilyNames::for_arch("llama")
             .unwrap()
-            .unwrap();
+            .to_gguf(&format!("{module}.weight"))
+            .unwrap()
+            .unwrap()
+            .name;
         assert_eq!(file.tensor(&name).unwrap().ty, GgmlType::Q4_0);
         let in_gguf = file.read_tensor_bytes(&name).unwrap();
         let merged_w = merged_st.tensor(&format!("{module}.weight")).unwrap();
