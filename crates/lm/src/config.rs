@@ -407,3 +407,16 @@ fn get_token_ids(obj: &Map<String, Value>, key: &str) -> Result<Vec<u32>> {
         Some(v) => Ok(vec![one(v)?]),
     }
 }
+
+/// `(out, in)` of the layer's projections in the family's order (q, k, v, o, gate, up, down;
+/// Phi-3: qkv, o, gate_up, down).
+pub(crate) fn linear_shapes(c: &LlamaConfig) -> Vec<[usize; 2]> {
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    let q = c.num_attention_heads * c.head_dim;
+    let kv = c.num_key_value_heads * c.head_dim;
+    if c.architecture.fused_projections {
+        vec![[q + 2 * kv, d], [d, q], [2 * i, d], [d, i]]
+    } else {
+        vec![[q, d], [kv, d], [kv, d], [d, q], [i, d], [i, d], [d, i]]
+    }
+}

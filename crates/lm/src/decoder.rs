@@ -25,17 +25,7 @@ use crate::linear::LinearModule;
 use crate::param::Parameter;
 use crate::rope::RopeTable;
 
-/// The linear projections of a Llama-layout decoder layer, by their path below
-/// `model.layers.{i}` (Phi-3 fuses them: see [`Architecture::linear_names`]).
-pub const LAYER_LINEAR_NAMES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+pub use crate::family::LAYER_LINEAR_NAMES;
 
 /// One decoder layer: pre-norm attention and pre-norm gated MLP, each with a residual, plus
 /// what a family adds (Gemma's post-norms, q/k head norms). The HF names of the norms:

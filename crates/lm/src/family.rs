@@ -11,6 +11,18 @@ use serde_json::{Map, Value};
 use crate::error::{LmError, Result};
 use crate::rope::Rope;
 
+/// The linear projections of a Llama-layout decoder layer, by their path below
+/// `model.layers.{i}` (Phi-3 fuses them: see [`Architecture::linear_names`]).
+pub const LAYER_LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// The families the decoder computes, by their transformers `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -186,7 +198,7 @@ impl Architecture {
                 "mlp.down_proj",
             ]
         } else {
-            &crate::decoder::LAYER_LINEAR_NAMES
+            &LAYER_LINEAR_NAMES
         }
     }
 

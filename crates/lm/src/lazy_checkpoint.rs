@@ -230,7 +230,7 @@ impl LazyCheckpoint {
 /// fused `qkv_proj`/`gate_up_proj`), by module path.
 pub fn linear_shapes(c: &LlamaConfig) -> BTreeMap<String, (usize, usize)> {
     let d = c.hidden_size;
-    let shapes = crate::model::linear_shapes(c);
+    let shapes = crate::config::linear_shapes(c);
     let mut out = BTreeMap::new();
     for layer in 0..c.num_hidden_layers {
         for (name, shape) in c.architecture.linear_names().iter().zip(&shapes) {

@@ -33,8 +33,10 @@
 //! assert_eq!(grad_embedded.dim(), (1, 4, 32));
 //! ```
 
+pub mod adapted;
 pub mod adapters;
 pub mod attention;
+pub mod base;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
@@ -52,24 +54,28 @@ pub mod merge;
 pub mod model;
 pub mod param;
 pub mod qat;
+pub mod qat_layer;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
+pub mod source;
 
+pub use adapted::{peft_parameter_name, AdaptedLayer};
 pub use adapters::peft_file_key;
+pub use base::{DenseLinear, LinearBase};
 pub use checkpoint::Checkpoint;
 pub use config::LlamaConfig;
 pub use error::{LmError, Result};
 pub use family::{Architecture, Family};
+pub use forward::ForwardPass;
 pub use generate::{KvCache, Sampling};
-pub use linear::{peft_parameter_name, AdaptedLayer, DenseLinear, LinearModule};
+pub use linear::LinearModule;
 pub use loss::{cross_entropy, CrossEntropy, IGNORE_INDEX};
 pub use memory::MemoryReport;
-pub use model::{
-    dense_linear_from_checkpoint, DecoderLayer, ForwardPass, LlamaModel, LAYER_LINEAR_NAMES,
-};
+pub use model::{DecoderLayer, LlamaModel, LAYER_LINEAR_NAMES};
 /// The model of every family; [`LlamaModel`] is its historical name.
 pub type CausalLm = LlamaModel;
 pub use param::{ParamMut, Parameter};
-pub use qat::{quantizer_step_name, QatLayer, QAT_STATE_FILE, QUANTIZER_STEP_SUFFIX};
+pub use qat_layer::{quantizer_step_name, QatLayer, QAT_STATE_FILE, QUANTIZER_STEP_SUFFIX};
 pub use quantize::{LinearQuantization, QuantizationReport};
+pub use source::{Bnb4Checkpoint, ModelSource};

@@ -14,19 +14,14 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::checkpoint::{save_f32_safetensors, write_atomically, Checkpoint};
-use crate::config::LlamaConfig;
+use crate::config::{linear_shapes, LlamaConfig};
 use crate::error::{LmError, Result};
 use crate::family::{Architecture, NormKind};
-use crate::linear::{DenseLinear, LinearModule};
+use crate::linear::LinearModule;
 use crate::param::{ParamMut, Parameter};
+use crate::source::{check_bnb4_config, take_matrix, take_vector, Bnb4Checkpoint, ModelSource};
 
 pub use crate::decoder::{DecoderLayer, LAYER_LINEAR_NAMES};
-pub use crate::forward::ForwardPass;
-
-/// Builds the linear module at a path (`model.layers.0.self_attn.q_proj`, `lm_head`) of shape
-/// `(out, in)` from checkpoint tensors, taking (removing) what it uses.
-pub type LinearLoader<'a> =
-    dyn FnMut(&str, [usize; 2], &mut Checkpoint) -> Result<LinearModule> + 'a;
 
 /// A Llama-architecture causal language model (`LlamaForCausalLM`).
 ///
@@ -82,7 +77,7 @@ impl LlamaModel {
     /// Reads `config.json` and `model.safetensors` (or a sharded index) from `dir`. A
     /// bitsandbytes 4-bit checkpoint (`quantization_config` with `quant_method:
     /// "bitsandbytes"`, `load_in_4bit`, NF4) loads its quantized projections as frozen NF4
-    /// bases ([`LinearModule::Nf4`]; adapters make them QLoRA layers) and the rest as `f32`;
+    /// bases ([`LinearModule::nf4`]; adapters make them QLoRA layers) and the rest as `f32`;
     /// any other `quantization_config` is an [`LmError::Unsupported`] naming it.
     ///
     /// ```
@@ -100,59 +95,53 @@ impl LlamaModel {
         let bnb4 = match &config.quantization_config {
             None => false,
             Some(q) => {
-                crate::quantize::check_bnb4_config(q)?;
+                check_bnb4_config(q)?;
                 true
             }
         };
         let mut ckpt = Checkpoint::open_dir(dir)?;
         let model = if bnb4 {
-            Self::from_checkpoint(
-                config,
-                &mut ckpt,
-                &mut crate::quantize::bnb4_linear_from_checkpoint,
-            )?
+            Self::from_source(config, &mut Bnb4Checkpoint(&mut ckpt))?
         } else {
-            Self::from_checkpoint(config, &mut ckpt, &mut dense_linear_from_checkpoint)?
+            Self::from_source(config, &mut ckpt)?
         };
         ckpt.finish()?;
         Ok(model)
     }
 
-    /// Builds the model from tensors of `ckpt`, taking each projection through `load_linear`
-    /// (called with the module path, e.g. `model.layers.0.self_attn.q_proj`, and the
-    /// `(out, in)` shape). This is where quantized-base loaders plug in; the default is
-    /// [`dense_linear_from_checkpoint`]. Tensors taken are removed from `ckpt`.
-    pub fn from_checkpoint(
+    /// Builds the model from the tensors of a checkpoint (taken out of it), every projection
+    /// dense `f32`: [`LlamaModel::from_source`] over the [`Checkpoint`].
+    pub fn from_checkpoint(config: LlamaConfig, ckpt: &mut Checkpoint) -> Result<Self> {
+        Self::from_source(config, ckpt)
+    }
+
+    /// Builds the model from `source`: norms and embeddings through
+    /// [`ModelSource::take_f32`], every projection through [`ModelSource::take_linear`]
+    /// (module path such as `model.layers.0.self_attn.q_proj`, `(out, in)`, and whether the
+    /// family has a bias there), so the source chooses each projection's base (dense `f32`,
+    /// NF4, ggml blocks). This is where quantized-base loaders plug in. Every projection's
+    /// shape is checked against the config.
+    pub fn from_source<S: ModelSource + ?Sized>(
         config: LlamaConfig,
-        ckpt: &mut Checkpoint,
-        load_linear: &mut LinearLoader<'_>,
+        source: &mut S,
     ) -> Result<Self> {
         config.validate()?;
         let config = config.resolved();
         let c = &config;
         let arch = &c.architecture;
         let (d, v) = (c.hidden_size, c.vocab_size);
-        let take2 = |ckpt: &mut Checkpoint, key: &str, shape: [usize; 2]| -> Result<Array2<f32>> {
-            let a = ckpt.take_f32(key, &shape)?;
-            a.into_dimensionality::<Ix2>()
-                .map_err(|e| LmError::shape(key, format!("{shape:?}"), e))
-        };
-        let take1 = |ckpt: &mut Checkpoint, key: &str, len: usize| -> Result<Array1<f32>> {
-            let a = ckpt.take_f32(key, &[len])?;
-            a.into_dimensionality::<Ix1>()
-                .map_err(|e| LmError::shape(key, len, e))
-        };
-        let embed_tokens = Parameter::new(take2(ckpt, "model.embed_tokens.weight", [v, d])?);
+        let embed_tokens =
+            Parameter::new(take_matrix(source, "model.embed_tokens.weight", [v, d])?);
         let shapes = linear_shapes(c);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            ckpt.discard(&format!("{p}.self_attn.rotary_emb.inv_freq"));
+            source.discard(&format!("{p}.self_attn.rotary_emb.inv_freq"));
             let mut norms: [Option<Parameter<Ix1>>; 6] = Default::default();
             for (slot, (name, len)) in norm_layout(c).into_iter().enumerate() {
                 if let Some(name) = name {
-                    norms[slot] = Some(Parameter::new(take1(
-                        ckpt,
+                    norms[slot] = Some(Parameter::new(take_vector(
+                        source,
                         &format!("{p}.{name}.weight"),
                         len,
                     )?));
@@ -161,22 +150,21 @@ impl LlamaModel {
             let mut linears = Vec::with_capacity(shapes.len());
             for (name, shape) in arch.linear_names().iter().zip(&shapes) {
                 let path = format!("{p}.{name}");
-                let mut lin = load_linear(&path, *shape, ckpt)?;
-                if arch.has_bias(name) {
-                    let bias = take1(ckpt, &format!("{path}.bias"), shape[0])?;
-                    lin.attach_bias(bias, &path)?;
-                }
-                linears.push(lin);
+                linears.push(source.take_linear(
+                    &path,
+                    (shape[0], shape[1]),
+                    arch.has_bias(name),
+                )?);
             }
             layers.push(DecoderLayer::new(arch, norms, linears)?);
         }
-        let norm = Parameter::new(take1(ckpt, "model.norm.weight", d)?);
+        let norm = Parameter::new(take_vector(source, "model.norm.weight", d)?);
         let lm_head = if c.tie_word_embeddings {
             // Some exporters also write the tied copy; the embedding is authoritative.
-            ckpt.discard("lm_head.weight");
+            source.discard("lm_head.weight");
             None
         } else {
-            Some(load_linear("lm_head", [v, d], ckpt)?)
+            Some(source.take_linear("lm_head", (v, d), false)?)
         };
         let model = LlamaModel {
             config,
@@ -224,19 +212,18 @@ impl LlamaModel {
             }
             let mut linears = Vec::with_capacity(shapes.len());
             for (name, shape) in config.architecture.linear_names().iter().zip(&shapes) {
-                let dense = DenseLinear::new(draw(*shape));
-                linears.push(LinearModule::Dense(if config.architecture.has_bias(name) {
-                    dense.with_bias(Array1::zeros(shape[0]))
-                } else {
-                    dense
-                }));
+                let bias = config
+                    .architecture
+                    .has_bias(name)
+                    .then(|| Array1::zeros(shape[0]));
+                linears.push(LinearModule::dense(draw(*shape), bias));
             }
             layers.push(DecoderLayer::new(&config.architecture, norms, linears)?);
         }
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(LinearModule::Dense(DenseLinear::new(draw([v, d]))))
+            Some(LinearModule::dense(draw([v, d]), None))
         };
         Ok(LlamaModel {
             config,
@@ -501,19 +488,6 @@ impl LlamaModel {
     }
 }
 
-/// `(out, in)` of the layer's projections in the family's order (q, k, v, o, gate, up, down;
-/// Phi-3: qkv, o, gate_up, down).
-pub(crate) fn linear_shapes(c: &LlamaConfig) -> Vec<[usize; 2]> {
-    let (d, i) = (c.hidden_size, c.intermediate_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    if c.architecture.fused_projections {
-        vec![[q + 2 * kv, d], [d, q], [2 * i, d], [d, i]]
-    } else {
-        vec![[q, d], [kv, d], [kv, d], [d, q], [i, d], [i, d], [d, i]]
-    }
-}
-
 /// The six norm slots of [`DecoderLayer::new`] with the HF name (if the family has the norm)
 /// and length: input, post-attention, pre-/post-feedforward (Gemma), q/k head norms.
 fn norm_layout(c: &LlamaConfig) -> [(Option<&'static str>, usize); 6] {
@@ -529,18 +503,4 @@ fn norm_layout(c: &LlamaConfig) -> [(Option<&'static str>, usize); 6] {
         (qk.then_some("self_attn.q_norm"), hd),
         (qk.then_some("self_attn.k_norm"), hd),
     ]
-}
-
-/// Takes `{path}.weight` of shape `(out, in)` as a frozen [`DenseLinear`].
-pub fn dense_linear_from_checkpoint(
-    path: &str,
-    shape: [usize; 2],
-    ckpt: &mut Checkpoint,
-) -> Result<LinearModule> {
-    let key = format!("{path}.weight");
-    let w = ckpt
-        .take_f32(&key, &shape)?
-        .into_dimensionality::<Ix2>()
-        .map_err(|e| LmError::shape(&key, format!("{shape:?}"), e))?;
-    Ok(LinearModule::Dense(DenseLinear::new(w)))
 }

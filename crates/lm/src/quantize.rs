@@ -1,126 +1,15 @@
-//! Quantized projections: loading bitsandbytes 4-bit checkpoints as NF4 bases, quantizing a
-//! loaded model's projections to NF4 (QLoRA) or round-to-nearest on a QAT grid (post-training
-//! quantization), and folding adapters back into dense weights.
+//! Quantized projections: quantizing a loaded model's projections to NF4 (QLoRA) or
+//! round-to-nearest on a QAT grid (post-training quantization), and folding adapters back
+//! into dense weights. Loading bitsandbytes 4-bit checkpoints is [`crate::source`]'s.
 
 use lora_core::{Nf4Base, Nf4Options};
 use ndarray::Array2;
 use quant_core::config::QatConfig;
-use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
-use serde_json::Value;
 
-use crate::checkpoint::Checkpoint;
 use crate::error::{LmError, Result};
-use crate::linear::{DenseLinear, LinearModule};
-use crate::model::{dense_linear_from_checkpoint, LlamaModel};
-
-/// Checks that a checkpoint's `quantization_config` is one this crate loads: bitsandbytes,
-/// 4-bit, NF4 (with or without double quantization). Anything else (8-bit, FP4, GPTQ, AWQ,
-/// ...) is an [`LmError::Unsupported`] naming the key and value.
-///
-/// ```
-/// let ok = serde_json::json!({"quant_method": "bitsandbytes", "load_in_4bit": true,
-///                             "bnb_4bit_quant_type": "nf4"});
-/// lm::quantize::check_bnb4_config(&ok).unwrap();
-/// let gptq = serde_json::json!({"quant_method": "gptq", "bits": 4});
-/// assert!(lm::quantize::check_bnb4_config(&gptq).unwrap_err().to_string().contains("gptq"));
-/// ```
-pub fn check_bnb4_config(q: &Value) -> Result<()> {
-    let unsupported = |key: &str, value: &Value, reason: &str| LmError::Unsupported {
-        key: format!("quantization_config.{key}"),
-        value: value.to_string(),
-        reason: reason.to_string(),
-    };
-    let field = |key: &str| q.get(key).unwrap_or(&Value::Null);
-    let method = field("quant_method");
-    if method.as_str() != Some("bitsandbytes") {
-        return Err(unsupported(
-            "quant_method",
-            method,
-            "only bitsandbytes 4-bit (NF4) checkpoints are loaded",
-        ));
-    }
-    let flag = |key: &str| field(key).as_bool().unwrap_or(false);
-    if flag("load_in_8bit") || flag("_load_in_8bit") {
-        return Err(unsupported(
-            "load_in_8bit",
-            &Value::Bool(true),
-            "LLM.int8 checkpoints are not supported; only 4-bit NF4",
-        ));
-    }
-    if !(flag("load_in_4bit") || flag("_load_in_4bit")) {
-        return Err(unsupported(
-            "load_in_4bit",
-            field("load_in_4bit"),
-            "a bitsandbytes checkpoint must be 4-bit to load",
-        ));
-    }
-    let quant_type = field("bnb_4bit_quant_type");
-    if quant_type.as_str().unwrap_or("nf4") != "nf4" {
-        return Err(unsupported(
-            "bnb_4bit_quant_type",
-            quant_type,
-            "only NF4 bases are supported (QLoRA's type)",
-        ));
-    }
-    Ok(())
-}
-
-/// Takes the projection at `path` of shape `(out, in)` from a bitsandbytes 4-bit checkpoint:
-/// an NF4 base ([`LinearModule::Nf4`]) when the checkpoint holds `{path}.weight` in bnb's
-/// 4-bit layout (`.absmax`, `.quant_map`, `.nested_*`, `.quant_state.bitsandbytes__nf4`),
-/// else a dense weight (modules bitsandbytes skipped, such as `lm_head`). An FP4 weight or a
-/// 4-bit shape other than `(out, in)` is an error naming the key.
-pub fn bnb4_linear_from_checkpoint(
-    path: &str,
-    shape: [usize; 2],
-    ckpt: &mut Checkpoint,
-) -> Result<LinearModule> {
-    let weight_key = format!("{path}.weight");
-    let fp4_key = format!("{weight_key}.quant_state.bitsandbytes__fp4");
-    if ckpt.contains(&fp4_key) {
-        return Err(LmError::Unsupported {
-            key: fp4_key,
-            value: "fp4".into(),
-            reason: "only NF4 bases are supported (QLoRA's type)".into(),
-        });
-    }
-    if !ckpt.contains(&format!("{weight_key}.quant_state.bitsandbytes__nf4")) {
-        return dense_linear_from_checkpoint(path, shape, ckpt);
-    }
-    let mut bad_dtype: Option<LmError> = None;
-    let tensor = from_bnb_tensors(&weight_key, |key| {
-        let stored = ckpt.take(key)?;
-        let dtype = match stored.dtype {
-            safetensors::Dtype::U8 => BnbDtype::U8,
-            safetensors::Dtype::F32 => BnbDtype::F32,
-            other => {
-                bad_dtype.get_or_insert(LmError::TensorDtype {
-                    key: key.to_string(),
-                    dtype: format!("{other:?} (a bnb 4-bit part is U8 or F32)"),
-                });
-                return None;
-            }
-        };
-        Some(BnbTensor {
-            dtype,
-            shape: stored.shape,
-            bytes: stored.bytes,
-        })
-    });
-    let tensor = match (tensor, bad_dtype) {
-        (Err(_), Some(err)) => return Err(err),
-        (result, _) => result?,
-    };
-    if tensor.shape() != shape {
-        return Err(LmError::TensorShape {
-            key: weight_key,
-            expected: shape.to_vec(),
-            got: tensor.shape().to_vec(),
-        });
-    }
-    let base = Nf4Base::from_four_bit(tensor, None, Nf4Options::default().tile, path)?;
-    Ok(LinearModule::Nf4(Box::new(base)))
-}
+use crate::linear::LinearModule;
+use crate::model::LlamaModel;
+pub use crate::source::{check_bnb4_config, Bnb4Checkpoint};
 
 /// What [`LlamaModel::quantize_linears_rtn`] did to one projection.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,10 +68,7 @@ impl LlamaModel {
             .linear_modules_mut()
             .filter(|(path, _)| path != "lm_head")
             .collect();
-        if let Some((path, lin)) = linears
-            .iter()
-            .find(|(_, lin)| !matches!(lin, LinearModule::Dense(_)))
-        {
+        if let Some((path, lin)) = linears.iter().find(|(_, lin)| !lin.is_dense()) {
             return Err(LmError::AdapterState {
                 operation: format!("{operation} ({path})"),
                 reason: format!(
@@ -204,7 +90,7 @@ impl LlamaModel {
         let linears = self.dense_decoder_linears("quantizing to NF4")?;
         let mut bases = Vec::with_capacity(linears.len());
         for (path, lin) in &linears {
-            let LinearModule::Dense(d) = &**lin else {
+            let Some(d) = lin.as_dense() else {
                 continue;
             };
             bases.push(Nf4Base::quantize(
@@ -216,7 +102,7 @@ impl LlamaModel {
         }
         let count = bases.len();
         for ((_, lin), base) in linears.into_iter().zip(bases) {
-            *lin = LinearModule::Nf4(Box::new(base));
+            *lin = LinearModule::nf4(base);
         }
         Ok(count)
     }
@@ -243,7 +129,7 @@ impl LlamaModel {
         let mut quantized = Vec::with_capacity(linears.len());
         let mut modules = Vec::with_capacity(linears.len());
         for (path, lin) in &linears {
-            let LinearModule::Dense(d) = &**lin else {
+            let Some(d) = lin.as_dense() else {
                 continue;
             };
             let w = d.weight().value();
@@ -270,11 +156,7 @@ impl LlamaModel {
             quantized.push((w_q, d.bias().map(|b| b.value().clone())));
         }
         for ((_, lin), (w_q, bias)) in linears.into_iter().zip(quantized) {
-            let dense = DenseLinear::new(w_q);
-            *lin = LinearModule::Dense(match bias {
-                Some(b) => dense.with_bias(b),
-                None => dense,
-            });
+            *lin = LinearModule::dense(w_q, bias);
         }
         Ok(QuantizationReport {
             config: *qat,
@@ -302,11 +184,7 @@ impl LlamaModel {
         }
         let count = merged.len();
         for (path, w, bias) in merged {
-            let dense = DenseLinear::new(w);
-            *self.linear_module_mut(&path)? = LinearModule::Dense(match bias {
-                Some(b) => dense.with_bias(b),
-                None => dense,
-            });
+            *self.linear_module_mut(&path)? = LinearModule::dense(w, bias);
         }
         self.adapter_configs.clear();
         self.active_adapters.clear();

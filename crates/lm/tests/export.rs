@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lm::gguf::{export_gguf, export_gguf_lora, read_llama_gguf};
+use lm::gguf::{export_gguf, export_gguf_lora, read_gguf};
 use lm::lazy_checkpoint::LazyCheckpoint;
 use lm::merge::{merge_checkpoint, MergeOptions};
 use lm::{LlamaConfig, LlamaModel};
@@ -219,7 +219,7 @@ fn gguf_round_trips_within_each_types_bound_and_unpermutes_q_and_k() {
         for t in &file.tensors {
             assert_eq!(t.offset % 32, 0);
         }
-        let tensors = read_llama_gguf(&out).unwrap();
+        let tensors = read_gguf(&out).unwrap().tensors;
         assert_eq!(tensors.len(), source.tensors().count());
         for (name, shape, values) in tensors {
             let expected = source.read_f32(&name).unwrap();
@@ -297,7 +297,7 @@ fn gguf_with_an_adapter_holds_the_merged_weights_and_tied_models_have_no_output(
     )
     .unwrap();
     let source = LazyCheckpoint::open(&merged).unwrap();
-    for (name, _, values) in read_llama_gguf(&out).unwrap() {
+    for (name, _, values) in read_gguf(&out).unwrap().tensors {
         assert_eq!(values, source.read_f32(&name).unwrap(), "{name}");
     }
 

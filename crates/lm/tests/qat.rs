@@ -139,7 +139,7 @@ fn adapter_gradient_matches_finite_differences_with_fake_quant_off() {
 #[test]
 fn step_and_adapter_gradients_match_finite_differences_along_the_code_preserving_direction() {
     let mut model = small_model(2);
-    if let lm::LinearModule::Dense(d) = model.linear_module_mut(O_PROJ).unwrap() {
+    if let Some(d) = model.linear_module_mut(O_PROJ).unwrap().as_dense_mut() {
         d.weight_mut().value_mut().fill(0.0);
     }
     let qat = uniform3_lsq();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use lm::{LinearModule, LlamaModel};
+use lm::LlamaModel;
 use lora_core::qlora::Nf4Options;
 use lora_core::{LoraConfig, QatMode};
 use lora_qat::text::{examples_from_file, ModelText};
@@ -275,9 +275,7 @@ fn build_student(
     let mut model = LlamaModel::from_pretrained(model_dir)?;
     let lora = lora_config(args);
     let seed = config.seed;
-    let dense_base = model
-        .linear_modules_mut()
-        .all(|(_, lin)| matches!(lin, LinearModule::Dense(_)));
+    let dense_base = model.linear_modules_mut().all(|(_, lin)| lin.is_dense());
     match args.adapter_type {
         AdapterType::Lora | AdapterType::Dora => match &args.init_adapter {
             Some(dir) => model.load_adapter(dir, ADAPTER_NAME, seed)?,

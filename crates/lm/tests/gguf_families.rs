@@ -1,0 +1,382 @@
+//! GGUF export of every family's tiny golden model (tests/data/arch/<family>/, transformers
+//! checkpoints with a PEFT LoRA): the file has the architecture name, tensor names, shapes and
+//! metadata llama.cpp's converter writes for the family, reads back (names un-mapped, rows
+//! un-permuted, Gemma norms `−1`) to the checkpoint's values exactly in f32, and the LoRA
+//! adapter exports under the same names. Options llama.cpp cannot express are refused.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use lm::gguf::names::FamilyNames;
+use lm::gguf::{export_gguf, export_gguf_lora, read_gguf};
+use lm::lazy_checkpoint::LazyCheckpoint;
+use lm::LlamaConfig;
+use quant_core::ggml::GgmlType;
+use quant_core::gguf::{GgufFile, GgufValue, ReadTensorF32};
+
+const FAMILIES: [&str; 7] = [
+    "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+];
+
+fn arch_dir(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/arch")
+        .join(family)
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lm-gguf-fam-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The GGUF names the converter writes for the family's golden model (2 layers).
+fn expected_names(family: &str) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = ["token_embd.weight", "output_norm.weight"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let layer: &[&str] = match family {
+        "llama3" | "mistral" => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ],
+        "qwen2" => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ],
+        "qwen3" => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_q_norm",
+            "attn_k_norm",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ],
+        "gemma2" => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ],
+        "gemma3" => &[
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_q_norm",
+            "attn_k_norm",
+            "attn_output",
+            "post_attention_norm",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "post_ffw_norm",
+        ],
+        "phi3" => &[
+            "attn_norm",
+            "attn_qkv",
+            "attn_output",
+            "ffn_norm",
+            "ffn_up",
+            "ffn_down",
+        ],
+        _ => unreachable!(),
+    };
+    for l in 0..2 {
+        for t in layer {
+            names.insert(format!("blk.{l}.{t}.weight"));
+        }
+        if family == "qwen2" {
+            for t in ["attn_q", "attn_k", "attn_v"] {
+                names.insert(format!("blk.{l}.{t}.bias"));
+            }
+        }
+    }
+    match family {
+        "llama3" => {
+            names.insert("rope_freqs.weight".into());
+        }
+        "mistral" | "phi3" => {
+            names.insert("output.weight".into());
+        }
+        _ => {}
+    }
+    names
+}
+
+fn meta_u64(file: &GgufFile, key: &str) -> u64 {
+    file.metadata(key)
+        .and_then(GgufValue::as_u64)
+        .unwrap_or_else(|| panic!("{key} missing"))
+}
+
+fn meta_f32(file: &GgufFile, key: &str) -> f32 {
+    match file.metadata(key) {
+        Some(GgufValue::F32(v)) => *v,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+#[test]
+fn every_family_exports_with_the_converters_names_and_reads_back_exactly() {
+    let tmp = temp_dir("model");
+    for family in FAMILIES {
+        let base = arch_dir(family).join("base");
+        let config = LlamaConfig::from_file(base.join("config.json")).unwrap();
+        let arch = FamilyNames::of(config.family()).arch;
+        let out = tmp.join(format!("{family}.gguf"));
+        let report = export_gguf(&base, None, &out, GgmlType::F32)
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+        assert_eq!(report.arch, arch);
+        let file = GgufFile::open(&out).unwrap();
+        assert_eq!(file.metadata_str("general.architecture"), Some(arch));
+        let names: BTreeSet<String> = file.tensors.iter().map(|t| t.name.clone()).collect();
+        assert_eq!(names, expected_names(family), "{family}");
+
+        // Metadata the converter writes for every family.
+        let key = |k: &str| format!("{arch}.{k}");
+        assert_eq!(meta_u64(&file, &key("block_count")), 2, "{family}");
+        assert_eq!(meta_u64(&file, &key("embedding_length")), 64);
+        assert_eq!(meta_u64(&file, &key("context_length")), 128);
+        assert_eq!(
+            meta_u64(&file, &key("feed_forward_length")),
+            config.intermediate_size as u64
+        );
+        assert_eq!(meta_u64(&file, &key("attention.head_count")), 4);
+        assert_eq!(meta_u64(&file, &key("attention.head_count_kv")), 2);
+        assert_eq!(meta_u64(&file, &key("attention.key_length")), 16);
+        assert_eq!(
+            meta_f32(&file, &key("attention.layer_norm_rms_epsilon")),
+            config.rms_norm_eps
+        );
+        assert_eq!(
+            meta_f32(&file, &key("rope.freq_base")),
+            config.architecture.ropes[0].theta
+        );
+        match family {
+            "gemma2" => {
+                assert_eq!(meta_f32(&file, &key("attn_logit_softcapping")), 1.0);
+                assert_eq!(meta_f32(&file, &key("final_logit_softcapping")), 2.0);
+                assert_eq!(meta_u64(&file, &key("attention.sliding_window")), 4);
+            }
+            "gemma3" => {
+                assert_eq!(meta_u64(&file, &key("attention.sliding_window")), 4);
+                assert_eq!(meta_f32(&file, &key("rope.freq_base_swa")), 10000.0);
+                assert_eq!(file.metadata_str(&key("rope.scaling.type")), Some("linear"));
+                assert_eq!(meta_f32(&file, &key("rope.scaling.factor")), 8.0);
+            }
+            "phi3" => {
+                assert_eq!(meta_u64(&file, &key("attention.sliding_window")), 0);
+                assert_eq!(
+                    meta_u64(&file, &key("rope.scaling.original_context_length")),
+                    4096
+                );
+                assert_eq!(meta_u64(&file, &key("rope.dimension_count")), 16);
+            }
+            "llama3" | "mistral" => {
+                assert_eq!(meta_u64(&file, &key("rope.dimension_count")), 16);
+                assert_eq!(
+                    meta_u64(&file, &key("vocab_size")),
+                    config.vocab_size as u64
+                );
+            }
+            _ => {}
+        }
+
+        // Read back: the checkpoint's own values under its own names.
+        let source = LazyCheckpoint::open(&base).unwrap();
+        let back = read_gguf(&out).unwrap();
+        assert_eq!(back.names.arch, arch);
+        let stored: BTreeSet<String> = source
+            .tensors()
+            .map(|t| t.name.clone())
+            .filter(|n| !n.ends_with("inv_freq"))
+            .collect();
+        let read: BTreeSet<String> = back.tensors.iter().map(|t| t.0.clone()).collect();
+        assert_eq!(read, stored, "{family}");
+        for (name, shape, values) in &back.tensors {
+            assert_eq!(shape, &source.tensor(name).unwrap().shape, "{name}");
+            let expected = source.read_f32(name).unwrap();
+            if family.starts_with("gemma") && name.ends_with("norm.weight") {
+                // `(w + 1) − 1` in f32 rounds to the spacing of f32 around 1 (2^-23).
+                let worst = values
+                    .iter()
+                    .zip(&expected)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= f32::EPSILON, "{family} {name}: {worst}");
+            } else {
+                assert_eq!(values, &expected, "{family} {name}");
+            }
+        }
+        // The stored GGUF values carry the family's transforms.
+        let raw = |n: &str| file.read_tensor_f32(n).unwrap();
+        let hf = |n: &str| source.read_f32(n).unwrap();
+        if family.starts_with("gemma") {
+            let g = raw("blk.0.ffn_norm.weight");
+            let h = hf("model.layers.0.pre_feedforward_layernorm.weight");
+            assert!(g.iter().zip(&h).all(|(g, h)| *g == h + 1.0));
+        } else {
+            assert_eq!(
+                raw("blk.0.attn_norm.weight"),
+                hf("model.layers.0.input_layernorm.weight")
+            );
+        }
+        let q = raw(if family == "phi3" {
+            "blk.0.attn_qkv.weight"
+        } else {
+            "blk.0.attn_q.weight"
+        });
+        let hq = hf(if family == "phi3" {
+            "model.layers.0.self_attn.qkv_proj.weight"
+        } else {
+            "model.layers.0.self_attn.q_proj.weight"
+        });
+        assert_eq!(
+            q == hq,
+            !matches!(family, "llama3" | "mistral"),
+            "{family}: permuted iff llama"
+        );
+        if family == "llama3" {
+            let (_, shape, f) = &back.extras[0];
+            assert_eq!(shape, &vec![8]);
+            // factor 8, low/high 1/4 over an original context of 32: high frequencies kept,
+            // low ones divided by 8.
+            assert_eq!(f[0], 1.0);
+            assert_eq!(f[7], 8.0);
+        }
+    }
+}
+
+#[test]
+fn every_familys_lora_exports_under_the_base_tensor_names() {
+    let tmp = temp_dir("lora");
+    for family in FAMILIES {
+        let dir = arch_dir(family);
+        let out = tmp.join(format!("{family}-lora.gguf"));
+        let report = export_gguf_lora(
+            &dir.join("base"),
+            &dir.join("adapter_lora"),
+            &out,
+            GgmlType::F32,
+        )
+        .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let file = GgufFile::open(&out).unwrap();
+        assert_eq!(file.metadata_str("general.architecture"), Some(report.arch));
+        assert_eq!(file.metadata_str("general.type"), Some("adapter"));
+        assert_eq!(file.metadata_str("adapter.type"), Some("lora"));
+        let model = GgufFile::open(&{
+            let m = tmp.join(format!("{family}.gguf"));
+            export_gguf(&dir.join("base"), None, &m, GgmlType::F32).unwrap();
+            m
+        })
+        .unwrap();
+        let base_shapes: HashMap<&str, &Vec<usize>> = model
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), &t.shape))
+            .collect();
+        assert!(!file.tensors.is_empty());
+        for t in &file.tensors {
+            let (base, part) = t.name.rsplit_once('.').unwrap();
+            let shape = base_shapes
+                .get(base)
+                .unwrap_or_else(|| panic!("{family}: {} has no base tensor", t.name));
+            match part {
+                "lora_a" => assert_eq!(t.shape[1], shape[1], "{}", t.name),
+                "lora_b" => assert_eq!(t.shape[0], shape[0], "{}", t.name),
+                other => panic!("{other}"),
+            }
+        }
+        if family == "phi3" {
+            assert!(file.tensor("blk.0.attn_qkv.weight.lora_b").is_some());
+            assert!(file.tensor("blk.0.ffn_up.weight.lora_b").is_some());
+        }
+    }
+}
+
+/// A copy of a golden base whose config.json is edited by `edit`.
+fn edited_base(family: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let src = arch_dir(family).join("base");
+    let dir = temp_dir(tag);
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn options_llama_cpp_cannot_express_are_refused_by_name() {
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        (
+            "gemma2",
+            "query_pre_attn_scalar",
+            Box::new(|c| c["query_pre_attn_scalar"] = 32.into()),
+        ),
+        (
+            "gemma2",
+            "tie_word_embeddings",
+            Box::new(|c| c["tie_word_embeddings"] = false.into()),
+        ),
+        (
+            "qwen2",
+            "use_sliding_window",
+            Box::new(|c| {
+                c["use_sliding_window"] = true.into();
+                c["sliding_window"] = 4.into();
+                c["max_window_layers"] = 0.into();
+                c["layer_types"] = serde_json::json!(["sliding_attention", "sliding_attention"]);
+            }),
+        ),
+        (
+            "qwen3",
+            "rope_type",
+            Box::new(|c| {
+                c["rope_parameters"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0,
+                    "rope_theta": 10000.0, "original_max_position_embeddings": 64})
+            }),
+        ),
+    ];
+    for (family, key, edit) in cases {
+        let dir = edited_base(family, key, edit);
+        let err = export_gguf(&dir, None, &dir.join("m.gguf"), GgmlType::F32)
+            .expect_err(key)
+            .to_string();
+        assert!(err.contains(key), "{family}: {err}");
+        assert!(!dir.join("m.gguf").exists());
+    }
+}
