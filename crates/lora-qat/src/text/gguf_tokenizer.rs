@@ -395,7 +395,7 @@ pub fn model_text_from_gguf(path: &Path) -> TextResult<ModelText> {
 /// A tokenizer from a `tokenizer.json` document.
 pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokenizer> {
     let text = doc.to_string();
-    text.parse::<Tokenizer>().map_err(|e| {
+    super::tokenizer::parse_tokenizer(&text).map_err(|e| {
         TextError::Tokenizer(format!(
             "{source_name}: the tokenizer built from the metadata: {e}"
         ))
