@@ -62,8 +62,8 @@ fn logits(path: &Path) -> Vec<f32> {
 fn tokens_file(dir: &Path) -> PathBuf {
     let ids: Vec<i64> = vec![1, 17, 4, 9, 33, 2, 60, 12];
     let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 8], &bytes)
-        .unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 8], &bytes).unwrap();
     let path = dir.join("tokens.safetensors");
     safetensors::serialize_to_file([("input_ids", view)], None, &path).unwrap();
     path
@@ -74,10 +74,21 @@ fn gguf_as_model_everywhere() {
     let tmp = temp_dir("flow");
     let gguf = tmp.join("tiny.gguf");
     let g = gguf.to_str().unwrap();
-    ok(&["export-gguf", "--model", &data("base"), "--out", g, "--type", "q8_0"]);
+    ok(&[
+        "export-gguf",
+        "--model",
+        &data("base"),
+        "--out",
+        g,
+        "--type",
+        "q8_0",
+    ]);
 
     let report = ok(&["inspect", g]);
-    assert!(report.contains("model: llama (GGUF `llama`), 2 layers"), "{report}");
+    assert!(
+        report.contains("model: llama (GGUF `llama`), 2 layers"),
+        "{report}"
+    );
 
     // convert: a transformers directory in bf16, and one in f32 computing as the GGUF.
     let bf16 = tmp.join("bf16");
@@ -95,7 +106,15 @@ fn gguf_as_model_everywhere() {
     let t = tokens.to_str().unwrap();
     let from_gguf = tmp.join("gguf_logits.safetensors");
     let from_dir = tmp.join("dir_logits.safetensors");
-    ok(&["logits", "--model", g, "--tokens", t, "--out", from_gguf.to_str().unwrap()]);
+    ok(&[
+        "logits",
+        "--model",
+        g,
+        "--tokens",
+        t,
+        "--out",
+        from_gguf.to_str().unwrap(),
+    ]);
     ok(&[
         "logits",
         "--model",
@@ -119,8 +138,19 @@ fn gguf_as_model_everywhere() {
     let quantized = tmp.join("run_q");
     let dense = tmp.join("run_f32");
     let common = [
-        "--data", d, "--rank", "4", "--max-steps", "2", "--batch-size", "2", "--lr", "0.01",
-        "--seed", "3", "--quiet",
+        "--data",
+        d,
+        "--rank",
+        "4",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--quiet",
     ];
     let mut args = vec!["train", "--model", g, "--out", quantized.to_str().unwrap()];
     args.extend(common);
@@ -238,7 +268,10 @@ fn real_model_lora_over_the_q4_1_file() {
         .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
         .collect();
     eprintln!("SmolLM2 Q4_1 LoRA losses {losses:?}");
-    assert!(losses.last().unwrap() < losses.first().unwrap(), "{losses:?}");
+    assert!(
+        losses.last().unwrap() < losses.first().unwrap(),
+        "{losses:?}"
+    );
     let answer = ok(&[
         "generate",
         "--model",

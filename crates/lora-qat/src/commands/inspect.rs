@@ -237,7 +237,8 @@ fn describe_gguf(path: &Path, limit: usize) -> CliResult<String> {
     match lm::gguf_model::GgufModelFile::open(path) {
         Ok(model) => {
             let c = model.config();
-            s += &format!(
+            s +=
+                &format!(
                 "  model: {} (GGUF `{}`), {} layers, hidden {}, {} heads ({} key/value) of {}, \
                  MLP {}, vocabulary {}, {} positions, {} embeddings\n",
                 c.family(),
