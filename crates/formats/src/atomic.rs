@@ -127,22 +127,24 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Fsyncs the directory holding `path`, so a rename into it is durable. On platforms where a
-/// directory cannot be opened for syncing (Windows) this is a no-op.
-fn sync_parent_dir(path: &Path) -> Result<()> {
+/// Fsyncs directory `dir`, so a removal or rename in it is durable (a no-op where a
+/// directory cannot be opened for syncing).
+pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
-    {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| FormatError::io(dir, "directory sync failed", e))?;
-    }
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FormatError::io(dir, "directory sync failed", e))?;
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = dir;
     Ok(())
+}
+
+/// Fsyncs the directory holding `path`, so a rename into it is durable.
+fn sync_parent_dir(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 /// Writes `bytes` to `path` crash-safely (see the module docs).
@@ -171,6 +173,130 @@ pub fn write_atomic_with(
     write(file.out.as_mut().expect("just created"))
         .map_err(|e| FormatError::io(&tmp, "write failed", e))?;
     file.commit()
+}
+
+/// Writes several files of one directory as a unit: every file is written and fsynced under a
+/// temporary name first, then the temporary names are renamed over the final ones **in the
+/// order given**, and the directory is fsynced. A failure before the first rename leaves every
+/// old file whole; a crash between two renames (a window of microseconds) leaves the files
+/// named earlier in the list new and the later ones old — so callers put first the file that
+/// records what the others must be (e.g. their [`sha256_hex`]), and a loader that checks it
+/// detects a half-committed set. `files` are (path, content); an empty list writes nothing.
+///
+/// ```
+/// use formats::atomic::{sha256_hex, write_atomic_group};
+/// let dir = std::env::temp_dir().join(format!("formats-group-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let data = b"tensor bytes".to_vec();
+/// let manifest = format!("data.bin {}", sha256_hex(&data)).into_bytes();
+/// write_atomic_group(&[(dir.join("manifest.txt"), manifest), (dir.join("data.bin"), data)]).unwrap();
+/// let text = std::fs::read_to_string(dir.join("manifest.txt")).unwrap();
+/// assert!(text.ends_with(&sha256_hex(&std::fs::read(dir.join("data.bin")).unwrap())));
+/// std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn write_atomic_group(files: &[(PathBuf, Vec<u8>)]) -> Result<()> {
+    let mut staged = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        let mut file = AtomicFile::create(path)?;
+        file.write_bytes(bytes)?;
+        staged.push(file);
+    }
+    commit_in_order(staged)
+}
+
+/// Commits files written through [`AtomicFile`] as one unit, as [`write_atomic_group`] does:
+/// every file flushed and fsynced first, then renamed into place in the order given, then
+/// each directory involved fsynced once. For writers that stream their files (a merge's
+/// shards) and must not replace any old file before every new one is complete. A failure
+/// before the first rename leaves every old file whole; no temporary file is left behind.
+pub fn commit_in_order(files: Vec<AtomicFile>) -> Result<()> {
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+    let mut renamed = 0;
+    let result = (|| {
+        // Phase 1: every file complete on disk before any rename (files not reached yet
+        // are dropped on an error, which deletes their temporaries).
+        for mut file in files {
+            let out = file.out.take().expect("open until commit");
+            staged.push((file.tmp.clone(), file.path.clone()));
+            let inner = out
+                .into_inner()
+                .map_err(|e| FormatError::io(&file.tmp, "write failed", e.into_error()))?;
+            inner
+                .sync_all()
+                .map_err(|e| FormatError::io(&file.tmp, "sync failed", e))?;
+        }
+        // Phase 2: the renames, in the caller's order.
+        for (tmp, path) in &staged {
+            fault::before_rename().map_err(|e| FormatError::io(path, "rename failed", e))?;
+            std::fs::rename(tmp, path).map_err(|e| FormatError::io(path, "rename failed", e))?;
+            renamed += 1;
+        }
+        // Phase 3: each directory involved fsynced once, so the renames are durable.
+        let mut synced: Vec<&Path> = Vec::new();
+        for (_, path) in &staged {
+            let parent = path.parent().unwrap_or(Path::new("."));
+            if !synced.contains(&parent) {
+                sync_parent_dir(path)?;
+                synced.push(parent);
+            }
+        }
+        Ok(())
+    })();
+    // Best effort: temporaries not renamed are garbage, whatever happened.
+    for (tmp, _) in staged.iter().skip(renamed) {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+/// The SHA-256 of `bytes` as 64 lowercase hex digits: how a file that records its siblings
+/// (see [`write_atomic_group`]) names their content.
+///
+/// ```
+/// assert_eq!(
+///     formats::atomic::sha256_hex(b"abc"),
+///     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+/// );
+/// ```
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Fault injection for tests of crash safety: make the *n*-th rename of
+/// [`write_atomic_group`] / [`commit_in_order`] on this thread fail, as a crash between two
+/// files would stop it.
+#[doc(hidden)]
+pub mod fault {
+    use std::cell::Cell;
+
+    thread_local! {
+        static RENAMES_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// After `renames` more successful renames of [`super::write_atomic_group`] or
+    /// [`super::commit_in_order`] on this thread, the next one fails (once);
+    /// `None` disarms.
+    pub fn fail_group_rename_after(renames: Option<usize>) {
+        RENAMES_LEFT.with(|c| c.set(renames));
+    }
+
+    pub(super) fn before_rename() -> std::io::Result<()> {
+        RENAMES_LEFT.with(|c| match c.get() {
+            None => Ok(()),
+            Some(0) => {
+                c.set(None);
+                Err(std::io::Error::other("injected failure between two files"))
+            }
+            Some(n) => {
+                c.set(Some(n - 1));
+                Ok(())
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -225,5 +351,51 @@ mod tests {
     fn unwritable_directory_is_an_error_naming_the_file() {
         let err = write_atomic(Path::new("/nonexistent-dir-xyz/out.bin"), b"x").unwrap_err();
         assert!(err.to_string().contains("out.bin"), "{err}");
+    }
+    #[test]
+    fn group_failing_between_files_renames_only_the_earlier_ones() {
+        let dir = temp_dir("group");
+        let files = |tag: &str| -> Vec<(PathBuf, Vec<u8>)> {
+            ["first", "second", "third"]
+                .iter()
+                .map(|n| (dir.join(n), format!("{tag} {n}").into_bytes()))
+                .collect()
+        };
+        write_atomic_group(&files("old")).unwrap();
+        fault::fail_group_rename_after(Some(1));
+        let err = write_atomic_group(&files("new")).unwrap_err();
+        assert!(err.to_string().contains("second"), "{err}");
+        assert_eq!(std::fs::read(dir.join("first")).unwrap(), b"new first");
+        assert_eq!(std::fs::read(dir.join("second")).unwrap(), b"old second");
+        assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"old third");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            3,
+            "no temporaries left"
+        );
+        // Disarmed after one failure: the next group commits whole.
+        write_atomic_group(&files("newer")).unwrap();
+        assert_eq!(std::fs::read(dir.join("third")).unwrap(), b"newer third");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn group_failing_before_any_rename_leaves_every_old_file() {
+        let dir = temp_dir("group-early");
+        write_atomic_group(&[(dir.join("a"), b"old".to_vec())]).unwrap();
+        // The second file's directory does not exist: its temporary cannot be created.
+        let err = write_atomic_group(&[
+            (dir.join("a"), b"new".to_vec()),
+            (dir.join("missing").join("b"), b"new".to_vec()),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"old");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporaries left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,7 +15,7 @@ use safetensors::Dtype;
 
 use crate::error::{FormatError, Result};
 
-pub use crate::atomic::{write_atomic, write_atomic_with};
+pub use crate::atomic::{sha256_hex, write_atomic, write_atomic_group, write_atomic_with};
 
 /// The elements of a floating-point tensor as `f32` (f32 copied, f16/bf16 widened exactly).
 ///

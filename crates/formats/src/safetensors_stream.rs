@@ -286,13 +286,20 @@ impl StreamingSafetensorsWriter {
     /// Checks every declared tensor was written, syncs and renames the file into place.
     /// Dropping the writer unfinished removes the temporary file.
     pub fn finish(self) -> Result<()> {
+        self.finish_uncommitted()?.commit()
+    }
+
+    /// Checks every declared tensor was written and returns the file still under its
+    /// temporary name, for [`crate::atomic::commit_in_order`] with the other files of one
+    /// output (nothing replaces an old file before all new ones are complete).
+    pub fn finish_uncommitted(self) -> Result<AtomicFile> {
         if let Some((missing, _)) = self.expected.get(self.next) {
             return Err(err(
                 &self.path,
                 format!("finished before tensor {missing} was written"),
             ));
         }
-        self.out.commit()
+        Ok(self.out)
     }
 }
 

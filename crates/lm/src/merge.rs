@@ -6,13 +6,17 @@
 //! ([`quant_core::safetensors_stream`]) through a temporary name, and
 //! `model.safetensors.index.json` lists them when there is more than one. `config.json` is
 //! copied with `quantization_config` removed (dense output) or set to the NF4 settings
-//! written (`--quantize nf4`), and the index and config are written last, so an interrupted
-//! merge never leaves a loadable half model.
+//! written (`--quantize nf4`). Every file goes to a temporary name first and all are renamed
+//! into place together at the end (`formats::atomic::commit_in_order`: shards, tokenizer
+//! files, index, config last; the directory fsynced), so an interrupted or failed merge never
+//! leaves a loadable half model and never replaces an earlier output before the new one is
+//! complete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use formats::atomic::AtomicFile;
 use half::{bf16, f16};
 use lora_core::peft::{load_adapter, LoadedAdapter};
 use ndarray::{Array2, ArrayView2, Axis};
@@ -416,6 +420,15 @@ pub fn merge_checkpoint(
     }
 
     std::fs::create_dir_all(out_dir).map_err(|e| LmError::io(out_dir, e))?;
+    // Every output file is written under a temporary name and renamed into place only when
+    // all are complete (shards, tokenizer files, index, then config.json), so a failed or
+    // interrupted merge leaves an earlier output in `out_dir` whole.
+    let mut staged: Vec<AtomicFile> = Vec::new();
+    let stage = |path: PathBuf, bytes: &[u8]| -> Result<AtomicFile> {
+        let mut file = AtomicFile::create(&path)?;
+        file.write_bytes(bytes)?;
+        Ok(file)
+    };
     let n_shards = shards.len();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let mut weight_map = BTreeMap::new();
@@ -432,11 +445,12 @@ pub fn merge_checkpoint(
             format!("model-{:05}-of-{n_shards:05}.safetensors", i + 1)
         };
         let path = out_dir.join(&file_name);
-        let written = if shard.iter().all(|p| p.dtype.is_some()) {
+        let (written, file) = if shard.iter().all(|p| p.dtype.is_some()) {
             write_dense_shard(&source, shard, &path, &metadata)?
         } else {
             write_spilled_shard(&source, shard, &path, &metadata)?
         };
+        staged.push(file);
         for (name, bytes) in written {
             weight_map.insert(name, file_name.clone());
             report.data_bytes += bytes;
@@ -455,7 +469,7 @@ pub fn merge_checkpoint(
         let from = model_dir.join(extra);
         if from.is_file() {
             let bytes = std::fs::read(&from).map_err(|e| LmError::io(&from, e))?;
-            quant_core::io::write_atomic(&out_dir.join(extra), &bytes)?;
+            staged.push(stage(out_dir.join(extra), &bytes)?);
         }
     }
     if n_shards > 1 {
@@ -464,21 +478,10 @@ pub fn merge_checkpoint(
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index).expect("JSON of strings and numbers");
-        quant_core::io::write_atomic(
-            &out_dir.join("model.safetensors.index.json"),
+        staged.push(stage(
+            out_dir.join("model.safetensors.index.json"),
             text.as_bytes(),
-        )?;
-    }
-    // A previous checkpoint in out_dir would shadow or mix with this one; it is removed only
-    // now that the new one is complete (a crash before here leaves the old one loadable).
-    let stale = if n_shards > 1 {
-        "model.safetensors"
-    } else {
-        "model.safetensors.index.json"
-    };
-    let stale = out_dir.join(stale);
-    if stale.exists() {
-        std::fs::remove_file(&stale).map_err(|e| LmError::io(&stale, e))?;
+        )?);
     }
     let mut config = ckpt.config_json.clone();
     let obj = config.as_object_mut().ok_or_else(|| LmError::Json {
@@ -503,18 +506,33 @@ pub fn merge_checkpoint(
         obj.insert(key.into(), json!(torch_dtype_name(dtype)));
     }
     let text = serde_json::to_string_pretty(&config).expect("JSON value");
-    quant_core::io::write_atomic(&out_dir.join("config.json"), text.as_bytes())?;
+    staged.push(stage(out_dir.join("config.json"), text.as_bytes())?);
+    formats::atomic::commit_in_order(staged)?;
+    // A previous checkpoint in out_dir would shadow or mix with this one; it is removed only
+    // now that the new one is complete (a crash before here leaves the old one loadable),
+    // and the removal is made durable like the renames.
+    let stale = if n_shards > 1 {
+        "model.safetensors"
+    } else {
+        "model.safetensors.index.json"
+    };
+    let stale = out_dir.join(stale);
+    if stale.exists() {
+        std::fs::remove_file(&stale).map_err(|e| LmError::io(&stale, e))?;
+        formats::atomic::sync_dir(out_dir)?;
+    }
     Ok(report)
 }
 
 /// Writes a shard of dense tensors straight into its file: the header from the plan, then
-/// each merged tensor as it is computed. Returns (name, bytes) of what was written.
+/// each merged tensor as it is computed. Returns (name, bytes) of what was written and the
+/// file, still under its temporary name.
 fn write_dense_shard(
     source: &MergedSource,
     shard: &[Planned],
     path: &Path,
     metadata: &HashMap<String, String>,
-) -> Result<Vec<(String, u64)>> {
+) -> Result<(Vec<(String, u64)>, AtomicFile)> {
     let specs: Vec<(String, Dtype, Vec<usize>)> = shard
         .iter()
         .map(|p| (p.name.clone(), p.dtype.expect("dense"), p.shape.clone()))
@@ -528,19 +546,18 @@ fn write_dense_shard(
         writer.write_tensor(&p.name, &bytes)?;
         written.push((p.name.clone(), bytes.len() as u64));
     }
-    writer.finish()?;
-    Ok(written)
+    Ok((written, writer.finish_uncommitted()?))
 }
 
 /// Writes a shard holding NF4 weights, whose quant-state sizes are only known once quantized:
 /// the tensors' bytes go to a temporary body file first, then the header is written and the
-/// body copied after it.
+/// body copied after it. Returns what [`write_dense_shard`] does.
 fn write_spilled_shard(
     source: &MergedSource,
     shard: &[Planned],
     path: &Path,
     metadata: &HashMap<String, String>,
-) -> Result<Vec<(String, u64)>> {
+) -> Result<(Vec<(String, u64)>, AtomicFile)> {
     let body_path = path.with_file_name(format!(
         ".{}.body-{}",
         path.file_name()
@@ -601,8 +618,7 @@ fn write_spilled_shard(
             writer.write_tensor(name, &buf)?;
             written.push((name.clone(), buf.len() as u64));
         }
-        writer.finish()?;
-        Ok(written)
+        Ok((written, writer.finish_uncommitted()?))
     })();
     let _ = std::fs::remove_file(&body_path);
     result

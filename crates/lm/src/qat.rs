@@ -23,6 +23,14 @@ use crate::linear::LinearModule;
 use crate::model::LlamaModel;
 pub use crate::qat_layer::{quantizer_step_name, QatLayer, QAT_STATE_FILE, QUANTIZER_STEP_SUFFIX};
 
+/// The [`QAT_STATE_FILE`] format version: 2 records the SHA-256 of the adapter's two PEFT
+/// files (under [`WEIGHTS_SHA256_KEY`] and [`CONFIG_SHA256_KEY`]), which a load checks.
+const QAT_STATE_VERSION: &str = "2";
+/// Metadata key of [`QAT_STATE_FILE`]: the SHA-256 of `adapter_model.safetensors`.
+const WEIGHTS_SHA256_KEY: &str = "adapter_model_sha256";
+/// Metadata key of [`QAT_STATE_FILE`]: the SHA-256 of `adapter_config.json`.
+const CONFIG_SHA256_KEY: &str = "adapter_config_sha256";
+
 /// The LoRA-QAT state of a model as the [`QAT_STATE_FILE`] stores it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct QatState {
@@ -90,6 +98,45 @@ fn mode_name(mode: QatMode) -> &'static str {
     }
 }
 
+/// Refuses a [`QAT_STATE_FILE`] at `path` whose recorded SHA-256 of a PEFT file beside it
+/// disagrees with that file: a save interrupted between its renames, or files of two saves
+/// mixed. The error names both files.
+fn check_adapter_pair(path: &Path, meta: &std::collections::HashMap<String, String>) -> Result<()> {
+    let bad = |reason: String| LmError::SafeTensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match meta.get("version").map(String::as_str) {
+        Some(QAT_STATE_VERSION) => {}
+        other => {
+            return Err(bad(format!(
+                "metadata `version` is {other:?}, expected \"{QAT_STATE_VERSION}\" (the version \
+                 that records the SHA-256 of the adapter's PEFT files; save the adapter again)"
+            )))
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (key, file) in [
+        (WEIGHTS_SHA256_KEY, peft::WEIGHTS_FILE),
+        (CONFIG_SHA256_KEY, peft::CONFIG_FILE),
+    ] {
+        let recorded = meta
+            .get(key)
+            .ok_or_else(|| bad(format!("no `{key}` metadata entry")))?;
+        let sibling = dir.join(file);
+        let bytes = std::fs::read(&sibling).map_err(|e| LmError::io(&sibling, e))?;
+        let actual = quant_core::io::sha256_hex(&bytes);
+        if &actual != recorded {
+            return Err(bad(format!(
+                "was saved with another {file} (recorded sha256 {recorded}, {} has {actual}): \
+                 a half-saved or mixed LoRA-QAT adapter directory; save it again",
+                sibling.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn read_qat_state(path: &Path) -> Result<QatState> {
     let bytes = std::fs::read(path).map_err(|e| LmError::io(path, e))?;
     let bad = |reason: String| LmError::SafeTensors {
@@ -98,6 +145,7 @@ pub(crate) fn read_qat_state(path: &Path) -> Result<QatState> {
     };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
+    check_adapter_pair(path, &meta)?;
     let config_text = meta
         .get("qat_config")
         .ok_or_else(|| bad("no `qat_config` metadata entry".into()))?;
@@ -286,7 +334,10 @@ impl LlamaModel {
             operation: format!("saving LoRA-QAT adapter {name:?}"),
             reason: "no LoRA-QAT layer holds it (save_adapter writes plain LoRA adapters)".into(),
         })?;
-        peft::save_adapters(dir, config, modules)?;
+        // The three files commit as one (docs/FORMATS.md): the quantizer file, which records
+        // the SHA-256 of the two PEFT files, is renamed in first, so a crash between renames
+        // leaves a directory whose recorded hashes disagree — refused by `read_qat_state`.
+        let peft_files = peft::encode_adapter(dir, config, modules, peft::SaveDtype::F32)?;
         let config_json = serde_json::to_string(&qat).map_err(|e| LmError::Json {
             path: dir.join(QAT_STATE_FILE),
             reason: e.to_string(),
@@ -295,13 +346,21 @@ impl LlamaModel {
             ("qat_config".to_string(), config_json),
             ("qat_mode".to_string(), mode_name(mode).to_string()),
             ("format".to_string(), "lora-qat.qat_quantizers".to_string()),
-            ("version".to_string(), "1".to_string()),
+            ("version".to_string(), QAT_STATE_VERSION.to_string()),
+            (
+                WEIGHTS_SHA256_KEY.to_string(),
+                quant_core::io::sha256_hex(&peft_files.weights),
+            ),
+            (
+                CONFIG_SHA256_KEY.to_string(),
+                quant_core::io::sha256_hex(&peft_files.config),
+            ),
         ];
-        quant_core::io::write_safetensors(
-            &dir.join(QAT_STATE_FILE),
-            &steps,
-            Some(metadata.into_iter().collect()),
-        )?;
+        let state_bytes =
+            quant_core::io::serialize_safetensors(&steps, Some(metadata.into_iter().collect()))?;
+        let mut files = vec![(dir.join(QAT_STATE_FILE), state_bytes)];
+        files.extend(peft_files.into_files(dir));
+        peft::write_adapter_files(dir, files)?;
         Ok(())
     }
 

@@ -361,6 +361,49 @@ pub fn save_adapters_as<'a>(
     modules: impl IntoIterator<Item = (&'a str, &'a LoraAdapter)>,
     dtype: SaveDtype,
 ) -> Result<()> {
+    let files = encode_adapter(dir, config, modules, dtype)?;
+    write_adapter_files(dir, files.into_files(dir))
+}
+
+/// The bytes of an adapter directory's two PEFT files, before anything is written: what
+/// [`save_adapters_as`] writes, for a caller that commits them together with files of its own
+/// (a LoRA-QAT adapter records their SHA-256 in its quantizer file, see `docs/FORMATS.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterFiles {
+    /// `adapter_model.safetensors`.
+    pub weights: Vec<u8>,
+    /// `adapter_config.json`.
+    pub config: Vec<u8>,
+}
+
+impl AdapterFiles {
+    /// (path, bytes) of both files in `dir`, weights first, for
+    /// `formats::atomic::write_atomic_group`.
+    pub fn into_files(self, dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        vec![
+            (dir.join(WEIGHTS_FILE), self.weights),
+            (dir.join(CONFIG_FILE), self.config),
+        ]
+    }
+}
+
+/// Encodes `config` and the adapters of `modules` as [`save_adapters_as`] would write them to
+/// `dir` (only named in errors); nothing is written.
+///
+/// ```
+/// use lora_core::{peft, peft::SaveDtype, AdapterOptions, LoraAdapter, LoraConfig};
+/// let adapter = LoraAdapter::new(&AdapterOptions::new(2, 4.0), 4, 4, 1, "q").unwrap();
+/// let config = LoraConfig::new(2, 4.0, &["q_proj"]);
+/// let dir = std::path::Path::new("unused");
+/// let files = peft::encode_adapter(dir, &config, [("model.layers.0.self_attn.q_proj", &adapter)], SaveDtype::F32).unwrap();
+/// assert!(String::from_utf8(files.config).unwrap().contains("q_proj"));
+/// ```
+pub fn encode_adapter<'a>(
+    dir: &Path,
+    config: &LoraConfig,
+    modules: impl IntoIterator<Item = (&'a str, &'a LoraAdapter)>,
+    dtype: SaveDtype,
+) -> Result<AdapterFiles> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (module, adapter) in modules {
@@ -391,33 +434,37 @@ pub fn save_adapters_as<'a>(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| LoraError::Parse {
-            path: dir.join(WEIGHTS_FILE),
+            path: weights_path.clone(),
             reason: format!("building tensors: {e}"),
         })?;
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Parse {
-        path: dir.join(WEIGHTS_FILE),
+    let weights = safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Parse {
+        path: weights_path.clone(),
         reason: format!("serializing: {e}"),
     })?;
     let json = serde_json::to_string_pretty(config).map_err(|e| LoraError::Parse {
         path: dir.join(CONFIG_FILE),
         reason: e.to_string(),
     })?;
+    Ok(AdapterFiles {
+        weights,
+        config: json.into_bytes(),
+    })
+}
+
+/// Creates `dir` if missing and writes `files` (path, bytes) through the workspace's one
+/// crash-safe writer, `formats::atomic::write_atomic_group`: every file under a temporary name
+/// and fsynced, then renamed in the given order, then the directory fsynced — a failed save
+/// leaves the old files whole.
+pub fn write_adapter_files(dir: &Path, files: Vec<(std::path::PathBuf, Vec<u8>)>) -> Result<()> {
     fs::create_dir_all(dir).map_err(|source| LoraError::Io {
         action: "creating",
         path: dir.to_path_buf(),
         source,
     })?;
-    write_atomically(&dir.join(WEIGHTS_FILE), &bytes)?;
-    write_atomically(&dir.join(CONFIG_FILE), json.as_bytes())
-}
-
-/// Writes `bytes` through the workspace's one crash-safe write (`formats::atomic`: temporary
-/// file beside `path`, fsync, rename, directory fsync), so a failed save leaves the old file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    quant_core::io::write_atomic(path, bytes).map_err(|e| LoraError::Io {
+    quant_core::io::write_atomic_group(&files).map_err(|e| LoraError::Io {
         action: "writing",
-        path: path.to_path_buf(),
+        path: dir.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
     })
 }

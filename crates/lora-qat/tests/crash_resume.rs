@@ -3,7 +3,8 @@
 //! with an adapter bit-identical to an uninterrupted run. The checkpoint pair is written
 //! crash-safely (tensor file, then the JSON naming it, each through a temporary file, a
 //! rename and a directory fsync), so whatever moment the kill hits, `--resume` finds a whole
-//! pair. Three trials in CI; fifty:
+//! pair, and metrics.csv (flushed row by row, cut back to the checkpoint's step on resume)
+//! equals the uninterrupted run's log row for row. Three trials in CI; fifty:
 //! `cargo test --release -p lora-qat --test crash_resume -- --ignored`.
 
 use std::path::{Path, PathBuf};
@@ -92,6 +93,19 @@ fn adapter(out: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// metrics.csv without its timing columns (`seconds`, `tokens_per_second`), which differ from
+/// run to run: a resumed run's log must equal the uninterrupted one's row for row — no row
+/// logged after the last checkpoint left over, none missing, none twice.
+fn metrics_without_timings(out: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    text.lines()
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            cells[..cells.len() - 2].join(",")
+        })
+        .collect()
+}
+
 /// splitmix64: the kill moments are a function of the trial seed.
 fn next(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -108,6 +122,8 @@ fn trials(n: u64, tag: &str) {
     run_to_end(&setup, &reference, false);
     let full = started.elapsed();
     let want = adapter(&reference);
+    let want_metrics = metrics_without_timings(&reference);
+    assert_eq!(want_metrics.len(), 13, "header and 12 steps");
     let mut state = 0x5eed_u64;
     let mut resumed = 0;
     for trial in 0..n {
@@ -137,6 +153,11 @@ fn trials(n: u64, tag: &str) {
         assert!(
             adapter(&out) == want,
             "trial {trial}: adapter differs from the uninterrupted run"
+        );
+        assert_eq!(
+            metrics_without_timings(&out),
+            want_metrics,
+            "trial {trial}: metrics.csv differs from the uninterrupted run's"
         );
     }
     eprintln!("{n} trials ({resumed} resumed from a checkpoint), all bit-identical");

@@ -213,6 +213,77 @@ impl CsvMetricsWriter<BufWriter<File>> {
             header_written: !empty,
         })
     }
+
+    /// Continues the log of a run resumed from its checkpoint at `step`: the rows after
+    /// `step` (logged before the kill, after the last checkpoint — the resumed run logs those
+    /// steps again) and a partial last line are cut off, crash-safely (`formats::atomic`),
+    /// and later rows are appended. A missing or empty file starts with the header; a file
+    /// whose first line is not [`CSV_HEADER`], or a row whose step is not a number, is an
+    /// error naming the file and line.
+    ///
+    /// ```
+    /// use qat_train::metrics::{CsvMetricsWriter, MetricsCallback, StepMetrics, CSV_HEADER};
+    /// let dir = std::env::temp_dir().join(format!("qat-csv-resume-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let path = dir.join("metrics.csv");
+    /// let rows = ["1,0,2,,,,,,0.1,4,1,4", "2,0,2,,,,,,0.1,4,1,4", "3,0,2,,,,,,0.1,4,1,4"];
+    /// std::fs::write(&path, format!("{CSV_HEADER}\n{}\n3,0,", rows.join("\n"))).unwrap();
+    /// let mut csv = CsvMetricsWriter::resume(&path, 2).unwrap();
+    /// let m = StepMetrics { step: 3, total_loss: 1.0, lr: 0.1, tokens: 4, seconds: 1.0, ..Default::default() };
+    /// csv.on_step(&m).unwrap();
+    /// csv.on_end().unwrap();
+    /// let text = std::fs::read_to_string(&path).unwrap();
+    /// let steps: Vec<&str> = text.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    /// assert_eq!(steps, ["1", "2", "3"]);
+    /// std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn resume(path: &Path, step: u64) -> Result<Self> {
+        let text = match std::fs::read(path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(TrainError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let bad = |line: usize, reason: String| TrainError::Data {
+            source_name: path.display().to_string(),
+            line,
+            reason,
+        };
+        // Only lines ended by a newline were written whole (each row is one write).
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        let mut kept = String::with_capacity(complete);
+        for (i, line) in text[..complete].lines().enumerate() {
+            if i == 0 {
+                if line != CSV_HEADER {
+                    return Err(bad(
+                        1,
+                        format!("header is {line:?}, expected {CSV_HEADER:?}"),
+                    ));
+                }
+            } else {
+                let cell = line.split(',').next().unwrap_or_default();
+                let row_step: u64 = cell
+                    .parse()
+                    .map_err(|_| bad(i + 1, format!("step {cell:?} is not a number")))?;
+                if row_step > step {
+                    break;
+                }
+            }
+            kept.push_str(line);
+            kept.push('\n');
+        }
+        if kept.len() != text.len() {
+            quant_core::io::write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Self::append(path)
+    }
 }
 
 impl<W: Write> CsvMetricsWriter<W> {
@@ -274,7 +345,9 @@ impl<W: Write> MetricsCallback for CsvMetricsWriter<W> {
                 source,
             })?;
         self.header_written = true;
-        Ok(())
+        // Each row reaches the file before the step's checkpoint is saved, so a killed run's
+        // log holds every step up to its last checkpoint (`resume` cuts the rest).
+        self.flush()
     }
 
     fn on_end(&mut self) -> Result<()> {
@@ -339,5 +412,61 @@ mod tests {
         log.on_step(&metrics(1)).unwrap();
         assert_eq!(log.steps.len(), 1);
         assert!(CsvMetricsWriter::create(Path::new("/nonexistent/m.csv")).is_err());
+    }
+    #[test]
+    fn resume_cuts_rows_past_the_checkpoint_and_a_partial_line() {
+        let dir = std::env::temp_dir().join(format!("qat-metrics-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.csv");
+        let mut w = CsvMetricsWriter::create(&path).unwrap();
+        for step in 1..=5 {
+            w.on_step(&metrics(step)).unwrap();
+        }
+        drop(w);
+        // A kill during a row's write (never seen in practice: one write per row).
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("6,1,1.");
+        std::fs::write(&path, &text).unwrap();
+        let mut w = CsvMetricsWriter::resume(&path, 3).unwrap();
+        for step in 4..=6 {
+            w.on_step(&metrics(step)).unwrap();
+        }
+        w.on_end().unwrap();
+        drop(w);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<&str> = text.lines().map(|l| l.split(',').next().unwrap()).collect();
+        assert_eq!(steps, ["step", "1", "2", "3", "4", "5", "6"]);
+        // No file yet: the header, then the rows.
+        let fresh = dir.join("fresh.csv");
+        CsvMetricsWriter::resume(&fresh, 9)
+            .unwrap()
+            .on_end()
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&fresh).unwrap(), "");
+        // Not a metrics file: refused by file and line, and left alone.
+        let other = dir.join("other.csv");
+        std::fs::write(&other, "a,b\n1,2\n").unwrap();
+        let err = CsvMetricsWriter::resume(&other, 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("other.csv line 1") && err.contains("header"),
+            "{err}"
+        );
+        std::fs::write(&other, format!("{CSV_HEADER}\nx,2\n")).unwrap();
+        let err = CsvMetricsWriter::resume(&other, 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("other.csv line 2") && err.contains("\"x\""),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&other).unwrap(),
+            format!("{CSV_HEADER}\nx,2\n")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -460,7 +460,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         return Ok(());
     }
     let mut csv = if args.resume {
-        CsvMetricsWriter::append(&metrics_path)?
+        CsvMetricsWriter::resume(&metrics_path, trainer.step_count())?
     } else {
         CsvMetricsWriter::create(&metrics_path)?
     };
