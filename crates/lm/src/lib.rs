@@ -46,6 +46,7 @@ pub mod family;
 pub mod forward;
 pub mod generate;
 pub mod gguf;
+mod gguf_config;
 pub mod gguf_model;
 pub mod layers;
 pub mod lazy_checkpoint;
