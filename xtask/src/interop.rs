@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::{run, workspace_root};
 
 /// The checks in the order the table lists them: (name for `--only`, script).
-const CHECKS: [(&str, &str); 5] = [
+const CHECKS: [(&str, &str); 6] = [
     ("bnb4", "check_bnb4.py"),
     ("peft", "check_peft.py"),
     ("families", "check_families.py"),

@@ -73,6 +73,11 @@ impl MergedSource {
         })
     }
 
+    /// The quantizer state of a LoRA-QAT adapter and its file (`crate::qat_export`).
+    pub(crate) fn qat_state(&self) -> Option<(&QatState, &Path)> {
+        self.qat.as_ref().map(|(s, f)| (s, f.as_path()))
+    }
+
     /// The [`QAT_STATE_FILE`] of a LoRA-QAT adapter, `None` for a plain PEFT adapter.
     pub fn qat_state_file(&self) -> Option<&Path> {
         self.qat.as_ref().map(|(_, file)| file.as_path())
