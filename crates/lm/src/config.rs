@@ -183,6 +183,13 @@ impl LlamaConfig {
             }
         };
         let num_hidden_layers = get_usize(obj, "num_hidden_layers", None)?;
+        // The family keeps per-layer state sized by this number: bound it before allocating.
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(LmError::config(
+                "num_hidden_layers",
+                format!("{num_hidden_layers} is more than {MAX_LAYERS} layers"),
+            ));
+        }
         let architecture = Architecture::from_config(obj, head_dim, num_hidden_layers)?;
         // The global layers' base (Gemma 3: the `full_attention` rope).
         let rope_theta = architecture.ropes[0].theta as f64;
@@ -408,6 +415,10 @@ fn get_token_ids(obj: &Map<String, Value>, key: &str) -> Result<Vec<u32>> {
         Some(v) => Ok(vec![one(v)?]),
     }
 }
+
+/// More decoder layers than any published model has (the largest have ~128): a config asking
+/// for more is refused before per-layer state is allocated.
+const MAX_LAYERS: usize = 1 << 14;
 
 /// `(out, in)` of the layer's projections in the family's order (q, k, v, o, gate, up, down;
 /// Phi-3: qkv, o, gate_up, down).

@@ -372,7 +372,8 @@ impl LlamaModel {
     /// Loads a directory written by [`LlamaModel::save_qat_adapter`] as adapter `name`: the
     /// PEFT files give `A`, `B` and the targets, [`QAT_STATE_FILE`] the `QatConfig`, the mode
     /// and every layer's steps (which replace the ones fitted at construction). Every target
-    /// must be a dense projection of this model; a missing or mis-sized step tensor is an
+    /// must be an unadapted projection of this model (an NF4 or ggml base is dequantized once,
+    /// as in [`LlamaModel::inject_qat_adapters`]); a missing or mis-sized step tensor is an
     /// error naming it, and leaves the model unchanged. Returns the number of layers.
     pub fn load_qat_adapter(&mut self, dir: impl AsRef<Path>, name: &str) -> Result<usize> {
         let dir = dir.as_ref();

@@ -305,3 +305,51 @@ fn a_frozen_ggml_module_forward_and_backward_use_the_decoded_weight() {
         .unwrap_err();
     assert!(err.to_string().contains("proj.bias"), "{err}");
 }
+
+/// LoRA-QAT over NF4 projections (a QLoRA checkpoint's, or quantized here) likewise trains
+/// over their dequantized weight.
+#[test]
+fn lora_qat_over_an_nf4_base_equals_lora_qat_over_its_dequantized_weight() {
+    let (ids, labels) = io_ids();
+    let mut nf4 = LlamaModel::from_pretrained(data_dir().join("base_bnb4")).unwrap();
+    let mut dense = nf4.clone();
+    for (_, lin) in dense.linear_modules_mut() {
+        if let Some(base) = lin.base().filter(|b| b.kind() == "NF4") {
+            let w = base.dense_weight().unwrap().into_owned();
+            *lin = LinearModule::dense(w, None);
+        }
+    }
+    let mut config = LoraConfig::new(2, 4.0, &["v_proj", "up_proj"]);
+    config.init_lora_weights = InitLoraWeights::Random;
+    let mut losses = Vec::new();
+    for model in [&mut nf4, &mut dense] {
+        let n = model
+            .inject_qat_adapters(
+                &config,
+                &QatConfig::piq3(),
+                QatMode::QuantizeMerged,
+                "qat",
+                8,
+            )
+            .unwrap();
+        assert_eq!(n, 4);
+        losses.push(
+            model
+                .loss_and_backward(ids.view(), labels.view(), None)
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        nf4.layers()[0].linear("self_attn.v_proj").unwrap().kind(),
+        "LoRA-QAT"
+    );
+    assert_eq!(
+        nf4.layers()[0].linear("self_attn.q_proj").unwrap().kind(),
+        "NF4"
+    );
+    assert!((losses[0] - losses[1]).abs() <= 1e-6, "{losses:?}");
+    assert_eq!(
+        nf4.quantizer_gradients("qat").unwrap(),
+        dense.quantizer_gradients("qat").unwrap()
+    );
+}
