@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use lora_core::{Nf4Base, Nf4Options};
+use ndarray::{ArrayD, IxDyn};
 use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
 use quant_core::nf4::FourBitTensor;
 use quant_core::safetensors_stream::SafetensorsReader;
@@ -17,6 +19,8 @@ use serde_json::Value;
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::gguf_model::{is_gguf_file, GgufModelFile};
+use crate::linear::LinearModule;
+use crate::source::{bias_of, take_matrix, ModelSource};
 
 /// How a logical weight is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -280,22 +284,7 @@ impl LazyCheckpoint {
     }
 }
 
-/// `(out, in)` of every projection of a config (with the family's module names: Phi-3's
-/// fused `qkv_proj`/`gate_up_proj`), by module path.
-pub fn linear_shapes(c: &LlamaConfig) -> BTreeMap<String, (usize, usize)> {
-    let d = c.hidden_size;
-    let shapes = crate::config::linear_shapes(c);
-    let mut out = BTreeMap::new();
-    for layer in 0..c.num_hidden_layers {
-        for (name, shape) in c.architecture.linear_names().iter().zip(&shapes) {
-            out.insert(format!("model.layers.{layer}.{name}"), (shape[0], shape[1]));
-        }
-    }
-    if !c.tie_word_embeddings {
-        out.insert("lm_head".to_string(), (c.vocab_size, d));
-    }
-    out
-}
+pub use crate::config::projection_shapes as linear_shapes;
 
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
@@ -332,4 +321,57 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.insert(file.to_string());
     }
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// A lazily opened checkpoint: each tensor is read from its shard when taken; a projection
+/// the file stores as bnb 4-bit becomes an NF4 base, any other a dense `f32` one. Nothing is
+/// removed (the files are read-only), so taking a tensor twice reads it twice.
+impl ModelSource for LazyCheckpoint {
+    fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let t = self.tensor(name).ok_or_else(|| LmError::MissingTensor {
+            key: name.to_string(),
+            expected: shape.to_vec(),
+        })?;
+        if t.shape != shape {
+            return Err(LmError::TensorShape {
+                key: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.shape.clone(),
+            });
+        }
+        let values = self.read_f32(name)?;
+        ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| LmError::TensorShape {
+            key: format!("{name} ({e})"),
+            expected: shape.to_vec(),
+            got: shape.to_vec(),
+        })
+    }
+
+    fn take_linear(
+        &mut self,
+        path: &str,
+        (out, inp): (usize, usize),
+        bias: bool,
+    ) -> Result<LinearModule> {
+        let weight_key = format!("{path}.weight");
+        let bnb4 = self
+            .tensor(&weight_key)
+            .is_some_and(|t| t.stored == StoredAs::Bnb4);
+        if !bnb4 {
+            let weight = take_matrix(self, &weight_key, [out, inp])?;
+            let bias = bias_of(self, path, out, bias)?;
+            return Ok(LinearModule::dense(weight, bias));
+        }
+        let tensor = self.read_bnb4(&weight_key)?;
+        if tensor.shape() != [out, inp] {
+            return Err(LmError::TensorShape {
+                key: weight_key,
+                expected: vec![out, inp],
+                got: tensor.shape().to_vec(),
+            });
+        }
+        let bias = bias_of(self, path, out, bias)?;
+        let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
+        Ok(LinearModule::nf4(base))
+    }
 }

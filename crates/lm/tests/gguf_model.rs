@@ -11,8 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{max_abs_diff, read_f32s};
-use lm::gguf::permute_rope_rows;
 use lm::gguf::names::FamilyNames;
+use lm::gguf::permute_rope_rows;
 use lm::gguf_model::GgufModelFile;
 use lm::{Family, LlamaModel, Sampling};
 use ndarray::Array2;
@@ -79,7 +79,10 @@ fn write_gguf(dir: &Path, out: &Path, ty: GgmlType, extra: &[(String, GgufValue)
         (key("context_length"), u32v(parsed.max_position_embeddings)),
         (key("embedding_length"), u32v(parsed.hidden_size)),
         (key("feed_forward_length"), u32v(parsed.intermediate_size)),
-        (key("attention.head_count"), u32v(parsed.num_attention_heads)),
+        (
+            key("attention.head_count"),
+            u32v(parsed.num_attention_heads),
+        ),
         (
             key("attention.head_count_kv"),
             u32v(parsed.num_key_value_heads),
@@ -225,7 +228,11 @@ fn every_family_from_gguf_matches_transformers() {
         let generated = model
             .generate(&prompt, expected.len(), &Sampling::Greedy, None)
             .unwrap();
-        assert_eq!(&generated[..expected.len()], &expected[..], "{family}: greedy");
+        assert_eq!(
+            &generated[..expected.len()],
+            &expected[..],
+            "{family}: greedy"
+        );
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
@@ -241,7 +248,10 @@ fn llama_from_gguf_equals_the_directory() {
     let (ids, _) = common::io_ids();
     let a = from_gguf.logits(ids.view(), None).unwrap();
     let b = from_dir.logits(ids.view(), None).unwrap();
-    assert_eq!(a, b, "F32 GGUF (Q/K permuted and back) computes as the directory");
+    assert_eq!(
+        a, b,
+        "F32 GGUF (Q/K permuted and back) computes as the directory"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
@@ -299,7 +309,10 @@ fn bad_files_are_refused_naming_the_key_or_tensor() {
     let truncated = tmp.join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
     let err = GgufModelFile::open(&truncated).unwrap_err().to_string();
-    assert!(err.contains("truncated") && err.contains(".weight"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains(".weight"),
+        "{err}"
+    );
 
     // Unknown type: patch the type id of the first tensor info (after its name and dims).
     let name = b"blk.0.attn_k.weight";
@@ -313,7 +326,10 @@ fn bad_files_are_refused_naming_the_key_or_tensor() {
     let unknown = tmp.join("unknown.gguf");
     std::fs::write(&unknown, &patched).unwrap();
     let err = GgufModelFile::open(&unknown).unwrap_err().to_string();
-    assert!(err.contains("blk.0.attn_k.weight") && err.contains("99"), "{err}");
+    assert!(
+        err.contains("blk.0.attn_k.weight") && err.contains("99"),
+        "{err}"
+    );
 
     // Metadata that disagrees with the shapes.
     let wrong = tmp.join("wrong.gguf");
@@ -362,7 +378,12 @@ fn bad_files_are_refused_naming_the_key_or_tensor() {
 
     // Llama 3's frequency factors are refused by name.
     let llama3 = tmp.join("llama3.gguf");
-    write_gguf(&arch_dir("llama3").join("base"), &llama3, GgmlType::F32, &[]);
+    write_gguf(
+        &arch_dir("llama3").join("base"),
+        &llama3,
+        GgmlType::F32,
+        &[],
+    );
     let mut file = quant_core::gguf::GgufFile::open(&llama3).unwrap();
     file.tensors.push(quant_core::gguf::TensorInfo {
         name: "rope_freqs.weight".into(),
@@ -418,7 +439,11 @@ fn real_model_gguf_logits_equal_the_transformers_directory() {
     assert_eq!(source.config(), reference.config());
     let mut model = source.load_dequantized().unwrap();
     let mut reference = reference;
-    let ids = Array2::from_shape_vec((1, 12), vec![1u32, 9690, 198, 2683, 359, 253, 5356, 5646, 11, 2, 198, 1]).unwrap();
+    let ids = Array2::from_shape_vec(
+        (1, 12),
+        vec![1u32, 9690, 198, 2683, 359, 253, 5356, 5646, 11, 2, 198, 1],
+    )
+    .unwrap();
     let a = model.logits(ids.view(), None).unwrap();
     let b = reference.logits(ids.view(), None).unwrap();
     let err = a
@@ -428,7 +453,118 @@ fn real_model_gguf_logits_equal_the_transformers_directory() {
         .fold(0.0f32, f32::max);
     eprintln!("SmolLM2 Q4_1: logits vs the transformers directory {err:e}");
     assert!(err <= 1e-4, "{err}");
-    let greedy_a = model.generate(&[1, 9690, 198], 16, &Sampling::Greedy, None).unwrap();
-    let greedy_b = reference.generate(&[1, 9690, 198], 16, &Sampling::Greedy, None).unwrap();
+    let greedy_a = model
+        .generate(&[1, 9690, 198], 16, &Sampling::Greedy, None)
+        .unwrap();
+    let greedy_b = reference
+        .generate(&[1, 9690, 198], 16, &Sampling::Greedy, None)
+        .unwrap();
     assert_eq!(greedy_a, greedy_b);
+}
+
+/// The quantized base of every type computes as the dequantized one (the blocks decode to
+/// the same weights; only the products' summation order differs): logits within 1e-5 of the
+/// largest logit, and LoRA, DoRA and LoRA-QAT train over it (finite adapter gradients equal
+/// to those over the f32 decoding within 1e-4 relative). Resident base bytes: the file's
+/// projection bytes plus the f32 embedding and norms.
+#[test]
+fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
+    use lora_core::{LoraConfig, QatMode};
+    let tmp = temp_dir("quantized");
+    let dir = tmp.join("wide");
+    wide_llama(&dir);
+    let ids = Array2::from_shape_vec((1, 6), vec![3u32, 17, 5, 9, 22, 1]).unwrap();
+    let labels = ids.mapv(i64::from);
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    for ty in quant_core::ggml::ALL_TYPES {
+        let path = tmp.join(format!("{}.gguf", ty.name()));
+        write_gguf(&dir, &path, ty, &[]);
+        let source = GgufModelFile::open(&path).unwrap();
+        let mut quantized = source.load_quantized().unwrap();
+        let mut dense = source.load_dequantized().unwrap();
+        let q_kind = quantized.layers()[0]
+            .linear("self_attn.q_proj")
+            .unwrap()
+            .kind();
+        assert_eq!(q_kind, "ggml", "{ty}");
+        let a = quantized.logits(ids.view(), None).unwrap();
+        let b = dense.logits(ids.view(), None).unwrap();
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = max_abs_diff(&a, &b.into_dyn());
+        assert!(err <= 1e-5 * scale.max(1.0), "{ty}: logits differ by {err}");
+
+        // Resident bytes: projections (and the untied head) as stored in the file.
+        let projection_bytes: u64 = source
+            .gguf()
+            .tensors
+            .iter()
+            .filter(|t| t.shape.len() == 2 && t.name != "token_embd.weight")
+            .map(|t| t.size)
+            .sum();
+        let report = quantized.memory_report();
+        let ggml_bytes: usize = report
+            .base_bytes_by_kind
+            .iter()
+            .filter(|(k, _)| k.starts_with("ggml"))
+            .map(|(_, b)| *b)
+            .sum();
+        assert_eq!(ggml_bytes as u64, projection_bytes, "{ty}: {report}");
+
+        for (kind, dora) in [("LoRA", false), ("DoRA", true)] {
+            let mut lora = LoraConfig::new(4, 8.0, &targets);
+            lora.use_dora = dora;
+            // B non-zero from the start, so every gradient flows.
+            lora.init_lora_weights = lora_core::InitLoraWeights::Random;
+            let mut q = source.load_quantized().unwrap();
+            let mut d = source.load_dequantized().unwrap();
+            q.inject_adapters(&lora, "a", 5).unwrap();
+            d.inject_adapters(&lora, "a", 5).unwrap();
+            let lq = q
+                .loss_and_backward(ids.view(), labels.view(), None)
+                .unwrap();
+            let ld = d
+                .loss_and_backward(ids.view(), labels.view(), None)
+                .unwrap();
+            assert!(
+                (lq - ld).abs() <= 1e-5 * ld.abs().max(1.0),
+                "{ty} {kind}: {lq} vs {ld}"
+            );
+            let gq = q.adapter_gradients("a").unwrap();
+            let gd = d.adapter_gradients("a").unwrap();
+            for ((name, x), (_, y)) in gq.iter().zip(&gd) {
+                let norm = y.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                let diff = x
+                    .iter()
+                    .zip(y)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                assert!(x.iter().all(|v| v.is_finite()), "{ty} {kind} {name}");
+                assert!(diff / norm <= 1e-4, "{ty} {kind} {name}: {}", diff / norm);
+            }
+        }
+        let mut q = source.load_quantized().unwrap();
+        let lora = LoraConfig::new(4, 8.0, &targets);
+        q.inject_qat_adapters(
+            &lora,
+            &quant_core::config::QatConfig::piq3(),
+            QatMode::QuantizeMerged,
+            "qat",
+            5,
+        )
+        .unwrap();
+        let loss = q
+            .loss_and_backward(ids.view(), labels.view(), None)
+            .unwrap();
+        assert!(loss.is_finite(), "{ty}: LoRA-QAT loss {loss}");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

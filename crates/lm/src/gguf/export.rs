@@ -179,6 +179,13 @@ pub fn export_gguf(
         writer.write_tensor(&spec.name, &encode_tensor(spec, &spec.name, values)?)?;
     }
     for (spec, (name, transform)) in specs[extras.len()..].iter().zip(&plan) {
+        // A LoRA-QAT adapter on a ggml grid: the blocks it trained, as they are.
+        if let Some(bytes) =
+            crate::qat_export::trained_gguf_blocks(&source, name, spec.ty, *transform, heads)?
+        {
+            writer.write_tensor(&spec.name, &bytes)?;
+            continue;
+        }
         let values = source.read_f32(name)?;
         let values = transform.to_gguf(values, &spec.shape, heads)?;
         let bytes = encode_tensor(spec, name, &values)?;

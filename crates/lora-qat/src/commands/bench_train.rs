@@ -165,8 +165,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let ids =
-        Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
+    let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
     let mut step = || -> CliResult<f64> {
         let start = Instant::now();

@@ -44,12 +44,16 @@ pub fn run(args: &ConvertArgs) -> CliResult {
     let report = merge_checkpoint(&args.input, None, &args.out, &options)?;
     let tokenizer = lora_qat::text::gguf_tokenizer::write_tokenizer_files(&args.input, &args.out)?;
     println!(
-        "wrote {} tensors ({:.1} MB, {}) in {} file(s), config.json and {} tokenizer files to {}",
+        "wrote {} tensors ({:.1} MB, {}) in {} file(s), config.json and {} to {}",
         report.tensors,
         report.data_bytes as f64 / 1e6,
         args.dtype,
         report.shards.len(),
-        tokenizer.len(),
+        if tokenizer.is_empty() {
+            "no tokenizer files (the GGUF file has no tokenizer.ggml.model)".to_string()
+        } else {
+            format!("{} tokenizer files", tokenizer.len())
+        },
         args.out.display()
     );
     Ok(())

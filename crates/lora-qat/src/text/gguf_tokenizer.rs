@@ -395,7 +395,7 @@ pub fn model_text_from_gguf(path: &Path) -> TextResult<ModelText> {
 /// A tokenizer from a `tokenizer.json` document.
 pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokenizer> {
     let text = doc.to_string();
-    text.parse::<Tokenizer>().map_err(|e| {
+    super::tokenizer::parse_tokenizer(&text).map_err(|e| {
         TextError::Tokenizer(format!(
             "{source_name}: the tokenizer built from the metadata: {e}"
         ))
@@ -405,7 +405,8 @@ pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokeniz
 /// Writes the tokenizer of the GGUF file at `path` as a transformers directory holds it:
 /// `tokenizer.json` (the document [`tokenizer_from_gguf`] builds) and `tokenizer_config.json`
 /// (bos/eos/unk/pad tokens, `add_bos_token`, `chat_template` from `tokenizer.chat_template`),
-/// each written atomically. Returns the files written.
+/// each written atomically. Returns the files written: none when the file has no tokenizer
+/// (no `tokenizer.ggml.model`).
 ///
 /// The pre-tokenizer is llama.cpp's split for `tokenizer.ggml.pre` (the text the model was
 /// trained on was split that way), where transformers' own GGUF conversion uses plain
@@ -413,6 +414,9 @@ pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokeniz
 /// (SmolLM's single digits, for instance).
 pub fn write_tokenizer_files(path: &Path, out_dir: &Path) -> TextResult<Vec<std::path::PathBuf>> {
     let file = GgufFile::open(path)?;
+    if file.metadata("tokenizer.ggml.model").is_none() {
+        return Ok(Vec::new());
+    }
     let name = path.display().to_string();
     let parts = tokenizer_from_gguf(&file, &name)?;
     // Checked to build before anything is written.

@@ -45,6 +45,24 @@ fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// A `tokenizer.json` document parsed by the `tokenizers` crate. Some malformed documents make
+/// that crate panic while deserializing (an `unwrap` in its decoder parsing, 0.22); the panic
+/// is caught here, at the one place text enters it, and becomes an error like any other.
+pub(crate) fn parse_tokenizer(text: &str) -> Result<Tokenizer, String> {
+    match std::panic::catch_unwind(|| text.parse::<Tokenizer>()) {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("malformed tokenizer document ({message})"))
+        }
+    }
+}
+
 fn read_json(path: &Path) -> TextResult<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -122,15 +140,25 @@ impl ModelText {
                     .into(),
             });
         }
-        let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| TextError::File {
+        let tokenizer_text =
+            std::fs::read_to_string(&tokenizer_path).map_err(|source| TextError::Io {
+                path: tokenizer_path.clone(),
+                source,
+            })?;
+        let tokenizer = parse_tokenizer(&tokenizer_text).map_err(|reason| TextError::File {
             path: tokenizer_path.clone(),
-            reason: e.to_string(),
+            reason,
         })?;
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(serde_json::Value::Null);
         let bos = special_token(config.get("bos_token"));
         let eos = special_token(config.get("eos_token"));
         let jinja_path = dir.join("chat_template.jinja");
+        let template_path = if jinja_path.is_file() {
+            jinja_path.clone()
+        } else {
+            config_path.clone()
+        };
         let template = if jinja_path.is_file() {
             Some(
                 std::fs::read_to_string(&jinja_path).map_err(|source| TextError::Io {
@@ -179,6 +207,14 @@ impl ModelText {
             &extra_eos,
             dir.to_path_buf(),
         )
+        .map_err(|e| match e {
+            // A template that does not compile is named by the file it came from.
+            TextError::Template(reason) => TextError::File {
+                path: template_path,
+                reason: format!("chat template: {reason}"),
+            },
+            other => other,
+        })
     }
 
     /// The `tokenizers` tokenizer.
