@@ -352,9 +352,12 @@ fn edited_base(family: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) -
     dir
 }
 
+/// An edit of a config.json.
+type ConfigEdit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn options_llama_cpp_cannot_express_are_refused_by_name() {
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<(&str, &str, ConfigEdit)> = vec![
         // The golden Mistral's window of 4 (llama.cpp's `llama` has no sliding window).
         ("mistral", "sliding_window", Box::new(|_| {})),
         // llama.cpp's `phi3` reads the window but attends to every key.
