@@ -1,8 +1,9 @@
 """Check 4: GGUF files we export, run by llama.cpp (llama-cpp-python built from source).
 
-* for every family (llama, llama with the Llama 3.1 rope, mistral, qwen2, qwen3, gemma2,
-  gemma3, phi3, phi3 with LongRoPE) a tiny random model exported as f32: llama.cpp's logits
-  equal our `lora-qat logits` over 24 tokens (longer than the tiny sliding windows of 4);
+* for every family (llama, llama with the Llama 3.1 and the linear rope, mistral, qwen2,
+  qwen2 with YaRN, qwen3, gemma2, gemma3, phi3, phi3 with LongRoPE) a tiny random model
+  exported as f32: llama.cpp's logits equal our `lora-qat logits` over 24 tokens (longer than
+  the tiny sliding windows of 4); windows llama.cpp does not compute are REFUSED by us;
 * the same with a PEFT LoRA merged (`export-gguf --adapter`) and as a separate llama.cpp LoRA
   adapter (`export-gguf --adapter --lora`, applied by llama.cpp over the f32 base);
   an architecture llama.cpp does not load is reported as its error (status FAIL, note says);
@@ -79,7 +80,12 @@ def family_cases():
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
         ("mistral", "mistral", {}),  # window 4: refused (llama.cpp's llama has no window)
         ("mistral window >= context", "mistral", {"sliding_window": 64}),
+        ("llama linear rope", "llama", {"rope_parameters": {
+            "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
         ("qwen2", "qwen2", {}),
+        ("qwen2 yarn rope", "qwen2", {"rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 16}}),
         ("qwen3", "qwen3", {}),
         ("gemma2", "gemma2", {"tie_word_embeddings": True}),  # llama.cpp has no gemma2 `output`
         ("gemma3", "gemma3", {}),
