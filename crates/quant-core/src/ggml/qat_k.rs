@@ -188,12 +188,13 @@ impl GgmlKQuantizer {
         for j in 0..n_sub {
             let scale = d * s.sc[j] as f32;
             let min = dmin * s.m[j] as f32;
-            for k in j * len..(j + 1) * len {
+            let sub = x.iter().enumerate().skip(j * len).take(len);
+            for (k, &xk) in sub {
                 if self.ty == GgmlType::Q4_K {
                     let (q, clamped) = if scale == 0.0 {
                         (0, false)
                     } else {
-                        let t = nearest_int((x[k] + min) / scale);
+                        let t = nearest_int((xk + min) / scale);
                         (t.clamp(0, 15), !(0..=15).contains(&t))
                     };
                     visit(k, q, clamped, scale, min, scale * q as f32 - min);
@@ -203,7 +204,7 @@ impl GgmlKQuantizer {
                     let (q, clamped) = if scale == 0.0 {
                         (0, false)
                     } else {
-                        let t = nearest_int(x[k] / scale);
+                        let t = nearest_int(xk / scale);
                         (t.clamp(-32, 31), !(-32..=31).contains(&t))
                     };
                     // ggml multiplies `d·sc` first, then the code.
