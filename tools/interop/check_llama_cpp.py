@@ -1,8 +1,11 @@
 """Check 4: GGUF files we export, run by llama.cpp (llama-cpp-python built from source).
 
-* a tiny random Llama exported as f32: llama.cpp's logits equal our `lora-qat logits`;
+* for every family (llama, llama with the Llama 3.1 rope, mistral, qwen2, qwen3, gemma2,
+  gemma3, phi3, phi3 with LongRoPE) a tiny random model exported as f32: llama.cpp's logits
+  equal our `lora-qat logits` over 24 tokens (longer than the tiny sliding windows of 4);
 * the same with a PEFT LoRA merged (`export-gguf --adapter`) and as a separate llama.cpp LoRA
   adapter (`export-gguf --adapter --lora`, applied by llama.cpp over the f32 base);
+  an architecture llama.cpp does not load is reported as its error (status FAIL, note says);
 * SmolLM2-135M (the HF f32 directory of `cargo xtask real-model`, `$LORA_QAT_REAL_MODEL_HF`)
   exported as f32, when that directory exists.
 
@@ -19,6 +22,9 @@ from common import SEED, Refused, byte_level_tokenizer, log, max_abs, our_logits
 from tiny import add_lora, tiny_model
 
 TOL = 1e-3  # absolute, f32 export
+# Gemma: ggml's CPU GELU reads a table of f16 values (GGML_GELU_FP16), ~1e-3 off the exact
+# tanh-GELU at every position (sliding windows or not); the other families use SiLU.
+TOL_GELU = 3e-3
 GGML_TYPE_F32 = 0
 
 
@@ -55,25 +61,60 @@ def export(*args):
         return str(e)
 
 
-def tiny_checks():
-    d = workdir("llama_cpp/tiny")
-    model = tiny_model("llama", SEED, hidden_size=64, intermediate_size=128, vocab_size=96)
-    model.save_pretrained(d / "base")
-    byte_level_tokenizer(96, d / "base")
-    add_lora(model, "llama", SEED + 1).save_pretrained(d / "adapter")
-    ids = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(SEED)).numpy()
-    cases = [
-        ("tiny llama f32 GGUF", "base.gguf", [], None, False),
-        ("tiny llama + LoRA merged GGUF", "merged.gguf", ["--adapter", d / "adapter"], d / "adapter", False),
-        ("tiny llama + GGUF LoRA (--lora)", "lora.gguf", ["--adapter", d / "adapter", "--lora"], d / "adapter", True),
+def longrope_factors(head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    half = head_dim // 2
+    short = (1.0 + 0.5 * torch.rand(half, generator=gen)).tolist()
+    long = (1.0 + 4.0 * torch.rand(half, generator=gen)).tolist()
+    return short, long
+
+
+def family_cases():
+    """(label, tiny.py family, config overrides) of every family llama.cpp is checked on."""
+    short, long = longrope_factors(16, SEED)
+    return [
+        ("llama", "llama", {}),
+        ("llama3 rope", "llama", {"rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+        ("mistral", "mistral", {}),  # window 4: refused (llama.cpp's llama has no window)
+        ("mistral window >= context", "mistral", {"sliding_window": 64}),
+        ("qwen2", "qwen2", {}),
+        ("qwen3", "qwen3", {}),
+        ("gemma2", "gemma2", {"tie_word_embeddings": True}),  # llama.cpp has no gemma2 `output`
+        ("gemma3", "gemma3", {}),
+        ("phi3", "phi3", {}),
+        ("phi3 sliding window", "phi3", {"sliding_window": 4}),  # refused: llama.cpp's phi3 attends to all
+        ("phi3 longrope", "phi3", {"max_position_embeddings": 64, "original_max_position_embeddings": 16,
+                                   "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                       "short_factor": short, "long_factor": long}}),
     ]
-    for check, name, extra, adapter, is_lora in cases:
-        done = export("--model", d / "base", "--out", d / name, "--type", "f32", *extra)
-        if done is not True:
-            row(check, 0, None, TOL, "REFUSED", done[:160])
-            continue
-        gguf, lora = (d / "base.gguf", d / name) if is_lora else (d / name, None)
-        compare(check, gguf, d / "base", ids, d, adapter=adapter, lora=lora)
+
+
+def tiny_checks():
+    for label, family, overrides in family_cases():
+        d = workdir("llama_cpp/" + label.replace(" ", "_"))
+        model = tiny_model(family, SEED, hidden_size=64, intermediate_size=128, vocab_size=96, **overrides)
+        model.save_pretrained(d / "base")
+        byte_level_tokenizer(96, d / "base")
+        add_lora(model, family, SEED + 1).save_pretrained(d / "adapter")
+        ids = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(SEED)).numpy()
+        cases = [
+            (f"tiny {label} f32 GGUF", "base.gguf", [], None, False),
+            (f"tiny {label} + LoRA merged GGUF", "merged.gguf", ["--adapter", d / "adapter"], d / "adapter", False),
+            (f"tiny {label} + GGUF LoRA (--lora)", "lora.gguf", ["--adapter", d / "adapter", "--lora"], d / "adapter", True),
+        ]
+        for check, name, extra, adapter, is_lora in cases:
+            done = export("--model", d / "base", "--out", d / name, "--type", "f32", *extra)
+            if done is not True:
+                row(check, 0, None, TOL, "REFUSED", done[:160])
+                continue
+            gguf, lora = (d / "base.gguf", d / name) if is_lora else (d / name, None)
+            tol = TOL_GELU if family.startswith("gemma") else TOL
+            try:
+                compare(check, gguf, d / "base", ids, d, adapter=adapter, lora=lora, tol=tol)
+            except Exception as e:  # llama.cpp refusing the file: report its words
+                row(check, 0, None, tol, "FAIL", f"llama.cpp: {type(e).__name__}: {e}"[:200])
 
 
 def smollm2_check():

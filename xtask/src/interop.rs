@@ -14,12 +14,13 @@ use serde_json::Value;
 use crate::{run, workspace_root};
 
 /// The checks in the order the table lists them: (name for `--only`, script).
-const CHECKS: [(&str, &str); 5] = [
+const CHECKS: [(&str, &str); 6] = [
     ("bnb4", "check_bnb4.py"),
     ("peft", "check_peft.py"),
     ("families", "check_families.py"),
     ("llama-cpp", "check_llama_cpp.py"),
     ("ggml", "check_ggml_quant.py"),
+    ("gguf-in", "check_gguf_in.py"),
 ];
 
 /// The venv: `$INTEROP_VENV` when set, else `target/interop-venv`, created when absent.

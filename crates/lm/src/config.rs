@@ -2,6 +2,7 @@
 //! the sizes, and the family description ([`Architecture`]) that says what the one decoder
 //! computes for this `model_type`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -419,4 +420,21 @@ pub(crate) fn linear_shapes(c: &LlamaConfig) -> Vec<[usize; 2]> {
     } else {
         vec![[q, d], [kv, d], [kv, d], [d, q], [i, d], [i, d], [d, i]]
     }
+}
+
+/// `(out, in)` of every projection of a config (with the family's module names: Phi-3's
+/// fused `qkv_proj`/`gate_up_proj`), by module path.
+pub fn projection_shapes(c: &LlamaConfig) -> BTreeMap<String, (usize, usize)> {
+    let d = c.hidden_size;
+    let shapes = linear_shapes(c);
+    let mut out = BTreeMap::new();
+    for layer in 0..c.num_hidden_layers {
+        for (name, shape) in c.architecture.linear_names().iter().zip(&shapes) {
+            out.insert(format!("model.layers.{layer}.{name}"), (shape[0], shape[1]));
+        }
+    }
+    if !c.tie_word_embeddings {
+        out.insert("lm_head".to_string(), (c.vocab_size, d));
+    }
+    out
 }

@@ -27,6 +27,14 @@ pub enum LmError {
         path: std::path::PathBuf,
         source: Box<LmError>,
     },
+    /// A metadata key or tensor of a GGUF model file that is missing, of the wrong kind, or
+    /// disagrees with the rest of the file (`key` is the GGUF key or tensor name).
+    #[error("{}: `{key}`: {reason}", path.display())]
+    Gguf {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
     /// A config key that is missing, has the wrong type or an invalid value.
     #[error("config key `{key}`: {reason}")]
     Config { key: String, reason: String },

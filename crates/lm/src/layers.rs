@@ -1,7 +1,8 @@
 //! The elementwise pieces of the decoder layer, each with an explicit forward and backward:
-//! RMSNorm (with the weight as stored or, for Gemma, as `1 + w`) and the gated MLP
-//! activations (SwiGLU, GeGLU with tanh GELU). Rotary embeddings are in [`crate::rope`],
-//! attention in [`crate::attention`] (re-exported here under their old paths).
+//! RMSNorm (with the weight as stored or, for Gemma, as `1 + w`) and the gated MLP (SwiGLU,
+//! GeGLU with tanh GELU: one gated product, monomorphised per activation). Rotary embeddings
+//! are in [`crate::rope`], attention in [`crate::attention`] (re-exported here under their
+//! old paths).
 //!
 //! Activations are row-major `(tokens, features)` matrices with `tokens = batch·seq` (row
 //! `b·seq + t`); heads are contiguous column blocks of `head_dim`, so a head of a batch row is
@@ -222,7 +223,19 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
 }
 
-/// `out = act(gate)⊙up` for `gate_up: (rows, 2·intermediate)` holding `gate | up`.
+/// `silu(x) = x·σ(x)`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The derivative of [`silu`]: `σ(x)·(1 + x·(1 − σ(x)))`.
+fn silu_grad(x: f32) -> f32 {
+    let sig = 1.0 / (1.0 + (-x).exp());
+    sig * (1.0 + x * (1.0 - sig))
+}
+
+/// `out = act(gate)⊙up` for `gate_up: (rows, 2·intermediate)` holding `gate | up`; `act` is
+/// SiLU (SwiGLU: Llama, Qwen, Mistral, Phi-3) or tanh GELU (GeGLU: Gemma).
 ///
 /// ```
 /// use lm::family::Activation;
@@ -231,91 +244,50 @@ fn gelu_tanh_grad(x: f32) -> f32 {
 /// let mut out = Array2::zeros((1, 1));
 /// lm::layers::gated_forward(Activation::GeluTanh, gate_up.view(), out.view_mut()).unwrap();
 /// assert!((out[[0, 0]] - 2.0 * 0.841192).abs() < 1e-5);
+/// // SwiGLU: gate [0, 2], up [5, 3].
+/// let gate_up = array![[0.0f32, 2.0, 5.0, 3.0]];
+/// let mut out = Array2::zeros((1, 2));
+/// lm::layers::gated_forward(Activation::Silu, gate_up.view(), out.view_mut()).unwrap();
+/// assert_eq!(out[[0, 0]], 0.0);
+/// assert!((out[[0, 1]] - 2.0 / (1.0 + (-2.0f32).exp()) * 3.0).abs() < 1e-6);
 /// ```
 pub fn gated_forward(
     activation: Activation,
     gate_up: ArrayView2<'_, f32>,
-    mut out: ArrayViewMut2<'_, f32>,
+    out: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
     match activation {
-        Activation::Silu => swiglu_forward(gate_up, out),
-        Activation::GeluTanh => {
-            let inter = out.ncols();
-            if gate_up.dim() != (out.nrows(), 2 * inter) {
-                return Err(LmError::shape(
-                    "geglu gate|up vs output",
-                    format!("{}×{}", out.nrows(), 2 * inter),
-                    format!("{}×{}", gate_up.nrows(), gate_up.ncols()),
-                ));
-            }
-            out.axis_iter_mut(Axis(0))
-                .into_par_iter()
-                .zip(gate_up.axis_iter(Axis(0)).into_par_iter())
-                .for_each(|(mut o, gu)| {
-                    let (g, u) = gu.split_at(Axis(0), inter);
-                    for ((ov, &gv), &uv) in o.iter_mut().zip(g.iter()).zip(u.iter()) {
-                        *ov = gelu_tanh(gv) * uv;
-                    }
-                });
-            Ok(())
-        }
+        Activation::Silu => gated_rows_forward(silu, gate_up, out),
+        Activation::GeluTanh => gated_rows_forward(gelu_tanh, gate_up, out),
     }
 }
 
-/// Backward of [`gated_forward`]: writes `∂L/∂gate | ∂L/∂up` into `grad_gate_up`.
+/// Backward of [`gated_forward`]: writes `∂L/∂gate | ∂L/∂up` into `grad_gate_up`:
+/// `d up = d out·act(g)`, `d gate = d out·u·act′(g)`.
 pub fn gated_backward(
     activation: Activation,
     gate_up: ArrayView2<'_, f32>,
     grad_out: ArrayView2<'_, f32>,
-    mut grad_gate_up: ArrayViewMut2<'_, f32>,
+    grad_gate_up: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
     match activation {
-        Activation::Silu => swiglu_backward(gate_up, grad_out, grad_gate_up),
+        Activation::Silu => gated_rows_backward(silu, silu_grad, gate_up, grad_out, grad_gate_up),
         Activation::GeluTanh => {
-            let inter = grad_out.ncols();
-            if gate_up.dim() != (grad_out.nrows(), 2 * inter) || grad_gate_up.dim() != gate_up.dim()
-            {
-                return Err(LmError::shape(
-                    "geglu backward gate|up, grad_out, grad_gate_up",
-                    format!("{}×{}", grad_out.nrows(), 2 * inter),
-                    format!("{:?}, {:?}", gate_up.dim(), grad_gate_up.dim()),
-                ));
-            }
-            grad_gate_up
-                .axis_iter_mut(Axis(0))
-                .into_par_iter()
-                .zip(gate_up.axis_iter(Axis(0)).into_par_iter())
-                .zip(grad_out.axis_iter(Axis(0)).into_par_iter())
-                .for_each(|((dgu, gu), d_o)| {
-                    let (g, u) = gu.split_at(Axis(0), inter);
-                    let (mut dg, mut du) = dgu.split_at(Axis(0), inter);
-                    for i in 0..inter {
-                        du[i] = d_o[i] * gelu_tanh(g[i]);
-                        dg[i] = d_o[i] * u[i] * gelu_tanh_grad(g[i]);
-                    }
-                });
-            Ok(())
+            gated_rows_backward(gelu_tanh, gelu_tanh_grad, gate_up, grad_out, grad_gate_up)
         }
     }
 }
 
-/// `out = silu(gate)⊙up` with `gate_up: (rows, 2·intermediate)` holding `gate | up`.
-///
-/// ```
-/// use lm::layers::swiglu_forward;
-/// use ndarray::{array, Array2};
-/// let gate_up = array![[0.0f32, 2.0, 5.0, 3.0]]; // gate [0, 2], up [5, 3]
-/// let mut out = Array2::zeros((1, 2));
-/// swiglu_forward(gate_up.view(), out.view_mut()).unwrap();
-/// let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
-/// assert_eq!(out[[0, 0]], 0.0);
-/// assert!((out[[0, 1]] - silu2 * 3.0).abs() < 1e-6);
-/// ```
-pub fn swiglu_forward(gate_up: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
+/// The gated product row by row in parallel, monomorphised per activation.
+fn gated_rows_forward(
+    act: impl Fn(f32) -> f32 + Sync,
+    gate_up: ArrayView2<'_, f32>,
+    mut out: ArrayViewMut2<'_, f32>,
+) -> Result<()> {
     let inter = out.ncols();
     if gate_up.dim() != (out.nrows(), 2 * inter) {
         return Err(LmError::shape(
-            "swiglu gate|up vs output",
+            "gated MLP gate|up vs output",
             format!("{}×{}", out.nrows(), 2 * inter),
             format!("{}×{}", gate_up.nrows(), gate_up.ncols()),
         ));
@@ -326,15 +298,15 @@ pub fn swiglu_forward(gate_up: ArrayView2<'_, f32>, mut out: ArrayViewMut2<'_, f
         .for_each(|(mut o, gu)| {
             let (g, u) = gu.split_at(Axis(0), inter);
             for ((ov, &gv), &uv) in o.iter_mut().zip(g.iter()).zip(u.iter()) {
-                *ov = gv / (1.0 + (-gv).exp()) * uv;
+                *ov = act(gv) * uv;
             }
         });
     Ok(())
 }
 
-/// Backward of [`swiglu_forward`]: writes `∂L/∂gate | ∂L/∂up` into `grad_gate_up`.
-/// `d up = d out·silu(g)`, `d gate = d out·u·σ(g)·(1 + g·(1 − σ(g)))`.
-pub fn swiglu_backward(
+fn gated_rows_backward(
+    act: impl Fn(f32) -> f32 + Sync,
+    act_grad: impl Fn(f32) -> f32 + Sync,
     gate_up: ArrayView2<'_, f32>,
     grad_out: ArrayView2<'_, f32>,
     mut grad_gate_up: ArrayViewMut2<'_, f32>,
@@ -342,7 +314,7 @@ pub fn swiglu_backward(
     let inter = grad_out.ncols();
     if gate_up.dim() != (grad_out.nrows(), 2 * inter) || grad_gate_up.dim() != gate_up.dim() {
         return Err(LmError::shape(
-            "swiglu backward gate|up, grad_out, grad_gate_up",
+            "gated MLP backward gate|up, grad_out, grad_gate_up",
             format!("{}×{}", grad_out.nrows(), 2 * inter),
             format!("{:?}, {:?}", gate_up.dim(), grad_gate_up.dim()),
         ));
@@ -356,10 +328,8 @@ pub fn swiglu_backward(
             let (g, u) = gu.split_at(Axis(0), inter);
             let (mut dg, mut du) = dgu.split_at(Axis(0), inter);
             for i in 0..inter {
-                let (gv, uv, dov) = (g[i], u[i], d_o[i]);
-                let sig = 1.0 / (1.0 + (-gv).exp());
-                du[i] = dov * gv * sig;
-                dg[i] = dov * uv * sig * (1.0 + gv * (1.0 - sig));
+                du[i] = d_o[i] * act(g[i]);
+                dg[i] = d_o[i] * u[i] * act_grad(g[i]);
             }
         });
     Ok(())
@@ -530,11 +500,11 @@ mod tests {
         let r = random(&mut rng, 3, 5);
         let forward = |gu: &Array2<f32>| {
             let mut out = Array2::zeros((3, 5));
-            swiglu_forward(gu.view(), out.view_mut()).unwrap();
+            gated_forward(Activation::Silu, gu.view(), out.view_mut()).unwrap();
             out
         };
         let mut grad = Array2::zeros((3, 10));
-        swiglu_backward(gate_up.view(), r.view(), grad.view_mut()).unwrap();
+        gated_backward(Activation::Silu, gate_up.view(), r.view(), grad.view_mut()).unwrap();
         check("swiglu d(gate|up)", &mut gate_up, &grad, |gu| {
             weighted_sum(&forward(gu), &r)
         });

@@ -2,10 +2,14 @@
 //! headers are read; each tensor is fetched (and, for a bitsandbytes 4-bit base, dequantized)
 //! when asked for. This is what the streaming merge and the GGUF export walk through, one
 //! tensor at a time, so their peak memory is about one weight matrix, not the model.
+//! A GGUF model file opens the same way ([`crate::gguf_model`]): its tensors appear under
+//! their Hugging Face names as `f32` (decoded when read) with the family's `config.json`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use lora_core::{Nf4Base, Nf4Options};
+use ndarray::{ArrayD, IxDyn};
 use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
 use quant_core::nf4::FourBitTensor;
 use quant_core::safetensors_stream::SafetensorsReader;
@@ -14,6 +18,9 @@ use serde_json::Value;
 
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
+use crate::gguf_model::{is_gguf_file, GgufModelFile};
+use crate::linear::LinearModule;
+use crate::source::{bias_of, take_matrix, ModelSource};
 
 /// How a logical weight is stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +58,8 @@ pub struct LazyCheckpoint {
     pub config_json: Value,
     shards: Vec<SafetensorsReader>,
     tensors: BTreeMap<String, LogicalTensor>,
+    /// Set when the source is a GGUF file (then `shards` is empty).
+    gguf: Option<Box<GgufModelFile>>,
 }
 
 const BNB_PARTS: [&str; 4] = [
@@ -65,6 +74,9 @@ impl LazyCheckpoint {
     /// `model.safetensors.index.json`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        if is_gguf_file(dir) {
+            return Self::open_gguf(dir);
+        }
         let config_path = dir.join("config.json");
         let text =
             std::fs::read_to_string(&config_path).map_err(|e| LmError::io(&config_path, e))?;
@@ -143,7 +155,40 @@ impl LazyCheckpoint {
             config_json,
             shards,
             tensors,
+            gguf: None,
         })
+    }
+
+    /// A GGUF model file: tensors under their Hugging Face names, each decoded to `f32` (rows
+    /// un-permuted, Gemma norms shifted back) when read.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let source = GgufModelFile::open(path)?;
+        let mut tensors = BTreeMap::new();
+        for name in source.hf_names() {
+            let info = source.tensor_info(name)?;
+            tensors.insert(
+                name.to_string(),
+                LogicalTensor {
+                    name: name.to_string(),
+                    shape: info.shape.clone(),
+                    stored: StoredAs::Float(Dtype::F32),
+                    shard: 0,
+                },
+            );
+        }
+        Ok(LazyCheckpoint {
+            dir: path.to_path_buf(),
+            config: source.config().clone(),
+            config_json: source.config_json().clone(),
+            shards: Vec::new(),
+            tensors,
+            gguf: Some(Box::new(source)),
+        })
+    }
+
+    /// The GGUF file this checkpoint reads, if it is one.
+    pub fn gguf(&self) -> Option<&GgufModelFile> {
+        self.gguf.as_deref()
     }
 
     /// The logical tensors by name (sorted).
@@ -162,6 +207,9 @@ impl LazyCheckpoint {
 
     /// Total stored bytes of the tensor files (for memory reports).
     pub fn stored_bytes(&self) -> u64 {
+        if let Some(g) = &self.gguf {
+            return g.tensor_bytes();
+        }
         self.shards
             .iter()
             .flat_map(|s| s.tensors.values())
@@ -181,6 +229,9 @@ impl LazyCheckpoint {
             key: name.to_string(),
             expected: vec![],
         })?;
+        if let Some(g) = &self.gguf {
+            return Ok(g.read_f32(name)?.1);
+        }
         let reader = &self.shards[t.shard];
         match t.stored {
             StoredAs::Float(_) => Ok(reader.read_f32(name)?),
@@ -198,6 +249,13 @@ impl LazyCheckpoint {
             key: name.to_string(),
             expected: vec![],
         })?;
+        if self.gguf.is_some() {
+            return Err(LmError::Gguf {
+                path: self.dir.clone(),
+                key: name.to_string(),
+                reason: "a GGUF tensor is not a bitsandbytes 4-bit weight".into(),
+            });
+        }
         let reader = &self.shards[t.shard];
         let mut failure: Option<LmError> = None;
         let result = from_bnb_tensors(name, |key| {
@@ -226,22 +284,7 @@ impl LazyCheckpoint {
     }
 }
 
-/// `(out, in)` of every projection of a config (with the family's module names: Phi-3's
-/// fused `qkv_proj`/`gate_up_proj`), by module path.
-pub fn linear_shapes(c: &LlamaConfig) -> BTreeMap<String, (usize, usize)> {
-    let d = c.hidden_size;
-    let shapes = crate::config::linear_shapes(c);
-    let mut out = BTreeMap::new();
-    for layer in 0..c.num_hidden_layers {
-        for (name, shape) in c.architecture.linear_names().iter().zip(&shapes) {
-            out.insert(format!("model.layers.{layer}.{name}"), (shape[0], shape[1]));
-        }
-    }
-    if !c.tie_word_embeddings {
-        out.insert("lm_head".to_string(), (c.vocab_size, d));
-    }
-    out
-}
+pub use crate::config::projection_shapes as linear_shapes;
 
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
@@ -278,4 +321,57 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.insert(file.to_string());
     }
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// A lazily opened checkpoint: each tensor is read from its shard when taken; a projection
+/// the file stores as bnb 4-bit becomes an NF4 base, any other a dense `f32` one. Nothing is
+/// removed (the files are read-only), so taking a tensor twice reads it twice.
+impl ModelSource for LazyCheckpoint {
+    fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let t = self.tensor(name).ok_or_else(|| LmError::MissingTensor {
+            key: name.to_string(),
+            expected: shape.to_vec(),
+        })?;
+        if t.shape != shape {
+            return Err(LmError::TensorShape {
+                key: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.shape.clone(),
+            });
+        }
+        let values = self.read_f32(name)?;
+        ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| LmError::TensorShape {
+            key: format!("{name} ({e})"),
+            expected: shape.to_vec(),
+            got: shape.to_vec(),
+        })
+    }
+
+    fn take_linear(
+        &mut self,
+        path: &str,
+        (out, inp): (usize, usize),
+        bias: bool,
+    ) -> Result<LinearModule> {
+        let weight_key = format!("{path}.weight");
+        let bnb4 = self
+            .tensor(&weight_key)
+            .is_some_and(|t| t.stored == StoredAs::Bnb4);
+        if !bnb4 {
+            let weight = take_matrix(self, &weight_key, [out, inp])?;
+            let bias = bias_of(self, path, out, bias)?;
+            return Ok(LinearModule::dense(weight, bias));
+        }
+        let tensor = self.read_bnb4(&weight_key)?;
+        if tensor.shape() != [out, inp] {
+            return Err(LmError::TensorShape {
+                key: weight_key,
+                expected: vec![out, inp],
+                got: tensor.shape().to_vec(),
+            });
+        }
+        let bias = bias_of(self, path, out, bias)?;
+        let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
+        Ok(LinearModule::nf4(base))
+    }
 }

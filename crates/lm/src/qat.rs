@@ -69,7 +69,12 @@ impl QatState {
     }
 
     /// Replaces `layer`'s quantizer steps with the stored ones of `module`.
-    fn copy_steps(&self, layer: &mut LoraQatLinear, module: &str, file: &Path) -> Result<()> {
+    pub(crate) fn copy_steps(
+        &self,
+        layer: &mut LoraQatLinear,
+        module: &str,
+        file: &Path,
+    ) -> Result<()> {
         let key = quantizer_step_name(module);
         let steps = self
             .steps

@@ -4,18 +4,17 @@
 //! ([`ModelSource::take_f32`]) and for every projection as a ready [`LinearModule`]
 //! ([`ModelSource::take_linear`]), so the source decides the projection's base: a Hugging
 //! Face checkpoint gives dense `f32` weights ([`Checkpoint`]) or, for a bitsandbytes 4-bit
-//! checkpoint, NF4 bases ([`Bnb4Checkpoint`]); a [`LazyCheckpoint`] reads each tensor when
-//! asked (NF4 where the file stores bnb 4-bit); a GGUF reader can keep the file's ggml blocks
-//! (`LinearModule::ggml`).
+//! checkpoint, NF4 bases ([`Bnb4Checkpoint`]); a [`crate::lazy_checkpoint::LazyCheckpoint`]
+//! reads each tensor when asked (NF4 where the file stores bnb 4-bit); a GGUF reader can keep
+//! the file's ggml blocks (`LinearModule::ggml`).
 
 use lora_core::{Nf4Base, Nf4Options};
-use ndarray::{Array1, ArrayD, Ix1, Ix2, IxDyn};
+use ndarray::{Array1, ArrayD, Ix1, Ix2};
 use quant_core::nf4::bnb_layout::{from_bnb_tensors, BnbDtype, BnbTensor};
 use serde_json::Value;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{LmError, Result};
-use crate::lazy_checkpoint::{LazyCheckpoint, StoredAs};
 use crate::linear::LinearModule;
 
 /// The tensors of a model, by Hugging Face name, as [`crate::LlamaModel::from_source`] takes
@@ -108,7 +107,7 @@ impl ModelSource for Checkpoint {
     }
 }
 
-fn bias_of<S: ModelSource + ?Sized>(
+pub(crate) fn bias_of<S: ModelSource + ?Sized>(
     source: &mut S,
     path: &str,
     out: usize,
@@ -187,59 +186,6 @@ impl ModelSource for Bnb4Checkpoint<'_> {
 
     fn discard(&mut self, name: &str) {
         self.0.discard(name)
-    }
-}
-
-/// A lazily opened checkpoint: each tensor is read from its shard when taken; a projection
-/// the file stores as bnb 4-bit becomes an NF4 base, any other a dense `f32` one. Nothing is
-/// removed (the files are read-only), so taking a tensor twice reads it twice.
-impl ModelSource for LazyCheckpoint {
-    fn take_f32(&mut self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
-        let t = self.tensor(name).ok_or_else(|| LmError::MissingTensor {
-            key: name.to_string(),
-            expected: shape.to_vec(),
-        })?;
-        if t.shape != shape {
-            return Err(LmError::TensorShape {
-                key: name.to_string(),
-                expected: shape.to_vec(),
-                got: t.shape.clone(),
-            });
-        }
-        let values = self.read_f32(name)?;
-        ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| LmError::TensorShape {
-            key: format!("{name} ({e})"),
-            expected: shape.to_vec(),
-            got: shape.to_vec(),
-        })
-    }
-
-    fn take_linear(
-        &mut self,
-        path: &str,
-        (out, inp): (usize, usize),
-        bias: bool,
-    ) -> Result<LinearModule> {
-        let weight_key = format!("{path}.weight");
-        let bnb4 = self
-            .tensor(&weight_key)
-            .is_some_and(|t| t.stored == StoredAs::Bnb4);
-        if !bnb4 {
-            let weight = take_matrix(self, &weight_key, [out, inp])?;
-            let bias = bias_of(self, path, out, bias)?;
-            return Ok(LinearModule::dense(weight, bias));
-        }
-        let tensor = self.read_bnb4(&weight_key)?;
-        if tensor.shape() != [out, inp] {
-            return Err(LmError::TensorShape {
-                key: weight_key,
-                expected: vec![out, inp],
-                got: tensor.shape().to_vec(),
-            });
-        }
-        let bias = bias_of(self, path, out, bias)?;
-        let base = Nf4Base::from_four_bit(tensor, bias, Nf4Options::default().tile, path)?;
-        Ok(LinearModule::nf4(base))
     }
 }
 

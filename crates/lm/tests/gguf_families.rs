@@ -146,11 +146,23 @@ fn meta_f32(file: &GgufFile, key: &str) -> f32 {
     }
 }
 
+/// The family's golden base; Mistral's with its window (4, refused: llama.cpp's `llama` has
+/// no sliding window) widened to the context, where it never hides a key.
+fn base_dir(family: &str) -> PathBuf {
+    if family == "mistral" {
+        edited_base("mistral", "wide-window", |c| {
+            c["sliding_window"] = 128.into()
+        })
+    } else {
+        arch_dir(family).join("base")
+    }
+}
+
 #[test]
 fn every_family_exports_with_the_converters_names_and_reads_back_exactly() {
     let tmp = temp_dir("model");
     for family in FAMILIES {
-        let base = arch_dir(family).join("base");
+        let base = base_dir(family);
         let config = LlamaConfig::from_file(base.join("config.json")).unwrap();
         let arch = FamilyNames::of(config.family()).arch;
         let out = tmp.join(format!("{family}.gguf"));
@@ -193,6 +205,11 @@ fn every_family_exports_with_the_converters_names_and_reads_back_exactly() {
                 assert_eq!(meta_f32(&file, &key("rope.freq_base_swa")), 10000.0);
                 assert_eq!(file.metadata_str(&key("rope.scaling.type")), Some("linear"));
                 assert_eq!(meta_f32(&file, &key("rope.scaling.factor")), 8.0);
+                // Layers [sliding, full] are not llama.cpp's default (5 of 6 sliding).
+                match file.metadata(&key("attention.sliding_window_pattern")) {
+                    Some(GgufValue::Array(a)) => assert_eq!(a.len(), 2),
+                    other => panic!("sliding_window_pattern: {other:?}"),
+                }
             }
             "phi3" => {
                 assert_eq!(meta_u64(&file, &key("attention.sliding_window")), 0);
@@ -283,20 +300,16 @@ fn every_familys_lora_exports_under_the_base_tensor_names() {
     for family in FAMILIES {
         let dir = arch_dir(family);
         let out = tmp.join(format!("{family}-lora.gguf"));
-        let report = export_gguf_lora(
-            &dir.join("base"),
-            &dir.join("adapter_lora"),
-            &out,
-            GgmlType::F32,
-        )
-        .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let base = base_dir(family);
+        let report = export_gguf_lora(&base, &dir.join("adapter_lora"), &out, GgmlType::F32)
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
         let file = GgufFile::open(&out).unwrap();
         assert_eq!(file.metadata_str("general.architecture"), Some(report.arch));
         assert_eq!(file.metadata_str("general.type"), Some("adapter"));
         assert_eq!(file.metadata_str("adapter.type"), Some("lora"));
         let model = GgufFile::open(&{
             let m = tmp.join(format!("{family}.gguf"));
-            export_gguf(&dir.join("base"), None, &m, GgmlType::F32).unwrap();
+            export_gguf(&base, None, &m, GgmlType::F32).unwrap();
             m
         })
         .unwrap();
@@ -342,6 +355,14 @@ fn edited_base(family: &str, tag: &str, edit: impl Fn(&mut serde_json::Value)) -
 #[test]
 fn options_llama_cpp_cannot_express_are_refused_by_name() {
     let cases: Vec<(&str, &str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        // The golden Mistral's window of 4 (llama.cpp's `llama` has no sliding window).
+        ("mistral", "sliding_window", Box::new(|_| {})),
+        // llama.cpp's `phi3` reads the window but attends to every key.
+        (
+            "phi3",
+            "sliding_window",
+            Box::new(|c| c["sliding_window"] = 4.into()),
+        ),
         (
             "gemma2",
             "query_pre_attn_scalar",
@@ -354,7 +375,7 @@ fn options_llama_cpp_cannot_express_are_refused_by_name() {
         ),
         (
             "qwen2",
-            "use_sliding_window",
+            "sliding_window",
             Box::new(|c| {
                 c["use_sliding_window"] = true.into();
                 c["sliding_window"] = 4.into();

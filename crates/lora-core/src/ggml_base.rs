@@ -33,12 +33,11 @@ use std::borrow::Cow;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use quant_core::ggml::{self, GgmlType};
-use quant_core::linalg::gemm;
 
 use crate::base::FrozenBase;
 use crate::error::{check_finite, LoraError, Result};
 use crate::linear::LoraLinear;
-use crate::tiled::for_each_column_tile;
+use crate::tiled::{tiled_matmul, tiled_matmul_transposed, TiledWeight};
 
 /// Default tile: 256 rows of `W` per band of `x·Wᵀ`, 256 columns per band of `dy·W` (the
 /// widths the NF4 base measured best; 256 is also one K super-block).
@@ -232,30 +231,31 @@ impl GgmlBase {
         }
         Ok(())
     }
+}
 
-    fn check_dims(
-        &self,
-        what: &str,
-        a: (usize, usize),
-        a_cols: usize,
-        out: (usize, usize),
-        out_cols: usize,
-    ) -> Result<()> {
-        if a.1 != a_cols {
-            return Err(LoraError::shape(
-                format!("{what} input of the ggml base {}", self.context),
-                format!("(tokens, {a_cols})"),
-                format!("{a:?}"),
-            ));
-        }
-        if out != (a.0, out_cols) {
-            return Err(LoraError::shape(
-                format!("{what} output of the ggml base {}", self.context),
-                format!("({}, {out_cols})", a.0),
-                format!("{out:?}"),
-            ));
+impl TiledWeight for GgmlBase {
+    fn dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+    fn describe(&self) -> String {
+        format!("ggml base {}", self.context)
+    }
+    fn decode_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        self.dequantize_rows(rows, out)
+    }
+    /// Whole blocks of every row: `cols` starts and ends on block boundaries (or at the row's
+    /// end, itself a boundary).
+    fn decode_columns(&self, cols: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        let (bv, bb) = (self.ty.block_values(), self.ty.block_bytes());
+        let (b0, b1) = (cols.start / bv * bb, cols.end / bv * bb);
+        for (i, out_row) in out.chunks_exact_mut(cols.len()).enumerate() {
+            let row = &self.blocks[i * self.row_bytes..(i + 1) * self.row_bytes];
+            ggml::dequantize_into(self.ty, &row[b0..b1], out_row)?;
         }
         Ok(())
+    }
+    fn column_step(&self) -> usize {
+        self.ty.block_values()
     }
 }
 
@@ -269,25 +269,7 @@ impl FrozenBase for GgmlBase {
 
     /// `y[:, rows] = x · W[rows, :]ᵀ` one band of rows of `W` at a time.
     fn matmul_into(&self, x: ArrayView2<'_, f32>, y: ArrayViewMut2<'_, f32>) -> Result<()> {
-        self.check_dims(
-            "x·Wᵀ",
-            x.dim(),
-            self.in_features,
-            y.dim(),
-            self.out_features,
-        )?;
-        let (tile, cols) = (self.tile, self.in_features);
-        let run_tile = |buffer: &mut Vec<f32>, (t, y_tile): (usize, ArrayViewMut2<'_, f32>)| {
-            let row_start = t * tile;
-            let rows = y_tile.ncols();
-            buffer.resize(rows * cols, 0.0);
-            self.dequantize_rows(row_start..row_start + rows, buffer)?;
-            let w_tile = ArrayView2::from_shape((rows, cols), &buffer[..])
-                .map_err(|e| LoraError::shape("ggml row tile", rows * cols, e))?;
-            gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
-            Ok(())
-        };
-        for_each_column_tile(y, tile, self.parallel_tiles, run_tile)
+        tiled_matmul(self, x, y, self.tile, self.parallel_tiles)
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one band of whole-block columns of `W`
@@ -298,32 +280,7 @@ impl FrozenBase for GgmlBase {
         beta: f32,
         dx: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        self.check_dims(
-            "dy·W",
-            dy.dim(),
-            self.out_features,
-            dx.dim(),
-            self.in_features,
-        )?;
-        let (bv, bb) = (self.ty.block_values(), self.ty.block_bytes());
-        // Bands of whole blocks: the tile rounded up to a multiple of the block size.
-        let tile = self.tile.div_ceil(bv) * bv;
-        let rows = self.out_features;
-        let run_tile = |buffer: &mut Vec<f32>, (t, dx_tile): (usize, ArrayViewMut2<'_, f32>)| {
-            let col_start = t * tile;
-            let width = dx_tile.ncols();
-            buffer.resize(rows * width, 0.0);
-            let (b0, b1) = (col_start / bv * bb, (col_start + width) / bv * bb);
-            for (i, out_row) in buffer.chunks_exact_mut(width).enumerate() {
-                let row = &self.blocks[i * self.row_bytes..(i + 1) * self.row_bytes];
-                ggml::dequantize_into(self.ty, &row[b0..b1], out_row)?;
-            }
-            let w_tile = ArrayView2::from_shape((rows, width), &buffer[..])
-                .map_err(|e| LoraError::shape("ggml column tile", rows * width, e))?;
-            gemm(1.0, dy, w_tile, beta, dx_tile)?;
-            Ok(())
-        };
-        for_each_column_tile(dx, tile, self.parallel_tiles, run_tile)
+        tiled_matmul_transposed(self, dy, beta, dx, self.tile, self.parallel_tiles)
     }
 
     /// Decodes the whole weight (not used by forward or backward).

@@ -6,6 +6,9 @@
 //!   granularity, optional Hadamard rotation). Backward: `dx = dy·W_q`, `dŴ = dyᵀ·x`, the
 //!   quantizer's backward turns `dŴ` into `dV = ∂L/∂(W + s·B·A)` (through its STE) and
 //!   `∂L/∂θ` for its steps/scales, then `dA = s·Bᵀ·dV`, `dB = s·dV·Aᵀ`.
+//!   The grid may be one of ggml's (`q4_0` … `q6_k`, [`QatConfig::ggml`]): the layer then
+//!   trains on the blocks llama.cpp will run, and [`LoraQatLinear::export_ggml_blocks`]
+//!   writes them (the exports are in `qat/export.rs`).
 //! * [`QatMode::FrozenQuantizedBase`]: QLoRA-style, `y = x·Q(W)ᵀ + s·x·Aᵀ·Bᵀ` with `Q(W)`
 //!   computed once; the quantizer parameters do not train.
 //!
@@ -24,17 +27,18 @@
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use quant_core::config::{QatConfig, QuantizerKind};
-use quant_core::io::OwnedTensor;
+use quant_core::ggml::qat::GgmlQatQuantizer;
 use quant_core::linalg::gemm;
 use quant_core::nf4_grid::Nf4GridQuantizer;
-use quant_core::packed_layout;
 use quant_core::pi::PiQuantizer;
 use quant_core::quantizer::{DifferentiableQuantizer, InitMethod};
-use quant_core::uniform::{GridKind, TensorQuantSpec, UniformQuantizer};
+use quant_core::uniform::UniformQuantizer;
 
 use crate::adapter::{AdapterOptions, LoraAdapter};
 use crate::base::{DenseBase, FrozenBase};
 use crate::error::{check_finite, LoraError, Result};
+
+mod export;
 
 /// Where the quantizer sits in a [`LoraQatLinear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +56,9 @@ enum Grid {
     Uniform(UniformQuantizer),
     Pi(PiQuantizer),
     Nf4(Nf4GridQuantizer),
+    /// ggml's block grids (`q4_0` … `q6_k`), on llama.cpp's fallback type when the rows do
+    /// not divide.
+    Ggml(GgmlQatQuantizer),
     /// Wrapped in a Hadamard rotation (export is not offered: the rotation is not stored).
     Rotated(Box<dyn DifferentiableQuantizer>),
 }
@@ -59,6 +66,9 @@ enum Grid {
 impl Grid {
     fn build(config: &QatConfig, out_features: usize, in_features: usize) -> Result<Self> {
         config.validate()?;
+        if let Some(grid) = config.ggml_grid_for_rows(in_features)? {
+            return Ok(Grid::Ggml(grid));
+        }
         if config.incoherence.is_some() {
             return Ok(Grid::Rotated(
                 config.build_for_weight(out_features, in_features)?,
@@ -79,6 +89,13 @@ impl Grid {
                 config.pi_k.unwrap_or_default(),
             )?),
             QuantizerKind::Nf4 => Grid::Nf4(Nf4GridQuantizer::new(config.granularity, config.ste)?),
+            other => {
+                return Err(LoraError::option(
+                    "quantizer",
+                    format!("{other:?}"),
+                    "a ggml grid is built by QatConfig::ggml_grid_for_rows",
+                ))
+            }
         })
     }
 
@@ -87,6 +104,7 @@ impl Grid {
             Grid::Uniform(q) => q,
             Grid::Pi(q) => q,
             Grid::Nf4(q) => q,
+            Grid::Ggml(q) => q,
             Grid::Rotated(q) => q.as_ref(),
         }
     }
@@ -96,6 +114,7 @@ impl Grid {
             Grid::Uniform(q) => q,
             Grid::Pi(q) => q,
             Grid::Nf4(q) => q,
+            Grid::Ggml(q) => q,
             Grid::Rotated(q) => q.as_mut(),
         }
     }
@@ -568,87 +587,6 @@ impl LoraQatLinear {
             }
         }
         Ok(dx)
-    }
-
-    /// The merged weight `W + s·B·A` quantized with the current θ, in a stored layout:
-    ///
-    /// * uniform and Pi grids: quant-core's packed layout ([`packed_layout::to_tensors`]):
-    ///   `name.qweight` (codes, bit-packed), `name.qscale` (one step per group; for Pi the
-    ///   step `α·π/k`), `name.qzero` (asymmetric only), `name.qstate` (JSON);
-    /// * the NF4 grid: `name.qweight` (u8, two 4-bit codes per byte, the first in the high
-    ///   nibble, as bitsandbytes packs), `name.qscale` (f32, one absmax scale per group in
-    ///   row-major group order) and `name.qstate` (JSON: format `lora-qat.nf4_grid`,
-    ///   version 1, granularity, shape). Value `i` of group `g` is `NF4[code_i]·scale_g`.
-    ///
-    /// In the frozen mode the exported weight is `Q(W)` (the adapter stays separate).
-    /// A config with Hadamard incoherence cannot be exported (the rotation is not part of
-    /// these layouts): an error says so.
-    pub fn export(&mut self, name: &str) -> Result<Vec<(String, OwnedTensor)>> {
-        let target = match self.mode {
-            QatMode::QuantizeMerged => merged_weight(self.base.weight(), &self.adapter)?,
-            QatMode::FrozenQuantizedBase => self.base.weight().clone(),
-        };
-        let spec = |kind| TensorQuantSpec {
-            kind,
-            bits: self.config.bits,
-            granularity: self.config.granularity,
-            symmetric: self.config.symmetric,
-            init: self.config.init,
-        };
-        match &mut self.grid {
-            Grid::Uniform(q) => {
-                let stored = q.export(target.view())?;
-                Ok(packed_layout::to_tensors(
-                    name,
-                    &stored,
-                    &spec(GridKind::Uniform),
-                )?)
-            }
-            Grid::Pi(q) => {
-                let k = q.k();
-                let stored = q.export(target.view())?;
-                Ok(packed_layout::to_tensors(
-                    name,
-                    &stored,
-                    &spec(GridKind::Pi { k }),
-                )?)
-            }
-            Grid::Nf4(q) => {
-                let out = q.forward(target.view())?;
-                let codes: Vec<u8> = out.codes.iter().copied().collect();
-                let packed: Vec<u8> = codes
-                    .chunks(2)
-                    .map(|pair| (pair[0] << 4) | pair.get(1).copied().unwrap_or(0))
-                    .collect();
-                let scales = q.params().to_vec();
-                let state = serde_json::json!({
-                    "format": "lora-qat.nf4_grid",
-                    "version": 1,
-                    "granularity": self.config.granularity,
-                    "shape": target.dim(),
-                });
-                let json = state.to_string().into_bytes();
-                Ok(vec![
-                    (
-                        format!("{name}.qweight"),
-                        OwnedTensor::u8(vec![packed.len()], packed)?,
-                    ),
-                    (
-                        format!("{name}.qscale"),
-                        OwnedTensor::f32(vec![scales.len()], &scales)?,
-                    ),
-                    (
-                        format!("{name}.qstate"),
-                        OwnedTensor::u8(vec![json.len()], json)?,
-                    ),
-                ])
-            }
-            Grid::Rotated(_) => Err(LoraError::option(
-                format!("incoherence of {}", self.context),
-                "set",
-                "a Hadamard-rotated quantizer cannot be exported to the packed layouts",
-            )),
-        }
     }
 }
 

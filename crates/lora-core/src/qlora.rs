@@ -1,5 +1,6 @@
-//! QLoRA: a frozen base stored as bitsandbytes-compatible NF4 ([`Nf4Base`]), the layer over it
-//! ([`QLoraLinear`]), merging back to `f32` or NF4, and LoftQ initialisation ([`loftq_init`]).
+//! QLoRA: a frozen base stored as bitsandbytes-compatible NF4 ([`Nf4Base`]) and LoftQ
+//! initialisation ([`loftq_init`]); the layer over it ([`crate::QLoraLinear`]), merging back
+//! to `f32` or NF4, is in [`crate::qlora_layer`].
 //!
 //! The base never exists as a whole `f32` matrix on the hot path. `y = x·Wᵀ` dequantizes a
 //! tile of rows of `W` (a tile of output columns of `y`) into a reusable buffer and hands it to
@@ -17,16 +18,11 @@ use quant_core::nf4::bnb_layout::{from_safetensors, to_bnb_tensors, BnbTensor};
 use quant_core::nf4::{check_blocksize, FourBitTensor, FourBitType};
 use safetensors::SafeTensors;
 
-use crate::adapter::{AdapterOptions, LoraAdapter};
+use crate::adapter::AdapterOptions;
 use crate::base::FrozenBase;
 use crate::error::{check_finite, LoraError, Result};
-use crate::linear::LoraLinear;
 use crate::svd::truncated_svd;
-use crate::tiled::for_each_column_tile;
-
-mod loftq;
-
-pub use loftq::{loftq_init, LoftqConfig, LoftqResult};
+use crate::tiled::{tiled_matmul, tiled_matmul_transposed, TiledWeight};
 
 /// How a weight is quantized to NF4 and how the tiled products are cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,32 +233,35 @@ impl Nf4Base {
         Ok(())
     }
 
-    /// The same base with `weight` re-quantized with this base's options (same bias).
-    fn requantized(&self, weight: ArrayView2<'_, f32>) -> Result<Self> {
-        Nf4Base::quantize(weight, self.bias.clone(), &self.options, &self.context)
+    /// The 4-bit tensor, without the bias.
+    pub(crate) fn into_four_bit(self) -> FourBitTensor {
+        self.weight
     }
 
-    fn check_dims(
-        &self,
-        what: &str,
-        a: (usize, usize),
-        a_cols: usize,
-        out: (usize, usize),
-        out_cols: usize,
-    ) -> Result<()> {
-        if a.1 != a_cols {
-            return Err(LoraError::shape(
-                format!("{what} input of the NF4 base {}", self.context),
-                format!("(tokens, {a_cols})"),
-                format!("{a:?}"),
-            ));
-        }
-        if out != (a.0, out_cols) {
-            return Err(LoraError::shape(
-                format!("{what} output of the NF4 base {}", self.context),
-                format!("({}, {out_cols})", a.0),
-                format!("{out:?}"),
-            ));
+    /// The same base with `weight` re-quantized with this base's options (same bias).
+    pub(crate) fn requantized(&self, weight: ArrayView2<'_, f32>) -> Result<Self> {
+        Nf4Base::quantize(weight, self.bias.clone(), &self.options, &self.context)
+    }
+}
+
+impl TiledWeight for Nf4Base {
+    fn dims(&self) -> (usize, usize) {
+        (self.out_features, self.in_features)
+    }
+    fn describe(&self) -> String {
+        format!("NF4 base {}", self.context)
+    }
+    fn decode_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        Ok(self.weight.dequantize_rows(rows.start, rows.end, out)?)
+    }
+    /// Row `i` of the band is `W[i, cols]`: whole blocks when the band and the row length are
+    /// multiples of the blocksize, partial blocks (still exact) otherwise.
+    fn decode_columns(&self, cols: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        let width = cols.len();
+        for (i, out_row) in out.chunks_exact_mut(width).enumerate() {
+            let start = i * self.in_features + cols.start;
+            self.weight
+                .dequantize_range(start, start + width, out_row)?;
         }
         Ok(())
     }
@@ -278,26 +277,12 @@ impl FrozenBase for Nf4Base {
 
     /// `y[:, rows] = x · W[rows, :]ᵀ` one tile of rows of `W` at a time.
     fn matmul_into(&self, x: ArrayView2<'_, f32>, y: ArrayViewMut2<'_, f32>) -> Result<()> {
-        self.check_dims(
-            "x·Wᵀ",
-            x.dim(),
-            self.in_features,
-            y.dim(),
-            self.out_features,
-        )?;
-        let (tile, cols) = (self.options.tile, self.in_features);
-        let run_tile = |buffer: &mut Vec<f32>, (t, y_tile): (usize, ArrayViewMut2<'_, f32>)| {
-            let row_start = t * tile;
-            let rows = y_tile.ncols();
-            buffer.resize(rows * cols, 0.0);
-            self.weight
-                .dequantize_rows(row_start, row_start + rows, buffer)?;
-            let w_tile = ArrayView2::from_shape((rows, cols), &buffer[..])
-                .map_err(|e| LoraError::shape("NF4 row tile", rows * cols, e))?;
-            gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
-            Ok(())
-        };
-        for_each_column_tile(y, tile, self.options.parallel_tiles, run_tile)
+        let Nf4Options {
+            tile,
+            parallel_tiles,
+            ..
+        } = self.options;
+        tiled_matmul(self, x, y, tile, parallel_tiles)
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one tile of columns of `W` at a time:
@@ -308,32 +293,12 @@ impl FrozenBase for Nf4Base {
         beta: f32,
         dx: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        self.check_dims(
-            "dy·W",
-            dy.dim(),
-            self.out_features,
-            dx.dim(),
-            self.in_features,
-        )?;
-        let (tile, rows, cols) = (self.options.tile, self.out_features, self.in_features);
-        let run_tile = |buffer: &mut Vec<f32>, (t, dx_tile): (usize, ArrayViewMut2<'_, f32>)| {
-            let col_start = t * tile;
-            let width = dx_tile.ncols();
-            buffer.resize(rows * width, 0.0);
-            // Row i of the tile is W[i, col_start..col_start + width]: whole blocks when the
-            // tile and the row length are multiples of the blocksize, partial blocks (still
-            // exact) otherwise.
-            for (i, out_row) in buffer.chunks_exact_mut(width).enumerate() {
-                let start = i * cols + col_start;
-                self.weight
-                    .dequantize_range(start, start + width, out_row)?;
-            }
-            let w_tile = ArrayView2::from_shape((rows, width), &buffer[..])
-                .map_err(|e| LoraError::shape("NF4 column tile", rows * width, e))?;
-            gemm(1.0, dy, w_tile, beta, dx_tile)?;
-            Ok(())
-        };
-        for_each_column_tile(dx, tile, self.options.parallel_tiles, run_tile)
+        let Nf4Options {
+            tile,
+            parallel_tiles,
+            ..
+        } = self.options;
+        tiled_matmul_transposed(self, dy, beta, dx, tile, parallel_tiles)
     }
 
     /// Dequantizes the whole weight (not used by forward or backward).
@@ -367,57 +332,104 @@ impl FrozenBase for Nf4Base {
     }
 }
 
-/// A LoRA layer over an NF4 base: QLoRA.
+/// LoftQ's options (PEFT's `loftq_config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoftqConfig {
+    /// Bits of the base quantization; only 4 (NF4) is supported, as with bitsandbytes.
+    pub loftq_bits: u32,
+    /// Alternations of quantization and SVD (≥ 1).
+    pub loftq_iter: usize,
+    /// How the base is quantized in every iteration and stored (PEFT quantizes with
+    /// blocksize 64 and no double quantization).
+    pub quantization: Nf4Options,
+}
+
+/// What [`loftq_init`] produces.
+#[derive(Clone, Debug)]
+pub struct LoftqResult {
+    /// The NF4 base `Q`.
+    pub base: Nf4Base,
+    /// `A: (r, in)` and `B: (out, r)` with `s·B·A ≈ W − deq(Q)`.
+    pub a: Array2<f32>,
+    /// See [`LoftqResult::a`].
+    pub b: Array2<f32>,
+    /// `‖W − (deq(Q) + s·B·A)‖_F` after each iteration (non-increasing in practice).
+    pub errors: Vec<f64>,
+}
+
+/// LoftQ (Li et al., 2023), as PEFT's `loftq_init`: starting from `R = W`, repeat
+/// `loftq_iter` times: `Q = nf4(R)`; `L·Rᵀ = rank-r SVD of W − deq(Q)` (`L = U√S`,
+/// `Rᵀ = √S·Vᵀ`); `R = W − L·Rᵀ`. The base is the last `Q`; the adapter holds the last
+/// low-rank factors.
+///
+/// PEFT assigns `lora_B = L`, `lora_A = Rᵀ` directly, which reproduces `W` only when the
+/// adapter scale `s = α/r` is 1. Here the scale is folded in — `A = Rᵀ/√s`, `B = L/√s` — so
+/// that `deq(Q) + s·B·A` is the LoftQ approximation for any `α`. Every quantization uses
+/// `config.quantization`, so the SVD fits the stored base exactly.
 ///
 /// ```
-/// use lora_core::qlora::{Nf4Options, QLoraLinear};
-/// use lora_core::{config::InitLoraWeights, AdapterOptions};
+/// use lora_core::qlora::{loftq_init, LoftqConfig, Nf4Options};
+/// use lora_core::AdapterOptions;
 /// use ndarray::Array2;
 ///
-/// let w = Array2::from_shape_fn((16, 64), |(i, j)| ((i * 64 + j) as f32 * 0.11).cos());
-/// let mut layer = QLoraLinear::qlora(w.view(), None, &Nf4Options::default(), "q_proj").unwrap();
-/// let mut options = AdapterOptions::new(4, 8.0);
-/// options.init = InitLoraWeights::Random;
-/// layer.add_adapter("default", &options, 1).unwrap();
-/// let x = Array2::from_shape_fn((5, 64), |(t, j)| ((t * 7 + j) as f32).sin());
-/// let y = layer.forward(x.view()).unwrap();
-/// let dx = layer.backward(Array2::ones((5, 16)).view()).unwrap();
-/// assert_eq!((y.dim(), dx.dim()), ((5, 16), (5, 64)));
-/// // The base is 4-bit: merging makes a new weight instead of editing it.
-/// assert!(layer.merge().is_err());
-/// let merged = layer.merge_to_f32().unwrap();
-/// let y_merged = x.dot(&merged.t());
-/// assert!(y.iter().zip(y_merged.iter()).all(|(a, b)| (a - b).abs() < 1e-3));
+/// let w = Array2::from_shape_fn((32, 64), |(i, j)| ((i * 64 + j) as f32 * 0.7).sin());
+/// let config = LoftqConfig { loftq_bits: 4, loftq_iter: 3, quantization: Nf4Options::default() };
+/// let r = loftq_init(w.view(), &AdapterOptions::new(4, 8.0), &config, "proj").unwrap();
+/// assert_eq!((r.a.dim(), r.b.dim()), ((4, 64), (32, 4)));
+/// assert!(r.errors[2] <= r.errors[0] * (1.0 + 1e-6));
 /// ```
-pub type QLoraLinear = LoraLinear<Nf4Base>;
-
-impl LoraLinear<Nf4Base> {
-    /// A QLoRA layer: quantizes `weight: (out, in)` to NF4 with `options`.
-    pub fn qlora(
-        weight: ArrayView2<'_, f32>,
-        bias: Option<Array1<f32>>,
-        options: &Nf4Options,
-        context: &str,
-    ) -> Result<Self> {
-        Ok(LoraLinear::new(
-            Nf4Base::quantize(weight, bias, options, context)?,
-            context,
-        ))
+pub fn loftq_init(
+    weight: ArrayView2<'_, f32>,
+    adapter: &AdapterOptions,
+    config: &LoftqConfig,
+    context: &str,
+) -> Result<LoftqResult> {
+    let nf4_options = &config.quantization;
+    let (out_features, in_features) = weight.dim();
+    adapter.validate(out_features, in_features, context)?;
+    if config.loftq_bits != 4 {
+        return Err(LoraError::option(
+            format!("loftq_config.loftq_bits for {context}"),
+            config.loftq_bits,
+            "only 4-bit (NF4) LoftQ is supported",
+        ));
     }
-
-    /// `deq(W) + Σ_active s·B·A` (DoRA-normalised where applicable) as a new dense `f32`
-    /// weight; the layer is unchanged.
-    pub fn merge_to_f32(&self) -> Result<Array2<f32>> {
-        self.merged_weight()
+    if config.loftq_iter == 0 {
+        return Err(LoraError::option(
+            format!("loftq_config.loftq_iter for {context}"),
+            0,
+            "at least one iteration is needed",
+        ));
     }
-
-    /// The active adapters folded into the base and re-quantized to NF4 with the base's
-    /// options: a new base (bias kept); the layer is unchanged. As in PEFT's 4-bit merge, the
-    /// result carries a fresh NF4 rounding error on top of `deq(W) + ΔW`.
-    pub fn merge_to_nf4(&self) -> Result<Nf4Base> {
-        let merged = self.merged_weight()?;
-        self.base().requantized(merged.view())
+    check_finite(|| format!("base weight of {context}"), weight.iter())?;
+    let scale = adapter.scale() as f32;
+    let root = scale.sqrt();
+    let mut residual = weight.to_owned();
+    let mut errors = Vec::with_capacity(config.loftq_iter);
+    let mut last = None;
+    for _ in 0..config.loftq_iter {
+        let base = Nf4Base::quantize(residual.view(), None, nf4_options, context)?;
+        let dequantized = base.dense_weight()?.into_owned();
+        let target = &weight - &dequantized;
+        let svd = truncated_svd(target.view(), adapter.r, context)?;
+        let sqrt_s = svd.s.mapv(f32::sqrt);
+        // L = U·√S (out, r), Rᵀ = √S·Vᵀ (r, in); fold the adapter scale: s·B·A = L·Rᵀ.
+        let b = &svd.u * &sqrt_s.view().insert_axis(Axis(0)) / root;
+        let a = &svd.vt * &sqrt_s.view().insert_axis(Axis(1)) / root;
+        let mut low_rank = Array2::zeros((out_features, in_features));
+        gemm(scale, b.view(), a.view(), 0.0, low_rank.view_mut())?;
+        residual = &weight - &low_rank;
+        let error = (&target - &low_rank)
+            .iter()
+            .map(|&e| f64::from(e) * f64::from(e))
+            .sum::<f64>()
+            .sqrt();
+        errors.push(error);
+        last = Some((base, a, b));
     }
+    let (base, a, b) = last
+        .ok_or_else(|| LoraError::state("LoftQ", context, "no iteration ran (loftq_iter is 0)"))?;
+    Ok(LoftqResult { base, a, b, errors })
 }
 
 /// `‖W − approx‖_F` in `f64`, the error measure of LoftQ and the QLoRA tests.

@@ -190,7 +190,7 @@ fn bad_loftq_settings_are_named() {
     config.validate().unwrap();
     // A quantized base cannot take deq(Q): refused by name before any work.
     let mut qlora =
-        lora_core::qlora::QLoraLinear::qlora(weight().view(), None, &Nf4Options::default(), MODULE)
+        lora_core::QLoraLinear::qlora(weight().view(), None, &Nf4Options::default(), MODULE)
             .unwrap();
     let mut options = AdapterOptions::new(4, 4.0);
     options.init = InitLoraWeights::Loftq {

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use lora_core::base::FrozenBase;
 use lora_core::config::InitLoraWeights;
 use lora_core::qlora::{
-    frobenius_error, loftq_init, nf4_error_bound, LoftqConfig, Nf4Base, Nf4Options, QLoraLinear,
+    frobenius_error, loftq_init, nf4_error_bound, LoftqConfig, Nf4Base, Nf4Options,
 };
-use lora_core::{AdapterOptions, LoraAdapter, LoraLinear};
+use lora_core::{AdapterOptions, LoraAdapter, LoraLinear, QLoraLinear};
 use ndarray::{Array1, Array2};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};

@@ -78,6 +78,7 @@ fn merge_export_and_inspect() {
         "{report}"
     );
     assert!(report.contains("blk.1.ffn_down.weight"), "{report}");
+    assert!(report.contains("model of family llama"), "{report}");
     assert!(report.contains("q8_0: 16 tensors"), "{report}");
 
     let lora = tmp.join("lora.gguf");
@@ -93,7 +94,9 @@ fn merge_export_and_inspect() {
         "--type",
         "f32",
     ]);
-    assert!(ok(&["inspect", lora.to_str().unwrap()]).contains("adapter.lora.alpha = 8"));
+    let report = ok(&["inspect", lora.to_str().unwrap()]);
+    assert!(report.contains("adapter.lora.alpha = 8"), "{report}");
+    assert!(report.contains("LoRA adapter of family llama"), "{report}");
 
     let report = ok(&["inspect", &data("adapter_dora")]);
     assert!(report.contains("DoRA true"), "{report}");

@@ -1,6 +1,8 @@
 //! Smoke test of the CLI on non-Llama families (tiny transformers models copied into
 //! `crates/lm/tests/data/arch`): `inspect` names the family, `train` runs two LoRA steps and
-//! saves a PEFT adapter, `merge` folds it in, `generate` decodes from the merged model.
+//! saves a PEFT adapter, `merge` folds it in, `generate` decodes from the merged model,
+//! `export-gguf` writes the merged model and the adapter (`--lora`) under the family's
+//! llama.cpp architecture, and `inspect` names the family of both files.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -124,6 +126,53 @@ fn smoke(family: &str, targets: &str, architecture: &str) {
     )
     .unwrap();
     assert_eq!(generated, with_adapter, "{family}");
+
+    let gguf_arch = if family == "gemma3_text" {
+        "gemma3"
+    } else {
+        family
+    };
+    let model_gguf = s(&tmp.join("merged.gguf"));
+    let lora_gguf = s(&tmp.join("lora.gguf"));
+    let wrote = String::from_utf8(
+        run(&[
+            "export-gguf",
+            "--model",
+            &s(&merged),
+            "--out",
+            &model_gguf,
+            "--type",
+            "q8_0",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        wrote.contains(&format!("architecture {gguf_arch}")),
+        "{wrote}"
+    );
+    run(&[
+        "export-gguf",
+        "--model",
+        &model,
+        "--adapter",
+        &s(&adapter),
+        "--lora",
+        "--out",
+        &lora_gguf,
+        "--type",
+        "f16",
+    ]);
+    let inspect = String::from_utf8(run(&["inspect", &model_gguf]).stdout).unwrap();
+    assert!(
+        inspect.contains(&format!("model of family {family}")),
+        "{inspect}"
+    );
+    let inspect = String::from_utf8(run(&["inspect", &lora_gguf]).stdout).unwrap();
+    assert!(
+        inspect.contains(&format!("LoRA adapter of family {family}")),
+        "{inspect}"
+    );
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -370,7 +370,8 @@ impl Trainer {
     /// (`W + s·B·A`): with `calibration.batches > 0`, each candidate initialisation (MSE clip
     /// search, absmax) is scored by the mean training loss over the first batches of the data
     /// (in file order, fake quantization on, no update) and the lowest kept; with `0`, MSE clip
-    /// search from the weights alone. [`Trainer::step`] runs it when fake quantization turns
+    /// search from the weights alone; a ggml grid (`q4_0` … `q6_k`) with ggml's own quantizer,
+    /// its only initialisation. [`Trainer::step`] runs it when fake quantization turns
     /// on (at `quant_warmup_steps`, or step 0 with data); callable directly too. Errors when
     /// the student has no LoRA-QAT layer.
     pub fn calibrate(&mut self) -> Result<&CalibrationReport> {
@@ -383,7 +384,14 @@ impl Trainer {
         }
         self.student.set_fake_quant(true);
         let mut candidates = Vec::new();
-        let chosen = if self.config.calibration.batches == 0 {
+        // A ggml grid has one initialisation, ggml's own quantizer (`absmax` in its config).
+        let ggml_grid = self
+            .student
+            .qat_config()
+            .is_some_and(|c| c.quantizer.ggml_type().is_some());
+        let chosen = if ggml_grid {
+            InitMethod::Absmax
+        } else if self.config.calibration.batches == 0 {
             InitMethod::MseClipSearch
         } else {
             let mut loader = DataLoader::new(

@@ -26,6 +26,8 @@
 //! ```
 
 use crate::error::{check_bits, QuantError, Result};
+use crate::ggml::qat::GgmlQatQuantizer;
+use crate::ggml::{fallback_type, GgmlType};
 use crate::nf4_grid::Nf4GridQuantizer;
 use crate::pi::{check_k, PiQuantizer};
 use crate::quantizer::{DifferentiableQuantizer, InitMethod};
@@ -33,6 +35,8 @@ use crate::ste::Ste;
 use crate::uniform::{Granularity, UniformQuantizer};
 
 /// Which grid the quantizer uses.
+// The ggml grids keep ggml's spellings (`Q4_0`, `Q4_K`), as `GgmlType` does.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QuantizerKind {
@@ -42,6 +46,72 @@ pub enum QuantizerKind {
     Pi,
     /// NF4 codebook with a learned absmax scale ([`Nf4GridQuantizer`]); 4 bits, symmetric.
     Nf4,
+    /// ggml's `Q4_0` blocks (32 values, f16 scale) with trainable scales
+    /// ([`GgmlQatQuantizer`]); the exported GGUF holds exactly the trained blocks. The
+    /// ggml kinds fix every other field: see [`QatConfig::ggml`].
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// ggml's `Q4_1` blocks (f16 scale and minimum).
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// ggml's `Q5_0` blocks.
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    /// ggml's `Q5_1` blocks (f16 scale and minimum).
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// ggml's `Q8_0` blocks.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// ggml's `Q4_K` super-blocks (256 values, 6-bit sub-block scales and minima).
+    #[serde(rename = "q4_k")]
+    Q4_K,
+    /// ggml's `Q6_K` super-blocks (256 values, 8-bit signed sub-block scales).
+    #[serde(rename = "q6_k")]
+    Q6_K,
+}
+
+impl QuantizerKind {
+    /// The ggml type of a ggml grid; `None` for uniform, Pi and NF4.
+    ///
+    /// ```
+    /// use quant_core::config::QuantizerKind;
+    /// use quant_core::ggml::GgmlType;
+    /// assert_eq!(QuantizerKind::Q4_K.ggml_type(), Some(GgmlType::Q4_K));
+    /// assert_eq!(QuantizerKind::Nf4.ggml_type(), None);
+    /// ```
+    pub fn ggml_type(self) -> Option<GgmlType> {
+        Some(match self {
+            QuantizerKind::Uniform | QuantizerKind::Pi | QuantizerKind::Nf4 => return None,
+            QuantizerKind::Q4_0 => GgmlType::Q4_0,
+            QuantizerKind::Q4_1 => GgmlType::Q4_1,
+            QuantizerKind::Q5_0 => GgmlType::Q5_0,
+            QuantizerKind::Q5_1 => GgmlType::Q5_1,
+            QuantizerKind::Q8_0 => GgmlType::Q8_0,
+            QuantizerKind::Q4_K => GgmlType::Q4_K,
+            QuantizerKind::Q6_K => GgmlType::Q6_K,
+        })
+    }
+
+    /// The ggml grid of `ty`, or an error naming it (types without a trainable grid).
+    pub fn from_ggml_type(ty: GgmlType) -> Result<Self> {
+        Ok(match ty {
+            GgmlType::Q4_0 => QuantizerKind::Q4_0,
+            GgmlType::Q4_1 => QuantizerKind::Q4_1,
+            GgmlType::Q5_0 => QuantizerKind::Q5_0,
+            GgmlType::Q5_1 => QuantizerKind::Q5_1,
+            GgmlType::Q8_0 => QuantizerKind::Q8_0,
+            GgmlType::Q4_K => QuantizerKind::Q4_K,
+            GgmlType::Q6_K => QuantizerKind::Q6_K,
+            other => {
+                return Err(QuantError::invalid(
+                    "ggml type of a QAT grid",
+                    other,
+                    "trainable ggml grids exist for q4_0, q4_1, q5_0, q5_1, q8_0, q4_k and q6_k",
+                ))
+            }
+        })
+    }
 }
 
 /// Randomized Hadamard incoherence processing around the quantizer, applied by
@@ -106,6 +176,81 @@ impl QatConfig {
         }
     }
 
+    /// Training on ggml's grid of `ty` (`q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0`, `q4_k`,
+    /// `q6_k`): the only config [`QatConfig::validate`] accepts for that grid. Its fields
+    /// describe the format, not choices: `bits` the code width, `granularity` the
+    /// (super-)block of `ty` along each row, `symmetric` false for the types with a minimum,
+    /// `ste` LSQ (the grids' backward), `init` absmax, standing for ggml's own reference
+    /// quantizer (`quantize_row_*_ref`), no incoherence (a rotation has no GGUF form).
+    /// A weight whose rows do not divide into `ty`'s blocks trains on llama.cpp's fallback
+    /// type ([`crate::ggml::fallback_type`]: `q4_k` → `q5_0`, `q6_k` → `q8_0` for rows of
+    /// 576), see [`QatConfig::ggml_grid_for_rows`].
+    ///
+    /// ```
+    /// use quant_core::config::{QatConfig, QuantizerKind};
+    /// use quant_core::ggml::GgmlType;
+    /// let c = QatConfig::ggml(GgmlType::Q4_1).unwrap();
+    /// assert_eq!((c.quantizer, c.bits, c.symmetric), (QuantizerKind::Q4_1, 4, false));
+    /// c.validate().unwrap();
+    /// let mut wrong = c;
+    /// wrong.bits = 3;
+    /// assert!(wrong.validate().unwrap_err().to_string().contains("bits"));
+    /// ```
+    pub fn ggml(ty: GgmlType) -> Result<Self> {
+        let quantizer = QuantizerKind::from_ggml_type(ty)?;
+        let bits = match ty {
+            GgmlType::Q5_0 | GgmlType::Q5_1 => 5,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q6_K => 6,
+            _ => 4,
+        };
+        Ok(QatConfig {
+            quantizer,
+            bits,
+            granularity: Granularity::PerBlock {
+                size: ty.block_values(),
+            },
+            ste: Ste::Lsq,
+            pi_k: None,
+            symmetric: !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K),
+            incoherence: None,
+            init: InitMethod::Absmax,
+        })
+    }
+
+    /// The trainable ggml grid for a weight with rows of `row_len` values, for a ggml kind
+    /// (`None` for the others): the requested type, or llama.cpp's fallback type when the
+    /// rows are not whole (super-)blocks. A fallback to `F16` (rows not whole 32-blocks
+    /// either) has no trainable grid: an error says so.
+    ///
+    /// ```
+    /// use quant_core::config::QatConfig;
+    /// use quant_core::ggml::GgmlType;
+    /// let c = QatConfig::ggml(GgmlType::Q4_K).unwrap();
+    /// assert_eq!(c.ggml_grid_for_rows(576).unwrap().unwrap().ggml_type(), GgmlType::Q5_0);
+    /// assert_eq!(c.ggml_grid_for_rows(1536).unwrap().unwrap().ggml_type(), GgmlType::Q4_K);
+    /// assert!(c.ggml_grid_for_rows(100).is_err());
+    /// assert!(QatConfig::piq3().ggml_grid_for_rows(100).unwrap().is_none());
+    /// ```
+    pub fn ggml_grid_for_rows(&self, row_len: usize) -> Result<Option<GgmlQatQuantizer>> {
+        let Some(ty) = self.quantizer.ggml_type() else {
+            return Ok(None);
+        };
+        self.validate()?;
+        let stored = fallback_type(ty, row_len)?;
+        if stored.block_values() == 1 {
+            return Err(QuantError::invalid(
+                format!("rows of {row_len} values for the {ty} grid"),
+                row_len,
+                format!(
+                    "llama.cpp would store such a tensor as {stored}, which has no trainable \
+                     grid (rows must be a multiple of 32)"
+                ),
+            ));
+        }
+        Ok(Some(GgmlQatQuantizer::new(stored)?))
+    }
+
     /// As [`QatConfig::piq3`] with 2 bits.
     pub fn piq2() -> Self {
         QatConfig {
@@ -124,9 +269,12 @@ impl QatConfig {
     /// assert!(err.contains("bits") || err.contains("pi_k"), "{err}");
     /// ```
     pub fn validate(&self) -> Result<()> {
+        if let Some(ty) = self.quantizer.ggml_type() {
+            return self.validate_ggml(ty);
+        }
         match self.quantizer {
             QuantizerKind::Uniform | QuantizerKind::Pi => check_bits("bits", self.bits, 2, 8)?,
-            QuantizerKind::Nf4 => {
+            _ => {
                 if self.bits != 4 {
                     return Err(QuantError::invalid(
                         "bits",
@@ -166,6 +314,69 @@ impl QatConfig {
         Ok(())
     }
 
+    /// A ggml grid's config must be [`QatConfig::ggml`]'s: each other value is named.
+    fn validate_ggml(&self, ty: GgmlType) -> Result<()> {
+        let fixed = QatConfig::ggml(ty)?;
+        let why = |what: &str| format!("the {ty} grid has {what}: use QatConfig::ggml");
+        if self.bits != fixed.bits {
+            return Err(QuantError::invalid(
+                "bits",
+                self.bits,
+                why(&format!("{}-bit codes", fixed.bits)),
+            ));
+        }
+        if self.granularity != fixed.granularity {
+            return Err(QuantError::invalid(
+                "granularity",
+                format!("{:?}", self.granularity),
+                why(&format!(
+                    "blocks of {} values along each row",
+                    ty.block_values()
+                )),
+            ));
+        }
+        if self.symmetric != fixed.symmetric {
+            return Err(QuantError::invalid(
+                "symmetric",
+                self.symmetric,
+                why(if fixed.symmetric {
+                    "no minimum"
+                } else {
+                    "a minimum per block"
+                }),
+            ));
+        }
+        if self.ste != fixed.ste {
+            return Err(QuantError::invalid(
+                "ste",
+                format!("{:?}", self.ste),
+                why("LSQ's backward"),
+            ));
+        }
+        if let Some(k) = self.pi_k {
+            return Err(QuantError::invalid(
+                "pi_k",
+                k,
+                "only the pi quantizer uses pi_k",
+            ));
+        }
+        if self.incoherence.is_some() {
+            return Err(QuantError::invalid(
+                "incoherence",
+                "set",
+                why("no rotation (GGUF cannot store one)"),
+            ));
+        }
+        if self.init != fixed.init {
+            return Err(QuantError::invalid(
+                "init",
+                format!("{:?}", self.init),
+                why("ggml's own quantizer as its initialisation (absmax)"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Validates, then builds the quantizer (uninitialised: call
     /// [`DifferentiableQuantizer::init_from_weights`] with [`QatConfig::init`] next).
     /// A Hadamard rotation depends on the weight's shape, so a config with
@@ -182,7 +393,8 @@ impl QatConfig {
     }
 
     /// Validates, then builds the quantizer for an `(out_features, in_features)` weight,
-    /// wrapped in a seeded Hadamard rotation when [`QatConfig::incoherence`] is set.
+    /// wrapped in a seeded Hadamard rotation when [`QatConfig::incoherence`] is set; a ggml
+    /// grid on llama.cpp's fallback type when the rows do not divide into its blocks.
     ///
     /// ```
     /// use ndarray::Array2;
@@ -200,6 +412,10 @@ impl QatConfig {
         out_features: usize,
         in_features: usize,
     ) -> Result<Box<dyn DifferentiableQuantizer>> {
+        // A ggml grid takes llama.cpp's fallback type when the rows do not divide.
+        if let Some(grid) = self.ggml_grid_for_rows(in_features)? {
+            return Ok(Box::new(grid));
+        }
         let grid = self.build_grid()?;
         Ok(match self.incoherence {
             None => grid,
@@ -229,6 +445,11 @@ impl QatConfig {
                 self.pi_k.unwrap_or_default(),
             )?),
             QuantizerKind::Nf4 => Box::new(Nf4GridQuantizer::new(self.granularity, self.ste)?),
+            other => Box::new(GgmlQatQuantizer::new(
+                other
+                    .ggml_type()
+                    .expect("the remaining kinds are ggml grids"),
+            )?),
         })
     }
 }
@@ -417,6 +638,78 @@ mod tests {
             assert_eq!(grads.params.len(), 3);
             assert!(grads.params.iter().all(|g| g.is_finite()));
         }
+    }
+
+    #[test]
+    fn ggml_grids_parse_by_their_ggml_names_and_refuse_every_other_value() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let c = QatConfig::ggml(ty).unwrap();
+            let json = serde_json::to_string(&c).unwrap();
+            assert!(json.contains(&format!("\"{}\"", ty.name())), "{json}");
+            assert_eq!(parse(&json).unwrap(), c);
+            let rows = ty.block_values() * 2;
+            let mut q = c.build_for_weight(3, rows).unwrap();
+            let w = Array2::from_shape_fn((3, rows), |(r, k)| ((r * rows + k) as f32).sin());
+            q.init_from_weights(w.view(), c.init).unwrap();
+            let out = q.forward(w.view()).unwrap();
+            let grads = q.backward(out.dequantized.view()).unwrap();
+            assert!(grads.params.iter().all(|g| g.is_finite()), "{ty}");
+            let cases = [
+                (QatConfig { bits: 3, ..c }, "bits"),
+                (
+                    QatConfig {
+                        granularity: Granularity::PerChannel,
+                        ..c
+                    },
+                    "granularity",
+                ),
+                (
+                    QatConfig {
+                        symmetric: !c.symmetric,
+                        ..c
+                    },
+                    "symmetric",
+                ),
+                (
+                    QatConfig {
+                        ste: Ste::Standard,
+                        ..c
+                    },
+                    "ste",
+                ),
+                (QatConfig { pi_k: Some(3), ..c }, "pi_k"),
+                (
+                    QatConfig {
+                        init: InitMethod::MseClipSearch,
+                        ..c
+                    },
+                    "init",
+                ),
+                (
+                    QatConfig {
+                        incoherence: Some(IncoherenceConfig {
+                            seed: 1,
+                            rotate_output: false,
+                        }),
+                        ..c
+                    },
+                    "incoherence",
+                ),
+            ];
+            for (bad, field) in cases {
+                let err = bad.validate().unwrap_err().to_string();
+                assert!(err.contains(field), "{ty}: expected {field} in {err}");
+            }
+        }
+        assert!(QatConfig::ggml(GgmlType::Q3_K).is_err());
     }
 
     #[test]

@@ -210,3 +210,198 @@ fn misuse_is_an_error_naming_what_was_wrong() {
     assert!(q.backward(w.view()).is_err(), "backward before forward");
     assert!(q.forward(Array2::<f32>::ones((1, 64)).view()).is_err());
 }
+
+mod k_types {
+    //! `Q4_K` and `Q6_K` (`quant_core::ggml::qat_k`): initialisation is llama.cpp's search
+    //! (blocks equal llama.cpp's for the reference rows), exports decode to the fake-quant
+    //! weights after training moved θ, and the LSQ gradients agree with central finite
+    //! differences in the effective sub-block scale `S` and minimum `M` minus LSQ's
+    //! straight-through term. θ reaches the forward only through the format's quantization of
+    //! scales (piecewise constant), so the derivative that exists is the one in `S`, `M`.
+
+    use super::*;
+    use quant_core::ggml::qat_k::GgmlKQuantizer;
+
+    const K_TYPES: [GgmlType; 2] = [GgmlType::Q4_K, GgmlType::Q6_K];
+
+    #[test]
+    fn initialisation_is_llama_cpp_search_and_exports_its_blocks() {
+        for ty in K_TYPES {
+            let (w, blocks) = golden(ty);
+            let n = w.len();
+            let w = w.into_shape_with_order((n / 256, 256)).unwrap();
+            let mut q = GgmlKQuantizer::new(ty).unwrap();
+            q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+            let out = q.forward(w.view()).unwrap();
+            let expected = dequantize(ty, &blocks, w.len()).unwrap();
+            for (i, (a, b)) in out.dequantized.iter().zip(&expected).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{ty} value {i}: {a} vs {b}");
+            }
+            assert_eq!(q.export_blocks(w.view()).unwrap(), blocks, "{ty} blocks");
+        }
+    }
+
+    #[test]
+    fn exported_blocks_decode_to_the_fake_quant_weights_after_training_moved_theta() {
+        let mut rng = ChaCha8Rng::seed_from_u64(15);
+        let w = Array2::from_shape_fn((3, 512), |_| rng.random_range(-1.0f32..1.0));
+        for ty in K_TYPES {
+            let mut q = GgmlKQuantizer::new(ty).unwrap();
+            q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+            for p in q.params_mut() {
+                *p *= rng.random_range(0.7f32..1.3);
+            }
+            let out = q.forward(w.view()).unwrap();
+            let decoded = dequantize(ty, &q.export_blocks(w.view()).unwrap(), w.len()).unwrap();
+            for (i, (a, b)) in out.dequantized.iter().zip(&decoded).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{ty} value {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// `Σ g·ŵ` in f64 with ggml's code rule for given effective `S`, `M` of each sub-block;
+    /// also the codes.
+    fn loss_in_s(ty: GgmlType, x: &[f32], g: &[f32], sm: &[(f64, f64)]) -> (f64, Vec<i64>) {
+        let len = if ty == GgmlType::Q4_K { 32 } else { 16 };
+        let mut total = 0.0;
+        let mut codes = Vec::with_capacity(x.len());
+        for (i, (&xi, &gi)) in x.iter().zip(g).enumerate() {
+            let (s, m) = sm[i / len];
+            let (lo, hi) = if ty == GgmlType::Q4_K {
+                (0, 15)
+            } else {
+                (-32, 31)
+            };
+            let q = ((f64::from(xi) + m) / s)
+                .round()
+                .clamp(lo as f64, hi as f64);
+            codes.push(q as i64);
+            total += f64::from(gi) * (s * q - m);
+        }
+        (total, codes)
+    }
+
+    #[test]
+    fn scale_and_minimum_gradients_match_finite_differences_minus_the_ste_term() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for ty in K_TYPES {
+            let w = Array2::from_shape_fn((2, 256), |(_, c)| {
+                let v = rng.random_range(-1.0f32..1.0);
+                // A few values far out, so some sub-blocks clamp at trained scales.
+                if c % 37 == 0 {
+                    v * 3.0
+                } else {
+                    v
+                }
+            });
+            let mut q = GgmlKQuantizer::new(ty).unwrap();
+            q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+            // Trained θ: smaller scales than the search's, so the far values clamp.
+            for p in q.params_mut() {
+                *p *= 0.8;
+            }
+            let g = Array2::from_shape_fn((2, 256), |_| rng.random_range(-1.0f32..1.0));
+            q.forward(w.view()).unwrap();
+            let grads = q.backward(g.view()).unwrap();
+            let sm: Vec<(f64, f64)> = q
+                .effective_scales()
+                .iter()
+                .map(|&(s, m)| (f64::from(s), f64::from(m)))
+                .collect();
+            let (x, gv) = (w.as_slice().unwrap(), g.as_slice().unwrap());
+            let (len, qp) = if ty == GgmlType::Q4_K {
+                (32, 15.0)
+            } else {
+                (16, 31.0)
+            };
+            let lsq = 1.0 / (len as f64 * qp).sqrt();
+            let (_, codes) = loss_in_s(ty, x, gv, &sm);
+            let n_sub = sm.len();
+            let mut checked = 0;
+            for j in 0..n_sub {
+                for which in 0..if ty == GgmlType::Q4_K { 2 } else { 1 } {
+                    let h = 1e-4 * sm[j].0.abs().max(1e-3);
+                    let shifted = |sign: f64| {
+                        let mut p = sm.clone();
+                        if which == 0 {
+                            p[j].0 += sign * h;
+                        } else {
+                            p[j].1 += sign * h;
+                        }
+                        loss_in_s(ty, x, gv, &p)
+                    };
+                    let ((lp, cp), (lm, cm)) = (shifted(1.0), shifted(-1.0));
+                    if cp != codes || cm != codes {
+                        continue; // a value sits on a rounding boundary: no derivative there
+                    }
+                    let fd = (lp - lm) / (2.0 * h);
+                    let (s, m) = sm[j];
+                    let mut ste = 0.0f64;
+                    for k in j * len..(j + 1) * len {
+                        let t = ((f64::from(x[k]) + m) / s).round();
+                        let inside = if ty == GgmlType::Q4_K {
+                            (0.0..=15.0).contains(&t)
+                        } else {
+                            (-32.0..=31.0).contains(&t)
+                        };
+                        if inside {
+                            ste += f64::from(gv[k])
+                                * if which == 0 {
+                                    (f64::from(x[k]) + m) / s
+                                } else {
+                                    -1.0
+                                };
+                        }
+                    }
+                    let expected = (fd - ste) * lsq;
+                    let got = f64::from(grads.params[which * n_sub + j]);
+                    assert!(
+                        (got - expected).abs() <= 2e-3 * (1.0 + expected.abs()),
+                        "{ty} sub-block {j} ({}): LSQ {got} vs FD − STE {expected}",
+                        if which == 0 { "scale" } else { "minimum" }
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(
+                checked > n_sub / 2,
+                "{ty}: {checked} of {n_sub} sub-blocks checked"
+            );
+            // ∂L/∂w: straight through inside the code range, zero beyond a clamp.
+            let mut clamped_seen = false;
+            for (k, (&gw, &gi)) in grads.input.iter().zip(gv).enumerate() {
+                let (s, m) = sm[k / len];
+                let t = ((f64::from(x[k]) + m) / s).round();
+                let inside = if ty == GgmlType::Q4_K {
+                    (0.0..=15.0).contains(&t)
+                } else {
+                    (-32.0..=31.0).contains(&t)
+                };
+                clamped_seen |= !inside;
+                assert_eq!(gw, if inside { gi } else { 0.0 }, "{ty} ∂L/∂w[{k}]");
+            }
+            assert!(clamped_seen, "{ty}: the clamps were exercised");
+        }
+    }
+
+    #[test]
+    fn misuse_is_an_error_naming_what_was_wrong() {
+        assert!(GgmlKQuantizer::new(GgmlType::Q5_K)
+            .unwrap_err()
+            .to_string()
+            .contains("q5_k"));
+        let mut q = GgmlKQuantizer::new(GgmlType::Q4_K).unwrap();
+        let err = q
+            .init_from_weights(Array2::<f32>::ones((2, 576)).view(), InitMethod::Absmax)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("q5_0"), "names llama.cpp's fallback: {err}");
+        let w = Array2::<f32>::ones((1, 256));
+        assert!(q.forward(w.view()).is_err(), "uninitialised");
+        assert!(q
+            .init_from_weights(w.view(), InitMethod::MseClipSearch)
+            .is_err());
+        q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+        assert!(q.backward(w.view()).is_err(), "backward before forward");
+    }
+}

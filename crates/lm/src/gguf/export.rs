@@ -162,13 +162,30 @@ pub fn export_gguf(
         plan.push((name.clone(), mapped.transform));
     }
     let mut metadata = model_metadata(&config, &model_name(model_dir), ty);
-    metadata.extend(tokenizer_metadata(model_dir, &config)?);
+    match source.checkpoint.gguf() {
+        // A GGUF source keeps its own tokenizer (and chat template) keys.
+        Some(gguf) => metadata.extend(
+            gguf.gguf()
+                .metadata
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .cloned(),
+        ),
+        None => metadata.extend(tokenizer_metadata(model_dir, &config)?),
+    }
     report.metadata_keys = metadata.len();
     let mut writer = GgufWriter::create(out, &metadata, &specs)?;
     for (spec, (_, values)) in specs.iter().zip(&extras) {
         writer.write_tensor(&spec.name, &encode_tensor(spec, &spec.name, values)?)?;
     }
     for (spec, (name, transform)) in specs[extras.len()..].iter().zip(&plan) {
+        // A LoRA-QAT adapter on a ggml grid: the blocks it trained, as they are.
+        if let Some(bytes) =
+            crate::qat_export::trained_gguf_blocks(&source, name, spec.ty, *transform, heads)?
+        {
+            writer.write_tensor(&spec.name, &bytes)?;
+            continue;
+        }
         let values = source.read_f32(name)?;
         let values = transform.to_gguf(values, &spec.shape, heads)?;
         let bytes = encode_tensor(spec, name, &values)?;

@@ -191,21 +191,21 @@ pub fn check_exportable(config: &LlamaConfig) -> Result<()> {
             ));
         }
         match family {
-            Family::Qwen2 | Family::Qwen3 => {
+            // A window as long as the context never hides a key: nothing to express.
+            // llama.cpp's `phi3` reads `attention.sliding_window` but attends to every key
+            // (checked with llama-cpp-python 0.3.36: its logits are transformers' with the
+            // window removed).
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 | Family::Phi3
+                if w < config.max_position_embeddings =>
+            {
                 return Err(refuse(
-                    "use_sliding_window",
-                    "true",
+                    "sliding_window",
+                    w,
                     format!(
-                        "llama.cpp's `{}` has no sliding-window attention",
-                        names.arch
+                        "llama.cpp's `{}` computes no sliding-window attention; a window of at \
+                         least max_position_embeddings = {} would export",
+                        names.arch, config.max_position_embeddings
                     ),
-                ))
-            }
-            Family::Phi3 | Family::Llama | Family::Mistral if sliding.iter().any(|s| !s) => {
-                return Err(refuse(
-                    "layer_types",
-                    "a mix of sliding and full layers",
-                    format!("llama.cpp's `{}` slides every layer or none", names.arch),
                 ))
             }
             Family::Gemma2 => {
@@ -416,12 +416,8 @@ pub fn model_metadata(config: &LlamaConfig, name: &str, ty: GgmlType) -> Vec<(St
             }
         }
         Family::Phi3 => put(SLIDING_WINDOW, u(window.unwrap_or(0))),
-        Family::Llama | Family::Mistral => {
-            if let Some(w) = window {
-                put(SLIDING_WINDOW, u(w));
-            }
-        }
-        Family::Qwen2 | Family::Qwen3 => {}
+        // `check_exportable` lets through only windows that never hide a key.
+        Family::Llama | Family::Mistral | Family::Qwen2 | Family::Qwen3 => {}
     }
     out
 }

@@ -105,7 +105,7 @@ impl Transform {
 }
 
 impl HeadGroup {
-    fn count(self, (heads, kv_heads): (usize, usize)) -> usize {
+    pub(crate) fn count(self, (heads, kv_heads): (usize, usize)) -> usize {
         match self {
             HeadGroup::Query => heads,
             HeadGroup::KeyValue => kv_heads,

@@ -1,9 +1,11 @@
-//! `lora-qat bench train`: forward + backward training throughput of LoRA on a random Llama.
+//! `lora-qat bench train`: forward + backward training throughput of LoRA on a random Llama,
+//! or (`--model FILE.gguf`) on a llama.cpp model over its quantized blocks (`--dequantize-base`:
+//! over its weights decoded to f32), with the resident memory.
 
 use std::time::Instant;
 
 use clap::Args;
-use lm::{LlamaConfig, LlamaModel, LAYER_LINEAR_NAMES};
+use lm::{LlamaConfig, LlamaModel};
 use lora_core::LoraConfig;
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
@@ -51,6 +53,23 @@ pub struct BenchTrainArgs {
     /// adding the adapters, and print the resident bytes per quantized base parameter.
     #[arg(long)]
     pub qlora: bool,
+    /// Train over this GGUF model instead of a random Llama (its sizes replace the size
+    /// options; --batch, --seq, --rank and --runs apply): the projections stay in the file's
+    /// quantized blocks as frozen bases, and the report adds the base's resident bytes, the
+    /// file's tensor bytes and the process's peak resident memory.
+    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "vocab"])]
+    pub model: Option<std::path::PathBuf>,
+    /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
+    #[arg(long, requires = "model")]
+    pub dequantize_base: bool,
+}
+
+/// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The measured sizes, after `--small`.
@@ -100,28 +119,53 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "--batch, --seq and --runs must be at least 1".into(),
         ));
     }
-    let mut config = LlamaConfig::new(
-        s.vocab,
-        s.hidden,
-        s.intermediate,
-        s.layers,
-        s.heads,
-        s.heads,
-    )?;
-    config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
-    let mut model = LlamaModel::random(config, 0)?;
-    if args.qlora {
-        model.quantize_linears_nf4(&lora_core::Nf4Options::default())?;
-    }
-    let targets: Vec<&str> = LAYER_LINEAR_NAMES
+    let mut gguf_bytes = None;
+    let mut model = match &args.model {
+        Some(path) => {
+            let source = lm::gguf_model::GgufModelFile::open(path)?;
+            gguf_bytes = Some(source.tensor_bytes());
+            let base = if args.dequantize_base {
+                lm::gguf_model::GgufBase::Dequantized
+            } else {
+                lm::gguf_model::GgufBase::Blocks
+            };
+            let model = source.load(base)?;
+            if s.seq > model.config().max_position_embeddings {
+                return Err(CliError::Usage(format!(
+                    "--seq {}: the model has {} positions",
+                    s.seq,
+                    model.config().max_position_embeddings
+                )));
+            }
+            model
+        }
+        None => {
+            let mut config = LlamaConfig::new(
+                s.vocab,
+                s.hidden,
+                s.intermediate,
+                s.layers,
+                s.heads,
+                s.heads,
+            )?;
+            config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
+            let mut model = LlamaModel::random(config, 0)?;
+            if args.qlora {
+                model.quantize_linears_nf4(&lora_core::Nf4Options::default())?;
+            }
+            model
+        }
+    };
+    let vocab = model.config().vocab_size;
+    let names = model.config().architecture.linear_names();
+    let targets: Vec<&str> = names
         .iter()
         .map(|path| path.rsplit('.').next().unwrap_or(path))
         .collect();
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let ids =
-        Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..s.vocab as u32));
+    let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
     let mut step = || -> CliResult<f64> {
         let start = Instant::now();
@@ -136,7 +180,12 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     times.sort_by(f64::total_cmp);
     let ms_per_step = times[times.len() / 2];
     let tokens_per_s = (s.batch * s.seq) as f64 / (ms_per_step / 1e3);
-    let kind = if args.qlora { "qlora" } else { "lora" };
+    let kind = match (&args.model, args.dequantize_base) {
+        (Some(_), false) => "gguf",
+        (Some(_), true) => "gguf_f32",
+        (None, _) if args.qlora => "qlora",
+        (None, _) => "lora",
+    };
     let bench = format!("train_{kind}_r{}", s.rank);
     let memory = model.memory_report();
     let qlora_bytes = memory.qlora_bytes_per_parameter();
@@ -150,6 +199,12 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
         }
+        if let Some(file) = gguf_bytes {
+            record["base_bytes"] = serde_json::json!(memory.base_bytes());
+            record["base_bytes_by_kind"] = serde_json::json!(memory.base_bytes_by_kind);
+            record["file_tensor_bytes"] = serde_json::json!(file);
+            record["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
+        }
         println!("{record}");
     } else {
         println!(
@@ -160,6 +215,35 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "{:<18} {:>14.1} {:>12.2} {:>6}",
             bench, tokens_per_s, ms_per_step, args.runs
         );
+        if let (Some(path), Some(file)) = (&args.model, gguf_bytes) {
+            let c = model.config();
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "({}: {} {} layers, width {}; batch {} × seq {}; LoRA r={} on every \
+                 projection{}; forward + loss + backward, median step)",
+                path.display(),
+                c.family(),
+                c.num_hidden_layers,
+                c.hidden_size,
+                s.batch,
+                s.seq,
+                s.rank,
+                if args.dequantize_base {
+                    " over the weights decoded to f32"
+                } else {
+                    " over the file's quantized blocks"
+                }
+            );
+            println!("{memory}");
+            println!(
+                "file tensor bytes {:.3} MiB; peak resident {}",
+                mib(file),
+                peak_rss_bytes()
+                    .map(|b| format!("{:.1} MiB", mib(b)))
+                    .unwrap_or_else(|| "not reported by this OS".into())
+            );
+            return Ok(());
+        }
         println!(
             "(random Llama: width {}, {} layers, {} heads, MLP {}, vocab {}; batch {} × seq {}; \
              LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",

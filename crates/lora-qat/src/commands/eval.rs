@@ -16,9 +16,10 @@ use super::{resolve_model_arg, CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or
-    /// a hub id (org/name) in the local Hugging Face cache.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), a
+    /// llama.cpp GGUF file (dequantized; tokenizer from its metadata), or a hub id
+    /// (org/name) in the local Hugging Face cache.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]

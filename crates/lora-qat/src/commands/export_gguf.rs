@@ -1,5 +1,7 @@
-//! `lora-qat export-gguf`: a Llama model (optionally with a PEFT adapter merged into it) as a
-//! GGUF file for llama.cpp, or, with `--lora`, the adapter alone as a GGUF LoRA adapter.
+//! `lora-qat export-gguf`: a model of any supported family (optionally with a PEFT adapter
+//! merged into it) as a GGUF file for llama.cpp under the architecture, tensor names and
+//! metadata llama.cpp's converter writes for the family (docs/FORMATS.md), or, with `--lora`,
+//! the adapter alone as a GGUF LoRA adapter.
 
 use std::path::PathBuf;
 
@@ -10,10 +12,13 @@ use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct ExportGgufArgs {
-    /// Hugging Face Llama model directory (config.json + safetensors, f32/f16/bf16 or
-    /// bitsandbytes 4-bit). Its tokenizer.json, when present, becomes tokenizer.ggml.*.
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory of a supported family (llama, mistral, qwen2, qwen3,
+    /// gemma2, gemma3_text, phi3; config.json + safetensors, f32/f16/bf16 or bitsandbytes
+    /// 4-bit), or a llama.cpp GGUF file (decoded; with --lora, the file the adapter was
+    /// trained over); an option the family's llama.cpp architecture cannot express is refused.
+    /// Its tokenizer.json, when present, becomes tokenizer.ggml.*. A hub id (org/name) in the
+    /// local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
@@ -49,8 +54,9 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
             .ok_or_else(|| CliError::Usage("--lora needs --adapter DIR".into()))?;
         let report = lm::gguf::export_gguf_lora(&model_dir, adapter, &args.out, ty)?;
         println!(
-            "wrote LoRA adapter {} ({} tensors, {} metadata keys, {})",
+            "wrote LoRA adapter {} (architecture {}, {} tensors, {} metadata keys, {})",
             report.path.display(),
+            report.arch,
             report.tensors,
             report.metadata_keys,
             ty.name()
@@ -59,8 +65,9 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
     }
     let report = lm::gguf::export_gguf(&model_dir, args.adapter.as_deref(), &args.out, ty)?;
     println!(
-        "wrote {} ({} tensors, {} metadata keys, {}{})",
+        "wrote {} (architecture {}, {} tensors, {} metadata keys, {}{})",
         report.path.display(),
+        report.arch,
         report.tensors,
         report.metadata_keys,
         ty.name(),
@@ -72,7 +79,7 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
     );
     if !report.f16_fallbacks.is_empty() {
         println!(
-            "f16 instead of {} (rows not whole 32-value blocks): {}",
+            "another type than {} (rows not whole blocks of it): {}",
             ty.name(),
             report.f16_fallbacks.join(", ")
         );

@@ -12,9 +12,10 @@ use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct GradsArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or
+    /// a llama.cpp GGUF file (dequantized). A hub id (org/name) in the local Hugging Face
+    /// cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]

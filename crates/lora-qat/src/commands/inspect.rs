@@ -233,6 +233,52 @@ fn describe_gguf(path: &Path, limit: usize) -> CliResult<String> {
         file.alignment,
         file.data_offset
     );
+    // The family, from llama.cpp's architecture name through lm's one GGUF name table.
+    let arch = file.metadata_str("general.architecture").unwrap_or("");
+    let kind = match file.metadata_str("general.type") {
+        Some("adapter") => "LoRA adapter",
+        _ => "model",
+    };
+    s += &match lm::gguf::FamilyNames::for_arch(arch) {
+        Some(names) if arch == "llama" => format!(
+            "  {kind} of family {} (llama.cpp architecture `llama`; a Mistral model is written \
+             as `llama` too)\n",
+            names.family
+        ),
+        Some(names) => format!(
+            "  {kind} of family {} (llama.cpp architecture `{arch}`)\n",
+            names.family
+        ),
+        None => format!(
+            "  {kind} of llama.cpp architecture {arch:?}: not a family this project reads \
+             ({})\n",
+            lm::gguf::FamilyNames::architectures().join(", ")
+        ),
+    };
+    // As a model: the family and config derived from the metadata, or why it is not one.
+    if kind == "model" {
+        match lm::gguf_model::GgufModelFile::open(path) {
+            Ok(model) => {
+                let c = model.config();
+                s += &format!(
+                "  model: {} (GGUF `{}`), {} layers, hidden {}, {} heads ({} key/value) of {}, \
+                 MLP {}, vocabulary {}, {} positions, {} embeddings\n",
+                c.family(),
+                model.architecture(),
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim,
+                c.intermediate_size,
+                c.vocab_size,
+                c.max_position_embeddings,
+                if c.tie_word_embeddings { "tied" } else { "untied" }
+            );
+            }
+            Err(e) => s += &format!("  not loadable as a model: {e}\n"),
+        }
+    }
     for (key, value) in &file.metadata {
         s += &format!("  {key} = {}\n", value.summary());
     }

@@ -17,9 +17,10 @@ pub const ADAPTER_NAME: &str = "default";
 
 #[derive(Debug, Args)]
 pub struct LogitsArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or
+    /// a llama.cpp GGUF file (dequantized). A hub id (org/name) in the local Hugging Face
+    /// cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
@@ -68,13 +69,14 @@ pub fn load_with_adapter_layers(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
 ) -> CliResult<LlamaModel> {
-    if !model_dir.is_dir() {
+    let is_gguf = lm::gguf_model::is_gguf_file(model_dir);
+    if !model_dir.is_dir() && !is_gguf {
         return Err(CliError::File {
             path: model_dir.display().to_string(),
-            reason: "not a directory (expected a Hugging Face model directory)".into(),
+            reason: "neither a directory (a Hugging Face model) nor a GGUF file".into(),
         });
     }
-    let mut model = LlamaModel::from_pretrained(model_dir)?;
+    let mut model = LlamaModel::open(model_dir)?;
     match adapter_dir {
         Some(dir) if is_qat_adapter(dir) => {
             model.load_qat_adapter(dir, ADAPTER_NAME)?;

@@ -11,9 +11,10 @@ use super::{CliError, CliResult};
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Base model directory (config.json + model.safetensors or a sharded index; f32, f16,
-    /// bf16 or bitsandbytes 4-bit, which is dequantized before the merge).
-    /// A hub id (org/name) in the local Hugging Face cache is resolved there.
-    #[arg(long, value_name = "DIR|ID")]
+    /// bf16 or bitsandbytes 4-bit, which is dequantized before the merge), or a llama.cpp
+    /// GGUF file (dequantized; the output gets its tokenizer as tokenizer.json). A hub id
+    /// (org/name) in the local Hugging Face cache is resolved there.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
@@ -59,6 +60,10 @@ pub fn run(args: &MergeArgs) -> CliResult {
         max_shard_bytes: parse_size(&args.max_shard_size)?,
     };
     let report = merge_checkpoint(&model_dir, Some(&args.adapter), &args.out, &options)?;
+    if lm::gguf_model::is_gguf_file(&model_dir) {
+        // A directory's tokenizer files are copied by the merge; a GGUF file's are built.
+        lora_qat::text::gguf_tokenizer::write_tokenizer_files(&model_dir, &args.out)?;
+    }
     println!(
         "merged {} modules; wrote {} tensors ({:.1} MB) in {} file(s) to {}",
         report.merged_modules,

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_gemm;
 pub mod bench_merge;
 pub mod bench_train;
+pub mod convert;
 pub mod demo;
 pub mod distributed;
 pub mod eval;

@@ -14,6 +14,7 @@ use qat_train::data::Dataset;
 use qat_train::metrics::{CsvMetricsWriter, EvalMetrics, MetricsCallback, MetricsLog, StepMetrics};
 use qat_train::trainer::Trainer;
 use quant_core::config::{QatConfig, QuantizerKind};
+use quant_core::ggml::GgmlType;
 use quant_core::ste::Ste;
 use quant_core::uniform::Granularity;
 
@@ -50,6 +51,20 @@ pub enum QuantizerArg {
     Uniform,
     Pi,
     Nf4,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 /// `--ste`.
@@ -63,11 +78,18 @@ pub enum SteArg {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json + model.safetensors), or a hub id (org/name)
-    /// in the local Hugging Face cache; its tokenizer.json and chat template turn text data
-    /// into tokens.
-    #[arg(long, value_name = "DIR|ID")]
+    /// Hugging Face model directory (config.json + model.safetensors), a llama.cpp GGUF file,
+    /// or a hub id (org/name) in the local Hugging Face cache; its tokenizer (tokenizer.json,
+    /// or the GGUF's tokenizer.ggml.* keys) and chat template turn text data into tokens. A
+    /// GGUF file's projections stay in its own quantized blocks (frozen, products tile by
+    /// tile, as QLoRA over NF4) unless --dequantize-base.
+    #[arg(long, value_name = "DIR|FILE.gguf|ID")]
     pub model: PathBuf,
+    /// With a GGUF --model: decode its projections to dense f32 weights first (training over
+    /// the weights llama.cpp computes with, at 4 bytes per parameter) instead of keeping the
+    /// file's quantized blocks as the frozen base.
+    #[arg(long)]
+    pub dequantize_base: bool,
     /// Revision of a hub id (branch, tag or commit; default main).
     #[arg(long)]
     pub revision: Option<String>,
@@ -120,20 +142,25 @@ pub struct TrainArgs {
     /// adapter; the optimizer starts fresh.
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub init_adapter: Option<PathBuf>,
-    /// Bits of the weight quantizer (qlora, lora-qat): 2..=8 for uniform and pi, 4 for nf4.
-    #[arg(long, default_value_t = 4)]
-    pub bits: u32,
+    /// Bits of the weight quantizer (qlora, lora-qat): 2..=8 for uniform and pi, 4 for nf4
+    /// (default 4); a ggml grid fixes its own (giving another is an error).
+    #[arg(long)]
+    pub bits: Option<u32>,
     /// Quantizer grid (qlora, lora-qat), per output channel: uniform (learned step), pi
     /// (step α·π/3, learned α) or nf4 (NF4 codebook, learned absmax). For qlora, nf4 quantizes
     /// the base as bitsandbytes does (blocks of 64, double quantization); a bnb-4bit model
-    /// directory is used as it is.
+    /// directory is used as it is. lora-qat only: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k
+    /// train on ggml's block grid of that type (trainable f16 scales; rows that do not divide
+    /// use llama.cpp's fallback type), so that `export-gguf --type` of the same type writes
+    /// exactly the trained blocks.
     #[arg(long, value_enum, default_value_t = QuantizerArg::Nf4)]
     pub quantizer: QuantizerArg,
     /// Straight-through estimator of the quantizer's backward (lora-qat): lsq (learned step
     /// size, step gradient scaled by 1/√(N·Qp)), ewgs (element-wise gradient scaling,
     /// δ = 0.2), clipped (identity inside the range, zero outside), standard (identity).
-    #[arg(long, value_enum, default_value_t = SteArg::Lsq)]
-    pub ste: SteArg,
+    /// The ggml grids have LSQ's backward only. Default lsq.
+    #[arg(long, value_enum)]
+    pub ste: Option<SteArg>,
     /// Frozen teacher model directory for distillation (KD on logits, reasoning and
     /// hidden-state terms as the config's loss weights say; the `default` preset otherwise).
     #[arg(long, value_name = "DIR")]
@@ -238,14 +265,43 @@ fn lora_config(args: &TrainArgs) -> LoraConfig {
 }
 
 /// The quantizer `--quantizer`, `--bits` and `--ste` describe (per output channel,
-/// symmetric, MSE clip-search init).
+/// symmetric, MSE clip-search init), or a ggml grid (`QatConfig::ggml`, which fixes the
+/// others: a `--bits` or `--ste` that disagrees is an error naming it).
 fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
+    let ggml = match args.quantizer {
+        QuantizerArg::Uniform | QuantizerArg::Pi | QuantizerArg::Nf4 => None,
+        QuantizerArg::Q4_0 => Some(GgmlType::Q4_0),
+        QuantizerArg::Q4_1 => Some(GgmlType::Q4_1),
+        QuantizerArg::Q5_0 => Some(GgmlType::Q5_0),
+        QuantizerArg::Q5_1 => Some(GgmlType::Q5_1),
+        QuantizerArg::Q8_0 => Some(GgmlType::Q8_0),
+        QuantizerArg::Q4K => Some(GgmlType::Q4_K),
+        QuantizerArg::Q6K => Some(GgmlType::Q6_K),
+    };
+    if let Some(ty) = ggml {
+        let config = QatConfig::ggml(ty)
+            .map_err(|e| CliError::Usage(format!("--quantizer {}: {e}", ty.name())))?;
+        if let Some(bits) = args.bits.filter(|&b| b != config.bits) {
+            return Err(CliError::Usage(format!(
+                "--bits {bits}: the {} grid has {}-bit codes",
+                ty.name(),
+                config.bits
+            )));
+        }
+        if let Some(ste) = args.ste.filter(|&s| s != SteArg::Lsq) {
+            return Err(CliError::Usage(format!(
+                "--ste {ste:?}: the {} grid trains with LSQ's backward only",
+                ty.name()
+            )));
+        }
+        return Ok(config);
+    }
     let (quantizer, pi_k) = match args.quantizer {
         QuantizerArg::Uniform => (QuantizerKind::Uniform, None),
         QuantizerArg::Pi => (QuantizerKind::Pi, Some(3)),
-        QuantizerArg::Nf4 => (QuantizerKind::Nf4, None),
+        _ => (QuantizerKind::Nf4, None),
     };
-    let ste = match args.ste {
+    let ste = match args.ste.unwrap_or(SteArg::Lsq) {
         SteArg::Lsq => Ste::Lsq,
         SteArg::Ewgs => Ste::Ewgs { delta: 0.2 },
         SteArg::Clipped => Ste::Clipped { clip: 1.0 },
@@ -253,7 +309,7 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
     };
     let config = QatConfig {
         quantizer,
-        bits: args.bits,
+        bits: args.bits.unwrap_or(4),
         granularity: Granularity::PerChannel,
         ste,
         pi_k,
@@ -265,6 +321,27 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
     Ok(config)
 }
 
+/// The base model: a directory as stored; a GGUF file over its quantized blocks, or decoded
+/// to `f32` with `dequantize` (`--dequantize-base`, refused for a directory).
+fn load_base(model_dir: &Path, dequantize: bool) -> CliResult<LlamaModel> {
+    if lm::gguf_model::is_gguf_file(model_dir) {
+        let source = lm::gguf_model::GgufModelFile::open(model_dir)?;
+        let base = if dequantize {
+            lm::gguf_model::GgufBase::Dequantized
+        } else {
+            lm::gguf_model::GgufBase::Blocks
+        };
+        return Ok(source.load(base)?);
+    }
+    if dequantize {
+        return Err(CliError::Usage(format!(
+            "--dequantize-base: {} is not a GGUF file (a directory's weights load as stored)",
+            model_dir.display()
+        )));
+    }
+    Ok(LlamaModel::from_pretrained(model_dir)?)
+}
+
 /// The student: the base (quantized for qlora) with a fresh adapter seeded by the run's seed,
 /// or the one in `--init-adapter`.
 fn build_student(
@@ -272,7 +349,7 @@ fn build_student(
     model_dir: &Path,
     config: &TrainConfig,
 ) -> CliResult<LlamaModel> {
-    let mut model = LlamaModel::from_pretrained(model_dir)?;
+    let mut model = load_base(model_dir, args.dequantize_base)?;
     let lora = lora_config(args);
     let seed = config.seed;
     let dense_base = model.linear_modules_mut().all(|(_, lin)| lin.is_dense());
@@ -415,7 +492,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
         .as_ref()
         .map(|t| resolve_model_arg(t, None))
         .transpose()?
-        .map(LlamaModel::from_pretrained)
+        .map(LlamaModel::open)
         .transpose()?;
     let mut trainer = Trainer::new(config.clone(), student, teacher, train, validation)?;
     trainer.set_collective(ranks.collective())?;

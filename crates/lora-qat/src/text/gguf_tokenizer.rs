@@ -401,3 +401,65 @@ pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokeniz
         ))
     })
 }
+
+/// Writes the tokenizer of the GGUF file at `path` as a transformers directory holds it:
+/// `tokenizer.json` (the document [`tokenizer_from_gguf`] builds) and `tokenizer_config.json`
+/// (bos/eos/unk/pad tokens, `add_bos_token`, `chat_template` from `tokenizer.chat_template`),
+/// each written atomically. Returns the files written: none when the file has no tokenizer
+/// (no `tokenizer.ggml.model`).
+///
+/// The pre-tokenizer is llama.cpp's split for `tokenizer.ggml.pre` (the text the model was
+/// trained on was split that way), where transformers' own GGUF conversion uses plain
+/// byte-level splitting; the two agree except where llama.cpp's expressions split further
+/// (SmolLM's single digits, for instance).
+pub fn write_tokenizer_files(path: &Path, out_dir: &Path) -> TextResult<Vec<std::path::PathBuf>> {
+    let file = GgufFile::open(path)?;
+    if file.metadata("tokenizer.ggml.model").is_none() {
+        return Ok(Vec::new());
+    }
+    let name = path.display().to_string();
+    let parts = tokenizer_from_gguf(&file, &name)?;
+    // Checked to build before anything is written.
+    tokenizer_from_json(&parts.tokenizer_json, &name)?;
+    let meta = Meta {
+        file: &file,
+        name: name.clone(),
+    };
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let token = |key: &str| -> TextResult<Option<String>> {
+        Ok(meta
+            .opt_id(key, tokens.len())?
+            .map(|id| tokens[id as usize].clone()))
+    };
+    let mut config = serde_json::Map::new();
+    config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    config.insert("add_bos_token".into(), json!(parts.add_bos_token));
+    for (key, value) in [
+        ("bos_token", parts.bos_token.clone()),
+        ("eos_token", parts.eos_token.clone()),
+        ("unk_token", token("tokenizer.ggml.unknown_token_id")?),
+        ("pad_token", token("tokenizer.ggml.padding_token_id")?),
+    ] {
+        if let Some(v) = value {
+            config.insert(key.into(), json!(v));
+        }
+    }
+    if let Some(template) = &parts.chat_template {
+        config.insert("chat_template".into(), json!(template));
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| TextError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let mut written = Vec::new();
+    for (file_name, doc) in [
+        ("tokenizer.json", parts.tokenizer_json),
+        ("tokenizer_config.json", Value::Object(config)),
+    ] {
+        let out = out_dir.join(file_name);
+        let text = serde_json::to_string_pretty(&doc).expect("JSON value");
+        quant_core::io::write_atomic(&out, text.as_bytes())?;
+        written.push(out);
+    }
+    Ok(written)
+}

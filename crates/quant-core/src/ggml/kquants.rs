@@ -32,7 +32,7 @@ fn f16_round(v: f32) -> f32 {
 }
 
 /// `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of `Q4_K`/`Q5_K`.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -262,6 +262,10 @@ pub(super) fn decode_q3_k(block: &[u8], y: &mut [f32]) {
 /// searches, the 6-bit scales and mins packed into 12 bytes, the two f16 super-scales and the
 /// final codes `L[i] ∈ [0, nmax]`.
 struct Fitted {
+    /// The searches' sub-block scales and minima before their 6-bit quantization (what a
+    /// trainable `Q4_K` grid starts from, `super::qat_k`).
+    scales: [f32; 8],
+    mins: [f32; 8],
     d: [u8; 2],
     dmin: [u8; 2],
     packed: [u8; 12],
@@ -332,25 +336,41 @@ fn fit_q45_k(x: &[f32], p: &Qkx2) -> Fitted {
             l[32 * j + ii] = q as u8;
         }
     }
-    Fitted { d, dmin, packed, l }
+    Fitted {
+        scales,
+        mins,
+        d,
+        dmin,
+        packed,
+        l,
+    }
 }
+
+/// `make_qkx2_quants`' parameters in `quantize_row_q4_K_ref`.
+const Q4_K_SEARCH: Qkx2 = Qkx2 {
+    nmax: 15,
+    rmin: -1.0,
+    rdelta: 0.1,
+    nstep: 20,
+    use_mad: false,
+};
 
 /// `quantize_row_q4_K_ref` for one super-block.
 pub(super) fn encode_q4_k(x: &[f32], out: &mut Vec<u8>) {
-    let p = Qkx2 {
-        nmax: 15,
-        rmin: -1.0,
-        rdelta: 0.1,
-        nstep: 20,
-        use_mad: false,
-    };
-    let f = fit_q45_k(x, &p);
+    let f = fit_q45_k(x, &Q4_K_SEARCH);
     out.extend_from_slice(&f.d);
     out.extend_from_slice(&f.dmin);
     out.extend_from_slice(&f.packed);
     for j in (0..QK_K).step_by(64) {
         out.extend((0..32).map(|k| f.l[j + k] | (f.l[j + k + 32] << 4)));
     }
+}
+
+/// The 8 sub-block scales and minima `quantize_row_q4_K_ref` finds for one super-block,
+/// before it quantizes them to 6 bits against `d = max/63`, `dmin = max/63`.
+pub(super) fn q4_k_float_scales(x: &[f32]) -> ([f32; 8], [f32; 8]) {
+    let f = fit_q45_k(x, &Q4_K_SEARCH);
+    (f.scales, f.mins)
 }
 
 /// `dequantize_row_q4_K` for one super-block.
@@ -432,19 +452,34 @@ pub(super) fn decode_q5_k(block: &[u8], y: &mut [f32]) {
     }
 }
 
-/// `quantize_row_q6_K_ref` for one super-block.
-pub(super) fn encode_q6_k(x: &[f32], out: &mut Vec<u8>) {
-    let mut l = [0i8; QK_K];
+/// The 16 sub-block scales `quantize_row_q6_K_ref` finds for one super-block (signed, before
+/// their 8-bit quantization against `d = −max/128`), with the codes of that search.
+pub(super) fn q6_k_float_scales(x: &[f32], l: &mut [i8; QK_K]) -> [f32; 16] {
     let mut scales = [0.0f32; 16];
-    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
     for ib in 0..16 {
-        let scale = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = scale;
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+    }
+    scales
+}
+
+/// `quantize_row_q6_K_ref`'s super-scale choice: the scale of largest magnitude (the first of
+/// equal ones), and that magnitude.
+pub(super) fn q6_k_max_scale(scales: &[f32; 16]) -> (f32, f32) {
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for &scale in scales {
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = scale;
         }
     }
+    (max_scale, max_abs_scale)
+}
+
+/// `quantize_row_q6_K_ref` for one super-block.
+pub(super) fn encode_q6_k(x: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0i8; QK_K];
+    let scales = q6_k_float_scales(x, &mut l);
+    let (max_scale, max_abs_scale) = q6_k_max_scale(&scales);
     if max_abs_scale < GROUP_MAX_EPS {
         // ggml zeroes the whole block (d = +0).
         out.extend(std::iter::repeat_n(0u8, 210));

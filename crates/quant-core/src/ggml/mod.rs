@@ -33,6 +33,7 @@ use crate::error::{QuantError, Result};
 pub mod kquants;
 pub mod legacy;
 pub mod qat;
+pub mod qat_k;
 pub mod search;
 
 pub use formats::ggml_type::{GgmlType, ALL_TYPES, QK, QK_K};

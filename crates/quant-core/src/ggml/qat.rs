@@ -391,3 +391,98 @@ impl DifferentiableQuantizer for GgmlBlockQuantizer {
         &mut self.params
     }
 }
+
+/// Any trainable ggml grid: the 32-value block types ([`GgmlBlockQuantizer`]) or `Q4_K` /
+/// `Q6_K` ([`super::qat_k::GgmlKQuantizer`]), built from the type alone; what QAT configs
+/// name as `q4_0` … `q6_k` (`crate::config::QuantizerKind`).
+///
+/// ```
+/// use quant_core::ggml::{qat::GgmlQatQuantizer, GgmlType};
+/// assert_eq!(GgmlQatQuantizer::new(GgmlType::Q6_K).unwrap().ggml_type(), GgmlType::Q6_K);
+/// assert!(GgmlQatQuantizer::new(GgmlType::Q3_K).is_err());
+/// ```
+#[derive(Clone, Debug)]
+pub enum GgmlQatQuantizer {
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`.
+    Block(GgmlBlockQuantizer),
+    /// `Q4_K`, `Q6_K`.
+    Super(super::qat_k::GgmlKQuantizer),
+}
+
+impl GgmlQatQuantizer {
+    /// The trainable grid of `ty`; other types are an error naming them.
+    pub fn new(ty: GgmlType) -> Result<Self> {
+        Ok(match ty {
+            GgmlType::Q4_K | GgmlType::Q6_K => {
+                GgmlQatQuantizer::Super(super::qat_k::GgmlKQuantizer::new(ty)?)
+            }
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                GgmlQatQuantizer::Block(GgmlBlockQuantizer::new(ty)?)
+            }
+            other => {
+                return Err(QuantError::invalid(
+                    "ggml type of a trainable grid",
+                    other,
+                    "trainable ggml grids exist for q4_0, q4_1, q5_0, q5_1, q8_0, q4_k and q6_k",
+                ))
+            }
+        })
+    }
+
+    /// The ggml type the blocks are stored in.
+    pub fn ggml_type(&self) -> GgmlType {
+        match self {
+            GgmlQatQuantizer::Block(q) => q.ggml_type(),
+            GgmlQatQuantizer::Super(q) => q.ggml_type(),
+        }
+    }
+
+    /// The blocks of `w` with the current parameters in ggml's layout, decoding bit for bit
+    /// to the forward's fake-quant weights.
+    pub fn export_blocks(&mut self, w: ArrayView2<'_, f32>) -> Result<Vec<u8>> {
+        match self {
+            GgmlQatQuantizer::Block(q) => q.export_blocks(w),
+            GgmlQatQuantizer::Super(q) => q.export_blocks(w),
+        }
+    }
+
+    fn inner(&self) -> &dyn DifferentiableQuantizer {
+        match self {
+            GgmlQatQuantizer::Block(q) => q,
+            GgmlQatQuantizer::Super(q) => q,
+        }
+    }
+
+    fn inner_mut(&mut self) -> &mut dyn DifferentiableQuantizer {
+        match self {
+            GgmlQatQuantizer::Block(q) => q,
+            GgmlQatQuantizer::Super(q) => q,
+        }
+    }
+}
+
+impl DifferentiableQuantizer for GgmlQatQuantizer {
+    fn bits(&self) -> u32 {
+        self.inner().bits()
+    }
+
+    fn init_from_weights(&mut self, w: ArrayView2<'_, f32>, method: InitMethod) -> Result<()> {
+        self.inner_mut().init_from_weights(w, method)
+    }
+
+    fn forward(&mut self, w: ArrayView2<'_, f32>) -> Result<QuantizerOutput> {
+        self.inner_mut().forward(w)
+    }
+
+    fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads> {
+        self.inner_mut().backward(grad_output)
+    }
+
+    fn params(&self) -> &[f32] {
+        self.inner().params()
+    }
+
+    fn params_mut(&mut self) -> &mut [f32] {
+        self.inner_mut().params_mut()
+    }
+}

@@ -1,0 +1,297 @@
+//! The config of a GGUF model file's family from its metadata (`config.json` as transformers'
+//! GGUF loading derives it; docs/FORMATS.md lists the keys), for [`crate::gguf_model`].
+
+use quant_core::gguf::{GgufArray, GgufFile, GgufValue};
+use serde_json::{json, Map, Value};
+
+use crate::error::{LmError, Result};
+use crate::family::Family;
+use crate::gguf_model::gguf_err;
+
+/// The family of `general.architecture` (Mistral is `llama` in GGUF, told apart by name).
+pub(crate) fn family_of(file: &GgufFile, arch: &str) -> Result<Family> {
+    Ok(match arch {
+        "llama" => {
+            let name = file.metadata_str("general.name").unwrap_or("");
+            if name.to_lowercase().contains("mistral") {
+                Family::Mistral
+            } else {
+                Family::Llama
+            }
+        }
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "gemma2" => Family::Gemma2,
+        "gemma3" => Family::Gemma3,
+        "phi3" => Family::Phi3,
+        other => {
+            return Err(gguf_err(
+                file,
+                "general.architecture",
+                format!("{other:?} is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)"),
+            ))
+        }
+    })
+}
+
+/// Reads metadata values of one file, erring with the key.
+struct Meta<'a> {
+    file: &'a GgufFile,
+    arch: &'a str,
+}
+
+impl Meta<'_> {
+    fn key(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.arch)
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.file.metadata(key) {
+            None => Ok(None),
+            Some(GgufValue::Array(a)) => {
+                // Per-layer values (llama.cpp allows them): only a uniform one is a config.
+                let values: Vec<u64> = match a {
+                    GgufArray::U32(v) => v.iter().map(|&x| x.into()).collect(),
+                    GgufArray::I32(v) => v
+                        .iter()
+                        .map(|&x| u64::try_from(x).unwrap_or(u64::MAX))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                match values.first() {
+                    Some(&first) if values.iter().all(|&x| x == first) => Ok(Some(first as usize)),
+                    _ => Err(gguf_err(
+                        self.file,
+                        key,
+                        format!("per-layer values {} are not supported", a.len()),
+                    )),
+                }
+            }
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| gguf_err(self.file, key, format!("expected an integer, got {v:?}"))),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| gguf_err(self.file, key, "missing"))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.file.metadata(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| gguf_err(self.file, key, format!("expected a float, got {v:?}"))),
+        }
+    }
+}
+
+/// The family's `config.json` from the metadata: transformers' `GGUF_CONFIG_MAPPING` keys,
+/// token ids from `tokenizer.ggml.*`, `tie_word_embeddings` from the absence of `output.weight`.
+pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result<Value> {
+    let m = Meta { file, arch };
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    let hidden = m.usize(&m.key("embedding_length"))?;
+    let heads = m.usize(&m.key("attention.head_count"))?;
+    let kv_heads = m
+        .opt_usize(&m.key("attention.head_count_kv"))?
+        .unwrap_or(heads);
+    let layers = m.usize(&m.key("block_count"))?;
+    if heads == 0 {
+        return Err(gguf_err(file, &m.key("attention.head_count"), "is 0"));
+    }
+    let rope_dim = m.opt_usize(&m.key("rope.dimension_count"))?;
+    let head_dim = match m.opt_usize(&m.key("attention.key_length"))? {
+        Some(k) => k,
+        None if matches!(family, Family::Llama | Family::Mistral) && rope_dim.is_some() => {
+            rope_dim.unwrap_or(0)
+        }
+        None => hidden / heads,
+    };
+    if let Some(r) = rope_dim {
+        if r != head_dim {
+            return Err(LmError::Gguf {
+                path: file.path.clone(),
+                key: m.key("rope.dimension_count"),
+                reason: format!(
+                    "{r} rotary dimensions for heads of {head_dim}: partial rotary embeddings \
+                     are not implemented"
+                ),
+            });
+        }
+    }
+    if let Some(v) = m.opt_usize(&m.key("attention.value_length"))? {
+        if v != head_dim {
+            return Err(gguf_err(
+                file,
+                &m.key("attention.value_length"),
+                format!("{v} differs from the key length {head_dim}"),
+            ));
+        }
+    }
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| gguf_err(file, "token_embd.weight", "missing"))?;
+    let vocab = match m.opt_usize(&m.key("vocab_size"))? {
+        Some(v) => v,
+        None => embd.shape[0],
+    };
+    let theta = m.opt_f64(&m.key("rope.freq_base"))?.unwrap_or(10000.0);
+    let eps = m
+        .opt_f64(&m.key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| gguf_err(file, &m.key("attention.layer_norm_rms_epsilon"), "missing"))?;
+    let scaling = rope_scaling(&m)?;
+
+    let mut c = Map::new();
+    c.insert("architectures".into(), json!([family.architecture()]));
+    c.insert("model_type".into(), json!(family.model_type()));
+    if let Some(name) = file.metadata_str("general.name") {
+        c.insert("_model_name_or_path".into(), json!(name));
+    }
+    c.insert("hidden_size".into(), json!(hidden));
+    c.insert(
+        "intermediate_size".into(),
+        json!(m.usize(&m.key("feed_forward_length"))?),
+    );
+    c.insert("num_hidden_layers".into(), json!(layers));
+    c.insert("num_attention_heads".into(), json!(heads));
+    c.insert("num_key_value_heads".into(), json!(kv_heads));
+    c.insert("head_dim".into(), json!(head_dim));
+    c.insert("rms_norm_eps".into(), json!(eps));
+    c.insert(
+        "max_position_embeddings".into(),
+        json!(m.usize(&m.key("context_length"))?),
+    );
+    c.insert("vocab_size".into(), json!(vocab));
+    c.insert(
+        "tie_word_embeddings".into(),
+        json!(file.tensor("output.weight").is_none()),
+    );
+    if gemma {
+        c.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    } else {
+        c.insert("hidden_act".into(), json!("silu"));
+    }
+    if family == Family::Gemma3 {
+        // transformers 4's Gemma 3 layout: global rope + scaling, local base 10000 (what
+        // llama.cpp uses for the sliding layers).
+        c.insert("rope_theta".into(), json!(theta));
+        c.insert("rope_scaling".into(), scaling.unwrap_or(Value::Null));
+        c.insert("rope_local_base_freq".into(), json!(10000.0));
+    } else {
+        let mut rope = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
+        rope["rope_theta"] = json!(theta);
+        c.insert("rope_parameters".into(), rope);
+    }
+    if matches!(family, Family::Llama | Family::Mistral) {
+        let has = |t: &str| file.tensor(t).is_some();
+        c.insert("attention_bias".into(), json!(has("blk.0.attn_q.bias")));
+        c.insert("mlp_bias".into(), json!(has("blk.0.ffn_gate.bias")));
+    }
+    if let Some(w) = m.opt_usize(&m.key("attention.sliding_window"))? {
+        if w > 0
+            && matches!(
+                family,
+                Family::Mistral | Family::Phi3 | Family::Gemma2 | Family::Gemma3
+            )
+        {
+            c.insert("sliding_window".into(), json!(w));
+        }
+    } else if gemma {
+        return Err(gguf_err(
+            file,
+            &m.key("attention.sliding_window"),
+            "missing",
+        ));
+    }
+    if gemma {
+        // llama.cpp scales scores by 1/√head_dim, except for the 27B models (46 / 62 layers)
+        // which use 1/√(hidden/heads).
+        let big = (family == Family::Gemma2 && layers == 46)
+            || (family == Family::Gemma3 && layers == 62);
+        let scalar = if big { hidden / heads } else { head_dim };
+        c.insert("query_pre_attn_scalar".into(), json!(scalar));
+    }
+    if family == Family::Gemma2 {
+        for (key, default) in [
+            ("attn_logit_softcapping", 50.0),
+            ("final_logit_softcapping", 30.0),
+        ] {
+            let v = m.opt_f64(&m.key(key))?.unwrap_or(default);
+            c.insert(key.into(), json!(v));
+        }
+    }
+    if family == Family::Gemma3 {
+        if let Some(v) = m.opt_f64(&m.key("final_logit_softcapping"))? {
+            c.insert("final_logit_softcapping".into(), json!(v));
+        }
+        let key = m.key("attention.sliding_window_pattern");
+        match file.metadata(&key) {
+            None => {
+                c.insert("sliding_window_pattern".into(), json!(6));
+            }
+            Some(GgufValue::Array(GgufArray::Other(7, flags))) => {
+                let types: Vec<Value> = flags
+                    .iter()
+                    .map(|f| match f {
+                        GgufValue::Bool(true) => json!("sliding_attention"),
+                        _ => json!("full_attention"),
+                    })
+                    .collect();
+                c.insert("layer_types".into(), Value::Array(types));
+            }
+            Some(v) => match v.as_u64() {
+                Some(p) => {
+                    c.insert("sliding_window_pattern".into(), json!(p));
+                }
+                None => return Err(gguf_err(file, &key, format!("unexpected value {v:?}"))),
+            },
+        }
+    }
+    for (gguf_key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
+    ] {
+        if let Some(id) = m.opt_usize(gguf_key)? {
+            c.insert(hf_key.into(), json!(id));
+        }
+    }
+    Ok(Value::Object(c))
+}
+
+/// `{arch}.rope.scaling.*` as a transformers rope dict (`None`: no scaling).
+fn rope_scaling(m: &Meta<'_>) -> Result<Option<Value>> {
+    let key = m.key("rope.scaling.type");
+    let kind = match m.file.metadata(&key) {
+        None => return Ok(None),
+        Some(GgufValue::String(s)) => s.as_str(),
+        Some(v) => {
+            return Err(gguf_err(
+                m.file,
+                &key,
+                format!("expected a string, got {v:?}"),
+            ))
+        }
+    };
+    match kind {
+        "none" => Ok(None),
+        "linear" => {
+            let factor_key = m.key("rope.scaling.factor");
+            let factor = m
+                .opt_f64(&factor_key)?
+                .ok_or_else(|| gguf_err(m.file, &factor_key, "missing for linear scaling"))?;
+            Ok(Some(json!({"rope_type": "linear", "factor": factor})))
+        }
+        other => Err(gguf_err(
+            m.file,
+            &key,
+            format!("{other:?} is not implemented for GGUF sources (none, linear)"),
+        )),
+    }
+}
