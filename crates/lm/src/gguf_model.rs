@@ -31,7 +31,7 @@
 //! assert_eq!(source.config().num_key_value_heads, 2);
 //! let from_gguf = source.load_dequantized().unwrap();
 //! let from_dir = LlamaModel::from_pretrained(base).unwrap();
-//! assert_eq!(from_gguf.embed_tokens().value, from_dir.embed_tokens().value);
+//! assert_eq!(from_gguf.embed_tokens().value(), from_dir.embed_tokens().value());
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
