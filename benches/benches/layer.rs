@@ -6,7 +6,8 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use lora_core::config::InitLoraWeights;
 use lora_core::qat::{LoraQatLinear, QatMode};
-use lora_core::qlora::{Nf4Options, QLoraLinear};
+use lora_core::qlora::Nf4Options;
+use lora_core::QLoraLinear;
 use lora_core::{AdapterOptions, LoraLinear};
 use ndarray::Array2;
 use quant_core::config::{QatConfig, QuantizerKind};

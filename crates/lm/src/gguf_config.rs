@@ -6,7 +6,6 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{LmError, Result};
 use crate::family::Family;
-use crate::gguf_model::gguf_err;
 
 /// The family of `general.architecture` (Mistral is `llama` in GGUF, told apart by name).
 pub(crate) fn family_of(file: &GgufFile, arch: &str) -> Result<Family> {
@@ -293,5 +292,14 @@ fn rope_scaling(m: &Meta<'_>) -> Result<Option<Value>> {
             &key,
             format!("{other:?} is not implemented for GGUF sources (none, linear)"),
         )),
+    }
+}
+
+/// An error about metadata `key` of `file` (named with its path).
+pub(crate) fn gguf_err(file: &GgufFile, key: &str, reason: impl Into<String>) -> LmError {
+    LmError::Gguf {
+        path: file.path.clone(),
+        key: key.to_string(),
+        reason: reason.into(),
     }
 }

@@ -48,7 +48,7 @@ use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::family::Family;
 use crate::gguf::names::{FamilyNames, HeadGroup, Transform};
-use crate::gguf_config::{config_json, family_of};
+use crate::gguf_config::{config_json, family_of, gguf_err};
 use crate::linear::LinearModule;
 use crate::model::LlamaModel;
 use crate::source::ModelSource;
@@ -386,14 +386,6 @@ impl ModelSource for GgufSource<'_> {
                 Ok(LinearModule::dense(w, bias))
             }
         }
-    }
-}
-
-pub(crate) fn gguf_err(file: &GgufFile, key: &str, reason: impl Into<String>) -> LmError {
-    LmError::Gguf {
-        path: file.path.clone(),
-        key: key.to_string(),
-        reason: reason.into(),
     }
 }
 

@@ -277,7 +277,7 @@ fn a_frozen_ggml_module_forward_and_backward_use_the_decoded_weight() {
     module
         .forward(x.view(), y.slice_mut(ndarray::s![.., 1..6]), true)
         .unwrap();
-    let expected = x.dot(&decoded.t()) + &bias.view().insert_axis(Axis(0)) + 1.0;
+    let expected = x.dot(&decoded.t()) + bias.view().insert_axis(Axis(0)) + 1.0;
     let diff = max_diff(
         y.slice(ndarray::s![.., 1..6]).into_dyn(),
         expected.view().into_dyn(),
