@@ -24,8 +24,12 @@ fn arch_dir(family: &str) -> PathBuf {
         .join(family)
 }
 
+/// A fresh directory per call: tests run in parallel threads of one process, and two of them
+/// editing the same base must not share (and delete) each other's copy.
 fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lm-gguf-fam-{tag}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lm-gguf-fam-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
