@@ -20,7 +20,8 @@ pub struct MemoryReport {
     pub adapter_bytes: usize,
     /// Bytes of gradient buffers: trainable base parameters and every adapter.
     pub gradient_bytes: usize,
-    /// Scalars of the base stored quantized (NF4 projections), a part of `base_parameters`.
+    /// Scalars of the base stored quantized (NF4 or ggml-block projections), a part of
+    /// `base_parameters`.
     pub quantized_base_parameters: usize,
     /// Bytes of those quantized tensors (codes, block scales, double quantization's
     /// second-level scales and maps), a part of the base bytes.
@@ -118,7 +119,7 @@ impl std::fmt::Display for MemoryReport {
         if let Some(figure) = self.qlora_bytes_per_parameter() {
             write!(
                 f,
-                "\nQLoRA bytes per quantized base parameter (NF4 + double quant + adapters): \
+                "\nQLoRA bytes per quantized base parameter (quantized projections + their adapters): \
                  {figure:.4}"
             )?;
         }
