@@ -130,6 +130,39 @@ impl Grid {
         }
     }
 }
+/// What both ggml grids check before ggml's own quantizer initialises them: the init method
+/// (only absmax, i.e. ggml's search), rows that are whole `block`s (naming llama.cpp's
+/// fallback type otherwise) and finite values; returns the weight's values in row order.
+/// `kind` names the quantizer in errors ("block", "super-block").
+pub(super) fn checked_init_weights(
+    ty: GgmlType,
+    kind: &str,
+    block: usize,
+    w: ArrayView2<'_, f32>,
+    method: InitMethod,
+) -> Result<Vec<f32>> {
+    if method != InitMethod::Absmax {
+        return Err(QuantError::invalid(
+            format!("init method of the {ty} {kind} quantizer"),
+            format!("{method:?}"),
+            "a ggml grid initialises with ggml's own quantizer (use absmax)",
+        ));
+    }
+    let (rows, cols) = w.dim();
+    if rows == 0 || cols == 0 || cols % block != 0 {
+        let hint = super::fallback_type(ty, cols.max(1))
+            .map(|f| format!("llama.cpp stores such rows as {f}"))
+            .unwrap_or_else(|e| e.to_string());
+        return Err(QuantError::shape(
+            format!("{ty} {kind} quantizer weight"),
+            format!("non-empty rows of a multiple of {block} values ({hint})"),
+            format!("{:?}", w.dim()),
+        ));
+    }
+    let data: Vec<f32> = w.iter().copied().collect();
+    check_finite(&format!("{ty} {kind} quantizer weight"), &data)?;
+    Ok(data)
+}
 
 fn f16_round(v: f32) -> f32 {
     f16::from_f32(v).to_f32()
@@ -256,26 +289,8 @@ impl DifferentiableQuantizer for GgmlBlockQuantizer {
     /// ggml's reference quantizer: θ = its `f32` `d` (and `m = min`) of every block.
     /// `MseClipSearch` is refused: the grid's initialisation is ggml's own.
     fn init_from_weights(&mut self, w: ArrayView2<'_, f32>, method: InitMethod) -> Result<()> {
-        if method != InitMethod::Absmax {
-            return Err(QuantError::invalid(
-                format!("init method of the {} block quantizer", self.ty),
-                format!("{method:?}"),
-                "a ggml grid initialises with ggml's own quantizer (use absmax)",
-            ));
-        }
+        let data = checked_init_weights(self.ty, "block", QK, w, method)?;
         let (rows, cols) = w.dim();
-        if rows == 0 || cols == 0 || cols % QK != 0 {
-            let hint = super::fallback_type(self.ty, cols.max(1))
-                .map(|f| format!("llama.cpp stores such rows as {f}"))
-                .unwrap_or_else(|e| e.to_string());
-            return Err(QuantError::shape(
-                format!("{} block quantizer weight", self.ty),
-                format!("non-empty rows of a multiple of {QK} values ({hint})"),
-                format!("{:?}", w.dim()),
-            ));
-        }
-        let data: Vec<f32> = w.iter().copied().collect();
-        check_finite(&format!("{} block quantizer weight", self.ty), &data)?;
         let nb = data.len() / QK;
         let mut d = Vec::with_capacity(nb);
         let mut m = Vec::with_capacity(if self.grid.has_min { nb } else { 0 });

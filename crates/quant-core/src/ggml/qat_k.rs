@@ -307,26 +307,8 @@ impl DifferentiableQuantizer for GgmlKQuantizer {
     /// ggml's reference search: θ = the sub-block scales (and minima) it finds.
     /// `MseClipSearch` is refused: the grid's initialisation is ggml's own.
     fn init_from_weights(&mut self, w: ArrayView2<'_, f32>, method: InitMethod) -> Result<()> {
-        if method != InitMethod::Absmax {
-            return Err(QuantError::invalid(
-                format!("init method of the {} super-block quantizer", self.ty),
-                format!("{method:?}"),
-                "a ggml grid initialises with ggml's own quantizer (use absmax)",
-            ));
-        }
+        let data = super::qat::checked_init_weights(self.ty, "super-block", QK_K, w, method)?;
         let (rows, cols) = w.dim();
-        if rows == 0 || cols == 0 || cols % QK_K != 0 {
-            let hint = super::fallback_type(self.ty, cols.max(1))
-                .map(|f| format!("llama.cpp stores such rows as {f}"))
-                .unwrap_or_else(|e| e.to_string());
-            return Err(QuantError::shape(
-                format!("{} super-block quantizer weight", self.ty),
-                format!("non-empty rows of a multiple of {QK_K} values ({hint})"),
-                format!("{:?}", w.dim()),
-            ));
-        }
-        let data: Vec<f32> = w.iter().copied().collect();
-        check_finite(&format!("{} super-block quantizer weight", self.ty), &data)?;
         let nb = data.len() / QK_K;
         let mut scales = Vec::with_capacity(nb * 16);
         let mut mins = Vec::new();
