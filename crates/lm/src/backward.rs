@@ -149,6 +149,8 @@ impl LlamaModel {
         )?;
 
         let tables = self.rope_tables(0, pass.rope_len, pass.rope_len)?;
+        // The precision of the pass's products (the modules carry the same one).
+        let dtype = self.compute_dtype;
         let shape = AttentionShape {
             batch,
             seq,
@@ -187,7 +189,8 @@ impl LlamaModel {
             )?,
             None => {
                 let (embed, embed_grad) = self.embed_tokens.value_and_grad_mut();
-                quant_core::linalg::gemm(
+                quant_core::linalg::gemm_in(
+                    dtype,
                     1.0,
                     grad_logits,
                     embed.view(),
@@ -195,7 +198,8 @@ impl LlamaModel {
                     grad_normed.view_mut(),
                 )?;
                 if let Some(g) = embed_grad {
-                    quant_core::linalg::gemm(
+                    quant_core::linalg::gemm_in(
+                        dtype,
                         1.0,
                         grad_logits.t(),
                         pass.normed_final.view(),
@@ -230,7 +234,7 @@ impl LlamaModel {
             let x_in = pass.residuals.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer residual streams than layers".into(),
             })?;
-            let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
+            let ctx = Self::layer_context(&c, i, &pass.positions, &tables, dtype);
             layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?;
             if i > 0 {
                 add_hidden_grads(i - 1, &mut grad_x);

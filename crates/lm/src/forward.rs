@@ -305,6 +305,7 @@ impl LlamaModel {
         i: usize,
         positions: &'a [usize],
         tables: &'a [RopeTable],
+        compute_dtype: quant_core::linalg::ComputeDtype,
     ) -> LayerContext<'a> {
         let arch = &config.architecture;
         let layer = &arch.layers[i];
@@ -319,6 +320,7 @@ impl LlamaModel {
             positions,
             rope: &tables[layer.rope],
             sliding_window: layer.sliding_window,
+            compute_dtype,
         }
     }
 
@@ -358,7 +360,8 @@ impl LlamaModel {
         let cap = c.architecture.final_softcap;
         match &mut self.lm_head {
             Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
-            None => quant_core::linalg::gemm(
+            None => quant_core::linalg::gemm_in(
+                self.compute_dtype,
                 1.0,
                 normed.view(),
                 self.embed_tokens.value().t(),
@@ -402,6 +405,8 @@ impl LlamaModel {
         let rope_len = positions.iter().copied().max().unwrap_or(0) + 1;
         self.passes.0 += 1;
         let serial = self.passes.0;
+        self.sync_compute_dtype();
+        let dtype = self.compute_dtype;
         let c = self.config.clone();
         let tables = self.rope_tables(0, rope_len, rope_len)?;
         let shape = AttentionShape {
@@ -422,7 +427,7 @@ impl LlamaModel {
         let mut saved = Vec::with_capacity(c.num_hidden_layers);
         let mut recorded = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let ctx = Self::layer_context(&c, i, &positions, &tables);
+            let ctx = Self::layer_context(&c, i, &positions, &tables, dtype);
             let (x_out, acts) = layer_forward(layer, &ctx, &x, KeysFrom::Batch { shape, mask })?;
             let x_in = std::mem::replace(&mut x, x_out);
             if keep_activations {

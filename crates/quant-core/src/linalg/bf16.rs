@@ -17,6 +17,10 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::error::{QuantError, Result};
 
+/// The environment variable that forces a bf16 kernel for the whole process
+/// ([`Bf16Kernel::selected`]).
+pub const BF16_KERNEL_ENV: &str = "LORA_QAT_BF16_KERNEL";
+
 /// Which bf16 kernel runs a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Kernel {
@@ -33,6 +37,35 @@ impl Bf16Kernel {
             Self::Avx512Bf16
         } else {
             Self::Portable
+        }
+    }
+
+    /// The kernel [`super::gemm_in`] runs: [`Bf16Kernel::detect`]'s, unless the environment
+    /// variable [`BF16_KERNEL_ENV`] names one (`portable` or `avx512bf16`) — how a test or a
+    /// benchmark runs a whole model on the portable kernel of an AVX512-BF16 machine. Read
+    /// once per process. An unknown name, or a kernel the CPU lacks, is an error naming it.
+    pub fn selected() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<Bf16Kernel, String>> =
+            std::sync::OnceLock::new();
+        let choice = CHOICE.get_or_init(|| match std::env::var(BF16_KERNEL_ENV) {
+            Err(_) => Ok(Self::detect()),
+            Ok(name) => [Self::Avx512Bf16, Self::Portable]
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or(name),
+        });
+        match choice {
+            Ok(kernel) if kernel.is_available() => Ok(*kernel),
+            Ok(kernel) => Err(QuantError::invalid(
+                BF16_KERNEL_ENV,
+                kernel.name(),
+                "this CPU lacks AVX512-BF16",
+            )),
+            Err(name) => Err(QuantError::invalid(
+                BF16_KERNEL_ENV,
+                name,
+                "supported: avx512bf16, portable (or unset: the fastest this CPU has)",
+            )),
         }
     }
 
