@@ -223,6 +223,7 @@ impl Trainer {
             ));
         }
         student.set_training(true);
+        student.set_compute_dtype(config.compute_dtype);
         let quant_layers = student
             .linear_modules_mut()
             .filter(|(_, lin)| matches!(lin, LinearModule::Qat(_)))
@@ -230,6 +231,7 @@ impl Trainer {
         if let Some(t) = teacher.as_mut() {
             t.set_training(false);
             t.set_base_trainable(false);
+            t.set_compute_dtype(config.compute_dtype);
         }
         let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
         let micro_batches = config

@@ -62,6 +62,10 @@ pub struct BenchTrainArgs {
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
     pub dequantize_base: bool,
+    /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
@@ -164,6 +168,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         .collect();
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
+    model.set_compute_dtype(args.compute_dtype);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
@@ -186,7 +191,11 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         (None, _) if args.qlora => "qlora",
         (None, _) => "lora",
     };
-    let bench = format!("train_{kind}_r{}", s.rank);
+    // bf16 rows are named apart (`train_lora_r16_bf16`); f32 rows keep their names.
+    let bench = match args.compute_dtype {
+        quant_core::linalg::ComputeDtype::F32 => format!("train_{kind}_r{}", s.rank),
+        dtype => format!("train_{kind}_r{}_{}", s.rank, dtype.name()),
+    };
     let memory = model.memory_report();
     let qlora_bytes = memory.qlora_bytes_per_parameter();
     if args.json {
@@ -195,6 +204,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "tokens_per_s": tokens_per_s,
             "ms_per_step": ms_per_step,
             "runs": args.runs,
+            "compute_dtype": args.compute_dtype.name(),
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
