@@ -45,28 +45,35 @@ impl Bf16Kernel {
     /// benchmark runs a whole model on the portable kernel of an AVX512-BF16 machine. Read
     /// once per process. An unknown name, or a kernel the CPU lacks, is an error naming it.
     pub fn selected() -> Result<Self> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<Bf16Kernel, String>> =
-            std::sync::OnceLock::new();
-        let choice = CHOICE.get_or_init(|| match std::env::var(BF16_KERNEL_ENV) {
-            Err(_) => Ok(Self::detect()),
-            Ok(name) => [Self::Avx512Bf16, Self::Portable]
-                .into_iter()
-                .find(|k| k.name() == name)
-                .ok_or(name),
-        });
-        match choice {
-            Ok(kernel) if kernel.is_available() => Ok(*kernel),
-            Ok(kernel) => Err(QuantError::invalid(
-                BF16_KERNEL_ENV,
-                kernel.name(),
-                "this CPU lacks AVX512-BF16",
-            )),
-            Err(name) => Err(QuantError::invalid(
+        static CHOICE: std::sync::OnceLock<Result<Bf16Kernel>> = std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| Self::from_env_value(std::env::var(BF16_KERNEL_ENV).ok().as_deref()))
+            .clone()
+    }
+
+    /// The kernel a value of [`BF16_KERNEL_ENV`] asks for (`None`: unset, the fastest).
+    fn from_env_value(value: Option<&str>) -> Result<Self> {
+        let Some(name) = value else {
+            return Ok(Self::detect());
+        };
+        let kernel = [Self::Avx512Bf16, Self::Portable]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                QuantError::invalid(
+                    BF16_KERNEL_ENV,
+                    name,
+                    "supported: avx512bf16, portable (or unset: the fastest this CPU has)",
+                )
+            })?;
+        if !kernel.is_available() {
+            return Err(QuantError::invalid(
                 BF16_KERNEL_ENV,
                 name,
-                "supported: avx512bf16, portable (or unset: the fastest this CPU has)",
-            )),
+                "this CPU lacks AVX512-BF16",
+            ));
         }
+        Ok(kernel)
     }
 
     /// Whether this CPU can run the kernel.
@@ -542,6 +549,25 @@ mod tests {
             let v = f32::from_bits(bits);
             prop_assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits() as u32);
         }
+    }
+
+    #[test]
+    fn the_environment_chooses_a_kernel_by_name() {
+        assert_eq!(
+            Bf16Kernel::from_env_value(None).unwrap(),
+            Bf16Kernel::detect()
+        );
+        assert_eq!(
+            Bf16Kernel::from_env_value(Some("portable")).unwrap(),
+            Bf16Kernel::Portable
+        );
+        let e = Bf16Kernel::from_env_value(Some("amx")).unwrap_err();
+        assert!(
+            e.to_string().contains(BF16_KERNEL_ENV) && e.to_string().contains("amx"),
+            "{e}"
+        );
+        let avx = Bf16Kernel::from_env_value(Some("avx512bf16"));
+        assert_eq!(avx.is_ok(), Bf16Kernel::Avx512Bf16.is_available());
     }
 
     #[test]
