@@ -9,7 +9,7 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
 * training on the SmolLM2-135M shape (LoRA r=8 on 7 projections, batch 4×128): PyTorch+PEFT
   f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
   `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
-  small).
+  small), and `lora-qat bench train --compute-dtype bf16` against the bf16 autocast row.
 """
 
 import json
@@ -147,7 +147,7 @@ def ours_json(*args):
     return [json.loads(l) for l in ours(*args).splitlines() if l.startswith("{")]
 
 
-def ours_train(qlora):
+def ours_train(qlora, dtype="f32"):
     args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--hidden", 576,
             "--intermediate", 1536, "--layers", 30, "--heads", 9, "--vocab", 49152,
             "--rank", 8, "--runs", TRAIN_RUNS]
@@ -155,6 +155,10 @@ def ours_train(qlora):
         args += ["--kv-heads", 3]
     if qlora:
         args.append("--qlora")
+    if dtype != "f32":
+        if "--compute-dtype" not in ours_help("bench", "train"):
+            return None
+        args += ["--compute-dtype", dtype]
     return ours_json(*args)[0]["tokens_per_s"]
 
 
@@ -173,9 +177,13 @@ if __name__ == "__main__":
     kv_note = "" if "--kv-heads" in ours_help("bench", "train") else \
         "; ours with 9 kv heads (bench train has no --kv-heads), PyTorch the real 3"
     f32_ours = ours_train(qlora=False)
+    torch_tps = {mode: torch_train(mode) for mode in ("f32", "bf16")}
     for mode, label in [("f32", "PEFT f32 eager"), ("bf16", "PEFT bf16 autocast")]:
-        emit(f"train SmolLM2-135M shape: ours f32 vs {label}", f32_ours, torch_train(mode), "tokens/s",
+        emit(f"train SmolLM2-135M shape: ours f32 vs {label}", f32_ours, torch_tps[mode], "tokens/s",
              "LoRA r=8 x7, batch 4x128" + kv_note)
+    emit("train SmolLM2-135M shape: ours --compute-dtype bf16 vs PEFT bf16 autocast",
+         ours_train(qlora=False, dtype="bf16"), torch_tps["bf16"], "tokens/s",
+         "LoRA r=8 x7, batch 4x128; bf16 operands, f32 sums and master weights" + kv_note)
     try:
         bnb_tps = torch_train("qlora")
         note = ""

@@ -33,9 +33,12 @@ pub struct BenchTrainArgs {
     /// Decoder layers.
     #[arg(long, default_value_t = 8)]
     pub layers: usize,
-    /// Attention heads (key/value heads are the same number).
+    /// Attention heads.
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; must divide --heads); default --heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Vocabulary size.
     #[arg(long, default_value_t = 4096)]
     pub vocab: usize,
@@ -57,7 +60,7 @@ pub struct BenchTrainArgs {
     /// options; --batch, --seq, --rank and --runs apply): the projections stay in the file's
     /// quantized blocks as frozen bases, and the report adds the base's resident bytes, the
     /// file's tensor bytes and the process's peak resident memory.
-    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "vocab"])]
+    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"])]
     pub model: Option<std::path::PathBuf>,
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
@@ -84,6 +87,7 @@ struct Sizes {
     intermediate: usize,
     layers: usize,
     heads: usize,
+    kv_heads: usize,
     vocab: usize,
     rank: usize,
 }
@@ -97,6 +101,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
             intermediate: 64,
             layers: 2,
             heads: 4,
+            kv_heads: 4,
             vocab: 64,
             rank: 4,
         };
@@ -111,6 +116,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
         intermediate,
         layers: args.layers,
         heads: args.heads,
+        kv_heads: args.kv_heads.unwrap_or(args.heads),
         vocab: args.vocab,
         rank: args.rank,
     }
@@ -150,7 +156,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                 s.intermediate,
                 s.layers,
                 s.heads,
-                s.heads,
+                s.kv_heads,
             )?;
             config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
             let mut model = LlamaModel::random(config, 0)?;
@@ -255,17 +261,23 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             return Ok(());
         }
         println!(
-            "(random Llama: width {}, {} layers, {} heads, MLP {}, vocab {}; batch {} × seq {}; \
-             LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",
+            "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
+             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}; forward + loss + \
+             backward, median step)",
             s.hidden,
             s.layers,
             s.heads,
+            s.kv_heads,
             s.intermediate,
             s.vocab,
             s.batch,
             s.seq,
             s.rank,
-            if args.qlora { " over NF4 bases" } else { "" }
+            if args.qlora { " over NF4 bases" } else { "" },
+            match args.compute_dtype {
+                quant_core::linalg::ComputeDtype::F32 => String::new(),
+                dtype => format!(", {} products", dtype.name()),
+            }
         );
         if let Some(bytes) = qlora_bytes {
             println!(
