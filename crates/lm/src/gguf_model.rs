@@ -51,6 +51,7 @@ use crate::gguf::names::{FamilyNames, HeadGroup, Transform};
 use crate::gguf_config::{config_json, family_of, gguf_err};
 use crate::linear::LinearModule;
 use crate::model::LlamaModel;
+use crate::rope::RopeScaling;
 use crate::source::ModelSource;
 
 /// Whether `path` is a file that starts with the GGUF magic.
@@ -77,6 +78,9 @@ pub struct GgufModelFile {
     /// Hugging Face tensor name → (GGUF tensor name, how its values were changed), for every
     /// tensor of the file (from the one table, [`FamilyNames`]).
     names: BTreeMap<String, (String, Transform)>,
+    /// `rope_freqs` divisors no Llama 3 parameters regenerate (the config's rope is then
+    /// [`RopeScaling::Factors`] and `config_json` cannot state it).
+    explicit_rope_factors: Option<Vec<f32>>,
 }
 
 impl GgufModelFile {
@@ -93,12 +97,8 @@ impl GgufModelFile {
         let mut names = BTreeMap::new();
         for info in &file.tensors {
             if table.extra(&info.name).is_some() {
-                return Err(gguf_err(
-                    &file,
-                    &info.name,
-                    "per-frequency rotary factors (Llama 3 / LongRoPE scaling) are not \
-                     implemented for GGUF sources",
-                ));
+                // Per-frequency rope tensors: read into the config (`gguf_config`).
+                continue;
             }
             let mapped = table.to_hf(&info.name).ok_or_else(|| {
                 gguf_err(
@@ -109,12 +109,22 @@ impl GgufModelFile {
             })?;
             names.insert(mapped.name, (info.name.clone(), mapped.transform));
         }
-        let config_json = config_json(&file, &arch, family)?;
-        let config = LlamaConfig::from_json_value(&config_json).map_err(|e| LmError::Gguf {
+        let derived = config_json(&file, &arch, family)?;
+        let config_json = derived.json;
+        let mut config = LlamaConfig::from_json_value(&config_json).map_err(|e| LmError::Gguf {
             path: file.path.clone(),
             key: format!("{arch}.*"),
             reason: format!("the config derived from the metadata is invalid: {e}"),
         })?;
+        let explicit_rope_factors = derived.explicit_rope_factors;
+        if let Some(factors) = &explicit_rope_factors {
+            // Llama has one rope; it rotates with the stored divisors as llama.cpp does.
+            for rope in &mut config.architecture.ropes {
+                rope.scaling = RopeScaling::Factors {
+                    factors: factors.clone(),
+                };
+            }
+        }
         let source = GgufModelFile {
             file,
             arch,
@@ -122,6 +132,7 @@ impl GgufModelFile {
             config_json,
             config,
             names,
+            explicit_rope_factors,
         };
         source.check_shapes()?;
         Ok(source)
@@ -151,8 +162,16 @@ impl GgufModelFile {
     }
 
     /// The `config.json` of the family derived from the metadata (what `convert` writes).
+    /// It states the model's rope exactly unless [`Self::explicit_rope_factors`] is `Some`.
     pub fn config_json(&self) -> &Value {
         &self.config_json
+    }
+
+    /// The file's `rope_freqs` divisors when no Llama 3 `rope_parameters` regenerate them bit
+    /// for bit: the model rotates with them ([`RopeScaling::Factors`]), and no transformers
+    /// config can say so (`convert` and `merge` refuse such a file).
+    pub fn explicit_rope_factors(&self) -> Option<&[f32]> {
+        self.explicit_rope_factors.as_deref()
     }
 
     /// The Hugging Face names of the file's tensors, sorted.

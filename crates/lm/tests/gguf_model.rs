@@ -376,7 +376,7 @@ fn bad_files_are_refused_naming_the_key_or_tensor() {
         "{err}"
     );
 
-    // Llama 3's frequency factors are refused by name.
+    // A `rope_freqs` tensor whose values are not divisors (here: other bytes) is refused by name.
     let llama3 = tmp.join("llama3.gguf");
     write_gguf(
         &arch_dir("llama3").join("base"),
