@@ -283,8 +283,16 @@ pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result
         ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
     ] {
-        if let Some(id) = m.opt_usize(gguf_key)? {
-            c.insert(hf_key.into(), json!(id));
+        match m.opt_usize(gguf_key)? {
+            Some(id) => {
+                c.insert(hf_key.into(), json!(id));
+            }
+            // Absent ids are stated as absent: a family default (Phi-3's 32000) may lie outside
+            // the vocabulary.
+            None if hf_key != "unk_token_id" => {
+                c.insert(hf_key.into(), Value::Null);
+            }
+            None => {}
         }
     }
     Ok(DerivedConfig {
