@@ -4,7 +4,7 @@
 //! saved activations ([`crate::forward::ForwardPass`]) as it goes; extra hidden-state
 //! gradients join the residual stream where their layer's output is.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
 use crate::attention::AttentionShape;
 use crate::decoder::{layer_backward, LayerActivations};
@@ -185,25 +185,11 @@ impl LlamaModel {
                 grad_normed.view_mut(),
                 false,
             )?,
-            None => {
-                let (embed, embed_grad) = self.embed_tokens.value_and_grad_mut();
-                quant_core::linalg::gemm(
-                    1.0,
-                    grad_logits,
-                    embed.view(),
-                    0.0,
-                    grad_normed.view_mut(),
-                )?;
-                if let Some(g) = embed_grad {
-                    quant_core::linalg::gemm(
-                        1.0,
-                        grad_logits.t(),
-                        pass.normed_final.view(),
-                        1.0,
-                        g.view_mut(),
-                    )?;
-                }
-            }
+            None => self.embed_tokens.head_backward(
+                pass.normed_final.view(),
+                grad_logits,
+                grad_normed.view_mut(),
+            )?,
         }
         let residual_final = pass.residuals.pop().ok_or_else(|| LmError::Backward {
             reason: "forward pass without residual streams".into(),
@@ -241,12 +227,8 @@ impl LlamaModel {
         if let Some(s) = c.architecture.embedding_scale {
             grad_x *= s;
         }
-        if let Some(g) = self.embed_tokens.grad_mut() {
-            for (row, &id) in grad_x.axis_iter(Axis(0)).zip(&pass.input_ids) {
-                let mut target = g.row_mut(id as usize);
-                target += &row;
-            }
-        }
+        self.embed_tokens
+            .accumulate_row_grads(&pass.input_ids, grad_x.view());
         let hidden = c.hidden_size;
         check_finite_at(
             "gradient of the embedding outputs",
@@ -267,8 +249,9 @@ impl LlamaModel {
     }
 
     fn check_grads_finite(&self) -> Result<()> {
-        self.embed_tokens
-            .check_grad_finite("model.embed_tokens.weight")?;
+        if let Some(e) = self.embed_tokens.dense() {
+            e.check_grad_finite("model.embed_tokens.weight")?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, norm) in layer.norms() {
                 norm.check_grad_finite(&format!("model.layers.{i}.{name}.weight"))?;

@@ -31,7 +31,7 @@
 //! assert_eq!(source.config().num_key_value_heads, 2);
 //! let from_gguf = source.load_dequantized().unwrap();
 //! let from_dir = LlamaModel::from_pretrained(base).unwrap();
-//! assert_eq!(from_gguf.embed_tokens().value(), from_dir.embed_tokens().value());
+//! assert_eq!(from_gguf.embed_tokens(), from_dir.embed_tokens());
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
@@ -45,12 +45,14 @@ use quant_core::gguf::{GgufFile, TensorInfo};
 use serde_json::Value;
 
 use crate::config::LlamaConfig;
+use crate::embedding::TokenEmbedding;
 use crate::error::{LmError, Result};
 use crate::family::Family;
 use crate::gguf::names::{FamilyNames, HeadGroup, Transform};
 use crate::gguf_config::{config_json, family_of, gguf_err};
 use crate::linear::LinearModule;
 use crate::model::LlamaModel;
+use crate::param::Parameter;
 use crate::rope::RopeScaling;
 use crate::source::ModelSource;
 
@@ -245,12 +247,14 @@ impl GgufModelFile {
     }
 
     /// The model with every projection a frozen base over the file's own ggml blocks
-    /// ([`LinearModule::ggml`]): the resident bytes of the projections are the file's.
+    /// ([`LinearModule::ggml`]) and the token embedding in its blocks too
+    /// ([`TokenEmbedding::Ggml`]): the resident base bytes are about the file's.
     pub fn load_quantized(&self) -> Result<LlamaModel> {
         self.load(GgufBase::Blocks)
     }
 
-    /// The model with projections as `base` says; embedding, norms and biases are `f32`.
+    /// The model with projections and the token embedding (hence a tied head) as `base`
+    /// says; norms and biases are `f32`.
     pub fn load(&self, base: GgufBase) -> Result<LlamaModel> {
         LlamaModel::from_source(self.config.clone(), &mut GgufSource { file: self, base })
     }
@@ -365,6 +369,40 @@ impl ModelSource for GgufSource<'_> {
         }
         ArrayD::from_shape_vec(IxDyn(shape), values)
             .map_err(|e| LmError::shape(name, format!("{shape:?}"), e))
+    }
+
+    /// Over [`GgufBase::Blocks`] the embedding stays in the file's blocks (rows decoded per
+    /// lookup, the tied head a tiled product); otherwise it is decoded to `f32`.
+    fn take_embedding(
+        &mut self,
+        name: &str,
+        (vocab, hidden): (usize, usize),
+    ) -> Result<TokenEmbedding> {
+        let (ty, stored, blocks) = self.file.read_blocks(name)?;
+        if stored != [vocab, hidden] {
+            return Err(LmError::TensorShape {
+                key: format!("{name} (GGUF {})", self.file.names[name].0),
+                expected: vec![vocab, hidden],
+                got: stored,
+            });
+        }
+        match self.base {
+            GgufBase::Blocks => Ok(TokenEmbedding::Ggml(GgmlBase::from_blocks(
+                ty, blocks, vocab, hidden, None, name,
+            )?)),
+            GgufBase::Dequantized => {
+                let values = ggml::dequantize(ty, &blocks, vocab * hidden).map_err(|e| {
+                    gguf_err(
+                        &self.file.file,
+                        &self.file.names[name].0,
+                        format!("dequantizing {}: {e}", ty.name()),
+                    )
+                })?;
+                let e = Array2::from_shape_vec((vocab, hidden), values)
+                    .map_err(|e| LmError::shape(name, format!("({vocab}, {hidden})"), e))?;
+                Ok(TokenEmbedding::Dense(Parameter::new(e)))
+            }
+        }
     }
 
     fn take_linear(

@@ -41,6 +41,7 @@ pub mod base;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod embedding;
 pub mod error;
 pub mod family;
 pub mod forward;
