@@ -130,6 +130,23 @@ def greedy_check(gguf, model, tok):
     same = text.strip() == theirs.strip()
     row("chat greedy text vs transformers", 1, int(not same), 0,
         note=repr(text.strip()[:70]) if same else f"ours {text.strip()[:60]!r} / theirs {theirs.strip()[:60]!r}")
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        row("chat greedy text in llama.cpp (for the record)", 0, None, None, "SKIP", str(e))
+        return
+    # llama.cpp over the same file: its Q8_1 activations may change a near-tie, so recorded.
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    prompt_ids = [int(i) for i in ids[0]]
+    got = []
+    for t in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        if t == tok.eos_token_id or len(got) == n:
+            break
+        got.append(t)
+    llm.close()
+    cpp = tok.decode(got, skip_special_tokens=True)
+    row("chat greedy text in llama.cpp (for the record)", 1, int(cpp.strip() != text.strip()), None,
+        "PASS", note=f"llama.cpp {cpp.strip()[:70]!r}")
 
 
 ARCH = Path("crates/lm/tests/data/arch")
@@ -198,7 +215,7 @@ def lora_llama_cpp_check(gguf, d):
                                              {"role": "assistant", "content": f"Hello {i}!"}]}) + "\n")
     out = d / "lora_run"
     try:
-        ours("train", "--model", gguf, "--data", data, "--out", out, "--rank", 4, "--max-steps", 3,
+        ours("train", "--model", gguf, "--data", data, "--out", out, "--rank", 4, "--max-steps", 30,
              "--batch-size", 2, "--lr", 0.01, "--seed", 3, "--quiet")
         ours("export-gguf", "--model", gguf, "--adapter", out / "adapter", "--lora", "--out",
              d / "lora.gguf", "--type", "f32")
@@ -221,6 +238,14 @@ def lora_llama_cpp_check(gguf, d):
         "PASS" if lora_err <= 1.5 * base_err + 1e-3 else "FAIL",
         note=f"base logits differ by {base_err:.3f} there; the adapter moves llama.cpp's logits "
              f"by up to {float(np.max(np.abs(theirs - base))):.3f}")
+    # What the adapter does, on each side: llama.cpp's (lora − base) against ours, and whether
+    # the two pick the same next token with the adapter.
+    effect = max_abs(theirs - base, got - got_base)
+    top1 = float(np.mean(np.argmax(theirs, -1) == np.argmax(got, -1)))
+    row("LoRA effect in llama.cpp vs ours over the Q4_1 file", 1, effect, None, "PASS",
+        note=f"max |(cpp lora - cpp base) - (ours lora - ours base)|; our effect up to "
+             f"{float(np.max(np.abs(got - got_base))):.3f}; top-1 agreement {top1:.2f} "
+             f"over {len(ids)} positions")
     f32 = d / "weights-f32.gguf"
     try:
         ours("export-gguf", "--model", gguf, "--out", f32, "--type", "f32")
