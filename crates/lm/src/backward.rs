@@ -225,7 +225,7 @@ impl LlamaModel {
             let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
             match saved {
                 SavedLayer::Stored(acts) => {
-                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?
+                    layer_backward(layer, &ctx, shape, &x_in, *acts, &mut grad_x)?
                 }
                 SavedLayer::Recompute(checkpoint) => {
                     // The forward again from the kept input, with the dropout RNGs where

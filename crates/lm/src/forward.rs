@@ -429,7 +429,7 @@ impl LlamaModel {
                 saved.push(SavedLayer::Recompute(checkpoint));
             } else if keep_activations {
                 residuals.push(x_in);
-                saved.push(SavedLayer::Stored(acts));
+                saved.push(SavedLayer::Stored(Box::new(acts)));
             } else if record_layers.contains(&i) {
                 recorded.push((i, x.clone()));
             }
