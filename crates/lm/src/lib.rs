@@ -60,6 +60,7 @@ pub mod merge;
 pub mod model;
 pub mod param;
 pub mod qat;
+pub mod qat_bnb_export;
 pub mod qat_export;
 pub mod qat_layer;
 pub mod quantize;
