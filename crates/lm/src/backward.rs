@@ -6,8 +6,9 @@
 
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 
-use crate::attention::AttentionShape;
-use crate::decoder::{layer_backward, LayerActivations};
+use crate::attention::{AttentionMask, AttentionShape};
+use crate::checkpointing::SavedLayer;
+use crate::decoder::{layer_backward, layer_forward, KeysFrom};
 use crate::error::{check_finite_at, LmError, Result};
 use crate::forward::ForwardPass;
 use crate::layers::{norm_weight_array, rms_norm_backward};
@@ -223,15 +224,33 @@ impl LlamaModel {
             add_hidden_grads(last, &mut grad_x);
         }
 
+        let mask = AttentionMask {
+            key_mask: pass.key_mask.as_deref(),
+            segments: pass.segments.as_deref(),
+            sliding_window: None,
+        };
         for (i, layer) in self.layers.iter_mut().enumerate().rev() {
-            let acts: LayerActivations = pass.layers.pop().ok_or_else(|| LmError::Backward {
+            let saved = pass.layers.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer layers than the model".into(),
             })?;
             let x_in = pass.residuals.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer residual streams than layers".into(),
             })?;
             let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
-            layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?;
+            match saved {
+                SavedLayer::Stored(acts) => {
+                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?
+                }
+                SavedLayer::Recompute(checkpoint) => {
+                    // The forward again from the kept input, with the dropout RNGs where
+                    // they stood, then the backward; then the layer is freed again.
+                    layer.restore_checkpoint(checkpoint)?;
+                    let (_, acts) =
+                        layer_forward(layer, &ctx, &x_in, KeysFrom::Batch { shape, mask })?;
+                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?;
+                    layer.release_forward_state();
+                }
+            }
             if i > 0 {
                 add_hidden_grads(i - 1, &mut grad_x);
             }

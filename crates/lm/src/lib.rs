@@ -39,6 +39,7 @@ pub mod attention;
 pub mod backward;
 pub mod base;
 pub mod checkpoint;
+mod checkpointing;
 pub mod config;
 pub mod decoder;
 pub mod error;

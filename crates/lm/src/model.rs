@@ -59,6 +59,9 @@ pub struct LlamaModel {
     /// Training mode: adapter dropout is drawn in [`LlamaModel::forward`].
     pub(crate) training: bool,
     pub(crate) passes: PassCounter,
+    /// Gradient checkpointing ([`LlamaModel::set_gradient_checkpointing`]): the training
+    /// forward keeps only each decoder layer's input and backward recomputes the layer.
+    pub(crate) gradient_checkpointing: bool,
 }
 
 /// Counts forward passes, so that a backward can check that the adapter layers (which keep
@@ -176,6 +179,7 @@ impl LlamaModel {
             active_adapters: Vec::new(),
             training: true,
             passes: PassCounter::default(),
+            gradient_checkpointing: false,
         };
         model.check_linear_shapes()?;
         Ok(model)
@@ -235,6 +239,7 @@ impl LlamaModel {
             active_adapters: Vec::new(),
             training: true,
             passes: PassCounter::default(),
+            gradient_checkpointing: false,
         })
     }
 

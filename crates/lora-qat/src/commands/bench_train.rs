@@ -33,9 +33,14 @@ pub struct BenchTrainArgs {
     /// Decoder layers.
     #[arg(long, default_value_t = 8)]
     pub layers: usize,
-    /// Attention heads (key/value heads are the same number).
+    /// Attention heads.
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; must divide --heads); default --heads.
+    /// SmolLM2-135M's shape: --hidden 576 --intermediate 1536 --layers 30 --heads 9
+    /// --kv-heads 3 --vocab 49152.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Vocabulary size.
     #[arg(long, default_value_t = 4096)]
     pub vocab: usize,
@@ -57,11 +62,15 @@ pub struct BenchTrainArgs {
     /// options; --batch, --seq, --rank and --runs apply): the projections stay in the file's
     /// quantized blocks as frozen bases, and the report adds the base's resident bytes, the
     /// file's tensor bytes and the process's peak resident memory.
-    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "vocab"])]
+    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"])]
     pub model: Option<std::path::PathBuf>,
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
     pub dequantize_base: bool,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (the bench name gets `_ckpt`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
@@ -80,6 +89,7 @@ struct Sizes {
     intermediate: usize,
     layers: usize,
     heads: usize,
+    kv_heads: usize,
     vocab: usize,
     rank: usize,
 }
@@ -93,6 +103,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
             intermediate: 64,
             layers: 2,
             heads: 4,
+            kv_heads: 4,
             vocab: 64,
             rank: 4,
         };
@@ -107,6 +118,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
         intermediate,
         layers: args.layers,
         heads: args.heads,
+        kv_heads: args.kv_heads.unwrap_or(args.heads),
         vocab: args.vocab,
         rank: args.rank,
     }
@@ -146,7 +158,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                 s.intermediate,
                 s.layers,
                 s.heads,
-                s.heads,
+                s.kv_heads,
             )?;
             config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
             let mut model = LlamaModel::random(config, 0)?;
@@ -164,6 +176,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         .collect();
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
+    model.set_gradient_checkpointing(args.gradient_checkpointing);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
@@ -186,7 +199,15 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         (None, _) if args.qlora => "qlora",
         (None, _) => "lora",
     };
-    let bench = format!("train_{kind}_r{}", s.rank);
+    let bench = format!(
+        "train_{kind}_r{}{}",
+        s.rank,
+        if args.gradient_checkpointing {
+            "_ckpt"
+        } else {
+            ""
+        }
+    );
     let memory = model.memory_report();
     let qlora_bytes = memory.qlora_bytes_per_parameter();
     if args.json {
@@ -195,6 +216,10 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "tokens_per_s": tokens_per_s,
             "ms_per_step": ms_per_step,
             "runs": args.runs,
+            "batch": s.batch,
+            "seq": s.seq,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
@@ -203,7 +228,6 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             record["base_bytes"] = serde_json::json!(memory.base_bytes());
             record["base_bytes_by_kind"] = serde_json::json!(memory.base_bytes_by_kind);
             record["file_tensor_bytes"] = serde_json::json!(file);
-            record["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         }
         println!("{record}");
     } else {
@@ -220,7 +244,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!(
                 "({}: {} {} layers, width {}; batch {} × seq {}; LoRA r={} on every \
-                 projection{}; forward + loss + backward, median step)",
+                 projection{}{}; forward + loss + backward, median step)",
                 path.display(),
                 c.family(),
                 c.num_hidden_layers,
@@ -232,6 +256,11 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                     " over the weights decoded to f32"
                 } else {
                     " over the file's quantized blocks"
+                },
+                if args.gradient_checkpointing {
+                    "; gradient checkpointing"
+                } else {
+                    ""
                 }
             );
             println!("{memory}");
@@ -245,17 +274,30 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             return Ok(());
         }
         println!(
-            "(random Llama: width {}, {} layers, {} heads, MLP {}, vocab {}; batch {} × seq {}; \
-             LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",
+            "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
+             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}; forward + loss + \
+             backward, median step)",
             s.hidden,
             s.layers,
             s.heads,
+            s.kv_heads,
             s.intermediate,
             s.vocab,
             s.batch,
             s.seq,
             s.rank,
-            if args.qlora { " over NF4 bases" } else { "" }
+            if args.qlora { " over NF4 bases" } else { "" },
+            if args.gradient_checkpointing {
+                "; gradient checkpointing"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "peak resident {}",
+            peak_rss_bytes()
+                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "not reported by this OS".into())
         );
         if let Some(bytes) = qlora_bytes {
             println!(
