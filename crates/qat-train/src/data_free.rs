@@ -260,7 +260,12 @@ mod tests {
             assert_eq!(ids.len(), 12);
             assert_eq!(ids[0], 1, "prefix first");
             let logits = t
-                .logits(ndarray::Array2::from_shape_vec((1, 12), ids.clone()).unwrap().view(), None)
+                .logits(
+                    ndarray::Array2::from_shape_vec((1, 12), ids.clone())
+                        .unwrap()
+                        .view(),
+                    None,
+                )
                 .unwrap();
             // Positions 1 (start) .. 1+3 predict greedy tokens 2..=4.
             for pos in 1..4 {
@@ -269,7 +274,12 @@ mod tests {
                     .iter()
                     .enumerate()
                     .fold(0, |b, (j, &v)| if v > row[b] { j } else { b });
-                assert_eq!(ids[pos + 1] as usize, best, "sequence {i} position {}", pos + 1);
+                assert_eq!(
+                    ids[pos + 1] as usize,
+                    best,
+                    "sequence {i} position {}",
+                    pos + 1
+                );
             }
         }
     }
@@ -283,20 +293,37 @@ mod tests {
             ..DataFreeConfig::new(1)
         };
         let a = teacher_sequences(&mut t, &base, &mut |_, _| {}).unwrap();
-        let b = teacher_sequences(&mut t, &DataFreeConfig { seed: 2, ..base.clone() }, &mut |_, _| {})
-            .unwrap();
+        let b = teacher_sequences(
+            &mut t,
+            &DataFreeConfig {
+                seed: 2,
+                ..base.clone()
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_ne!(a, b);
         let first: std::collections::BTreeSet<u32> =
             a.examples().iter().map(|e| e.input_ids[0]).collect();
-        assert!(first.len() > 1, "start tokens are drawn, not fixed: {first:?}");
+        assert!(
+            first.len() > 1,
+            "start tokens are drawn, not fixed: {first:?}"
+        );
         // Sequence 2 alone equals sequence 2 of the set.
         assert_eq!(
             teacher_sequence(&mut t, &base, 2).unwrap(),
             a.examples()[2].input_ids
         );
         let eos = a.examples()[0].input_ids[8];
-        let cut = teacher_sequence(&mut t, &DataFreeConfig { eos: Some(eos), ..base.clone() }, 0)
-            .unwrap();
+        let cut = teacher_sequence(
+            &mut t,
+            &DataFreeConfig {
+                eos: Some(eos),
+                ..base.clone()
+            },
+            0,
+        )
+        .unwrap();
         assert!(cut.len() <= 9 && *cut.last().unwrap() == eos, "{cut:?}");
     }
 
@@ -304,18 +331,59 @@ mod tests {
     fn refused_settings_are_named() {
         let mut t = teacher();
         for (config, field) in [
-            (DataFreeConfig { sequences: 0, ..DataFreeConfig::new(0) }, "sequences"),
-            (DataFreeConfig { seq_len: 1, ..DataFreeConfig::new(0) }, "seq_len"),
-            (DataFreeConfig { seq_len: 10_000, ..DataFreeConfig::new(0) }, "seq_len"),
-            (DataFreeConfig { temperature: 0.0, ..DataFreeConfig::new(0) }, "temperature"),
-            (DataFreeConfig { top_p: Some(1.5), ..DataFreeConfig::new(0) }, "top_p"),
-            (DataFreeConfig { prefix: vec![48], ..DataFreeConfig::new(0) }, "prefix"),
             (
-                DataFreeConfig { exclude_start: (0..48).collect(), ..DataFreeConfig::new(0) },
+                DataFreeConfig {
+                    sequences: 0,
+                    ..DataFreeConfig::new(0)
+                },
+                "sequences",
+            ),
+            (
+                DataFreeConfig {
+                    seq_len: 1,
+                    ..DataFreeConfig::new(0)
+                },
+                "seq_len",
+            ),
+            (
+                DataFreeConfig {
+                    seq_len: 10_000,
+                    ..DataFreeConfig::new(0)
+                },
+                "seq_len",
+            ),
+            (
+                DataFreeConfig {
+                    temperature: 0.0,
+                    ..DataFreeConfig::new(0)
+                },
+                "temperature",
+            ),
+            (
+                DataFreeConfig {
+                    top_p: Some(1.5),
+                    ..DataFreeConfig::new(0)
+                },
+                "top_p",
+            ),
+            (
+                DataFreeConfig {
+                    prefix: vec![48],
+                    ..DataFreeConfig::new(0)
+                },
+                "prefix",
+            ),
+            (
+                DataFreeConfig {
+                    exclude_start: (0..48).collect(),
+                    ..DataFreeConfig::new(0)
+                },
                 "exclude_start",
             ),
         ] {
-            let err = teacher_sequences(&mut t, &config, &mut |_, _| {}).unwrap_err().to_string();
+            let err = teacher_sequences(&mut t, &config, &mut |_, _| {})
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
     }

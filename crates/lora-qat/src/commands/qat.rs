@@ -23,20 +23,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lm::gguf::TypeMix;
 use lm::LlamaModel;
 use lora_core::{LoraConfig, QatMode};
-use lora_qat::text::ModelText;
 use qat_train::config::TrainConfig;
-use qat_train::schedule::LrSchedule;
-use qat_train::data::Dataset;
 use qat_train::loss::CompositeWeights;
-use qat_train::data_free::{teacher_sequence, DataFreeConfig};
 use qat_train::metrics::{CsvMetricsWriter, MetricsCallback, MetricsLog};
 use qat_train::quality::{compare_models, QualityReport};
+use qat_train::schedule::LrSchedule;
 use qat_train::trainer::Trainer;
 use quant_core::config::QatConfig;
 use quant_core::ggml::GgmlType;
 
-use super::train::{read_dataset, write_loss_curve, ADAPTER_NAME};
+use super::train::{write_loss_curve, ADAPTER_NAME};
 use super::{resolve_model_arg, CliError, CliResult};
+
+mod data;
+
+use data::run_data;
 
 /// Types `qat` trains on: those with a trainable ggml grid.
 const TRAINABLE: [GgmlType; 7] = [
@@ -239,57 +240,6 @@ fn train_config(args: &QatArgs) -> CliResult<TrainConfig> {
     Ok(config)
 }
 
-/// Writes `sequences` as pre-tokenized JSONL (`{"input_ids": [...]}` per line), atomically.
-fn save_sequences(path: &Path, sequences: &[Vec<u32>]) -> CliResult {
-    let mut text = String::new();
-    for ids in sequences {
-        text.push_str(&serde_json::json!({ "input_ids": ids }).to_string());
-        text.push('\n');
-    }
-    quant_core::io::write_atomic(path, text.as_bytes())?;
-    Ok(())
-}
-
-/// The data-free sequences in `path`, or written by `teacher` (and saved there) when the file
-/// does not exist yet: a resumed run trains on the very sequences it started with.
-fn teacher_dataset(
-    teacher: &mut LlamaModel,
-    config: &DataFreeConfig,
-    path: &Path,
-    what: &str,
-    quiet: bool,
-) -> CliResult<Dataset> {
-    if path.is_file() {
-        let data = Dataset::from_jsonl_file(path)?;
-        if data.len() != config.sequences {
-            return Err(file_error(
-                path,
-                format!(
-                    "{} sequences saved, this run asks for {}: delete the file or resume with \
-                     the same settings",
-                    data.len(),
-                    config.sequences
-                ),
-            ));
-        }
-        return Ok(data);
-    }
-    let bar = progress_bar(config.sequences as u64, quiet, what)?;
-    let mut sequences = Vec::with_capacity(config.sequences);
-    for index in 0..config.sequences {
-        sequences.push(teacher_sequence(teacher, config, index)?);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    save_sequences(path, &sequences)?;
-    Ok(Dataset::new(
-        sequences
-            .into_iter()
-            .map(qat_train::data::Example::new)
-            .collect(),
-    )?)
-}
-
 fn progress_bar(len: u64, quiet: bool, what: &str) -> CliResult<ProgressBar> {
     let bar = if quiet {
         ProgressBar::hidden()
@@ -305,121 +255,25 @@ fn progress_bar(len: u64, quiet: bool, what: &str) -> CliResult<ProgressBar> {
     Ok(bar)
 }
 
-/// The run's training data and held-out tokens (with the BOS the evaluation puts first).
-struct RunData {
-    train: Dataset,
-    heldout: Vec<u32>,
-    heldout_source: String,
-    bos: Option<u32>,
-}
-
-fn run_data(
-    args: &QatArgs,
-    model_dir: &Path,
-    files: &RunFiles,
-    teacher: &mut LlamaModel,
-) -> CliResult<RunData> {
-    let tc = teacher.config().clone();
-    let data_free = |seed: u64, sequences: usize| DataFreeConfig {
-        sequences,
-        seq_len: args.seq_len,
-        greedy_tokens: args.greedy_tokens,
-        seed,
-        // Control tokens are no start of text; the model's end token closes a sequence.
-        exclude_start: tc.bos_token_id.into_iter().chain(tc.eos_token_ids.clone()).collect(),
-        eos: tc.eos_token_ids.first().copied(),
-        ..DataFreeConfig::new(seed)
-    };
-    let (train, held_examples) = match &args.data {
-        Some(path) => {
-            let data = read_dataset(path, model_dir)?;
-            let (train, held) = if args.heldout.is_none() {
-                let (t, h) = data.split(0.1, args.seed)?;
-                (t, Some(h))
-            } else {
-                (data, None)
-            };
-            (train.packed(args.seq_len)?, held)
-        }
-        None => {
-            let n = args
-                .sequences
-                .unwrap_or((args.steps as usize).saturating_mul(args.batch_size).max(1));
-            let train = teacher_dataset(
-                teacher,
-                &data_free(args.seed, n),
-                &files.sequences(),
-                "teacher writes training data",
-                args.quiet,
-            )?;
-            let held = if args.heldout.is_none() {
-                // Another seed: none of these sequences is trained on.
-                let seed = args.seed ^ 0x5EED_0F_4E1D_0u64;
-                let n = (2 * args.ctx).div_ceil(args.seq_len).max(16);
-                Some(teacher_dataset(
-                    teacher,
-                    &data_free(seed, n),
-                    &files.heldout_sequences(),
-                    "teacher writes held-out data",
-                    args.quiet,
-                )?)
-            } else {
-                None
-            };
-            (train.packed(args.seq_len)?, held)
-        }
-    };
-    let (heldout, heldout_source, bos) = match (&args.heldout, held_examples) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
-            let model_text = ModelText::load(model_dir)?;
-            let ids = model_text.encode(&text, false)?;
-            let bos = model_text
-                .bos_token()
-                .and_then(|b| model_text.tokenizer().token_to_id(b));
-            (ids, path.display().to_string(), bos)
-        }
-        (None, Some(held)) => {
-            let ids: Vec<u32> = held
-                .examples()
-                .iter()
-                .flat_map(|e| e.input_ids.iter().copied())
-                .collect();
-            let source = if args.data.is_some() {
-                "10% of --data held out".to_string()
-            } else {
-                "sequences the model wrote under another seed".to_string()
-            };
-            (ids, source, None)
-        }
-        (None, None) => unreachable!("held-out examples exist whenever --heldout is absent"),
-    };
-    Ok(RunData {
-        train,
-        heldout,
-        heldout_source,
-        bos,
-    })
-}
-
 /// The student: the model's dense weights with fresh LoRA-QAT adapters on `ty`'s grid.
 fn build_student(args: &QatArgs, model_dir: &Path, ty: GgmlType) -> CliResult<LlamaModel> {
     let mut model = super::train::load_base(model_dir, lm::gguf_model::is_gguf_file(model_dir))?;
     let targets: Vec<&str> = args.target_modules.iter().map(String::as_str).collect();
     let lora = LoraConfig::new(args.rank, 2.0 * args.rank as f64, &targets);
     let qat = QatConfig::ggml(ty).map_err(|e| CliError::Usage(format!("--type {ty}: {e}")))?;
-    model.inject_qat_adapters(&lora, &qat, QatMode::QuantizeMerged, ADAPTER_NAME, args.seed)?;
+    model.inject_qat_adapters(
+        &lora,
+        &qat,
+        QatMode::QuantizeMerged,
+        ADAPTER_NAME,
+        args.seed,
+    )?;
     Ok(model)
 }
 
 /// Runs the steps left, saving a checkpoint every 10 steps, at the end, and when Ctrl-C
 /// arrives (then the command ends with an error saying how to resume).
-fn train_loop(
-    trainer: &mut Trainer,
-    files: &RunFiles,
-    quiet: bool,
-    resume: bool,
-) -> CliResult {
+fn train_loop(trainer: &mut Trainer, files: &RunFiles, quiet: bool, resume: bool) -> CliResult {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
     // A second handler cannot be set in one process (tests call run twice): then Ctrl-C
@@ -467,7 +321,10 @@ fn logged_losses(path: &Path) -> CliResult<MetricsLog> {
         let step = cols.next().and_then(|v| v.parse::<u64>().ok());
         let loss = cols.nth(1).and_then(|v| v.parse::<f64>().ok());
         let (Some(step), Some(total_loss)) = (step, loss) else {
-            return Err(file_error(path, format!("line {}: no step and loss", i + 1)));
+            return Err(file_error(
+                path,
+                format!("line {}: no step and loss", i + 1),
+            ));
         };
         log.steps.push(qat_train::metrics::StepMetrics {
             step,
@@ -494,7 +351,8 @@ fn table(rows: &[(&str, &Path, &QualityReport)]) -> String {
     for (what, path, r) in rows {
         out.push_str(&format!(
             "| {what} (`{}`) | {:.4} ± {:.4} | {:.4} | {:.1}% | {:.2} | {:.2} |\n",
-            path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+            path.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
             r.mean_kld,
             r.mean_kld_uncertainty,
             r.kld_p99,
@@ -530,7 +388,8 @@ pub fn run(args: &QatArgs) -> CliResult {
     let data = run_data(args, &model_dir, &files, &mut teacher)?;
     let config = train_config(args)?;
     let student = build_student(args, &model_dir, ty)?;
-    let mut trainer = Trainer::new(config, student, Some(teacher), data.train.clone(), None)?;
+    let train_sequences = data.train.len();
+    let mut trainer = Trainer::new(config, student, Some(teacher), data.train, None)?;
     if args.resume {
         trainer.load_checkpoint(&files.checkpoint())?;
     }
@@ -567,11 +426,13 @@ pub fn run(args: &QatArgs) -> CliResult {
         ("LoRA-QAT", &files.qat, &reports[1]),
     ]);
     let training = match &args.data {
-        Some(p) => format!("KD on `{}` ({} packed sequences)", p.display(), data.train.len()),
+        Some(p) => format!(
+            "KD on `{}` ({train_sequences} packed sequences)",
+            p.display()
+        ),
         None => format!(
-            "data-free KD on {} sequences the model wrote (LLM-QAT: random start token, {} \
-             greedy continuations, then sampled at temperature 1)",
-            data.train.len(),
+            "data-free KD on {train_sequences} sequences the model wrote (LLM-QAT: random \
+             start token, {} greedy continuations, then sampled at temperature 1)",
             args.greedy_tokens
         ),
     };
