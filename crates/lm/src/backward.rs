@@ -177,6 +177,7 @@ impl LlamaModel {
             None => grad_logits,
         };
 
+        let head_timer = crate::profile::scope(crate::profile::Op::HeadBackward);
         let mut grad_normed = Array2::<f32>::zeros((n, c.hidden_size));
         match &mut self.lm_head {
             Some(head) => head.backward(
@@ -219,6 +220,7 @@ impl LlamaModel {
             self.norm.grad_mut().map(|g| g.view_mut()),
         )?;
         drop(residual_final);
+        drop(head_timer);
         if let Some(last) = self.layers.len().checked_sub(1) {
             add_hidden_grads(last, &mut grad_x);
         }

@@ -324,6 +324,7 @@ impl LlamaModel {
 
     /// The embedding rows of `ids`, scaled as the family scales them (Gemma: √hidden).
     pub(crate) fn embed(&self, ids: &[u32]) -> Array2<f32> {
+        let _timer = crate::profile::scope(crate::profile::Op::Embedding);
         let mut x = Array2::<f32>::zeros((ids.len(), self.config.hidden_size));
         let embed = self.embed_tokens.value();
         let scale = self.config.architecture.embedding_scale;
@@ -342,6 +343,7 @@ impl LlamaModel {
         &mut self,
         x: &Array2<f32>,
     ) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
+        let _timer = crate::profile::scope(crate::profile::Op::HeadForward);
         let c = &self.config;
         let n = x.nrows();
         let weight = norm_weight_array(c.architecture.norm, self.norm.value().view());

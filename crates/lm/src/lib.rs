@@ -57,6 +57,7 @@ pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod param;
+pub mod profile;
 pub mod qat;
 pub mod qat_export;
 pub mod qat_layer;
@@ -64,6 +65,7 @@ pub mod quantize;
 pub mod rope;
 pub mod sampling;
 pub mod source;
+mod vmath;
 
 pub use adapted::{peft_parameter_name, AdaptedLayer};
 pub use adapters::peft_file_key;

@@ -4,6 +4,7 @@ use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 use rayon::prelude::*;
 
 use crate::error::{check_finite_at, LmError, Result};
+use crate::vmath::RowKernel;
 
 /// The label value that is not counted, as PyTorch's `ignore_index`.
 pub const IGNORE_INDEX: i64 = -100;
@@ -37,6 +38,7 @@ pub fn cross_entropy(
     logits: ArrayView3<'_, f32>,
     labels: ArrayView2<'_, i64>,
 ) -> Result<CrossEntropy> {
+    let _timer = crate::profile::scope(crate::profile::Op::Loss);
     let (batch, seq, vocab) = logits.dim();
     if labels.dim() != (batch, seq) {
         return Err(LmError::shape(
@@ -68,35 +70,49 @@ pub fn cross_entropy(
     }
     let logits = logits.as_standard_layout();
     let flat = logits.as_slice().unwrap_or_default();
-    check_finite_at("logits", flat, |i| {
-        format!(
-            "(batch {}, position {}, vocab {})",
-            i / (seq * vocab),
-            i / vocab % seq,
-            i % vocab
-        )
-    })?;
     let logit_rows = ArrayView2::from_shape((batch * seq, vocab), flat)
         .map_err(|e| LmError::shape("logits", format!("{batch}×{seq}×{vocab}"), e))?;
     let mut grad_logits = Array2::<f32>::zeros((batch * seq, vocab));
     let inv_count = 1.0 / counted as f64;
-    let total: f64 = grad_logits
+    let kernel = RowKernel::detect();
+    // One pass for the row maximum and the finiteness check, one writing e^(z − max) into the
+    // gradient row while summing it, one scaling that row in place: no other copy of the
+    // (tokens × vocab) logits is made.
+    let rows: Vec<Option<f64>> = grad_logits
         .axis_iter_mut(Axis(0))
         .into_par_iter()
         .zip(logit_rows.axis_iter(Axis(0)).into_par_iter())
         .zip(targets.par_iter())
         .map(|((mut g, z), target)| {
-            let Some(target) = *target else { return 0.0 };
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let log_sum = sum.ln();
-            for (gv, &v) in g.iter_mut().zip(z.iter()) {
-                *gv = ((((v - max) as f64).exp() / sum) * inv_count) as f32;
+            let z = z.to_slice().unwrap_or_default();
+            let (max, finite) = kernel.max_finite(z);
+            if !finite {
+                return None;
+            }
+            let Some(target) = *target else {
+                return Some(0.0);
+            };
+            let g = g.as_slice_mut().unwrap_or_default();
+            let sum = kernel.exp_sum(z, max, g);
+            let factor = (inv_count / sum) as f32;
+            for gv in g.iter_mut() {
+                *gv *= factor;
             }
             g[target] -= inv_count as f32;
-            log_sum - (z[target] - max) as f64
+            Some(sum.ln() - (z[target] - max) as f64)
         })
-        .sum();
+        .collect();
+    if rows.iter().any(Option::is_none) {
+        check_finite_at("logits", flat, |i| {
+            format!(
+                "(batch {}, position {}, vocab {})",
+                i / (seq * vocab),
+                i / vocab % seq,
+                i % vocab
+            )
+        })?;
+    }
+    let total: f64 = rows.into_iter().flatten().sum();
     let loss = (total * inv_count) as f32;
     if !loss.is_finite() {
         return Err(LmError::NonFinite {

@@ -33,9 +33,13 @@ pub struct BenchTrainArgs {
     /// Decoder layers.
     #[arg(long, default_value_t = 8)]
     pub layers: usize,
-    /// Attention heads (key/value heads are the same number).
+    /// Attention heads.
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; SmolLM2-135M has 3 for 9 heads); must divide
+    /// --heads. Default: as many as --heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Vocabulary size.
     #[arg(long, default_value_t = 4096)]
     pub vocab: usize,
@@ -57,11 +61,16 @@ pub struct BenchTrainArgs {
     /// options; --batch, --seq, --rank and --runs apply): the projections stay in the file's
     /// quantized blocks as frozen bases, and the report adds the base's resident bytes, the
     /// file's tensor bytes and the process's peak resident memory.
-    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "vocab"])]
+    #[arg(long, value_name = "FILE.gguf", conflicts_with_all = ["small", "qlora", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"])]
     pub model: Option<std::path::PathBuf>,
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
     pub dequantize_base: bool,
+    /// Also print the wall time of each kind of operation per timed step (GEMM-backed
+    /// projections, attention, RMSNorm, RoPE, SwiGLU, LM head, loss, ...; see `lm::profile`)
+    /// and what is left (residual additions, copies, allocation, checks).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
@@ -72,6 +81,22 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Mean milliseconds per step of every `lm::profile` kind, then the rest of the step.
+fn profile_rows(times: &[f64], runs: usize) -> Vec<(String, f64)> {
+    let runs = runs.max(1) as f64;
+    let mut rows: Vec<(String, f64)> = lm::profile::take()
+        .into_iter()
+        .map(|(op, d)| (op.label().to_string(), d.as_secs_f64() * 1e3 / runs))
+        .collect();
+    let step = times.iter().sum::<f64>() / runs;
+    let timed: f64 = rows.iter().map(|(_, ms)| ms).sum();
+    rows.push((
+        "other (residuals, copies, allocs, checks)".into(),
+        (step - timed).max(0.0),
+    ));
+    rows
+}
+
 /// The measured sizes, after `--small`.
 struct Sizes {
     batch: usize,
@@ -80,6 +105,7 @@ struct Sizes {
     intermediate: usize,
     layers: usize,
     heads: usize,
+    kv_heads: usize,
     vocab: usize,
     rank: usize,
 }
@@ -93,6 +119,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
             intermediate: 64,
             layers: 2,
             heads: 4,
+            kv_heads: 2,
             vocab: 64,
             rank: 4,
         };
@@ -107,6 +134,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
         intermediate,
         layers: args.layers,
         heads: args.heads,
+        kv_heads: args.kv_heads.unwrap_or(args.heads),
         vocab: args.vocab,
         rank: args.rank,
     }
@@ -146,7 +174,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                 s.intermediate,
                 s.layers,
                 s.heads,
-                s.heads,
+                s.kv_heads,
             )?;
             config.max_position_embeddings = config.max_position_embeddings.max(s.seq);
             let mut model = LlamaModel::random(config, 0)?;
@@ -174,9 +202,14 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
     step()?;
-    let mut times = (0..args.runs)
+    lm::profile::set_enabled(args.profile);
+    let _ = lm::profile::take();
+    let times = (0..args.runs)
         .map(|_| step())
-        .collect::<CliResult<Vec<f64>>>()?;
+        .collect::<CliResult<Vec<f64>>>();
+    lm::profile::set_enabled(false);
+    let mut times = times?;
+    let profile = profile_rows(&times, args.runs);
     times.sort_by(f64::total_cmp);
     let ms_per_step = times[times.len() / 2];
     let tokens_per_s = (s.batch * s.seq) as f64 / (ms_per_step / 1e3);
@@ -199,6 +232,14 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
         }
+        if args.profile {
+            record["profile_ms_per_step"] = serde_json::Value::Object(
+                profile
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v).into()))
+                    .collect(),
+            );
+        }
         if let Some(file) = gguf_bytes {
             record["base_bytes"] = serde_json::json!(memory.base_bytes());
             record["base_bytes_by_kind"] = serde_json::json!(memory.base_bytes_by_kind);
@@ -215,6 +256,16 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "{:<18} {:>14.1} {:>12.2} {:>6}",
             bench, tokens_per_s, ms_per_step, args.runs
         );
+        if args.profile {
+            let total: f64 = times.iter().sum::<f64>() / args.runs as f64;
+            println!(
+                "{:<34} {:>10} {:>7}",
+                "operation (mean of the timed steps)", "ms/step", "share"
+            );
+            for (label, ms) in &profile {
+                println!("{label:<34} {ms:>10.2} {:>6.1}%", 100.0 * ms / total);
+            }
+        }
         if let (Some(path), Some(file)) = (&args.model, gguf_bytes) {
             let c = model.config();
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -245,11 +296,12 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             return Ok(());
         }
         println!(
-            "(random Llama: width {}, {} layers, {} heads, MLP {}, vocab {}; batch {} × seq {}; \
+            "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; batch {} × seq {}; \
              LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",
             s.hidden,
             s.layers,
             s.heads,
+            s.kv_heads,
             s.intermediate,
             s.vocab,
             s.batch,
