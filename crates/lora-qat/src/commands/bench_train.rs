@@ -15,7 +15,8 @@ use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
-    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs"}.
+    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs",
+    /// "cpu_ms_per_step"} (+ "profile_ms_per_step" with --profile).
     #[arg(long)]
     pub json: bool,
     /// Sequences per step.
@@ -204,10 +205,16 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     step()?;
     lm::profile::set_enabled(args.profile);
     let _ = lm::profile::take();
+    let cpu_before = super::bench::process_cpu_ns();
     let times = (0..args.runs)
         .map(|_| step())
         .collect::<CliResult<Vec<f64>>>();
     lm::profile::set_enabled(false);
+    // CPU time of all threads per step: unlike the wall time, it does not grow while the
+    // process waits for a core on a shared machine.
+    let cpu_ms_per_step = cpu_before
+        .zip(super::bench::process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / args.runs as f64);
     let mut times = times?;
     let profile = profile_rows(&times, args.runs);
     times.sort_by(f64::total_cmp);
@@ -228,6 +235,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "tokens_per_s": tokens_per_s,
             "ms_per_step": ms_per_step,
             "runs": args.runs,
+            "cpu_ms_per_step": cpu_ms_per_step,
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
@@ -249,12 +257,16 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         println!("{record}");
     } else {
         println!(
-            "{:<18} {:>14} {:>12} {:>6}",
-            "bench", "tokens/s", "ms/step", "runs"
+            "{:<18} {:>14} {:>12} {:>6} {:>16}",
+            "bench", "tokens/s", "ms/step", "runs", "cpu ms/step"
         );
         println!(
-            "{:<18} {:>14.1} {:>12.2} {:>6}",
-            bench, tokens_per_s, ms_per_step, args.runs
+            "{:<18} {:>14.1} {:>12.2} {:>6} {:>16}",
+            bench,
+            tokens_per_s,
+            ms_per_step,
+            args.runs,
+            cpu_ms_per_step.map_or("-".into(), |c| format!("{c:.1}"))
         );
         if args.profile {
             let total: f64 = times.iter().sum::<f64>() / args.runs as f64;
