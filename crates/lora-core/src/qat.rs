@@ -527,6 +527,14 @@ impl LoraQatLinear {
         Ok(y)
     }
 
+    /// Drops what the last forward kept for backward (the input and the quantized weight;
+    /// the weight-sized scratch stays for reuse): gradient checkpointing frees a layer's
+    /// activations this way and recomputes them with a second forward before its backward.
+    pub fn release_forward_state(&mut self) {
+        self.cache = None;
+        self.adapter.clear_cache();
+    }
+
     /// Given `dy: (tokens, out)`, returns `dx` and accumulates `dA`, `dB` (and `dθ` in the
     /// merged mode with fake quantization on).
     pub fn backward(&mut self, dy: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

@@ -215,6 +215,10 @@ pub struct TrainConfig {
     pub early_stopping: Option<EarlyStopping>,
     /// Save a checkpoint every this many optimizer steps (when the run has a checkpoint path).
     pub checkpoint_every: Option<u64>,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (bit-identical gradients, one layer's activations held
+    /// at a time, about one more forward per step). Default off.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -237,6 +241,7 @@ impl Default for TrainConfig {
             eval_every: None,
             early_stopping: None,
             checkpoint_every: None,
+            gradient_checkpointing: false,
         }
     }
 }

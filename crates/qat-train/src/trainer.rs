@@ -223,6 +223,7 @@ impl Trainer {
             ));
         }
         student.set_training(true);
+        student.set_gradient_checkpointing(config.gradient_checkpointing);
         let quant_layers = student
             .linear_modules_mut()
             .filter(|(_, lin)| matches!(lin, LinearModule::Qat(_)))

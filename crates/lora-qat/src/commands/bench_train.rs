@@ -16,7 +16,8 @@ use super::{CliError, CliResult};
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
     /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs",
-    /// "cpu_ms_per_step"} (+ "profile_ms_per_step" with --profile).
+    /// "cpu_ms_per_step", "batch", "seq", "gradient_checkpointing", "peak_rss_bytes"}
+    /// (+ "profile_ms_per_step" with --profile).
     #[arg(long)]
     pub json: bool,
     /// Sequences per step.
@@ -37,8 +38,9 @@ pub struct BenchTrainArgs {
     /// Attention heads.
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
-    /// Key/value heads (grouped-query attention; SmolLM2-135M has 3 for 9 heads); must divide
-    /// --heads. Default: as many as --heads.
+    /// Key/value heads (grouped-query attention; must divide --heads); default --heads.
+    /// SmolLM2-135M's shape: --hidden 576 --intermediate 1536 --layers 30 --heads 9
+    /// --kv-heads 3 --vocab 49152.
     #[arg(long)]
     pub kv_heads: Option<usize>,
     /// Vocabulary size.
@@ -72,6 +74,10 @@ pub struct BenchTrainArgs {
     /// and what is left (residual additions, copies, allocation, checks).
     #[arg(long)]
     pub profile: bool,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (the bench name gets `_ckpt`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
@@ -120,7 +126,7 @@ fn sizes(args: &BenchTrainArgs) -> Sizes {
             intermediate: 64,
             layers: 2,
             heads: 4,
-            kv_heads: 2,
+            kv_heads: 4,
             vocab: 64,
             rank: 4,
         };
@@ -193,6 +199,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         .collect();
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
+    model.set_gradient_checkpointing(args.gradient_checkpointing);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
@@ -226,7 +233,15 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         (None, _) if args.qlora => "qlora",
         (None, _) => "lora",
     };
-    let bench = format!("train_{kind}_r{}", s.rank);
+    let bench = format!(
+        "train_{kind}_r{}{}",
+        s.rank,
+        if args.gradient_checkpointing {
+            "_ckpt"
+        } else {
+            ""
+        }
+    );
     let memory = model.memory_report();
     let qlora_bytes = memory.qlora_bytes_per_parameter();
     if args.json {
@@ -236,6 +251,10 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "ms_per_step": ms_per_step,
             "runs": args.runs,
             "cpu_ms_per_step": cpu_ms_per_step,
+            "batch": s.batch,
+            "seq": s.seq,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
@@ -252,7 +271,6 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             record["base_bytes"] = serde_json::json!(memory.base_bytes());
             record["base_bytes_by_kind"] = serde_json::json!(memory.base_bytes_by_kind);
             record["file_tensor_bytes"] = serde_json::json!(file);
-            record["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         }
         println!("{record}");
     } else {
@@ -283,7 +301,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!(
                 "({}: {} {} layers, width {}; batch {} × seq {}; LoRA r={} on every \
-                 projection{}; forward + loss + backward, median step)",
+                 projection{}{}; forward + loss + backward, median step)",
                 path.display(),
                 c.family(),
                 c.num_hidden_layers,
@@ -295,6 +313,11 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                     " over the weights decoded to f32"
                 } else {
                     " over the file's quantized blocks"
+                },
+                if args.gradient_checkpointing {
+                    "; gradient checkpointing"
+                } else {
+                    ""
                 }
             );
             println!("{memory}");
@@ -308,8 +331,9 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             return Ok(());
         }
         println!(
-            "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; batch {} × seq {}; \
-             LoRA r={} on q/k/v/o/gate/up/down{}; forward + loss + backward, median step)",
+            "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
+             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}; forward + loss + \
+             backward, median step)",
             s.hidden,
             s.layers,
             s.heads,
@@ -319,7 +343,18 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             s.batch,
             s.seq,
             s.rank,
-            if args.qlora { " over NF4 bases" } else { "" }
+            if args.qlora { " over NF4 bases" } else { "" },
+            if args.gradient_checkpointing {
+                "; gradient checkpointing"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "peak resident {}",
+            peak_rss_bytes()
+                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "not reported by this OS".into())
         );
         if let Some(bytes) = qlora_bytes {
             println!(

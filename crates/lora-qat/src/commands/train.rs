@@ -197,6 +197,11 @@ pub struct TrainArgs {
     /// 0 waits forever. See docs/SCALING.md.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     pub collective_timeout: f64,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (same gradients bit for bit, far less memory at long
+    /// sequences, about one more forward per step). Sets the config's gradient_checkpointing.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
     pub save_dtype: lora_core::peft::SaveDtype,
@@ -241,6 +246,9 @@ fn effective_config(args: &TrainArgs) -> CliResult<TrainConfig> {
     }
     if let Some(n) = args.max_seq_len {
         config.max_len = Some(n);
+    }
+    if args.gradient_checkpointing {
+        config.gradient_checkpointing = true;
     }
     config.validate()?;
     Ok(config)
