@@ -52,15 +52,14 @@ impl RowKernel {
         }
     }
 
-    /// Writes `out[i] = e^(z[i] − shift)` and returns `Σ out[i]` (in `f64` across chunks).
-    /// `out` and `z` have the same length.
-    pub(crate) fn exp_sum(self, z: &[f32], shift: f32, out: &mut [f32]) -> f64 {
-        debug_assert_eq!(z.len(), out.len());
+    /// `row[i] ← e^(row[i] − shift)`; returns their sum (`f32` lanes over chunks of 256,
+    /// the chunks added in `f64`).
+    pub(crate) fn exp_sum_in_place(self, row: &mut [f32], shift: f32) -> f64 {
         match self {
-            RowKernel::Portable => exp_sum_body(z, shift, out),
+            RowKernel::Portable => exp_sum_in_place_body(row, shift),
             // SAFETY: as in `max_finite`.
             #[cfg(target_arch = "x86_64")]
-            RowKernel::Avx512 => unsafe { exp_sum_avx512(z, shift, out) },
+            RowKernel::Avx512 => unsafe { exp_sum_in_place_avx512(row, shift) },
         }
     }
 
@@ -146,12 +145,6 @@ unsafe fn max_finite_avx512(z: &[f32]) -> (f32, bool) {
     max_finite_body(z)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_sum_avx512(z: &[f32], shift: f32, out: &mut [f32]) -> f64 {
-    exp_sum_body(z, shift, out)
-}
-
 #[inline(always)]
 fn max_finite_body(z: &[f32]) -> (f32, bool) {
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -177,24 +170,29 @@ fn max_finite_body(z: &[f32]) -> (f32, bool) {
     (m, ok)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_sum_in_place_avx512(row: &mut [f32], shift: f32) -> f64 {
+    exp_sum_in_place_body(row, shift)
+}
+
 #[inline(always)]
-fn exp_sum_body(z: &[f32], shift: f32, out: &mut [f32]) -> f64 {
+fn exp_sum_in_place_body(row: &mut [f32], shift: f32) -> f64 {
     let mut total = 0.0f64;
-    for (zc, oc) in z.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
+    for chunk in row.chunks_mut(CHUNK) {
         let mut acc = [0.0f32; LANES];
-        let mut zl = zc.chunks_exact(LANES);
-        let mut ol = oc.chunks_exact_mut(LANES);
-        for (zs, os) in (&mut zl).zip(&mut ol) {
+        let mut lanes = chunk.chunks_exact_mut(LANES);
+        for vs in &mut lanes {
             for l in 0..LANES {
-                let e = exp(zs[l] - shift);
-                os[l] = e;
+                let e = exp(vs[l] - shift);
+                vs[l] = e;
                 acc[l] += e;
             }
         }
         let mut part = 0.0f32;
-        for (&zv, ov) in zl.remainder().iter().zip(ol.into_remainder()) {
-            let e = exp(zv - shift);
-            *ov = e;
+        for v in lanes.into_remainder() {
+            let e = exp(*v - shift);
+            *v = e;
             part += e;
         }
         total += acc.iter().map(|&a| a as f64).sum::<f64>() + part as f64;
@@ -261,8 +259,8 @@ mod tests {
                 let (max, finite) = kernel.max_finite(&z);
                 assert!(finite);
                 assert_eq!(max, reference_max, "{kernel:?} len {len}");
-                let mut out = vec![0.0f32; len];
-                let sum = kernel.exp_sum(&z, max, &mut out);
+                let mut out = z.clone();
+                let sum = kernel.exp_sum_in_place(&mut out, max);
                 assert!(
                     (sum - reference_sum).abs() <= 1e-6 * reference_sum,
                     "{kernel:?} len {len}: {sum} vs {reference_sum}"
