@@ -48,6 +48,9 @@ pub trait AdaptedLayer {
     fn set_training(&mut self, training: bool);
     /// Zeroes every adapter gradient.
     fn zero_grad(&mut self);
+    /// Drops what the last forward kept for backward (inputs, adapter intermediates), as
+    /// gradient checkpointing does after a layer's forward and after its backward.
+    fn release_forward_state(&mut self);
     /// The base weight `(out, in)` as `f32` (with merged adapters folded in, if any).
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>>;
     /// A new `f32` weight computing what the layer computes with its active adapters: the
@@ -115,6 +118,9 @@ impl<B: FrozenBase> AdaptedLayer for LoraLinear<B> {
     }
     fn zero_grad(&mut self) {
         LoraLinear::zero_grad(self)
+    }
+    fn release_forward_state(&mut self) {
+        LoraLinear::release_forward_state(self)
     }
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>> {
         self.base().dense_weight()

@@ -4,14 +4,15 @@
 //! saved activations ([`crate::forward::ForwardPass`]) as it goes; extra hidden-state
 //! gradients join the residual stream where their layer's output is.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
-use crate::attention::AttentionShape;
-use crate::decoder::{layer_backward, LayerActivations};
+use crate::attention::{AttentionMask, AttentionShape};
+use crate::checkpointing::SavedLayer;
+use crate::decoder::{layer_backward, layer_forward, KeysFrom};
 use crate::error::{check_finite_at, LmError, Result};
 use crate::forward::ForwardPass;
 use crate::layers::{norm_weight_array, rms_norm_backward};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, cross_entropy_in_place};
 use crate::model::LlamaModel;
 
 impl LlamaModel {
@@ -179,6 +180,7 @@ impl LlamaModel {
             None => grad_logits,
         };
 
+        let head_timer = crate::profile::scope(crate::profile::Op::HeadBackward);
         let mut grad_normed = Array2::<f32>::zeros((n, c.hidden_size));
         match &mut self.lm_head {
             Some(head) => head.backward(
@@ -187,27 +189,12 @@ impl LlamaModel {
                 grad_normed.view_mut(),
                 false,
             )?,
-            None => {
-                let (embed, embed_grad) = self.embed_tokens.value_and_grad_mut();
-                quant_core::linalg::gemm_in(
-                    dtype,
-                    1.0,
-                    grad_logits,
-                    embed.view(),
-                    0.0,
-                    grad_normed.view_mut(),
-                )?;
-                if let Some(g) = embed_grad {
-                    quant_core::linalg::gemm_in(
-                        dtype,
-                        1.0,
-                        grad_logits.t(),
-                        pass.normed_final.view(),
-                        1.0,
-                        g.view_mut(),
-                    )?;
-                }
-            }
+            None => self.embed_tokens.head_backward(
+                pass.normed_final.view(),
+                grad_logits,
+                grad_normed.view_mut(),
+                dtype,
+            )?,
         }
         let residual_final = pass.residuals.pop().ok_or_else(|| LmError::Backward {
             reason: "forward pass without residual streams".into(),
@@ -223,19 +210,38 @@ impl LlamaModel {
             self.norm.grad_mut().map(|g| g.view_mut()),
         )?;
         drop(residual_final);
+        drop(head_timer);
         if let Some(last) = self.layers.len().checked_sub(1) {
             add_hidden_grads(last, &mut grad_x);
         }
 
+        let mask = AttentionMask {
+            key_mask: pass.key_mask.as_deref(),
+            segments: pass.segments.as_deref(),
+            sliding_window: None,
+        };
         for (i, layer) in self.layers.iter_mut().enumerate().rev() {
-            let acts: LayerActivations = pass.layers.pop().ok_or_else(|| LmError::Backward {
+            let saved = pass.layers.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer layers than the model".into(),
             })?;
             let x_in = pass.residuals.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer residual streams than layers".into(),
             })?;
             let ctx = Self::layer_context(&c, i, &pass.positions, &tables, dtype);
-            layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?;
+            match saved {
+                SavedLayer::Stored(acts) => {
+                    layer_backward(layer, &ctx, shape, &x_in, *acts, &mut grad_x)?
+                }
+                SavedLayer::Recompute(checkpoint) => {
+                    // The forward again from the kept input, with the dropout RNGs where
+                    // they stood, then the backward; then the layer is freed again.
+                    layer.restore_checkpoint(checkpoint)?;
+                    let (_, acts) =
+                        layer_forward(layer, &ctx, &x_in, KeysFrom::Batch { shape, mask })?;
+                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?;
+                    layer.release_forward_state();
+                }
+            }
             if i > 0 {
                 add_hidden_grads(i - 1, &mut grad_x);
             }
@@ -245,12 +251,8 @@ impl LlamaModel {
         if let Some(s) = c.architecture.embedding_scale {
             grad_x *= s;
         }
-        if let Some(g) = self.embed_tokens.grad_mut() {
-            for (row, &id) in grad_x.axis_iter(Axis(0)).zip(&pass.input_ids) {
-                let mut target = g.row_mut(id as usize);
-                target += &row;
-            }
-        }
+        self.embed_tokens
+            .accumulate_row_grads(&pass.input_ids, grad_x.view());
         let hidden = c.hidden_size;
         check_finite_at(
             "gradient of the embedding outputs",
@@ -271,8 +273,9 @@ impl LlamaModel {
     }
 
     fn check_grads_finite(&self) -> Result<()> {
-        self.embed_tokens
-            .check_grad_finite("model.embed_tokens.weight")?;
+        if let Some(e) = self.embed_tokens.dense() {
+            e.check_grad_finite("model.embed_tokens.weight")?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, norm) in layer.norms() {
                 norm.check_grad_finite(&format!("model.layers.{i}.{name}.weight"))?;
@@ -295,9 +298,18 @@ impl LlamaModel {
         labels: ArrayView2<'_, i64>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<f32> {
-        let pass = self.forward(input_ids, attention_mask)?;
-        let ce = cross_entropy(pass.logits().view(), labels)?;
-        self.backward(pass, ce.grad_logits.view())?;
-        Ok(ce.loss)
+        let mut pass = self.forward(input_ids, attention_mask)?;
+        if self.config.architecture.final_softcap.is_some() {
+            // The soft cap's backward reads the logits: keep them and take a gradient copy.
+            let ce = cross_entropy(pass.logits().view(), labels)?;
+            self.backward(pass, ce.grad_logits.view())?;
+            return Ok(ce.loss);
+        }
+        // Nothing else reads the logits: turn them into their gradient in place (one
+        // (tokens × vocab) array per step instead of two).
+        let mut grad_logits = std::mem::take(&mut pass.logits);
+        let (loss, _) = cross_entropy_in_place(&mut grad_logits, labels)?;
+        self.backward(pass, grad_logits.view())?;
+        Ok(loss)
     }
 }

@@ -6,7 +6,8 @@
 use ndarray::{Array2, Array3, ArrayView2, Axis};
 
 use crate::attention::{AttentionMask, AttentionShape};
-use crate::decoder::{layer_forward, KeysFrom, LayerActivations, LayerContext};
+use crate::checkpointing::SavedLayer;
+use crate::decoder::{layer_forward, KeysFrom, LayerContext};
 use crate::error::{check_finite_at, LmError, Result};
 use crate::layers::{norm_weight_array, rms_norm_forward};
 use crate::loss::cross_entropy;
@@ -25,9 +26,14 @@ pub struct ForwardPass {
     /// rope tables were built for.
     pub(crate) positions: Vec<usize>,
     pub(crate) rope_len: usize,
+    /// The padding mask (one flag per token) and packed-segment run numbers the attention
+    /// used: a checkpointed layer's recomputation masks as its forward did.
+    pub(crate) key_mask: Option<Vec<bool>>,
+    pub(crate) segments: Option<Vec<u32>>,
     /// The residual stream entering each layer, then the one entering the final norm.
     pub(crate) residuals: Vec<Array2<f32>>,
-    pub(crate) layers: Vec<LayerActivations>,
+    /// Per layer: its activations, or (gradient checkpointing) what recomputing it needs.
+    pub(crate) layers: Vec<SavedLayer>,
     pub(crate) rstd_final: Vec<f32>,
     pub(crate) normed_final: Array2<f32>,
     pub(crate) logits: Array3<f32>,
@@ -325,17 +331,10 @@ impl LlamaModel {
     }
 
     /// The embedding rows of `ids`, scaled as the family scales them (Gemma: √hidden).
-    pub(crate) fn embed(&self, ids: &[u32]) -> Array2<f32> {
-        let mut x = Array2::<f32>::zeros((ids.len(), self.config.hidden_size));
-        let embed = self.embed_tokens.value();
-        let scale = self.config.architecture.embedding_scale;
-        for (mut row, &id) in x.axis_iter_mut(Axis(0)).zip(ids) {
-            row.assign(&embed.row(id as usize));
-            if let Some(s) = scale {
-                row *= s;
-            }
-        }
-        x
+    pub(crate) fn embed(&self, ids: &[u32]) -> Result<Array2<f32>> {
+        let _timer = crate::profile::scope(crate::profile::Op::Embedding);
+        self.embed_tokens
+            .gather(ids, self.config.architecture.embedding_scale)
     }
 
     /// Final norm, LM head (tied or not) and final soft cap of the residual stream `x`:
@@ -344,6 +343,7 @@ impl LlamaModel {
         &mut self,
         x: &Array2<f32>,
     ) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
+        let _timer = crate::profile::scope(crate::profile::Op::HeadForward);
         let c = &self.config;
         let n = x.nrows();
         let weight = norm_weight_array(c.architecture.norm, self.norm.value().view());
@@ -360,13 +360,10 @@ impl LlamaModel {
         let cap = c.architecture.final_softcap;
         match &mut self.lm_head {
             Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
-            None => quant_core::linalg::gemm_in(
-                self.compute_dtype,
-                1.0,
+            None => self.embed_tokens.head_forward(
                 normed.view(),
-                self.embed_tokens.value().t(),
-                0.0,
                 logits.view_mut(),
+                self.compute_dtype,
             )?,
         }
         if let Some(cap) = cap {
@@ -422,17 +419,25 @@ impl LlamaModel {
             sliding_window: None,
         };
 
-        let mut x = self.embed(&ids);
+        let mut x = self.embed(&ids)?;
         let mut residuals = Vec::with_capacity(c.num_hidden_layers + 1);
         let mut saved = Vec::with_capacity(c.num_hidden_layers);
         let mut recorded = Vec::new();
+        let checkpointing = keep_activations && self.gradient_checkpointing;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let ctx = Self::layer_context(&c, i, &positions, &tables, dtype);
+            let checkpoint = checkpointing.then(|| layer.checkpoint(i)).transpose()?;
             let (x_out, acts) = layer_forward(layer, &ctx, &x, KeysFrom::Batch { shape, mask })?;
             let x_in = std::mem::replace(&mut x, x_out);
-            if keep_activations {
+            if let Some(checkpoint) = checkpoint {
+                // Only the input stays; backward recomputes the rest from it.
+                drop(acts);
+                layer.release_forward_state();
                 residuals.push(x_in);
-                saved.push(acts);
+                saved.push(SavedLayer::Recompute(checkpoint));
+            } else if keep_activations {
+                residuals.push(x_in);
+                saved.push(SavedLayer::Stored(Box::new(acts)));
             } else if record_layers.contains(&i) {
                 recorded.push((i, x.clone()));
             }
@@ -458,6 +463,8 @@ impl LlamaModel {
             input_ids: ids,
             positions,
             rope_len,
+            key_mask,
+            segments,
             residuals,
             layers: saved,
             rstd_final,

@@ -208,6 +208,10 @@ impl AdaptedLayer for QatLayer {
     fn zero_grad(&mut self) {
         self.layer.zero_grad();
     }
+    fn release_forward_state(&mut self) {
+        self.layer.release_forward_state();
+        self.last_forward_active = None;
+    }
     fn base_weight(&self) -> lora_core::Result<Cow<'_, Array2<f32>>> {
         Ok(Cow::Borrowed(self.layer.weight()))
     }

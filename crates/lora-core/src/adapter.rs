@@ -106,6 +106,10 @@ impl AdapterOptions {
     }
 }
 
+/// A saved position of an adapter's dropout RNG ([`LoraAdapter::dropout_state`]).
+#[derive(Clone, Debug)]
+pub struct DropoutState(ChaCha8Rng);
+
 /// What the backward pass needs from the forward pass.
 #[derive(Clone, Debug)]
 struct AdapterCache {
@@ -375,6 +379,34 @@ impl LoraAdapter {
     /// ```
     pub fn reseed_dropout(&mut self, seed: u64) {
         self.rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    /// Where the dropout masks' RNG stands now. Gradient checkpointing takes it before a
+    /// layer's forward and [`LoraAdapter::restore_dropout_state`]s it before recomputing
+    /// that forward in backward, so the recomputation draws the very masks the forward drew.
+    ///
+    /// ```
+    /// use lora_core::{AdapterOptions, LoraAdapter};
+    /// let mut options = AdapterOptions::new(2, 4.0);
+    /// options.dropout = 0.5;
+    /// let mut a = LoraAdapter::new(&options, 4, 3, 7, "demo").unwrap();
+    /// let base = lora_core::DenseBase::new(ndarray::Array2::zeros((4, 3)), None, "demo").unwrap();
+    /// let x = ndarray::Array2::ones((5, 3));
+    /// let mut y = ndarray::Array2::zeros((5, 4));
+    /// let before = a.dropout_state();
+    /// a.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap();
+    /// let first = a.last_dropout_mask().unwrap().clone();
+    /// a.restore_dropout_state(before);
+    /// a.forward_into(&base, x.view(), None, true, y.view_mut()).unwrap();
+    /// assert_eq!(a.last_dropout_mask().unwrap(), &first);
+    /// ```
+    pub fn dropout_state(&self) -> DropoutState {
+        DropoutState(self.rng.clone())
+    }
+
+    /// Puts the dropout masks' RNG back where [`LoraAdapter::dropout_state`] found it.
+    pub fn restore_dropout_state(&mut self, state: DropoutState) {
+        self.rng = state.0;
     }
 
     /// DoRA's `g = m/‖W + s·B·A‖_row` of the last forward when it ran without dropout: the

@@ -62,7 +62,7 @@ pub mod set;
 pub mod svd;
 mod tiled;
 
-pub use adapter::{AdapterOptions, LoraAdapter};
+pub use adapter::{AdapterOptions, DropoutState, LoraAdapter};
 pub use base::{DenseBase, FrozenBase};
 pub use combine::{Combination, CombinationType};
 pub use config::{InitLoraWeights, LoraConfig, TargetModules};

@@ -427,6 +427,16 @@ impl<B: FrozenBase> LoraLinear<B> {
         Ok(y)
     }
 
+    /// Drops what the last forward kept for backward (the copy of `x`, every adapter's
+    /// intermediates): gradient checkpointing frees a layer's activations this way and
+    /// recomputes them with a second forward before its backward.
+    pub fn release_forward_state(&mut self) {
+        self.input = None;
+        for (_, a) in &mut self.adapters {
+            a.clear_cache();
+        }
+    }
+
     /// Given `dy = ∂L/∂y`, returns `∂L/∂x` and accumulates (`+=`) the gradients of every
     /// active, unmerged adapter. The base and its bias are frozen.
     pub fn backward(&mut self, dy: ArrayView2<'_, f32>) -> Result<Array2<f32>> {

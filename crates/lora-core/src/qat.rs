@@ -88,7 +88,10 @@ impl Grid {
                 config.ste,
                 config.pi_k.unwrap_or_default(),
             )?),
-            QuantizerKind::Nf4 => Grid::Nf4(Nf4GridQuantizer::new(config.granularity, config.ste)?),
+            QuantizerKind::Nf4 => Grid::Nf4(
+                Nf4GridQuantizer::new(config.granularity, config.ste)?
+                    .with_double_quant(config.double_quant),
+            ),
             other => {
                 return Err(LoraError::option(
                     "quantizer",
@@ -549,6 +552,14 @@ impl LoraQatLinear {
             quantized: self.fake_quant,
         });
         Ok(y)
+    }
+
+    /// Drops what the last forward kept for backward (the input and the quantized weight;
+    /// the weight-sized scratch stays for reuse): gradient checkpointing frees a layer's
+    /// activations this way and recomputes them with a second forward before its backward.
+    pub fn release_forward_state(&mut self) {
+        self.cache = None;
+        self.adapter.clear_cache();
     }
 
     /// Given `dy: (tokens, out)`, returns `dx` and accumulates `dA`, `dB` (and `dθ` in the

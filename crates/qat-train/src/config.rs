@@ -220,6 +220,10 @@ pub struct TrainConfig {
     /// or `"bf16"` (operands rounded to bf16, sums in `f32`, as PyTorch's CPU autocast);
     /// master weights, gradients, optimizer state, norms, softmax and losses stay `f32`.
     pub compute_dtype: ComputeDtype,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (bit-identical gradients, one layer's activations held
+    /// at a time, about one more forward per step). Default off.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -243,6 +247,7 @@ impl Default for TrainConfig {
             early_stopping: None,
             checkpoint_every: None,
             compute_dtype: ComputeDtype::F32,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -18,6 +18,11 @@
 //! step 1 computes only this rank's contiguous block of the micro-batches, and the gradients
 //! are summed over the ranks (rank order) before step 2.
 //!
+//! The loop lives here; its parts in submodules: `calibrate` (the quantizer steps when fake
+//! quantization turns on), `objective` (the losses of one batch and their gradients),
+//! `evaluation` (held-out losses, early stopping), `persist` (checkpoints, adapter and
+//! quantized-weight files).
+//!
 //! The reasoning loss is taken per sequence (its trajectory term must not join one example's
 //! last step to the next example's first) and averaged over the sequences that have step or
 //! answer positions.
@@ -26,22 +31,26 @@ use std::path::Path;
 use std::time::Instant;
 
 use lm::{LinearModule, LlamaModel};
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2};
 use quant_core::quantizer::InitMethod;
 use rand::RngCore;
 
-use crate::checkpoint::{Checkpoint, CheckpointFiles, TrainRng, OPTIMIZER_PREFIX};
+use crate::checkpoint::TrainRng;
 use crate::config::{LayerPair, OptimizerKind, TrainConfig};
-use crate::data::{Batch, BatchConfig, DataLoader, Dataset};
+use crate::data::{BatchConfig, DataLoader, Dataset};
 use crate::distributed::{self, Collective, SingleProcess};
 use crate::error::{Result, TrainError};
-use crate::loss::{
-    composite_loss, multi_layer_hidden_loss, reasoning_loss, CompositeInputs, CompositeOutput,
-    CompositeWeights, ReasoningOutput,
-};
+use crate::loss::{CompositeOutput, CompositeWeights};
 use crate::metrics::{EvalMetrics, MetricsCallback, StepMetrics};
 use crate::optim::{AdamW, Optimizer, Sgd};
 use crate::params::{clip_grad_norm, grad_norm, ParamFn, ParamVisitor};
+
+mod calibrate;
+mod evaluation;
+mod objective;
+mod persist;
+
+use objective::LossSums;
 
 /// The trainable tensors of an `lm` model (those with a gradient buffer: active adapters,
 /// learned quantizer steps, base tensors made trainable) as a [`ParamVisitor`], under the
@@ -224,6 +233,7 @@ impl Trainer {
         }
         student.set_training(true);
         student.set_compute_dtype(config.compute_dtype);
+        student.set_gradient_checkpointing(config.gradient_checkpointing);
         let quant_layers = student
             .linear_modules_mut()
             .filter(|(_, lin)| matches!(lin, LinearModule::Qat(_)))
@@ -366,94 +376,6 @@ impl Trainer {
     /// The calibration this run did, once done.
     pub fn calibration(&self) -> Option<&CalibrationReport> {
         self.calibration.as_ref()
-    }
-
-    /// Fits the quantizer steps of a LoRA-QAT student to the weights they quantize now
-    /// (`W + s·B·A`): with `calibration.batches > 0`, each candidate initialisation (MSE clip
-    /// search, absmax) is scored by the mean training loss over the first batches of the data
-    /// (in file order, fake quantization on, no update) and the lowest kept; with `0`, MSE clip
-    /// search from the weights alone; a ggml grid (`q4_0` … `q6_k`) with ggml's own quantizer,
-    /// its only initialisation. [`Trainer::step`] runs it when fake quantization turns
-    /// on (at `quant_warmup_steps`, or step 0 with data); callable directly too. Errors when
-    /// the student has no LoRA-QAT layer.
-    pub fn calibrate(&mut self) -> Result<&CalibrationReport> {
-        if self.quant_layers == 0 {
-            return Err(TrainError::invalid(
-                "calibration",
-                "student",
-                "the student has no LoRA-QAT layer (inject_qat_adapters) to calibrate",
-            ));
-        }
-        self.student.set_fake_quant(true);
-        let mut candidates = Vec::new();
-        // A ggml grid has one initialisation, ggml's own quantizer (`absmax` in its config).
-        let ggml_grid = self
-            .student
-            .qat_config()
-            .is_some_and(|c| c.quantizer.ggml_type().is_some());
-        let chosen = if ggml_grid {
-            InitMethod::Absmax
-        } else if self.config.calibration.batches == 0 {
-            InitMethod::MseClipSearch
-        } else {
-            let mut loader = DataLoader::new(
-                self.loader.dataset().clone(),
-                batch_config(&self.config, false),
-            )?;
-            let n = self
-                .config
-                .calibration
-                .batches
-                .min(loader.batches_per_epoch());
-            let batches: Vec<Batch> = (0..n).map(|_| loader.next_batch()).collect::<Result<_>>()?;
-            for init in [InitMethod::MseClipSearch, InitMethod::Absmax] {
-                self.student.recalibrate_quantizers(init)?;
-                let mut total = 0.0;
-                for batch in &batches {
-                    total += self.eval_batch_loss(batch)?.composite.total;
-                }
-                candidates.push((init, total / n as f64));
-            }
-            // Ties keep the first (MSE clip search).
-            candidates
-                .iter()
-                .fold(
-                    None,
-                    |best: Option<(InitMethod, f64)>, &(init, loss)| match best {
-                        Some((_, b)) if b <= loss => best,
-                        _ => Some((init, loss)),
-                    },
-                )
-                .map_or(InitMethod::MseClipSearch, |(init, _)| init)
-        };
-        self.student.recalibrate_quantizers(chosen)?;
-        self.student.zero_grad();
-        Ok(self.calibration.insert(CalibrationReport {
-            step: self.step,
-            candidates,
-            chosen,
-        }))
-    }
-
-    /// Switches fake quantization for the current step's phase and calibrates when it turns
-    /// on: at the end of a full-precision warm-up, or at step 0 when calibrating with data.
-    fn enter_phase(&mut self) -> Result<()> {
-        if self.quant_layers == 0 {
-            return Ok(());
-        }
-        let warmup = self.config.quant_warmup_steps;
-        let quantized = self.step >= warmup;
-        self.student.set_fake_quant(quantized);
-        let turning_on = self.step == warmup
-            && (warmup > 0 || self.config.calibration.batches > 0)
-            && self
-                .calibration
-                .as_ref()
-                .is_none_or(|c| c.step != self.step);
-        if turning_on {
-            self.calibrate()?;
-        }
-        Ok(())
     }
 
     /// The learning-rate factor of the schedule at the current step.
@@ -650,430 +572,6 @@ impl Trainer {
         .map(|(_, p)| p.student)
         .collect()
     }
-
-    /// Teacher logits `[N, V]` and hidden states (same order as [`Trainer::student_layers`]).
-    fn teacher_outputs(&mut self, batch: &Batch) -> Result<Option<TeacherOutputs>> {
-        let layers: Vec<usize> = layer_pairs(
-            &self.config,
-            &self.student,
-            self.teacher.as_ref(),
-            &self.weights,
-        )
-        .iter()
-        .map(|(_, p)| p.teacher)
-        .collect();
-        let Some(teacher) = self.teacher.as_mut() else {
-            return Ok(None);
-        };
-        let (logits, hidden) = eval_logits_and_hidden(teacher, batch, &layers)?;
-        let (b, seq, vocab) = logits.dim();
-        let logits = logits
-            .into_shape_with_order((b * seq, vocab))
-            .map_err(|e| TrainError::shape("teacher logits", "contiguous", e))?;
-        Ok(Some((logits, hidden)))
-    }
-
-    /// The composite loss of one batch from the student's logits `[N, V]` and hidden states
-    /// (order of [`Trainer::student_layers`]) and the teacher's outputs.
-    fn batch_loss(
-        &self,
-        batch: &Batch,
-        logits: ArrayView2<'_, f32>,
-        student_hidden: &[ArrayView2<'_, f32>],
-        teacher: Option<&TeacherOutputs>,
-    ) -> Result<BatchLoss> {
-        let w = self.weights;
-        let targets = batch.shifted_targets();
-        let row_mask: Vec<bool> = batch.attention_mask.iter().copied().collect();
-        let mut composite = composite_loss(
-            &CompositeWeights {
-                reasoning: 0.0,
-                ..w
-            },
-            &CompositeInputs {
-                student_logits: logits,
-                targets: &targets,
-                teacher_logits: teacher.map(|t| t.0.view()),
-                kd_row_mask: Some(&row_mask),
-                reasoning: None,
-            },
-        )?;
-        let pairs = layer_pairs(
-            &self.config,
-            &self.student,
-            self.teacher.as_ref(),
-            &self.weights,
-        );
-        let mut grad_hidden = Vec::new();
-        let mut hidden_value = None;
-        let mut k = 0;
-        if let (Some(h), Some((_, teacher_hidden))) = (&self.config.loss.hidden, teacher) {
-            if h.weight > 0.0 {
-                let n = h.layers.len();
-                let views: Vec<_> = (0..n)
-                    .map(|i| (student_hidden[i], teacher_hidden[i].view()))
-                    .collect();
-                let out = multi_layer_hidden_loss(&views, h.kind, Some(&row_mask))?;
-                composite.total += f64::from(h.weight) * out.value;
-                hidden_value = Some(out.value);
-                for (i, g) in out.grads.into_iter().enumerate() {
-                    grad_hidden.push((pairs[i].1.student, g * h.weight));
-                }
-                k = n;
-            }
-        }
-        if let (true, Some((_, teacher_hidden))) = (w.reasoning > 0.0, teacher) {
-            let (value, grad) =
-                self.sequence_reasoning(batch, student_hidden[k], teacher_hidden[k].view())?;
-            composite.total += f64::from(w.reasoning) * value.value;
-            grad_hidden.push((pairs[k].1.student, grad * w.reasoning));
-            composite.reasoning = Some(value);
-        }
-        if !composite.total.is_finite() {
-            return Err(TrainError::non_finite(
-                "training loss",
-                format!("step {}", self.step + 1),
-                composite.total,
-            ));
-        }
-        Ok(BatchLoss {
-            composite,
-            hidden: hidden_value,
-            grad_hidden,
-        })
-    }
-
-    /// The reasoning loss per sequence, averaged over sequences with step or answer
-    /// positions; the gradient `[N, D]` into the student's hidden states.
-    fn sequence_reasoning(
-        &self,
-        batch: &Batch,
-        student: ArrayView2<'_, f32>,
-        teacher: ArrayView2<'_, f32>,
-    ) -> Result<(ReasoningOutput, Array2<f32>)> {
-        let (rows, seq) = batch.input_ids.dim();
-        let dim = student.ncols();
-        let mut grad = Array2::<f32>::zeros((rows * seq, dim));
-        let none = vec![false; seq];
-        let mut total = ReasoningOutput {
-            value: 0.0,
-            step: 0.0,
-            trajectory: 0.0,
-            answer: 0.0,
-            steps: 0,
-            answers: 0,
-            grad: Array2::zeros((0, dim)),
-        };
-        let mut counted = 0usize;
-        let mut outputs = Vec::new();
-        for b in 0..rows {
-            let steps: Vec<bool> = batch
-                .step_mask
-                .as_ref()
-                .map_or_else(|| none.clone(), |m| m.row(b).to_vec());
-            let answers: Vec<bool> = batch
-                .answer_mask
-                .as_ref()
-                .map_or_else(|| none.clone(), |m| m.row(b).to_vec());
-            if !steps.iter().chain(&answers).any(|&m| m) {
-                continue;
-            }
-            let range = s![b * seq..(b + 1) * seq, ..];
-            let out = reasoning_loss(
-                student.slice(range),
-                teacher.slice(range),
-                &steps,
-                &answers,
-                &self.config.loss.reasoning,
-            )?;
-            counted += 1;
-            outputs.push((b, out));
-        }
-        let inv = if counted > 0 {
-            1.0 / counted as f64
-        } else {
-            0.0
-        };
-        for (b, out) in outputs {
-            total.value += inv * out.value;
-            total.step += inv * out.step;
-            total.trajectory += inv * out.trajectory;
-            total.answer += inv * out.answer;
-            total.steps += out.steps;
-            total.answers += out.answers;
-            let mut rows = grad.slice_mut(s![b * seq..(b + 1) * seq, ..]);
-            rows.zip_mut_with(&out.grad, |g, &o| *g = o * inv as f32);
-        }
-        Ok((total, grad))
-    }
-
-    /// Evaluates on the validation set (if any) without updating; see
-    /// [`Trainer::evaluate_dataset`].
-    pub fn evaluate(&mut self) -> Result<Option<EvalMetrics>> {
-        match self.validation.take() {
-            None => Ok(None),
-            Some(v) => {
-                let result = self.evaluate_dataset(&v);
-                self.validation = Some(v);
-                result.map(Some)
-            }
-        }
-    }
-
-    /// The objective's terms on `dataset` in file order (no shuffle, no dropout, no update),
-    /// averaged over its batches.
-    pub fn evaluate_dataset(&mut self, dataset: &Dataset) -> Result<EvalMetrics> {
-        let mut loader = DataLoader::new(dataset.clone(), batch_config(&self.config, false))?;
-        let batches = loader.batches_per_epoch();
-        let mut sums = LossSums::default();
-        let mut tokens = 0;
-        for index in 0..batches {
-            let batch = loader.next_batch()?;
-            if !distributed::owns(self.collective.as_ref(), index, batches) {
-                continue;
-            }
-            tokens += batch.num_tokens();
-            let loss = self.eval_batch_loss(&batch)?;
-            sums.add(&loss);
-        }
-        if self.collective.size() > 1 {
-            sums.all_reduce(&mut tokens, self.collective.as_mut(), "evaluation losses")?;
-        }
-        let n = batches as f64;
-        Ok(EvalMetrics {
-            step: self.step,
-            total_loss: sums.total / n,
-            task_loss: sums.task.map(|v| v / n),
-            kd_loss: sums.kd.map(|v| v / n),
-            reasoning_loss: sums.reasoning.map(|v| v / n),
-            hidden_loss: sums.hidden.map(|v| v / n),
-            batches,
-            tokens,
-        })
-    }
-
-    /// The losses of one batch without keeping a backward pass (no dropout).
-    fn eval_batch_loss(&mut self, batch: &Batch) -> Result<BatchLoss> {
-        let layers = self.student_layers();
-        let teacher_out = self.teacher_outputs(batch)?;
-        let (logits, hidden) = eval_logits_and_hidden(&mut self.student, batch, &layers)?;
-        let (b, seq, vocab) = logits.dim();
-        let logits = logits
-            .into_shape_with_order((b * seq, vocab))
-            .map_err(|e| TrainError::shape("student logits", "contiguous", e))?;
-        let views: Vec<_> = hidden.iter().map(|h| h.view()).collect();
-        self.batch_loss(batch, logits.view(), &views, teacher_out.as_ref())
-    }
-
-    /// Evaluates and updates the early-stopping state.
-    fn evaluate_and_track(&mut self) -> Result<Option<EvalMetrics>> {
-        let Some(eval) = self.evaluate()? else {
-            return Ok(None);
-        };
-        let min_delta = self.config.early_stopping.map_or(0.0, |e| e.min_delta);
-        match self.best_eval {
-            Some(best) if eval.total_loss >= best - min_delta => self.evals_since_best += 1,
-            _ => {
-                self.best_eval = Some(eval.total_loss);
-                self.evals_since_best = 0;
-            }
-        }
-        if let Some(es) = self.config.early_stopping {
-            if self.evals_since_best >= es.patience {
-                self.stopped_early = true;
-            }
-        }
-        self.last_eval = Some(eval.clone());
-        Ok(Some(eval))
-    }
-
-    /// Saves everything a resume needs (see [`crate::checkpoint`]): the trainable tensors
-    /// (adapters, quantizer steps) and optimizer moments as tensors; step, config, RNG state,
-    /// data cursor and early-stopping state as JSON.
-    pub fn save_checkpoint(&mut self, path: &Path) -> Result<CheckpointFiles> {
-        let mut ckpt = Checkpoint::new(self.step, self.rng.state());
-        ckpt.add_params(&mut TrainableParams(&mut self.student))?;
-        ckpt.set_optimizer(&self.optimizer.state())?;
-        ckpt.config = serde_json::to_value(&self.config)
-            .map_err(|e| TrainError::invalid("TrainConfig", "serialization", e.to_string()))?;
-        ckpt.data_cursor = self.loader.cursor();
-        ckpt.extra = serde_json::json!({
-            "total_steps": self.total_steps,
-            "best_eval": self.best_eval,
-            "evals_since_best": self.evals_since_best,
-            "stopped_early": self.stopped_early,
-        });
-        ckpt.save(path)
-    }
-
-    /// Restores a checkpoint saved by [`Trainer::save_checkpoint`] into this trainer (built
-    /// with the same student adapters and data). Errors when a trainable tensor is missing or
-    /// extra, or when the run's seed, batch size or accumulation differ from the saved ones
-    /// (the saved data position would mean another order).
-    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        let ckpt = Checkpoint::load(path)?;
-        let saved: TrainConfig =
-            serde_json::from_value(ckpt.config.clone()).map_err(|e| TrainError::Checkpoint {
-                file: path.to_path_buf(),
-                key: "config".into(),
-                reason: e.to_string(),
-            })?;
-        for (field, a, b) in [
-            ("seed", saved.seed, self.config.seed),
-            (
-                "batch_size",
-                saved.batch_size as u64,
-                self.config.batch_size as u64,
-            ),
-            (
-                "gradient_accumulation",
-                saved.gradient_accumulation as u64,
-                self.config.gradient_accumulation as u64,
-            ),
-            ("shuffle", saved.shuffle as u64, self.config.shuffle as u64),
-        ] {
-            if a != b {
-                return Err(TrainError::Checkpoint {
-                    file: path.to_path_buf(),
-                    key: format!("config.{field}"),
-                    reason: format!("saved {a}, this run {b}: resume with the saved value"),
-                });
-            }
-        }
-        let mut names = Vec::new();
-        TrainableParams(&mut self.student).visit_params(&mut |name, _, _| {
-            names.push(name.to_string());
-            Ok(())
-        })?;
-        if let Some(extra) = ckpt
-            .tensors
-            .iter()
-            .find(|t| !t.name.starts_with(OPTIMIZER_PREFIX) && !names.contains(&t.name))
-        {
-            return Err(TrainError::Checkpoint {
-                file: path.to_path_buf(),
-                key: extra.name.clone(),
-                reason: "the student has no trainable tensor of that name".into(),
-            });
-        }
-        let state = ckpt
-            .optimizer_state()?
-            .ok_or_else(|| TrainError::Checkpoint {
-                file: path.to_path_buf(),
-                key: "optimizer".into(),
-                reason: "no optimizer state saved".into(),
-            })?;
-        let mut optimizer = build_optimizer(&self.config)?;
-        optimizer.load_state(state)?;
-        ckpt.restore_params(&mut TrainableParams(&mut self.student))?;
-        self.loader.set_cursor(ckpt.data_cursor)?;
-        self.optimizer = optimizer;
-        self.rng = TrainRng::from_state(&ckpt.rng);
-        self.step = ckpt.step;
-        let extra = &ckpt.extra;
-        self.best_eval = extra.get("best_eval").and_then(|v| v.as_f64());
-        self.evals_since_best = extra
-            .get("evals_since_best")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        self.stopped_early = extra
-            .get("stopped_early")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        Ok(())
-    }
-
-    /// Writes the student's adapter `name` as a PEFT adapter directory
-    /// (`adapter_config.json` + `adapter_model.safetensors`); for a LoRA-QAT student also the
-    /// quantizer steps beside them (`lm::qat::QAT_STATE_FILE`, read by
-    /// `LlamaModel::load_qat_adapter`).
-    pub fn save_adapter(&self, dir: &Path, name: &str) -> Result<()> {
-        self.save_adapter_as(dir, name, lora_core::peft::SaveDtype::F32)
-    }
-
-    /// [`Trainer::save_adapter`] with the adapter tensors stored as `dtype`. A LoRA-QAT
-    /// adapter is written in f32 only: its quantizer steps were trained against the f32
-    /// `W + s·B·A`, and rounding `A`, `B` would move the grid the steps fit.
-    pub fn save_adapter_as(
-        &self,
-        dir: &Path,
-        name: &str,
-        dtype: lora_core::peft::SaveDtype,
-    ) -> Result<()> {
-        if self.quant_layers > 0 {
-            if dtype != lora_core::peft::SaveDtype::F32 {
-                return Err(lora_core::LoraError::option(
-                    "save_dtype",
-                    dtype.name(),
-                    "a LoRA-QAT adapter is saved in f32 (its quantizer steps fit the f32 \
-                     W + s·B·A)",
-                )
-                .into());
-            }
-            Ok(self.student.save_qat_adapter(dir, name)?)
-        } else {
-            Ok(self.student.save_adapter_as(dir, name, dtype)?)
-        }
-    }
-
-    /// Writes the LoRA-QAT student's quantized weights `Q(W + s·B·A)` (packed codes and
-    /// steps, `LlamaModel::export_quantized`) to one safetensors file; returns the number of
-    /// layers. Errors for a student without LoRA-QAT layers.
-    pub fn export_quantized(&mut self, path: &Path) -> Result<usize> {
-        self.student.set_fake_quant(true);
-        let count = self.student.export_quantized(path);
-        self.student.set_fake_quant(self.fake_quant_active());
-        Ok(count?)
-    }
-}
-
-/// Running sums of a step's or an evaluation's losses.
-#[derive(Default)]
-struct LossSums {
-    total: f64,
-    task: Option<f64>,
-    kd: Option<f64>,
-    reasoning: Option<f64>,
-    hidden: Option<f64>,
-}
-
-impl LossSums {
-    fn add(&mut self, loss: &BatchLoss) {
-        let acc = |sum: &mut Option<f64>, v: Option<f64>| {
-            if let Some(v) = v {
-                *sum = Some(sum.unwrap_or(0.0) + v);
-            }
-        };
-        self.total += loss.composite.total;
-        acc(&mut self.task, loss.composite.task);
-        acc(&mut self.kd, loss.composite.kd);
-        acc(
-            &mut self.reasoning,
-            loss.composite.reasoning.as_ref().map(|r| r.value),
-        );
-        acc(&mut self.hidden, loss.hidden);
-    }
-
-    /// Sums these sums and `tokens` over the ranks; a term is present when any rank had it.
-    fn all_reduce(
-        &mut self,
-        tokens: &mut usize,
-        collective: &mut dyn Collective,
-        what: &str,
-    ) -> Result<()> {
-        let terms = [self.task, self.kd, self.reasoning, self.hidden];
-        let mut buffer = vec![self.total, *tokens as f64];
-        for term in terms {
-            buffer.extend([term.unwrap_or(0.0), f64::from(u8::from(term.is_some()))]);
-        }
-        collective.all_reduce_sum_f64(&mut buffer, what)?;
-        self.total = buffer[0];
-        // Token counts are integers far below 2^53: exact in f64.
-        *tokens = buffer[1] as usize;
-        let term = |i: usize| (buffer[3 + 2 * i] > 0.0).then_some(buffer[2 + 2 * i]);
-        (self.task, self.kd, self.reasoning, self.hidden) = (term(0), term(1), term(2), term(3));
-        Ok(())
-    }
 }
 
 /// The layer pairs the losses read: hidden-state pairs (when weighted), then the reasoning
@@ -1116,32 +614,6 @@ fn build_optimizer(config: &TrainConfig) -> Result<Box<dyn Optimizer>> {
         OptimizerKind::Adamw => Box::new(AdamW::new(config.optimizer.adamw, groups)?),
         OptimizerKind::Sgd => Box::new(Sgd::new(config.optimizer.sgd, groups)?),
     })
-}
-
-/// Logits and the hidden states of `layers` without dropout; a packed batch (segment ids) runs
-/// the segmented forward (positions restart, attention within each document).
-fn eval_logits_and_hidden(
-    model: &mut LlamaModel,
-    batch: &Batch,
-    layers: &[usize],
-) -> Result<(ndarray::Array3<f32>, Vec<Array2<f32>>)> {
-    let Some(segments) = &batch.segment_ids else {
-        return Ok(model.logits_and_hidden_states(
-            batch.input_ids.view(),
-            Some(batch.attention_mask.view()),
-            layers,
-        )?);
-    };
-    let training = model.is_training();
-    model.set_training(false);
-    let pass = model.forward_segmented(batch.input_ids.view(), segments.view(), Some(layers));
-    model.set_training(training);
-    let pass = pass?;
-    let hidden = layers
-        .iter()
-        .map(|&l| pass.hidden_state(l).map(|h| h.to_owned()))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((pass.logits().clone(), hidden))
 }
 
 /// A LoRA-QAT student whose warm-up lasts the whole run would never train (or be graded)

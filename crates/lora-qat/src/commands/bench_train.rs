@@ -15,7 +15,10 @@ use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
-    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs"}.
+    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs",
+    /// "cpu_ms_per_step", "batch", "seq", "gradient_checkpointing", "compute_dtype",
+    /// "peak_rss_bytes"}
+    /// (+ "profile_ms_per_step" with --profile).
     #[arg(long)]
     pub json: bool,
     /// Sequences per step.
@@ -37,6 +40,8 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 8)]
     pub heads: usize,
     /// Key/value heads (grouped-query attention; must divide --heads); default --heads.
+    /// SmolLM2-135M's shape: --hidden 576 --intermediate 1536 --layers 30 --heads 9
+    /// --kv-heads 3 --vocab 49152.
     #[arg(long)]
     pub kv_heads: Option<usize>,
     /// Vocabulary size.
@@ -65,8 +70,18 @@ pub struct BenchTrainArgs {
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
     pub dequantize_base: bool,
+    /// Also print the wall time of each kind of operation per timed step (GEMM-backed
+    /// projections, attention, RMSNorm, RoPE, SwiGLU, LM head, loss, ...; see `lm::profile`)
+    /// and what is left (residual additions, copies, allocation, checks).
+    #[arg(long)]
+    pub profile: bool,
+    /// Gradient checkpointing: keep only each decoder layer's input in the forward and
+    /// recompute the layer in backward (the bench name gets `_ckpt`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
-    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32).
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32; the bench
+    /// name gets `_bf16`).
     #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
     pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
@@ -77,6 +92,22 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Mean milliseconds per step of every `lm::profile` kind, then the rest of the step.
+fn profile_rows(times: &[f64], runs: usize) -> Vec<(String, f64)> {
+    let runs = runs.max(1) as f64;
+    let mut rows: Vec<(String, f64)> = lm::profile::take()
+        .into_iter()
+        .map(|(op, d)| (op.label().to_string(), d.as_secs_f64() * 1e3 / runs))
+        .collect();
+    let step = times.iter().sum::<f64>() / runs;
+    let timed: f64 = rows.iter().map(|(_, ms)| ms).sum();
+    rows.push((
+        "other (residuals, copies, allocs, checks)".into(),
+        (step - timed).max(0.0),
+    ));
+    rows
 }
 
 /// The measured sizes, after `--small`.
@@ -174,6 +205,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         .collect();
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
+    model.set_gradient_checkpointing(args.gradient_checkpointing);
     model.set_compute_dtype(args.compute_dtype);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
@@ -185,9 +217,20 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
     step()?;
-    let mut times = (0..args.runs)
+    lm::profile::set_enabled(args.profile);
+    let _ = lm::profile::take();
+    let cpu_before = super::bench::process_cpu_ns();
+    let times = (0..args.runs)
         .map(|_| step())
-        .collect::<CliResult<Vec<f64>>>()?;
+        .collect::<CliResult<Vec<f64>>>();
+    lm::profile::set_enabled(false);
+    // CPU time of all threads per step: unlike the wall time, it does not grow while the
+    // process waits for a core on a shared machine.
+    let cpu_ms_per_step = cpu_before
+        .zip(super::bench::process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / args.runs as f64);
+    let mut times = times?;
+    let profile = profile_rows(&times, args.runs);
     times.sort_by(f64::total_cmp);
     let ms_per_step = times[times.len() / 2];
     let tokens_per_s = (s.batch * s.seq) as f64 / (ms_per_step / 1e3);
@@ -197,11 +240,20 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         (None, _) if args.qlora => "qlora",
         (None, _) => "lora",
     };
-    // bf16 rows are named apart (`train_lora_r16_bf16`); f32 rows keep their names.
-    let bench = match args.compute_dtype {
-        quant_core::linalg::ComputeDtype::F32 => format!("train_{kind}_r{}", s.rank),
-        dtype => format!("train_{kind}_r{}_{}", s.rank, dtype.name()),
+    // f32 rows keep their names; bf16 rows get `_bf16`.
+    let dtype_suffix = match args.compute_dtype {
+        quant_core::linalg::ComputeDtype::F32 => String::new(),
+        dtype => format!("_{}", dtype.name()),
     };
+    let bench = format!(
+        "train_{kind}_r{}{}{dtype_suffix}",
+        s.rank,
+        if args.gradient_checkpointing {
+            "_ckpt"
+        } else {
+            ""
+        }
+    );
     let memory = model.memory_report();
     let qlora_bytes = memory.qlora_bytes_per_parameter();
     if args.json {
@@ -210,33 +262,59 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "tokens_per_s": tokens_per_s,
             "ms_per_step": ms_per_step,
             "runs": args.runs,
+            "cpu_ms_per_step": cpu_ms_per_step,
+            "batch": s.batch,
+            "seq": s.seq,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "compute_dtype": args.compute_dtype.name(),
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
+        }
+        if args.profile {
+            record["profile_ms_per_step"] = serde_json::Value::Object(
+                profile
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v).into()))
+                    .collect(),
+            );
         }
         if let Some(file) = gguf_bytes {
             record["base_bytes"] = serde_json::json!(memory.base_bytes());
             record["base_bytes_by_kind"] = serde_json::json!(memory.base_bytes_by_kind);
             record["file_tensor_bytes"] = serde_json::json!(file);
-            record["peak_rss_bytes"] = serde_json::json!(peak_rss_bytes());
         }
         println!("{record}");
     } else {
         println!(
-            "{:<18} {:>14} {:>12} {:>6}",
-            "bench", "tokens/s", "ms/step", "runs"
+            "{:<18} {:>14} {:>12} {:>6} {:>16}",
+            "bench", "tokens/s", "ms/step", "runs", "cpu ms/step"
         );
         println!(
-            "{:<18} {:>14.1} {:>12.2} {:>6}",
-            bench, tokens_per_s, ms_per_step, args.runs
+            "{:<18} {:>14.1} {:>12.2} {:>6} {:>16}",
+            bench,
+            tokens_per_s,
+            ms_per_step,
+            args.runs,
+            cpu_ms_per_step.map_or("-".into(), |c| format!("{c:.1}"))
         );
+        if args.profile {
+            let total: f64 = times.iter().sum::<f64>() / args.runs as f64;
+            println!(
+                "{:<34} {:>10} {:>7}",
+                "operation (mean of the timed steps)", "ms/step", "share"
+            );
+            for (label, ms) in &profile {
+                println!("{label:<34} {ms:>10.2} {:>6.1}%", 100.0 * ms / total);
+            }
+        }
         if let (Some(path), Some(file)) = (&args.model, gguf_bytes) {
             let c = model.config();
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!(
                 "({}: {} {} layers, width {}; batch {} × seq {}; LoRA r={} on every \
-                 projection{}; forward + loss + backward, median step)",
+                 projection{}{}; forward + loss + backward, median step)",
                 path.display(),
                 c.family(),
                 c.num_hidden_layers,
@@ -248,6 +326,11 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                     " over the weights decoded to f32"
                 } else {
                     " over the file's quantized blocks"
+                },
+                if args.gradient_checkpointing {
+                    "; gradient checkpointing"
+                } else {
+                    ""
                 }
             );
             println!("{memory}");
@@ -262,7 +345,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         }
         println!(
             "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
-             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}; forward + loss + \
+             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}{}; forward + loss + \
              backward, median step)",
             s.hidden,
             s.layers,
@@ -274,10 +357,21 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             s.seq,
             s.rank,
             if args.qlora { " over NF4 bases" } else { "" },
+            if args.gradient_checkpointing {
+                "; gradient checkpointing"
+            } else {
+                ""
+            },
             match args.compute_dtype {
                 quant_core::linalg::ComputeDtype::F32 => String::new(),
-                dtype => format!(", {} products", dtype.name()),
+                dtype => format!("; {} products", dtype.name()),
             }
+        );
+        println!(
+            "peak resident {}",
+            peak_rss_bytes()
+                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "not reported by this OS".into())
         );
         if let Some(bytes) = qlora_bytes {
             println!(
