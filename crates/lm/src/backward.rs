@@ -12,7 +12,7 @@ use crate::decoder::{layer_backward, layer_forward, KeysFrom};
 use crate::error::{check_finite_at, LmError, Result};
 use crate::forward::ForwardPass;
 use crate::layers::{norm_weight_array, rms_norm_backward};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, cross_entropy_in_place};
 use crate::model::LlamaModel;
 
 impl LlamaModel {
@@ -178,6 +178,7 @@ impl LlamaModel {
             None => grad_logits,
         };
 
+        let head_timer = crate::profile::scope(crate::profile::Op::HeadBackward);
         let mut grad_normed = Array2::<f32>::zeros((n, c.hidden_size));
         match &mut self.lm_head {
             Some(head) => head.backward(
@@ -206,6 +207,7 @@ impl LlamaModel {
             self.norm.grad_mut().map(|g| g.view_mut()),
         )?;
         drop(residual_final);
+        drop(head_timer);
         if let Some(last) = self.layers.len().checked_sub(1) {
             add_hidden_grads(last, &mut grad_x);
         }
@@ -225,7 +227,7 @@ impl LlamaModel {
             let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
             match saved {
                 SavedLayer::Stored(acts) => {
-                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?
+                    layer_backward(layer, &ctx, shape, &x_in, *acts, &mut grad_x)?
                 }
                 SavedLayer::Recompute(checkpoint) => {
                     // The forward again from the kept input, with the dropout RNGs where
@@ -293,9 +295,18 @@ impl LlamaModel {
         labels: ArrayView2<'_, i64>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<f32> {
-        let pass = self.forward(input_ids, attention_mask)?;
-        let ce = cross_entropy(pass.logits().view(), labels)?;
-        self.backward(pass, ce.grad_logits.view())?;
-        Ok(ce.loss)
+        let mut pass = self.forward(input_ids, attention_mask)?;
+        if self.config.architecture.final_softcap.is_some() {
+            // The soft cap's backward reads the logits: keep them and take a gradient copy.
+            let ce = cross_entropy(pass.logits().view(), labels)?;
+            self.backward(pass, ce.grad_logits.view())?;
+            return Ok(ce.loss);
+        }
+        // Nothing else reads the logits: turn them into their gradient in place (one
+        // (tokens × vocab) array per step instead of two).
+        let mut grad_logits = std::mem::take(&mut pass.logits);
+        let (loss, _) = cross_entropy_in_place(&mut grad_logits, labels)?;
+        self.backward(pass, grad_logits.view())?;
+        Ok(loss)
     }
 }

@@ -330,6 +330,7 @@ impl LlamaModel {
 
     /// The embedding rows of `ids`, scaled as the family scales them (Gemma: √hidden).
     pub(crate) fn embed(&self, ids: &[u32]) -> Result<Array2<f32>> {
+        let _timer = crate::profile::scope(crate::profile::Op::Embedding);
         self.embed_tokens
             .gather(ids, self.config.architecture.embedding_scale)
     }
@@ -340,6 +341,7 @@ impl LlamaModel {
         &mut self,
         x: &Array2<f32>,
     ) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
+        let _timer = crate::profile::scope(crate::profile::Op::HeadForward);
         let c = &self.config;
         let n = x.nrows();
         let weight = norm_weight_array(c.architecture.norm, self.norm.value().view());
@@ -429,7 +431,7 @@ impl LlamaModel {
                 saved.push(SavedLayer::Recompute(checkpoint));
             } else if keep_activations {
                 residuals.push(x_in);
-                saved.push(SavedLayer::Stored(acts));
+                saved.push(SavedLayer::Stored(Box::new(acts)));
             } else if record_layers.contains(&i) {
                 recorded.push((i, x.clone()));
             }

@@ -59,13 +59,16 @@ pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod param;
+pub mod profile;
 pub mod qat;
+pub mod qat_bnb_export;
 pub mod qat_export;
 pub mod qat_layer;
 pub mod quantize;
 pub mod rope;
 pub mod sampling;
 pub mod source;
+mod vmath;
 
 pub use adapted::{peft_parameter_name, AdaptedLayer};
 pub use adapters::peft_file_key;

@@ -528,6 +528,7 @@ impl RopeTable {
         n_heads: usize,
         inverse: bool,
     ) -> Result<()> {
+        let _timer = crate::profile::scope(crate::profile::Op::Rope);
         let hd = self.head_dim;
         let half = hd / 2;
         if x.ncols() != n_heads * hd || positions.len() != x.nrows() {

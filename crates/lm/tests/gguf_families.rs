@@ -504,10 +504,10 @@ fn llama3_rope_freqs_become_the_rope_parameters_or_explicit_divisors() {
             factors: divisors.clone()
         }
     );
-    let err = lm::lazy_checkpoint::LazyCheckpoint::open_gguf(&edited)
-        .err()
-        .expect("a config.json cannot state explicit divisors")
-        .to_string();
+    let Err(err) = lm::lazy_checkpoint::LazyCheckpoint::open_gguf(&edited) else {
+        panic!("a config.json cannot state explicit divisors");
+    };
+    let err = err.to_string();
     assert!(err.contains("rope_freqs.weight"), "{err}");
 
     let ids = ndarray::Array2::from_shape_fn((1, 40), |(_, i)| ((i * 5 + 1) % 100) as u32);

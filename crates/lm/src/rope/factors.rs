@@ -93,7 +93,7 @@ pub fn recover_llama3(
         return None;
     }
     let factor = stored.iter().copied().fold(f32::MIN, f32::max);
-    if !(factor.is_finite() && factor > 1.0) || stored.iter().any(|&f| !(f >= 1.0)) {
+    if !(factor.is_finite() && factor > 1.0) || stored.iter().any(|&f| f.is_nan() || f < 1.0) {
         return None;
     }
     let waves = wavelengths(theta, dim);
@@ -112,7 +112,7 @@ pub fn recover_llama3(
         let mut candidates = lengths.clone();
         for &(w, smooth) in &band {
             let old = w * (low as f64 + smooth * (high - low) as f64);
-            if old.is_finite() && old >= 1.0 && old < 1e9 {
+            if (1.0..1e9).contains(&old) {
                 let rounded = old.round() as usize;
                 candidates.extend([rounded, rounded.saturating_sub(1), rounded + 1]);
             }
