@@ -292,7 +292,9 @@ fn real_model_tokenizer_from_metadata_equals_transformers() {
         let ours = text.encode(s, false).unwrap();
         let from_file = converted.encode(s, false).unwrap().get_ids().to_vec();
         if ours != expected || from_file != expected {
-            differing.push(format!("{s:?}: ours {ours:?} / tokenizer.json {from_file:?} / transformers {expected:?}"));
+            differing.push(format!(
+                "{s:?}: ours {ours:?} / tokenizer.json {from_file:?} / transformers {expected:?}"
+            ));
         }
     }
     assert!(
@@ -324,12 +326,23 @@ fn dora_and_lora_qat_over_gguf_bases_save_load_and_export() {
     for ty in ["q4_0", "q8_0"] {
         let gguf = tmp.join(format!("{ty}.gguf"));
         let g = gguf.to_str().unwrap();
-        ok(&["export-gguf", "--model", &data("base"), "--out", g, "--type", ty]);
+        ok(&[
+            "export-gguf",
+            "--model",
+            &data("base"),
+            "--out",
+            g,
+            "--type",
+            ty,
+        ]);
         let f32_dir = tmp.join(format!("{ty}-f32"));
         ok(&["convert", g, f32_dir.to_str().unwrap()]);
         for (kind, extra) in [
             ("dora", vec!["--adapter-type", "dora"]),
-            ("lora-qat", vec!["--adapter-type", "lora-qat", "--quantizer", "q8_0"]),
+            (
+                "lora-qat",
+                vec!["--adapter-type", "lora-qat", "--quantizer", "q8_0"],
+            ),
         ] {
             let run = tmp.join(format!("{ty}-{kind}"));
             let mut args = vec![
@@ -383,7 +396,15 @@ fn dora_and_lora_qat_over_gguf_bases_save_load_and_export() {
                 &format!("{ty}-{kind}-dir.safetensors"),
             );
             let base_path = tmp.join(format!("{ty}-base.safetensors"));
-            ok(&["logits", "--model", g, "--tokens", t, "--out", base_path.to_str().unwrap()]);
+            ok(&[
+                "logits",
+                "--model",
+                g,
+                "--tokens",
+                t,
+                "--out",
+                base_path.to_str().unwrap(),
+            ]);
             let base = logits(&base_path);
             let diff = |x: &[f32], y: &[f32]| {
                 x.iter()
@@ -392,8 +413,14 @@ fn dora_and_lora_qat_over_gguf_bases_save_load_and_export() {
                     .fold(0.0f32, f32::max)
             };
             let err = diff(&from_gguf, &from_dir);
-            assert!(err <= 1e-4, "{ty} {kind}: GGUF vs f32 directory differ by {err}");
-            assert!(diff(&from_gguf, &base) > 1e-4, "{ty} {kind}: the adapter does nothing");
+            assert!(
+                err <= 1e-4,
+                "{ty} {kind}: GGUF vs f32 directory differ by {err}"
+            );
+            assert!(
+                diff(&from_gguf, &base) > 1e-4,
+                "{ty} {kind}: the adapter does nothing"
+            );
 
             let lora = tmp.join(format!("{ty}-{kind}-lora.gguf"));
             let export = [
@@ -447,7 +474,11 @@ fn dora_and_lora_qat_over_gguf_bases_save_load_and_export() {
             ]);
             // Exact but for LoRA-QAT over Q4_0: the merged q8_0 file re-encodes the Q4_0
             // embedding (and tied head) in q8_0 blocks, which is not lossless.
-            let tol = if kind == "lora-qat" && ty == "q4_0" { 1e-2 } else { 1e-4 };
+            let tol = if kind == "lora-qat" && ty == "q4_0" {
+                1e-2
+            } else {
+                1e-4
+            };
             let err = diff(&logits(&merged_logits), &from_gguf);
             assert!(err <= tol, "{ty} {kind}: merged file differs by {err}");
         }
