@@ -6,8 +6,31 @@ markdown table: mean and 99th-percentile KL(reference ‖ file) per token, top-1
 both perplexities. A developer tool for the README's PTQ-vs-QAT table (issue 13), not a check:
 
     $INTEROP_VENV/bin/python qat_quality.py --reference ref-f32.gguf --text heldout.txt \\
-        ptq-q4_0.gguf qat-q4_0.gguf
+        --llama-quantize q4_0 ptq-q4_0.gguf qat-q4_0.gguf
+
+`--llama-quantize TYPE` (q4_0, q4_1, q5_0, q5_1, q8_0) first has llama.cpp quantize the reference
+itself (`llama_model_quantize`, what `llama-quantize ref.gguf out.gguf Q4_0` does, type mix
+included) to `<reference>-llama-<type>.gguf` and adds that file to the table: the baseline our
+PTQ file must equal.
 """
+
+LLAMA_FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}
+
+
+def llama_quantize(reference, ty):
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    out = os.path.splitext(reference)[0] + f"-llama-{ty}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ty]
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(reference.encode(), out.encode(), ctypes.byref(params))
+    if rc != 0:
+        sys.exit(f"llama_model_quantize({reference}, {ty}) failed with {rc}")
+    return out
 
 import argparse
 import sys
@@ -39,8 +62,13 @@ def main():
     ap.add_argument("--reference", required=True)
     ap.add_argument("--text", required=True)
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("--llama-quantize", choices=sorted(LLAMA_FTYPES), action="append",
+                    default=[], metavar="TYPE")
+    ap.add_argument("files", nargs="*")
     args = ap.parse_args()
+    args.files = [llama_quantize(args.reference, t) for t in args.llama_quantize] + args.files
+    if not args.files:
+        sys.exit("no file to measure: give files or --llama-quantize TYPE")
     from llama_cpp import Llama
 
     tok = Llama(model_path=args.reference, vocab_only=True, verbose=False)

@@ -40,6 +40,9 @@ enum Command {
     /// Write a Llama model (optionally with an adapter merged) as a GGUF file for llama.cpp,
     /// or with --lora the adapter alone as a GGUF LoRA adapter.
     ExportGguf(commands::export_gguf::ExportGgufArgs),
+    /// Quantize a model to a llama.cpp block type by LoRA-QAT distilled from itself (data-free
+    /// without --data): PTQ and QAT GGUF files, a PTQ-vs-QAT quality table and report.
+    Qat(Box<commands::qat::QatArgs>),
     /// Convert a llama.cpp GGUF model file into a transformers directory (config.json,
     /// model.safetensors in f32/f16/bf16, tokenizer.json, tokenizer_config.json).
     Convert(commands::convert::ConvertArgs),
@@ -70,6 +73,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(&args),
         Command::Merge(args) => commands::merge::run(&args),
         Command::ExportGguf(args) => commands::export_gguf::run(&args),
+        Command::Qat(args) => commands::qat::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
         Command::Inspect(args) => commands::inspect::run(&args),
         Command::Bench(cmd) => commands::bench::run(&cmd),

@@ -1,46 +1,11 @@
 //! `lora-qat merge`, `export-gguf` and `inspect` through the binary, on the tiny reference
 //! Llama and PEFT adapters in `crates/lm/tests/data/llama`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{fails, lm_data, ok, temp_dir};
 
 fn data(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../lm/tests/data/llama")
-        .join(rel)
-        .display()
-        .to_string()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("lora-qat-cli-export-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora-qat"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8(out.stderr).unwrap()
+    lm_data(rel).display().to_string()
 }
 
 #[test]

@@ -1,52 +1,17 @@
 //! End-to-end tests of `lora-qat logits`, `grads`, `generate` and `bench train` through the
 //! binary, on the tiny reference Llama and PEFT adapters in `crates/lm/tests/data/llama`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use safetensors::{Dtype, SafeTensors};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lora-qat"))
-}
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../lm/tests/data/llama")
-        .join(rel)
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-qat-cli-lm-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn read_f32s(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == Dtype::F32)
-        .map(|(name, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, (v.shape().to_vec(), values))
-        })
-        .collect()
-}
+mod common;
+use common::{lm_data, max_abs_diff, read_f32s, run, s, temp_dir};
 
 /// Writes the reference `input_ids` (and `labels` when asked) to a tokens file.
 fn tokens_file(dir: &Path, with_labels: bool) -> PathBuf {
-    let bytes = std::fs::read(data("io.safetensors")).unwrap();
+    let bytes = std::fs::read(lm_data("io.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut keys = vec!["input_ids"];
     if with_labels {
@@ -63,23 +28,11 @@ fn tokens_file(dir: &Path, with_labels: bool) -> PathBuf {
     path
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
     let dir = temp_dir("logits");
     let tokens = tokens_file(&dir, true);
-    let io = read_f32s(&data("io.safetensors"));
+    let io = read_f32s(&lm_data("io.safetensors"));
     // The bitsandbytes 4-bit checkpoint loads with NF4 projections; QLoRA on top of it.
     for (model, adapter, prefix) in [
         ("base", None, "base"),
@@ -88,19 +41,19 @@ fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
         ("base_bnb4", Some("adapter_qlora"), "qlora"),
     ] {
         let out = dir.join(format!("{prefix}.safetensors"));
-        let base = data(model);
+        let base = lm_data(model);
         let mut args = vec![
             "logits",
             "--model",
-            path_str(&base),
+            s(&base),
             "--tokens",
-            path_str(&tokens),
+            s(&tokens),
             "--out",
-            path_str(&out),
+            s(&out),
         ];
-        let adapter_dir = adapter.map(data);
+        let adapter_dir = adapter.map(lm_data);
         if let Some(a) = &adapter_dir {
-            args.extend(["--adapter", path_str(a)]);
+            args.extend(["--adapter", s(a)]);
         }
         let output = run(&args);
         assert!(output.status.success(), "{output:?}");
@@ -119,15 +72,15 @@ fn logits_and_loss_equal_the_reference_with_and_without_adapter() {
     // Without labels there is no loss.
     let ids = tokens_file(&dir, false);
     let out = dir.join("ids_out.safetensors");
-    let base = data("base");
+    let base = lm_data("base");
     let output = run(&[
         "logits",
         "--model",
-        path_str(&base),
+        s(&base),
         "--tokens",
-        path_str(&ids),
+        s(&ids),
         "--out",
-        path_str(&out),
+        s(&out),
     ]);
     assert!(output.status.success(), "{output:?}");
     let got = read_f32s(&out);
@@ -140,19 +93,19 @@ fn grads_equal_the_reference() {
     let dir = temp_dir("grads");
     let tokens = tokens_file(&dir, true);
     for (model, variant) in [("base", "lora"), ("base", "dora"), ("base_bnb4", "qlora")] {
-        let adapter = data(&format!("adapter_{variant}"));
+        let adapter = lm_data(&format!("adapter_{variant}"));
         let out = dir.join(format!("{variant}_grads.safetensors"));
-        let base = data(model);
+        let base = lm_data(model);
         let output = run(&[
             "grads",
             "--model",
-            path_str(&base),
+            s(&base),
             "--adapter",
-            path_str(&adapter),
+            s(&adapter),
             "--tokens",
-            path_str(&tokens),
+            s(&tokens),
             "--out",
-            path_str(&out),
+            s(&out),
         ]);
         assert!(output.status.success(), "{output:?}");
         let got = read_f32s(&out);
@@ -184,14 +137,14 @@ fn grads_equal_the_reference() {
 
 #[test]
 fn generate_prints_ids_and_is_seeded() {
-    let base = data("base");
-    let adapter = data("adapter_lora");
+    let base = lm_data("base");
+    let adapter = lm_data("adapter_lora");
     let args = [
         "generate",
         "--model",
-        path_str(&base),
+        s(&base),
         "--adapter",
-        path_str(&adapter),
+        s(&adapter),
         "--prompt-ids",
         "1,2,3",
         "--max-new",
@@ -214,8 +167,8 @@ fn generate_prints_ids_and_is_seeded() {
 #[test]
 fn bad_inputs_give_clear_errors() {
     let dir = temp_dir("errors");
-    let base = data("base");
-    let adapter = data("adapter_lora");
+    let base = lm_data("base");
+    let adapter = lm_data("adapter_lora");
     let ids_only = tokens_file(&dir, false);
     let out = dir.join("out.safetensors");
     let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
@@ -224,13 +177,13 @@ fn bad_inputs_give_clear_errors() {
     let o = run(&[
         "grads",
         "--model",
-        path_str(&base),
+        s(&base),
         "--adapter",
-        path_str(&adapter),
+        s(&adapter),
         "--tokens",
-        path_str(&ids_only),
+        s(&ids_only),
         "--out",
-        path_str(&out),
+        s(&out),
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("labels"), "{}", stderr(&o));
@@ -243,11 +196,11 @@ fn bad_inputs_give_clear_errors() {
     let o = run(&[
         "logits",
         "--model",
-        path_str(&base),
+        s(&base),
         "--tokens",
-        path_str(&wrong),
+        s(&wrong),
         "--out",
-        path_str(&out),
+        s(&out),
     ]);
     assert!(!o.status.success());
     let e = stderr(&o);
@@ -261,11 +214,11 @@ fn bad_inputs_give_clear_errors() {
     let o = run(&[
         "logits",
         "--model",
-        path_str(&missing),
+        s(&missing),
         "--tokens",
-        path_str(&ids_only),
+        s(&ids_only),
         "--out",
-        path_str(&out),
+        s(&out),
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no_such_model"), "{}", stderr(&o));
@@ -274,9 +227,9 @@ fn bad_inputs_give_clear_errors() {
     let o = run(&[
         "generate",
         "--model",
-        path_str(&base),
+        s(&base),
         "--adapter",
-        path_str(&missing),
+        s(&missing),
         "--prompt-ids",
         "1",
     ]);
@@ -284,13 +237,7 @@ fn bad_inputs_give_clear_errors() {
     assert!(stderr(&o).contains("no_such_model"), "{}", stderr(&o));
 
     // A prompt id outside the vocabulary.
-    let o = run(&[
-        "generate",
-        "--model",
-        path_str(&base),
-        "--prompt-ids",
-        "1,64",
-    ]);
+    let o = run(&["generate", "--model", s(&base), "--prompt-ids", "1,64"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("64"), "{}", stderr(&o));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -360,14 +307,14 @@ fn every_option_has_help() {
 
 #[test]
 fn generate_runs_on_the_bnb4_model_with_qlora() {
-    let base = data("base_bnb4");
-    let adapter = data("adapter_qlora");
+    let base = lm_data("base_bnb4");
+    let adapter = lm_data("adapter_qlora");
     let output = run(&[
         "generate",
         "--model",
-        path_str(&base),
+        s(&base),
         "--adapter",
-        path_str(&adapter),
+        s(&adapter),
         "--prompt-ids",
         "1,2,3",
         "--max-new",

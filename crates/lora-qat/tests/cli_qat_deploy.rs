@@ -7,73 +7,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
-fn base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/data/llama/base")
-}
+mod common;
+use common::{base_model, jsonl_data, max_abs_diff, ok, read_f32s, run, s, temp_dir};
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "lora-qat-cli-qatdeploy-{tag}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora-qat"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "lora-qat {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn read_f32s(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+/// Every f32 tensor of a safetensors file by name, without its shape.
+fn f32_values(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    read_f32s(path)
         .into_iter()
-        .filter(|(_, v)| v.dtype() == Dtype::F32)
-        .map(|(name, v)| {
-            let values = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, values)
-        })
+        .map(|(name, (_, v))| (name, v))
         .collect()
-}
-
-/// Ten pre-tokenized examples (ids below the model's vocabulary of 64).
-fn jsonl_data(dir: &Path) -> PathBuf {
-    let path = dir.join("train.jsonl");
-    let lines: Vec<String> = (0..10u32)
-        .map(|a| {
-            let ids: Vec<u32> = (0..6 + a % 4).map(|i| (a * 7 + i * 3) % 64).collect();
-            format!("{{\"input_ids\": {ids:?}}}")
-        })
-        .collect();
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
 }
 
 /// A tokens file of two sequences of eight ids, with labels.
@@ -85,14 +31,6 @@ fn tokens_file(dir: &Path) -> PathBuf {
     let path = dir.join("tokens.safetensors");
     safetensors::serialize_to_file([("input_ids", view), ("labels", labels)], None, &path).unwrap();
     path
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Trains a 3-bit uniform LoRA-QAT adapter for three steps; returns its adapter directory.
@@ -182,7 +120,7 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
         "--out",
         s(&of_merged),
     ]);
-    let (a, m) = (read_f32s(&with_adapter), read_f32s(&of_merged));
+    let (a, m) = (f32_values(&with_adapter), f32_values(&of_merged));
     let diff = max_abs_diff(&a["logits"], &m["logits"]);
     assert!(diff < 1e-5, "logits --adapter vs merged model: {diff}");
 
@@ -205,14 +143,14 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
         "--out",
         s(&of_plain),
     ]);
-    let p = read_f32s(&of_plain);
+    let p = f32_values(&of_plain);
     assert!(
         max_abs_diff(&a["logits"], &p["logits"]) > 1e-3,
         "3-bit weights change logits"
     );
 
     // The merged projections are on the trained 3-bit grid: at most 8 levels per row.
-    let w = read_f32s(&merged.join("model.safetensors"));
+    let w = f32_values(&merged.join("model.safetensors"));
     let q = &w["model.layers.0.self_attn.q_proj.weight"];
     let row: std::collections::BTreeSet<u32> = q[..16].iter().map(|v| v.to_bits()).collect();
     assert!(
@@ -232,7 +170,7 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
             "--ignore-eos",
         ];
         all.extend_from_slice(args);
-        ok(&all).stdout
+        ok(&all).into_bytes()
     };
     assert_eq!(
         gen(&["--model", s(&model), "--adapter", s(&adapter)]),
@@ -244,7 +182,7 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
     let eval = |args: &[&str]| {
         let mut all = vec!["eval", "--data", s(&data)];
         all.extend_from_slice(args);
-        String::from_utf8(ok(&all).stdout).unwrap()
+        ok(&all)
     };
     assert_eq!(
         eval(&["--model", s(&model), "--adapter", s(&adapter)]),
@@ -303,7 +241,7 @@ fn a_lora_qat_adapter_is_used_as_its_quantized_weights_everywhere() {
         "--out",
         s(&grads),
     ]);
-    let g = read_f32s(&grads);
+    let g = f32_values(&grads);
     let step_key = "base_model.model.model.layers.0.self_attn.q_proj.quantizer.step";
     assert!(
         g.contains_key(step_key),

@@ -5,56 +5,15 @@
 //! A disagreeing `--bits` or `--ste` and another export type are refused by name. On the tiny
 //! Llama of `crates/lm/tests/data/llama`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use quant_core::ggml::{dequantize, GgmlType};
 use quant_core::gguf::GgufFile;
 use safetensors::SafeTensors;
 
-fn base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/data/llama/base")
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-qat-cli-ggml-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lora-qat"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "lora-qat {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn jsonl_data(dir: &Path) -> PathBuf {
-    let path = dir.join("train.jsonl");
-    let lines: Vec<String> = (0..10u32)
-        .map(|a| {
-            let ids: Vec<u32> = (0..6 + a % 4).map(|i| (a * 7 + i * 3) % 64).collect();
-            format!("{{\"input_ids\": {ids:?}}}")
-        })
-        .collect();
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
-}
+mod common;
+use common::{base_model, jsonl_data, ok, run, s, temp_dir};
 
 fn train(dir: &Path, extra: &[&str]) -> Output {
     let data = jsonl_data(dir);

@@ -2,19 +2,11 @@
 //! outputs, config file + flag precedence, text data through a tokenizer.json, resume across
 //! processes (bit-identical), and continuing from a saved adapter.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/data/llama/base")
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-qat-cli-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
+use common::{base_model, jsonl_data, s, temp_dir};
 
 fn train(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_lora-qat"))
@@ -31,19 +23,6 @@ fn train(args: &[&str]) -> Output {
     out
 }
 
-/// Ten pre-tokenized examples (ids below the model's vocabulary of 64).
-fn jsonl_data(dir: &Path) -> PathBuf {
-    let path = dir.join("train.jsonl");
-    let lines: Vec<String> = (0..10u32)
-        .map(|a| {
-            let ids: Vec<u32> = (0..6 + a % 4).map(|i| (a * 7 + i * 3) % 64).collect();
-            format!("{{\"input_ids\": {ids:?}}}")
-        })
-        .collect();
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
-}
-
 /// `(step, total_loss, grad_norm)` per CSV row (the timing columns differ between runs).
 fn metrics(out: &Path) -> Vec<(String, String, String)> {
     let text = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
@@ -57,10 +36,6 @@ fn metrics(out: &Path) -> Vec<(String, String, String)> {
             (cells[s].into(), cells[l].into(), cells[g].into())
         })
         .collect()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -14,20 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn base_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/data/llama/base")
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-qat-mpi-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{base_model, jsonl_data, s, temp_dir};
 
 /// Whether `mpirun` runs here; says so when it does not.
 fn have_mpirun() -> bool {
@@ -76,19 +64,6 @@ fn train(ranks: usize, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Twelve pre-tokenized examples of uneven lengths (ids below the vocabulary of 64).
-fn jsonl_data(dir: &Path) -> PathBuf {
-    let path = dir.join("train.jsonl");
-    let lines: Vec<String> = (0..12u32)
-        .map(|a| {
-            let ids: Vec<u32> = (0..5 + a % 5).map(|i| (a * 7 + i * 3) % 64).collect();
-            format!("{{\"input_ids\": {ids:?}}}")
-        })
-        .collect();
-    std::fs::write(&path, lines.join("\n")).unwrap();
-    path
 }
 
 /// Every tensor of a safetensors file as f32 (f32 files only, as the trainer writes them).

@@ -23,6 +23,8 @@
 //! * [`schedule`] — constant, warmup + cosine, warmup + linear learning-rate factors.
 //! * [`data`] — pre-tokenized JSONL datasets, seeded per-epoch shuffling, padded batches, a
 //!   resumable cursor.
+//! * [`data_free`] — data-free distillation data (LLM-QAT): sequences the teacher writes
+//!   itself from a random start token, greedy then sampled, under a seed.
 //! * [`distributed`] — data-parallel training: the [`distributed::Collective`] a trainer runs
 //!   its ranks with (one process by default; MPI with the `mpi` feature).
 //! * [`checkpoint`] — a safetensors file plus a JSON file, written crash-safely and verified to
@@ -57,6 +59,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod data_free;
 pub mod distributed;
 pub mod error;
 pub mod loss;

@@ -43,10 +43,42 @@ fn expected_hf_names(config: &LlamaConfig, names: &FamilyNames) -> Vec<String> {
     out
 }
 
-fn tensor_type(requested: GgmlType, shape: &[usize]) -> GgmlType {
+/// Which type each 2-D tensor of an export gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TypeMix {
+    /// Every 2-D tensor in the requested type (its fallback where rows do not divide).
+    #[default]
+    Pure,
+    /// What `llama-quantize` does without `--pure` for the 32-value block types and the K
+    /// types alike (`llama_tensor_get_type` in llama.cpp's `src/llama-quant.cpp`): the output
+    /// matrix — `output.weight`, or `token_embd.weight` when the embeddings are tied and
+    /// serve as the output — goes to Q6_K (to Q8_0 when its rows are not whole 256-value
+    /// super-blocks, as for SmolLM2's width 576) unless the requested type is Q8_0 or not
+    /// quantized at all; every other tensor keeps the requested type. (The K-type mixes'
+    /// per-layer choices, `Q4_K_M` and the like, are not modelled: `--type q4_k` is a pure
+    /// type here.) Checked against llama.cpp's own Q4_0, Q4_1 and Q5_0 files of SmolLM2.
+    LlamaCpp,
+}
+
+fn tensor_type(
+    requested: GgmlType,
+    shape: &[usize],
+    output_matrix: bool,
+    mix: TypeMix,
+) -> GgmlType {
     if shape.len() < 2 {
         return GgmlType::F32;
     }
+    let requested = match mix {
+        TypeMix::LlamaCpp
+            if output_matrix
+                && !requested.is_float()
+                && !matches!(requested, GgmlType::Q8_0 | GgmlType::Q6_K) =>
+        {
+            GgmlType::Q6_K
+        }
+        _ => requested,
+    };
     let row = *shape.last().expect("2-D");
     if row % requested.block_values() != 0 {
         // llama.cpp's converter rule for the K types (Q4_K → Q5_0, Q6_K → Q8_0, ...); rows
@@ -101,6 +133,18 @@ pub fn export_gguf(
     out: &Path,
     ty: GgmlType,
 ) -> Result<GgufExportReport> {
+    export_gguf_with(model_dir, adapter_dir, out, ty, TypeMix::Pure)
+}
+
+/// [`export_gguf`] with the tensor types chosen by `mix` ([`TypeMix::LlamaCpp`]: the file
+/// `llama-quantize` would write from the same weights).
+pub fn export_gguf_with(
+    model_dir: &Path,
+    adapter_dir: Option<&Path>,
+    out: &Path,
+    ty: GgmlType,
+    mix: TypeMix,
+) -> Result<GgufExportReport> {
     let source = MergedSource::open(model_dir, adapter_dir)?;
     let config = source.checkpoint.config.clone();
     check_exportable(&config)?;
@@ -150,7 +194,9 @@ pub fn export_gguf(
             what: format!("`{}` tensor", names.arch),
             name: name.clone(),
         })?;
-        let tensor_ty = tensor_type(ty, &t.shape);
+        let output_matrix = mapped.name == "output.weight"
+            || (config.tie_word_embeddings && mapped.name == "token_embd.weight");
+        let tensor_ty = tensor_type(ty, &t.shape, output_matrix, mix);
         if t.shape.len() >= 2 && tensor_ty != ty {
             report.f16_fallbacks.push(mapped.name.clone());
         }

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use crate::error::{LmError, Result};
 
-pub use export::{export_gguf, export_gguf_lora};
+pub use export::{export_gguf, export_gguf_lora, export_gguf_with, TypeMix};
 pub use metadata::{check_exportable, file_type, model_metadata};
 pub use names::FamilyNames;
 pub use read::{read_gguf, GgufTensors};

@@ -42,11 +42,29 @@ pub struct ExportGgufArgs {
     /// A LoRA adapter takes f32 or f16.
     #[arg(long = "type", value_name = "TYPE", default_value = "f16")]
     pub ty: String,
+    /// Which tensors get --type: `pure` every 2-D tensor; `llama-cpp` as `llama-quantize`
+    /// without `--pure` — the output matrix (the tied embedding when there is no output
+    /// tensor) in Q6_K, or Q8_0 when its rows are not whole 256-value super-blocks, unless
+    /// --type is q8_0, q6_k or a float type.
+    #[arg(long, value_enum, default_value_t = MixArg::Pure)]
+    pub type_mix: MixArg,
+}
+
+/// `--type-mix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MixArg {
+    Pure,
+    LlamaCpp,
 }
 
 pub fn run(args: &ExportGgufArgs) -> CliResult {
     let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
     let ty = GgmlType::from_name(&args.ty)?;
+    if args.lora && args.type_mix != MixArg::Pure {
+        return Err(CliError::Usage(
+            "--type-mix llama-cpp: a LoRA adapter has no output matrix to choose a type for".into(),
+        ));
+    }
     if args.lora {
         let adapter = args
             .adapter
@@ -63,7 +81,12 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
         );
         return Ok(());
     }
-    let report = lm::gguf::export_gguf(&model_dir, args.adapter.as_deref(), &args.out, ty)?;
+    let mix = match args.type_mix {
+        MixArg::Pure => lm::gguf::TypeMix::Pure,
+        MixArg::LlamaCpp => lm::gguf::TypeMix::LlamaCpp,
+    };
+    let report =
+        lm::gguf::export_gguf_with(&model_dir, args.adapter.as_deref(), &args.out, ty, mix)?;
     println!(
         "wrote {} (architecture {}, {} tensors, {} metadata keys, {}{})",
         report.path.display(),

@@ -14,6 +14,7 @@ pub mod grads;
 pub mod inspect;
 pub mod logits;
 pub mod merge;
+pub mod qat;
 pub mod quantize;
 pub mod train;
 

@@ -362,7 +362,7 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
 
 /// The base model: a directory as stored; a GGUF file over its quantized blocks, or decoded
 /// to `f32` with `dequantize` (`--dequantize-base`, refused for a directory).
-fn load_base(model_dir: &Path, dequantize: bool) -> CliResult<LlamaModel> {
+pub(crate) fn load_base(model_dir: &Path, dequantize: bool) -> CliResult<LlamaModel> {
     if lm::gguf_model::is_gguf_file(model_dir) {
         let source = lm::gguf_model::GgufModelFile::open(model_dir)?;
         let base = if dequantize {
@@ -600,7 +600,7 @@ fn run_rank(args: &TrainArgs, ranks: &super::distributed::Ranks) -> CliResult {
 
 /// The training loss per step and the validation loss at each evaluation of this run, as a
 /// PNG (the demo's plotting code).
-fn write_loss_curve(path: &Path, log: &MetricsLog) -> CliResult {
+pub(crate) fn write_loss_curve(path: &Path, log: &MetricsLog) -> CliResult {
     let train: Vec<(f64, f64)> = log
         .steps
         .iter()
