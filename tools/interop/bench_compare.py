@@ -10,6 +10,12 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
   f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
   `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
   small).
+
+BENCH_ROWS (comma-separated, default all) picks groups of rows so one change can be re-measured
+without the whole run: layer, gemm, train (f32 vs PEFT f32 and bf16 autocast), qlora (ours vs
+bnb), gguf (ours over the GGUF Q4_1 blocks of LORA_QAT_REAL_MODEL_GGUF, when set, against PEFT
+f32 on the SmolLM2 shape). Every row of ours also reports the CPU time per step in its note
+when the binary prints it (a shared machine inflates wall time, not CPU time).
 """
 
 import json
@@ -26,6 +32,7 @@ from common import BIN, log, ours, ours_help
 torch.set_num_threads(2)
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
 TRAIN_RUNS = int(os.environ.get("BENCH_TRAIN_RUNS", "3"))
+ROWS = set(os.environ.get("BENCH_ROWS", "layer,gemm,train,qlora,gguf").split(","))
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -147,39 +154,63 @@ def ours_json(*args):
     return [json.loads(l) for l in ours(*args).splitlines() if l.startswith("{")]
 
 
-def ours_train(qlora):
-    args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--hidden", 576,
-            "--intermediate", 1536, "--layers", 30, "--heads", 9, "--vocab", 49152,
-            "--rank", 8, "--runs", TRAIN_RUNS]
-    if "--kv-heads" in ours_help("bench", "train"):
-        args += ["--kv-heads", 3]
-    if qlora:
-        args.append("--qlora")
-    return ours_json(*args)[0]["tokens_per_s"]
+def ours_train(qlora, gguf=None):
+    """(tokens/s, CPU ms per step or None) of `lora-qat bench train` on the SmolLM2 shape."""
+    if gguf:
+        args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--rank", 8,
+                "--runs", TRAIN_RUNS, "--model", gguf]
+    else:
+        args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--hidden", 576,
+                "--intermediate", 1536, "--layers", 30, "--heads", 9, "--vocab", 49152,
+                "--rank", 8, "--runs", TRAIN_RUNS]
+        if "--kv-heads" in ours_help("bench", "train"):
+            args += ["--kv-heads", 3]
+        if qlora:
+            args.append("--qlora")
+    record = ours_json(*args)[0]
+    return record["tokens_per_s"], record.get("cpu_ms_per_step")
+
+
+def cpu_note(cpu_ms):
+    return "" if cpu_ms is None else f"; ours {cpu_ms:.0f} CPU ms/step"
 
 
 if __name__ == "__main__":
     log(f"bench-compare: {BIN}, torch {torch.__version__} on {torch.get_num_threads()} threads")
-    layer_ours = {r["bench"]: r["ms"] for r in ours_json("bench", "layer", "--json", "--runs", RUNS)}
-    layer_torch = torch_layer()
-    names = {"lora_fwd_bwd": "LoRA", "qlora_fwd_bwd": "QLoRA NF4 (bnb)", "lora_qat_fwd_bwd": "LoRA-QAT 3-bit LSQ"}
-    for key, label in names.items():
-        emit(f"layer m=512 d=2048 r=16: {label}", layer_ours.get(key), layer_torch[key], "ms",
-             "fwd+bwd incl. input gradient, median")
-    f32_gemm, bf16_gemm = ours_gemm()
-    emit("sgemm 512x2048x2048 f32", f32_gemm, torch_gemm(torch.float32), "GFLOP/s", "x·B, median")
-    emit("GEMM 512x2048x2048 bf16", bf16_gemm, torch_gemm(torch.bfloat16), "GFLOP/s",
-         "ours: fastest bf16 kernel, f32 accumulation")
+    if "layer" in ROWS:
+        layer_ours = {r["bench"]: r["ms"] for r in ours_json("bench", "layer", "--json", "--runs", RUNS)}
+        layer_torch = torch_layer()
+        names = {"lora_fwd_bwd": "LoRA", "qlora_fwd_bwd": "QLoRA NF4 (bnb)", "lora_qat_fwd_bwd": "LoRA-QAT 3-bit LSQ"}
+        for key, label in names.items():
+            emit(f"layer m=512 d=2048 r=16: {label}", layer_ours.get(key), layer_torch[key], "ms",
+                 "fwd+bwd incl. input gradient, median")
+    if "gemm" in ROWS:
+        f32_gemm, bf16_gemm = ours_gemm()
+        emit("sgemm 512x2048x2048 f32", f32_gemm, torch_gemm(torch.float32), "GFLOP/s", "x·B, median")
+        emit("GEMM 512x2048x2048 bf16", bf16_gemm, torch_gemm(torch.bfloat16), "GFLOP/s",
+             "ours: fastest bf16 kernel, f32 accumulation")
     kv_note = "" if "--kv-heads" in ours_help("bench", "train") else \
         "; ours with 9 kv heads (bench train has no --kv-heads), PyTorch the real 3"
-    f32_ours = ours_train(qlora=False)
-    for mode, label in [("f32", "PEFT f32 eager"), ("bf16", "PEFT bf16 autocast")]:
-        emit(f"train SmolLM2-135M shape: ours f32 vs {label}", f32_ours, torch_train(mode), "tokens/s",
-             "LoRA r=8 x7, batch 4x128" + kv_note)
-    try:
-        bnb_tps = torch_train("qlora")
-        note = ""
-    except Exception as e:  # bitsandbytes' CPU 4-bit loading is young: report, don't stop
-        bnb_tps, note = None, f"bnb QLoRA failed: {str(e)[:120]}"
-    emit("train SmolLM2-135M shape: ours QLoRA vs bnb QLoRA", ours_train(qlora=True), bnb_tps,
-         "tokens/s", (note or "NF4 blocksize 64 + double quant") + kv_note)
+    peft_f32 = None
+    if "train" in ROWS or "gguf" in ROWS:
+        peft_f32 = torch_train("f32")
+    if "train" in ROWS:
+        f32_ours, cpu = ours_train(qlora=False)
+        emit("train SmolLM2-135M shape: ours f32 vs PEFT f32 eager", f32_ours, peft_f32, "tokens/s",
+             "LoRA r=8 x7, batch 4x128" + kv_note + cpu_note(cpu))
+        emit("train SmolLM2-135M shape: ours f32 vs PEFT bf16 autocast", f32_ours, torch_train("bf16"),
+             "tokens/s", "LoRA r=8 x7, batch 4x128" + kv_note + cpu_note(cpu))
+    if "qlora" in ROWS:
+        try:
+            bnb_tps = torch_train("qlora")
+            note = ""
+        except Exception as e:  # bitsandbytes' CPU 4-bit loading is young: report, don't stop
+            bnb_tps, note = None, f"bnb QLoRA failed: {str(e)[:120]}"
+        ours_q, cpu = ours_train(qlora=True)
+        emit("train SmolLM2-135M shape: ours QLoRA vs bnb QLoRA", ours_q, bnb_tps,
+             "tokens/s", (note or "NF4 blocksize 64 + double quant") + kv_note + cpu_note(cpu))
+    gguf = os.environ.get("LORA_QAT_REAL_MODEL_GGUF")
+    if "gguf" in ROWS and gguf and Path(gguf).is_file():
+        ours_g, cpu = ours_train(qlora=False, gguf=gguf)
+        emit("train SmolLM2-135M: ours over GGUF Q4_1 blocks vs PEFT f32 eager", ours_g, peft_f32,
+             "tokens/s", "LoRA r=8 on every projection, batch 4x128" + cpu_note(cpu))

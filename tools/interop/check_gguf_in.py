@@ -10,6 +10,10 @@
   template rendering;
 * a chat prompt's greedy continuation: `lora-qat generate --model FILE.gguf --chat` against
   transformers' `generate` (greedy) decoded text;
+* per-frequency rope tensors (no real model needed): the tiny Llama 3 (`rope_freqs`) and Phi-3
+  LongRoPE (`rope_factors_long/short`) checkpoints exported to GGUF, then `convert` back: the
+  converted directory in transformers against the original directory in transformers (and,
+  for the record, transformers' own GGUF loading, which drops `rope_freqs`);
 * a LoRA trained over the GGUF file (`lora-qat train --model FILE.gguf`), exported with
   `export-gguf --lora --model FILE.gguf` and applied by llama.cpp over the same file: llama.cpp's
   logits against `lora-qat logits --model FILE.gguf --adapter` (when llama-cpp-python exists).
@@ -126,6 +130,75 @@ def greedy_check(gguf, model, tok):
     same = text.strip() == theirs.strip()
     row("chat greedy text vs transformers", 1, int(not same), 0,
         note=repr(text.strip()[:70]) if same else f"ours {text.strip()[:60]!r} / theirs {theirs.strip()[:60]!r}")
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        row("chat greedy text in llama.cpp (for the record)", 0, None, None, "SKIP", str(e))
+        return
+    # llama.cpp over the same file: its Q8_1 activations may change a near-tie, so recorded.
+    llm = Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    prompt_ids = [int(i) for i in ids[0]]
+    got = []
+    for t in llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        if t == tok.eos_token_id or len(got) == n:
+            break
+        got.append(t)
+    llm.close()
+    cpp = tok.decode(got, skip_special_tokens=True)
+    row("chat greedy text in llama.cpp (for the record)", 1, int(cpp.strip() != text.strip()), None,
+        "PASS", note=f"llama.cpp {cpp.strip()[:70]!r}")
+
+
+ARCH = Path("crates/lm/tests/data/arch")
+
+
+def rope_tensor_checks(d):
+    """Export a rope-scaled tiny checkpoint to GGUF, convert it back, compare in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    def phi3_longrope(dst):
+        src = ARCH / "phi3" / "base"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        c = json.loads((src / "config.json").read_text())
+        c["original_max_position_embeddings"] = 32
+        c["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0,
+                                "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5],
+                                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}
+        (dst / "config.json").write_text(json.dumps(c))
+        return dst
+
+    ids = torch.tensor([[(i * 7 + 3) % 100 for i in range(40)]])
+    for name, base in [("llama3 rope_freqs", ARCH / "llama3" / "base"),
+                       ("phi3 LongRoPE factors", phi3_longrope(d / "phi3-longrope"))]:
+        tag = name.split()[0]
+        gguf = d / f"{tag}.gguf"
+        try:
+            ours("export-gguf", "--model", base, "--out", gguf, "--type", "f32")
+            ours("convert", gguf, d / f"{tag}-converted", "--dtype", "f32")
+        except Refused as e:
+            row(f"convert {name} -> transformers", 1, None, 1e-5, "REFUSED", str(e)[:160])
+            continue
+        with torch.no_grad():
+            ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(ids).logits
+            conv = AutoModelForCausalLM.from_pretrained(d / f"{tag}-converted", dtype=torch.float32)
+            got = conv.eval()(ids).logits
+        rope = json.loads((d / f"{tag}-converted" / "config.json").read_text())["rope_parameters"]
+        row(f"convert {name} -> transformers vs the original directory", 1,
+            float((got - ref).abs().max()), 1e-5,
+            note=f"40 tokens; rope_parameters {json.dumps(rope)[:90]}")
+        if tag == "llama3":
+            try:
+                own = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf.name, dtype=torch.float32)
+                with torch.no_grad():
+                    theirs = own.eval()(ids).logits
+                row("transformers' own GGUF loading of the llama3 file (for the record)", 1,
+                    float((theirs - ref).abs().max()), None, "PASS",
+                    note=f"its rope_parameters {own.config.to_dict().get('rope_parameters')}: rope_freqs dropped")
+            except Exception as e:  # a reference-side limitation, recorded
+                row("transformers' own GGUF loading of the llama3 file (for the record)", 1, None,
+                    None, "PASS", note=f"transformers refuses: {str(e)[:120]}")
 
 
 def lora_llama_cpp_check(gguf, d):
@@ -142,7 +215,7 @@ def lora_llama_cpp_check(gguf, d):
                                              {"role": "assistant", "content": f"Hello {i}!"}]}) + "\n")
     out = d / "lora_run"
     try:
-        ours("train", "--model", gguf, "--data", data, "--out", out, "--rank", 4, "--max-steps", 3,
+        ours("train", "--model", gguf, "--data", data, "--out", out, "--rank", 4, "--max-steps", 30,
              "--batch-size", 2, "--lr", 0.01, "--seed", 3, "--quiet")
         ours("export-gguf", "--model", gguf, "--adapter", out / "adapter", "--lora", "--out",
              d / "lora.gguf", "--type", "f32")
@@ -165,6 +238,14 @@ def lora_llama_cpp_check(gguf, d):
         "PASS" if lora_err <= 1.5 * base_err + 1e-3 else "FAIL",
         note=f"base logits differ by {base_err:.3f} there; the adapter moves llama.cpp's logits "
              f"by up to {float(np.max(np.abs(theirs - base))):.3f}")
+    # What the adapter does, on each side: llama.cpp's (lora − base) against ours, and whether
+    # the two pick the same next token with the adapter.
+    effect = max_abs(theirs - base, got - got_base)
+    top1 = float(np.mean(np.argmax(theirs, -1) == np.argmax(got, -1)))
+    row("LoRA effect in llama.cpp vs ours over the Q4_1 file", 1, effect, None, "PASS",
+        note=f"max |(cpp lora - cpp base) - (ours lora - ours base)|; our effect up to "
+             f"{float(np.max(np.abs(got - got_base))):.3f}; top-1 agreement {top1:.2f} "
+             f"over {len(ids)} positions")
     f32 = d / "weights-f32.gguf"
     try:
         ours("export-gguf", "--model", gguf, "--out", f32, "--type", "f32")
@@ -177,6 +258,7 @@ def lora_llama_cpp_check(gguf, d):
 
 
 if __name__ == "__main__":
+    rope_tensor_checks(workdir("gguf_in_rope"))
     gguf = find_gguf()
     if gguf is None:
         row("GGUF in (SmolLM2 Q4_1)", 0, None, None, "SKIP", "no real model (run `cargo xtask real-model`)")

@@ -393,10 +393,7 @@ impl LlamaModel {
     /// ```
     pub fn memory_report(&self) -> MemoryReport {
         let mut report = MemoryReport::default();
-        report.add_f32_parameter(
-            self.embed_tokens.value().len(),
-            self.embed_tokens.is_trainable(),
-        );
+        self.embed_tokens.add_memory(&mut report);
         for layer in &self.layers {
             for norm in [&layer.input_layernorm, &layer.post_attention_layernorm] {
                 report.add_f32_parameter(norm.value().len(), norm.is_trainable());

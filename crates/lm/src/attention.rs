@@ -269,6 +269,7 @@ pub fn attention_forward(
     probs: &mut Array3<f32>,
     out: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
+    let _timer = crate::profile::scope(crate::profile::Op::AttentionForward);
     let AttentionShape {
         batch,
         seq,
@@ -325,6 +326,7 @@ pub fn attention_backward(
     grad_k: ArrayViewMut2<'_, f32>,
     grad_v: ArrayViewMut2<'_, f32>,
 ) -> Result<()> {
+    let _timer = crate::profile::scope(crate::profile::Op::AttentionBackward);
     let AttentionShape {
         batch,
         seq,

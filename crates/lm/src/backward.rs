@@ -4,7 +4,7 @@
 //! saved activations ([`crate::forward::ForwardPass`]) as it goes; extra hidden-state
 //! gradients join the residual stream where their layer's output is.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3};
 
 use crate::attention::{AttentionMask, AttentionShape};
 use crate::checkpointing::SavedLayer;
@@ -12,7 +12,7 @@ use crate::decoder::{layer_backward, layer_forward, KeysFrom};
 use crate::error::{check_finite_at, LmError, Result};
 use crate::forward::ForwardPass;
 use crate::layers::{norm_weight_array, rms_norm_backward};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, cross_entropy_in_place};
 use crate::model::LlamaModel;
 
 impl LlamaModel {
@@ -178,6 +178,7 @@ impl LlamaModel {
             None => grad_logits,
         };
 
+        let head_timer = crate::profile::scope(crate::profile::Op::HeadBackward);
         let mut grad_normed = Array2::<f32>::zeros((n, c.hidden_size));
         match &mut self.lm_head {
             Some(head) => head.backward(
@@ -186,25 +187,11 @@ impl LlamaModel {
                 grad_normed.view_mut(),
                 false,
             )?,
-            None => {
-                let (embed, embed_grad) = self.embed_tokens.value_and_grad_mut();
-                quant_core::linalg::gemm(
-                    1.0,
-                    grad_logits,
-                    embed.view(),
-                    0.0,
-                    grad_normed.view_mut(),
-                )?;
-                if let Some(g) = embed_grad {
-                    quant_core::linalg::gemm(
-                        1.0,
-                        grad_logits.t(),
-                        pass.normed_final.view(),
-                        1.0,
-                        g.view_mut(),
-                    )?;
-                }
-            }
+            None => self.embed_tokens.head_backward(
+                pass.normed_final.view(),
+                grad_logits,
+                grad_normed.view_mut(),
+            )?,
         }
         let residual_final = pass.residuals.pop().ok_or_else(|| LmError::Backward {
             reason: "forward pass without residual streams".into(),
@@ -220,6 +207,7 @@ impl LlamaModel {
             self.norm.grad_mut().map(|g| g.view_mut()),
         )?;
         drop(residual_final);
+        drop(head_timer);
         if let Some(last) = self.layers.len().checked_sub(1) {
             add_hidden_grads(last, &mut grad_x);
         }
@@ -239,7 +227,7 @@ impl LlamaModel {
             let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
             match saved {
                 SavedLayer::Stored(acts) => {
-                    layer_backward(layer, &ctx, shape, &x_in, acts, &mut grad_x)?
+                    layer_backward(layer, &ctx, shape, &x_in, *acts, &mut grad_x)?
                 }
                 SavedLayer::Recompute(checkpoint) => {
                     // The forward again from the kept input, with the dropout RNGs where
@@ -260,12 +248,8 @@ impl LlamaModel {
         if let Some(s) = c.architecture.embedding_scale {
             grad_x *= s;
         }
-        if let Some(g) = self.embed_tokens.grad_mut() {
-            for (row, &id) in grad_x.axis_iter(Axis(0)).zip(&pass.input_ids) {
-                let mut target = g.row_mut(id as usize);
-                target += &row;
-            }
-        }
+        self.embed_tokens
+            .accumulate_row_grads(&pass.input_ids, grad_x.view());
         let hidden = c.hidden_size;
         check_finite_at(
             "gradient of the embedding outputs",
@@ -286,8 +270,9 @@ impl LlamaModel {
     }
 
     fn check_grads_finite(&self) -> Result<()> {
-        self.embed_tokens
-            .check_grad_finite("model.embed_tokens.weight")?;
+        if let Some(e) = self.embed_tokens.dense() {
+            e.check_grad_finite("model.embed_tokens.weight")?;
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, norm) in layer.norms() {
                 norm.check_grad_finite(&format!("model.layers.{i}.{name}.weight"))?;
@@ -310,9 +295,18 @@ impl LlamaModel {
         labels: ArrayView2<'_, i64>,
         attention_mask: Option<ArrayView2<'_, bool>>,
     ) -> Result<f32> {
-        let pass = self.forward(input_ids, attention_mask)?;
-        let ce = cross_entropy(pass.logits().view(), labels)?;
-        self.backward(pass, ce.grad_logits.view())?;
-        Ok(ce.loss)
+        let mut pass = self.forward(input_ids, attention_mask)?;
+        if self.config.architecture.final_softcap.is_some() {
+            // The soft cap's backward reads the logits: keep them and take a gradient copy.
+            let ce = cross_entropy(pass.logits().view(), labels)?;
+            self.backward(pass, ce.grad_logits.view())?;
+            return Ok(ce.loss);
+        }
+        // Nothing else reads the logits: turn them into their gradient in place (one
+        // (tokens × vocab) array per step instead of two).
+        let mut grad_logits = std::mem::take(&mut pass.logits);
+        let (loss, _) = cross_entropy_in_place(&mut grad_logits, labels)?;
+        self.backward(pass, grad_logits.view())?;
+        Ok(loss)
     }
 }

@@ -22,7 +22,7 @@ use crate::model::LlamaModel;
 #[derive(Debug)]
 pub(crate) enum SavedLayer {
     /// Every activation the backward reads.
-    Stored(LayerActivations),
+    Stored(Box<LayerActivations>),
     /// Nothing but where the adapters' dropout RNGs stood: backward recomputes the layer.
     Recompute(LayerCheckpoint),
 }

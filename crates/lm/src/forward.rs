@@ -329,17 +329,10 @@ impl LlamaModel {
     }
 
     /// The embedding rows of `ids`, scaled as the family scales them (Gemma: √hidden).
-    pub(crate) fn embed(&self, ids: &[u32]) -> Array2<f32> {
-        let mut x = Array2::<f32>::zeros((ids.len(), self.config.hidden_size));
-        let embed = self.embed_tokens.value();
-        let scale = self.config.architecture.embedding_scale;
-        for (mut row, &id) in x.axis_iter_mut(Axis(0)).zip(ids) {
-            row.assign(&embed.row(id as usize));
-            if let Some(s) = scale {
-                row *= s;
-            }
-        }
-        x
+    pub(crate) fn embed(&self, ids: &[u32]) -> Result<Array2<f32>> {
+        let _timer = crate::profile::scope(crate::profile::Op::Embedding);
+        self.embed_tokens
+            .gather(ids, self.config.architecture.embedding_scale)
     }
 
     /// Final norm, LM head (tied or not) and final soft cap of the residual stream `x`:
@@ -348,6 +341,7 @@ impl LlamaModel {
         &mut self,
         x: &Array2<f32>,
     ) -> Result<(Array2<f32>, Vec<f32>, Array2<f32>)> {
+        let _timer = crate::profile::scope(crate::profile::Op::HeadForward);
         let c = &self.config;
         let n = x.nrows();
         let weight = norm_weight_array(c.architecture.norm, self.norm.value().view());
@@ -364,13 +358,9 @@ impl LlamaModel {
         let cap = c.architecture.final_softcap;
         match &mut self.lm_head {
             Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
-            None => quant_core::linalg::gemm(
-                1.0,
-                normed.view(),
-                self.embed_tokens.value().t(),
-                0.0,
-                logits.view_mut(),
-            )?,
+            None => self
+                .embed_tokens
+                .head_forward(normed.view(), logits.view_mut())?,
         }
         if let Some(cap) = cap {
             logits.mapv_inplace(|l| cap * (l / cap).tanh());
@@ -423,7 +413,7 @@ impl LlamaModel {
             sliding_window: None,
         };
 
-        let mut x = self.embed(&ids);
+        let mut x = self.embed(&ids)?;
         let mut residuals = Vec::with_capacity(c.num_hidden_layers + 1);
         let mut saved = Vec::with_capacity(c.num_hidden_layers);
         let mut recorded = Vec::new();
@@ -441,7 +431,7 @@ impl LlamaModel {
                 saved.push(SavedLayer::Recompute(checkpoint));
             } else if keep_activations {
                 residuals.push(x_in);
-                saved.push(SavedLayer::Stored(acts));
+                saved.push(SavedLayer::Stored(Box::new(acts)));
             } else if record_layers.contains(&i) {
                 recorded.push((i, x.clone()));
             }

@@ -148,7 +148,7 @@ impl LlamaModel {
         // Dynamic and LongRoPE scaling depend on the length reached so far, as in
         // transformers' cached generation (earlier keys keep the rotation they were cached with).
         let tables = self.rope_tables(offset, n, total)?;
-        let mut x = self.embed(tokens);
+        let mut x = self.embed(tokens)?;
         for (l, layer) in self.layers.iter_mut().enumerate() {
             let ctx = Self::layer_context(&c, l, &positions, &tables);
             let keys = KeysFrom::Cache {

@@ -1,11 +1,13 @@
 //! The config of a GGUF model file's family from its metadata (`config.json` as transformers'
 //! GGUF loading derives it; docs/FORMATS.md lists the keys), for [`crate::gguf_model`].
 
-use quant_core::gguf::{GgufArray, GgufFile, GgufValue};
+use quant_core::gguf::{GgufArray, GgufFile, GgufValue, ReadTensorF32};
 use serde_json::{json, Map, Value};
 
 use crate::error::{LmError, Result};
 use crate::family::Family;
+use crate::gguf::metadata::keys;
+use crate::rope::RopeScaling;
 
 /// The family of `general.architecture` (Mistral is `llama` in GGUF, told apart by name).
 pub(crate) fn family_of(file: &GgufFile, arch: &str) -> Result<Family> {
@@ -89,9 +91,19 @@ impl Meta<'_> {
     }
 }
 
+/// A config derived from a GGUF file: the `config.json` and, when the file's `rope_freqs`
+/// divisors are not those of any Llama 3 rope a config can state, the divisors themselves
+/// (the model then rotates with [`crate::rope::RopeScaling::Factors`]).
+pub(crate) struct DerivedConfig {
+    pub json: Value,
+    pub explicit_rope_factors: Option<Vec<f32>>,
+}
+
 /// The family's `config.json` from the metadata: transformers' `GGUF_CONFIG_MAPPING` keys,
-/// token ids from `tokenizer.ggml.*`, `tie_word_embeddings` from the absence of `output.weight`.
-pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result<Value> {
+/// token ids from `tokenizer.ggml.*`, `tie_word_embeddings` from the absence of `output.weight`,
+/// the rope's scaling from the `{arch}.rope.scaling.*` keys and the per-frequency tensors
+/// (`rope_freqs`: Llama 3, `rope_factors_long/short`: Phi-3 LongRoPE).
+pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result<DerivedConfig> {
     let m = Meta { file, arch };
     let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
     let hidden = m.usize(&m.key("embedding_length"))?;
@@ -143,7 +155,15 @@ pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result
     let eps = m
         .opt_f64(&m.key("attention.layer_norm_rms_epsilon"))?
         .ok_or_else(|| gguf_err(file, &m.key("attention.layer_norm_rms_epsilon"), "missing"))?;
-    let scaling = rope_scaling(&m)?;
+    let (mut scaling, explicit_rope_factors) = match rope_from_tensors(&m, family, head_dim, theta)?
+    {
+        FileRope::Config(v) => (Some(v), None),
+        FileRope::Factors(f) => (None, Some(f)),
+        FileRope::None => (None, None),
+    };
+    if scaling.is_none() {
+        scaling = rope_scaling(&m)?;
+    }
 
     let mut c = Map::new();
     c.insert("architectures".into(), json!([family.architecture()]));
@@ -190,6 +210,12 @@ pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result
         let has = |t: &str| file.tensor(t).is_some();
         c.insert("attention_bias".into(), json!(has("blk.0.attn_q.bias")));
         c.insert("mlp_bias".into(), json!(has("blk.0.ffn_gate.bias")));
+    }
+    if family == Family::Phi3 {
+        // Phi-3 keeps its pretrained length at the config's top level (LongRoPE reads it).
+        if let Some(o) = m.opt_usize(&m.key(keys::ROPE_SCALING_ORIG_CTX_LEN))? {
+            c.insert("original_max_position_embeddings".into(), json!(o));
+        }
     }
     if let Some(w) = m.opt_usize(&m.key("attention.sliding_window"))? {
         if w > 0
@@ -257,11 +283,140 @@ pub(crate) fn config_json(file: &GgufFile, arch: &str, family: Family) -> Result
         ("tokenizer.ggml.padding_token_id", "pad_token_id"),
         ("tokenizer.ggml.unknown_token_id", "unk_token_id"),
     ] {
-        if let Some(id) = m.opt_usize(gguf_key)? {
-            c.insert(hf_key.into(), json!(id));
+        match m.opt_usize(gguf_key)? {
+            Some(id) => {
+                c.insert(hf_key.into(), json!(id));
+            }
+            // Absent ids are stated as absent: a family default (Phi-3's 32000) may lie outside
+            // the vocabulary.
+            None if hf_key != "unk_token_id" => {
+                c.insert(hf_key.into(), Value::Null);
+            }
+            None => {}
         }
     }
-    Ok(Value::Object(c))
+    Ok(DerivedConfig {
+        json: Value::Object(c),
+        explicit_rope_factors,
+    })
+}
+
+/// What the per-frequency rope tensors of a file say.
+enum FileRope {
+    /// None in the file.
+    None,
+    /// A `rope_parameters` dict that regenerates them exactly.
+    Config(Value),
+    /// Llama 3 divisors no searched parameters regenerate (used as they are).
+    Factors(Vec<f32>),
+}
+
+/// One per-frequency tensor of `head_dim / 2` finite positive values, if the file has it.
+fn frequency_tensor(m: &Meta<'_>, name: &str, head_dim: usize) -> Result<Option<Vec<f32>>> {
+    let Some(info) = m.file.tensor(name) else {
+        return Ok(None);
+    };
+    if info.shape != [head_dim / 2] {
+        return Err(gguf_err(
+            m.file,
+            name,
+            format!(
+                "shape {:?}, expected [{}] (head_dim / 2)",
+                info.shape,
+                head_dim / 2
+            ),
+        ));
+    }
+    let values = m.file.read_tensor_f32(name)?;
+    if let Some(i) = values.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(gguf_err(
+            m.file,
+            name,
+            format!(
+                "value {} at index {i} is not a positive finite number",
+                values[i]
+            ),
+        ));
+    }
+    Ok(Some(values))
+}
+
+/// The rope scaling the file's per-frequency tensors stand for (docs/FORMATS.md): Llama 3's
+/// `rope_freqs` as `llama3` parameters when [`recover_llama3`] finds ones regenerating every
+/// divisor bit for bit, else the divisors; Phi-3's `rope_factors_long/short` with
+/// `rope.scaling.attn_factor` and `rope.scaling.original_context_length` as `longrope`.
+///
+/// [`recover_llama3`]: crate::rope::factors::recover_llama3
+fn rope_from_tensors(
+    m: &Meta<'_>,
+    family: Family,
+    head_dim: usize,
+    theta: f64,
+) -> Result<FileRope> {
+    let orig = m.opt_usize(&m.key(keys::ROPE_SCALING_ORIG_CTX_LEN))?;
+    if let Some(freqs) = frequency_tensor(m, "rope_freqs.weight", head_dim)? {
+        if !matches!(family, Family::Llama | Family::Mistral) {
+            return Err(gguf_err(
+                m.file,
+                "rope_freqs.weight",
+                format!(
+                    "per-frequency divisors are read for llama only, not {}",
+                    m.arch
+                ),
+            ));
+        }
+        let recovered = crate::rope::factors::recover_llama3(theta as f32, head_dim, &freqs, orig);
+        return Ok(match recovered {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max,
+            }) => FileRope::Config(json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max,
+            })),
+            _ => FileRope::Factors(freqs),
+        });
+    }
+    let long = frequency_tensor(m, "rope_factors_long.weight", head_dim)?;
+    let short = frequency_tensor(m, "rope_factors_short.weight", head_dim)?;
+    match (long, short) {
+        (None, None) => Ok(FileRope::None),
+        (Some(long), Some(short)) if family == Family::Phi3 => {
+            let orig_key = m.key(keys::ROPE_SCALING_ORIG_CTX_LEN);
+            let original =
+                orig.ok_or_else(|| gguf_err(m.file, &orig_key, "missing for LongRoPE factors"))?;
+            let mut rope = json!({
+                "rope_type": "longrope",
+                "long_factor": long,
+                "short_factor": short,
+                "original_max_position_embeddings": original,
+            });
+            if let Some(a) = m.opt_f64(&m.key(keys::ROPE_SCALING_ATTN_FACTOR))? {
+                rope["attention_factor"] = json!(a);
+            }
+            Ok(FileRope::Config(rope))
+        }
+        (Some(_), Some(_)) => Err(gguf_err(
+            m.file,
+            "rope_factors_long.weight",
+            format!("LongRoPE factors are read for phi3 only, not {}", m.arch),
+        )),
+        (Some(_), None) => Err(gguf_err(
+            m.file,
+            "rope_factors_short.weight",
+            "missing (rope_factors_long.weight is present)",
+        )),
+        (None, Some(_)) => Err(gguf_err(
+            m.file,
+            "rope_factors_long.weight",
+            "missing (rope_factors_short.weight is present)",
+        )),
+    }
 }
 
 /// `{arch}.rope.scaling.*` as a transformers rope dict (`None`: no scaling).

@@ -31,7 +31,7 @@
 //! assert_eq!(source.config().num_key_value_heads, 2);
 //! let from_gguf = source.load_dequantized().unwrap();
 //! let from_dir = LlamaModel::from_pretrained(base).unwrap();
-//! assert_eq!(from_gguf.embed_tokens().value(), from_dir.embed_tokens().value());
+//! assert_eq!(from_gguf.embed_tokens(), from_dir.embed_tokens());
 //! std::fs::remove_dir_all(&dir).unwrap();
 //! ```
 
@@ -45,12 +45,15 @@ use quant_core::gguf::{GgufFile, TensorInfo};
 use serde_json::Value;
 
 use crate::config::LlamaConfig;
+use crate::embedding::TokenEmbedding;
 use crate::error::{LmError, Result};
 use crate::family::Family;
 use crate::gguf::names::{FamilyNames, HeadGroup, Transform};
 use crate::gguf_config::{config_json, family_of, gguf_err};
 use crate::linear::LinearModule;
 use crate::model::LlamaModel;
+use crate::param::Parameter;
+use crate::rope::RopeScaling;
 use crate::source::ModelSource;
 
 /// Whether `path` is a file that starts with the GGUF magic.
@@ -77,6 +80,9 @@ pub struct GgufModelFile {
     /// Hugging Face tensor name → (GGUF tensor name, how its values were changed), for every
     /// tensor of the file (from the one table, [`FamilyNames`]).
     names: BTreeMap<String, (String, Transform)>,
+    /// `rope_freqs` divisors no Llama 3 parameters regenerate (the config's rope is then
+    /// [`RopeScaling::Factors`] and `config_json` cannot state it).
+    explicit_rope_factors: Option<Vec<f32>>,
 }
 
 impl GgufModelFile {
@@ -93,12 +99,8 @@ impl GgufModelFile {
         let mut names = BTreeMap::new();
         for info in &file.tensors {
             if table.extra(&info.name).is_some() {
-                return Err(gguf_err(
-                    &file,
-                    &info.name,
-                    "per-frequency rotary factors (Llama 3 / LongRoPE scaling) are not \
-                     implemented for GGUF sources",
-                ));
+                // Per-frequency rope tensors: read into the config (`gguf_config`).
+                continue;
             }
             let mapped = table.to_hf(&info.name).ok_or_else(|| {
                 gguf_err(
@@ -109,12 +111,22 @@ impl GgufModelFile {
             })?;
             names.insert(mapped.name, (info.name.clone(), mapped.transform));
         }
-        let config_json = config_json(&file, &arch, family)?;
-        let config = LlamaConfig::from_json_value(&config_json).map_err(|e| LmError::Gguf {
+        let derived = config_json(&file, &arch, family)?;
+        let config_json = derived.json;
+        let mut config = LlamaConfig::from_json_value(&config_json).map_err(|e| LmError::Gguf {
             path: file.path.clone(),
             key: format!("{arch}.*"),
             reason: format!("the config derived from the metadata is invalid: {e}"),
         })?;
+        let explicit_rope_factors = derived.explicit_rope_factors;
+        if let Some(factors) = &explicit_rope_factors {
+            // Llama has one rope; it rotates with the stored divisors as llama.cpp does.
+            for rope in &mut config.architecture.ropes {
+                rope.scaling = RopeScaling::Factors {
+                    factors: factors.clone(),
+                };
+            }
+        }
         let source = GgufModelFile {
             file,
             arch,
@@ -122,6 +134,7 @@ impl GgufModelFile {
             config_json,
             config,
             names,
+            explicit_rope_factors,
         };
         source.check_shapes()?;
         Ok(source)
@@ -151,8 +164,16 @@ impl GgufModelFile {
     }
 
     /// The `config.json` of the family derived from the metadata (what `convert` writes).
+    /// It states the model's rope exactly unless [`Self::explicit_rope_factors`] is `Some`.
     pub fn config_json(&self) -> &Value {
         &self.config_json
+    }
+
+    /// The file's `rope_freqs` divisors when no Llama 3 `rope_parameters` regenerate them bit
+    /// for bit: the model rotates with them ([`RopeScaling::Factors`]), and no transformers
+    /// config can say so (`convert` and `merge` refuse such a file).
+    pub fn explicit_rope_factors(&self) -> Option<&[f32]> {
+        self.explicit_rope_factors.as_deref()
     }
 
     /// The Hugging Face names of the file's tensors, sorted.
@@ -226,12 +247,14 @@ impl GgufModelFile {
     }
 
     /// The model with every projection a frozen base over the file's own ggml blocks
-    /// ([`LinearModule::ggml`]): the resident bytes of the projections are the file's.
+    /// ([`LinearModule::ggml`]) and the token embedding in its blocks too
+    /// ([`TokenEmbedding::Ggml`]): the resident base bytes are about the file's.
     pub fn load_quantized(&self) -> Result<LlamaModel> {
         self.load(GgufBase::Blocks)
     }
 
-    /// The model with projections as `base` says; embedding, norms and biases are `f32`.
+    /// The model with projections and the token embedding (hence a tied head) as `base`
+    /// says; norms and biases are `f32`.
     pub fn load(&self, base: GgufBase) -> Result<LlamaModel> {
         LlamaModel::from_source(self.config.clone(), &mut GgufSource { file: self, base })
     }
@@ -346,6 +369,40 @@ impl ModelSource for GgufSource<'_> {
         }
         ArrayD::from_shape_vec(IxDyn(shape), values)
             .map_err(|e| LmError::shape(name, format!("{shape:?}"), e))
+    }
+
+    /// Over [`GgufBase::Blocks`] the embedding stays in the file's blocks (rows decoded per
+    /// lookup, the tied head a tiled product); otherwise it is decoded to `f32`.
+    fn take_embedding(
+        &mut self,
+        name: &str,
+        (vocab, hidden): (usize, usize),
+    ) -> Result<TokenEmbedding> {
+        let (ty, stored, blocks) = self.file.read_blocks(name)?;
+        if stored != [vocab, hidden] {
+            return Err(LmError::TensorShape {
+                key: format!("{name} (GGUF {})", self.file.names[name].0),
+                expected: vec![vocab, hidden],
+                got: stored,
+            });
+        }
+        match self.base {
+            GgufBase::Blocks => Ok(TokenEmbedding::Ggml(GgmlBase::from_blocks(
+                ty, blocks, vocab, hidden, None, name,
+            )?)),
+            GgufBase::Dequantized => {
+                let values = ggml::dequantize(ty, &blocks, vocab * hidden).map_err(|e| {
+                    gguf_err(
+                        &self.file.file,
+                        &self.file.names[name].0,
+                        format!("dequantizing {}: {e}", ty.name()),
+                    )
+                })?;
+                let e = Array2::from_shape_vec((vocab, hidden), values)
+                    .map_err(|e| LmError::shape(name, format!("({vocab}, {hidden})"), e))?;
+                Ok(TokenEmbedding::Dense(Parameter::new(e)))
+            }
+        }
     }
 
     fn take_linear(

@@ -162,6 +162,16 @@ impl LazyCheckpoint {
     /// un-permuted, Gemma norms shifted back) when read.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let source = GgufModelFile::open(path)?;
+        if source.explicit_rope_factors().is_some() {
+            return Err(LmError::Gguf {
+                path: path.to_path_buf(),
+                key: "rope_freqs.weight".into(),
+                reason: "these per-frequency rope divisors are not those of any Llama 3 \
+                         rope_parameters (searched: low/high_freq_factor pairs, whole \
+                         original_max_position_embeddings), so no config.json can state them"
+                    .into(),
+            });
+        }
         let mut tensors = BTreeMap::new();
         for name in source.hf_names() {
             let info = source.tensor_info(name)?;

@@ -204,6 +204,7 @@ impl LinearModule {
         mut out: ArrayViewMut2<'_, f32>,
         accumulate: bool,
     ) -> Result<()> {
+        let _timer = crate::profile::scope(crate::profile::Op::ProjectionForward);
         let layer: &mut dyn AdaptedLayer = match self {
             LinearModule::Base(base) => return base.forward_into(x, out, accumulate),
             LinearModule::Lora(l) => l.as_mut(),
@@ -237,6 +238,7 @@ impl LinearModule {
         mut grad_input: ArrayViewMut2<'_, f32>,
         accumulate_input: bool,
     ) -> Result<()> {
+        let _timer = crate::profile::scope(crate::profile::Op::ProjectionBackward);
         if grad_output.nrows() != x.nrows() {
             return Err(LmError::shape(
                 "linear backward: rows of grad_output vs input",

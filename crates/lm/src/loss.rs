@@ -1,9 +1,10 @@
 //! Next-token cross-entropy as transformers' `ForCausalLMLoss`.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
+use ndarray::{Array3, ArrayView2, ArrayView3};
 use rayon::prelude::*;
 
-use crate::error::{check_finite_at, LmError, Result};
+use crate::error::{LmError, Result};
+use crate::vmath::RowKernel;
 
 /// The label value that is not counted, as PyTorch's `ignore_index`.
 pub const IGNORE_INDEX: i64 = -100;
@@ -37,7 +38,53 @@ pub fn cross_entropy(
     logits: ArrayView3<'_, f32>,
     labels: ArrayView2<'_, i64>,
 ) -> Result<CrossEntropy> {
+    let _timer = crate::profile::scope(crate::profile::Op::Loss);
     let (batch, seq, vocab) = logits.dim();
+    let targets = shifted_targets(labels, (batch, seq, vocab))?;
+    // The gradient starts as a copy of the logits and is turned into ∂loss/∂logits in place:
+    // the same row pass as [`cross_entropy_in_place`], so both give identical bits.
+    let mut grad_logits = logits.as_standard_layout().into_owned();
+    let (loss, counted) = loss_in_place(&mut grad_logits, &targets)?;
+    Ok(CrossEntropy {
+        loss,
+        counted,
+        grad_logits,
+    })
+}
+
+/// [`cross_entropy`] that overwrites `logits` with `∂loss/∂logits` instead of allocating a
+/// second `(batch, seq, vocab)` array (100 MB for SmolLM2's vocabulary at 512 tokens); returns
+/// `(loss, counted)`. The training step uses it when nothing else needs the logits.
+///
+/// ```
+/// use lm::loss::{cross_entropy, cross_entropy_in_place};
+/// use ndarray::{array, Array3};
+/// let logits = Array3::from_shape_fn((1, 3, 4), |(_, t, v)| (t * 4 + v) as f32 / 7.0);
+/// let labels = array![[0i64, 1, 3]];
+/// let copied = cross_entropy(logits.view(), labels.view()).unwrap();
+/// let mut in_place = logits.clone();
+/// let (loss, counted) = cross_entropy_in_place(&mut in_place, labels.view()).unwrap();
+/// assert_eq!((loss, counted), (copied.loss, copied.counted));
+/// assert_eq!(in_place, copied.grad_logits);
+/// ```
+pub fn cross_entropy_in_place(
+    logits: &mut Array3<f32>,
+    labels: ArrayView2<'_, i64>,
+) -> Result<(f32, usize)> {
+    let _timer = crate::profile::scope(crate::profile::Op::Loss);
+    let targets = shifted_targets(labels, logits.dim())?;
+    if !logits.is_standard_layout() {
+        *logits = logits.as_standard_layout().into_owned();
+    }
+    loss_in_place(logits, &targets)
+}
+
+/// The target of every `(batch·seq)` row after the shift (`None`: not counted), validated up
+/// front so errors name the label's own position.
+fn shifted_targets(
+    labels: ArrayView2<'_, i64>,
+    (batch, seq, vocab): (usize, usize, usize),
+) -> Result<Vec<Option<usize>>> {
     if labels.dim() != (batch, seq) {
         return Err(LmError::shape(
             "labels (batch, seq) vs logits",
@@ -45,7 +92,6 @@ pub fn cross_entropy(
             format!("{}×{}", labels.nrows(), labels.ncols()),
         ));
     }
-    // Targets after the shift, validated up front so errors name the label's own position.
     let mut targets = vec![None; batch * seq];
     for ((b, t), &label) in labels.indexed_iter() {
         if t == 0 || label == IGNORE_INDEX {
@@ -62,41 +108,67 @@ pub fn cross_entropy(
         }
         targets[b * seq + t - 1] = Some(label as usize);
     }
-    let counted = targets.iter().filter(|t| t.is_some()).count();
-    if counted == 0 {
+    if targets.iter().all(Option::is_none) {
         return Err(LmError::NoLabels);
     }
-    let logits = logits.as_standard_layout();
-    let flat = logits.as_slice().unwrap_or_default();
-    check_finite_at("logits", flat, |i| {
-        format!(
-            "(batch {}, position {}, vocab {})",
-            i / (seq * vocab),
-            i / vocab % seq,
-            i % vocab
-        )
-    })?;
-    let logit_rows = ArrayView2::from_shape((batch * seq, vocab), flat)
-        .map_err(|e| LmError::shape("logits", format!("{batch}×{seq}×{vocab}"), e))?;
-    let mut grad_logits = Array2::<f32>::zeros((batch * seq, vocab));
+    Ok(targets)
+}
+
+/// Turns standard-layout `logits` into `∂loss/∂logits` row by row in parallel and returns
+/// `(mean loss, counted)`. Per row: one pass for the maximum and the finiteness check, one
+/// writing `e^(z − max)` over the row while summing it, one scaling it; rows without a target
+/// become zero. A non-finite logit is reported with its position (the array is then partly
+/// overwritten).
+fn loss_in_place(logits: &mut Array3<f32>, targets: &[Option<usize>]) -> Result<(f32, usize)> {
+    let (_, seq, vocab) = logits.dim();
+    let counted = targets.iter().filter(|t| t.is_some()).count();
     let inv_count = 1.0 / counted as f64;
-    let total: f64 = grad_logits
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(logit_rows.axis_iter(Axis(0)).into_par_iter())
+    let kernel = RowKernel::detect();
+    let flat = logits
+        .as_slice_mut()
+        .ok_or_else(|| LmError::shape("logits", "a standard-layout array", "a strided view"))?;
+    let rows: Vec<std::result::Result<f64, (usize, f32)>> = flat
+        .par_chunks_mut(vocab.max(1))
         .zip(targets.par_iter())
-        .map(|((mut g, z), target)| {
-            let Some(target) = *target else { return 0.0 };
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let log_sum = sum.ln();
-            for (gv, &v) in g.iter_mut().zip(z.iter()) {
-                *gv = ((((v - max) as f64).exp() / sum) * inv_count) as f32;
+        .enumerate()
+        .map(|(r, (row, target))| {
+            let (max, finite) = kernel.max_finite(row);
+            if !finite {
+                let j = row.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                return Err((r * vocab + j, row[j]));
             }
-            g[target] -= inv_count as f32;
-            log_sum - (z[target] - max) as f64
+            let Some(target) = *target else {
+                row.fill(0.0);
+                return Ok(0.0);
+            };
+            let z_target = row[target];
+            let sum = kernel.exp_sum_in_place(row, max);
+            let factor = (inv_count / sum) as f32;
+            for v in row.iter_mut() {
+                *v *= factor;
+            }
+            row[target] -= inv_count as f32;
+            Ok(sum.ln() - (z_target - max) as f64)
         })
-        .sum();
+        .collect();
+    let mut total = 0.0f64;
+    for row in rows {
+        match row {
+            Ok(v) => total += v,
+            Err((i, value)) => {
+                return Err(LmError::NonFinite {
+                    what: "logits".into(),
+                    location: format!(
+                        "(batch {}, position {}, vocab {})",
+                        i / (seq * vocab),
+                        i / vocab % seq,
+                        i % vocab
+                    ),
+                    value,
+                })
+            }
+        }
+    }
     let loss = (total * inv_count) as f32;
     if !loss.is_finite() {
         return Err(LmError::NonFinite {
@@ -105,14 +177,7 @@ pub fn cross_entropy(
             value: loss,
         });
     }
-    let grad_logits = grad_logits
-        .into_shape_with_order((batch, seq, vocab))
-        .map_err(|e| LmError::shape("grad_logits", format!("{batch}×{seq}×{vocab}"), e))?;
-    Ok(CrossEntropy {
-        loss,
-        counted,
-        grad_logits,
-    })
+    Ok((loss, counted))
 }
 
 #[cfg(test)]
@@ -156,6 +221,53 @@ mod tests {
             .slice(ndarray::s![0, 1, ..])
             .iter()
             .all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn wide_vocabulary_matches_an_f64_reference() {
+        // Rows longer than the kernels' chunks and lanes, logits spread like a real model's.
+        let (batch, seq, vocab) = (2, 3, 4099);
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let logits =
+            Array3::from_shape_fn((batch, seq, vocab), |_| rng.random_range(-20.0f32..20.0));
+        let labels = array![[5i64, 4098, 17], [0, -100, 2048]];
+        let ce = cross_entropy(logits.view(), labels.view()).unwrap();
+        let mut total = 0.0f64;
+        let mut counted = 0;
+        for b in 0..batch {
+            for t in 0..seq - 1 {
+                let label = labels[[b, t + 1]];
+                let row = logits.slice(ndarray::s![b, t, ..]);
+                if label < 0 {
+                    assert!(ce
+                        .grad_logits
+                        .slice(ndarray::s![b, t, ..])
+                        .iter()
+                        .all(|&g| g == 0.0));
+                    continue;
+                }
+                counted += 1;
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+                total += sum.ln() + max - row[label as usize] as f64;
+                for (j, &v) in row.iter().enumerate() {
+                    let p =
+                        (v as f64 - max).exp() / sum - if j == label as usize { 1.0 } else { 0.0 };
+                    let g = ce.grad_logits[[b, t, j]] as f64 * 3.0; // 3 counted positions
+                    assert!(
+                        (g - p).abs() <= 1e-6 * (1.0 + p.abs()),
+                        "({b}, {t}, {j}): {g} vs {p}"
+                    );
+                }
+            }
+        }
+        assert_eq!((ce.counted, counted), (3, 3));
+        let reference = total / 3.0;
+        assert!(
+            (ce.loss as f64 - reference).abs() <= 1e-6 * reference,
+            "{} vs {reference}",
+            ce.loss
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::error::{LmError, Result};
 use crate::lazy_checkpoint::{LazyCheckpoint, StoredAs};
 use crate::model::LAYER_LINEAR_NAMES;
 use crate::qat::{read_qat_state, QatState, QAT_STATE_FILE};
+use crate::qat_bnb_export::trained_bnb4_tensor;
 
 mod encoding;
 use encoding::torch_dtype_name;
@@ -475,20 +476,24 @@ fn write_spilled_shard(
         let mut body = BufWriter::new(file);
         let mut specs: Vec<(String, Dtype, Vec<usize>)> = Vec::new();
         for p in shard {
-            let values = source.read_f32(&p.name)?;
             let parts: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = match p.dtype {
                 Some(dtype) => {
+                    let values = source.read_f32(&p.name)?;
                     let bytes = encode_float(&p.name, &values, dtype)?;
                     vec![(p.name.clone(), dtype, p.shape.clone(), bytes)]
                 }
                 None => {
-                    let tensor = FourBitTensor::quantize(
-                        &values,
-                        &p.shape,
-                        NF4_BLOCKSIZE,
-                        FourBitType::Nf4,
-                        true,
-                    )?;
+                    // A LoRA-QAT projection on the NF4 grid: the trained codes and scales.
+                    let tensor = match trained_bnb4_tensor(source, &p.name)? {
+                        Some(trained) => trained,
+                        None => FourBitTensor::quantize(
+                            &source.read_f32(&p.name)?,
+                            &p.shape,
+                            NF4_BLOCKSIZE,
+                            FourBitType::Nf4,
+                            true,
+                        )?,
+                    };
                     to_bnb_tensors(&p.name, &tensor)
                         .into_iter()
                         .map(|(name, t)| {

@@ -8,18 +8,19 @@ use std::path::Path;
 
 use lora_core::LoraConfig;
 
-use ndarray::{Array1, Array2, Ix1, Ix2};
+use ndarray::{Array1, Array2, Ix1};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::checkpoint::{save_f32_safetensors, write_atomically, Checkpoint};
 use crate::config::{linear_shapes, LlamaConfig};
+use crate::embedding::TokenEmbedding;
 use crate::error::{LmError, Result};
 use crate::family::{Architecture, NormKind};
 use crate::linear::LinearModule;
 use crate::param::{ParamMut, Parameter};
-use crate::source::{check_bnb4_config, take_matrix, take_vector, Bnb4Checkpoint, ModelSource};
+use crate::source::{check_bnb4_config, take_vector, Bnb4Checkpoint, ModelSource};
 
 pub use crate::decoder::{DecoderLayer, LAYER_LINEAR_NAMES};
 
@@ -47,7 +48,7 @@ pub use crate::decoder::{DecoderLayer, LAYER_LINEAR_NAMES};
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaModel {
     pub(crate) config: LlamaConfig,
-    pub(crate) embed_tokens: Parameter<Ix2>,
+    pub(crate) embed_tokens: TokenEmbedding,
     pub(crate) layers: Vec<DecoderLayer>,
     pub(crate) norm: Parameter<Ix1>,
     /// `None` when the embeddings are tied: the head multiplies by `embed_tokens`.
@@ -133,8 +134,7 @@ impl LlamaModel {
         let c = &config;
         let arch = &c.architecture;
         let (d, v) = (c.hidden_size, c.vocab_size);
-        let embed_tokens =
-            Parameter::new(take_matrix(source, "model.embed_tokens.weight", [v, d])?);
+        let embed_tokens = source.take_embedding("model.embed_tokens.weight", (v, d))?;
         let shapes = linear_shapes(c);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
@@ -199,7 +199,7 @@ impl LlamaModel {
             Array2::from_shape_simple_fn((shape[0], shape[1]), || normal.sample(&mut rng))
         };
         let (d, v) = (config.hidden_size, config.vocab_size);
-        let embed_tokens = Parameter::new(draw([v, d]));
+        let embed_tokens = TokenEmbedding::Dense(Parameter::new(draw([v, d])));
         let shapes = linear_shapes(&config);
         // Gemma's norms store w with x̂·(1 + w): the identity is w = 0.
         let norm_init = match config.architecture.norm {
@@ -269,7 +269,7 @@ impl LlamaModel {
         let mut push = |name: String, shape: &[usize], values: Vec<f32>| {
             tensors.push((name, shape.to_vec(), values));
         };
-        let e = self.embed_tokens.value();
+        let e = self.embed_tokens.weight_f32()?;
         push(
             "model.embed_tokens.weight".into(),
             e.shape(),
@@ -332,7 +332,7 @@ impl LlamaModel {
             .linear_modules_mut()
             .map(|(_, lin)| lin.parameter_count())
             .sum();
-        self.embed_tokens.value().len() + norms + d + linears
+        self.embed_tokens.parameter_count() + norms + d + linears
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -343,14 +343,18 @@ impl LlamaModel {
         &self.layers
     }
 
-    pub fn embed_tokens(&self) -> &Parameter<Ix2> {
+    /// The token embedding (dense, or a GGUF file's frozen ggml blocks).
+    pub fn embed_tokens(&self) -> &TokenEmbedding {
         &self.embed_tokens
     }
 
     /// Trains (allocating gradient buffers) or freezes (dropping them) every base parameter:
     /// embedding, norms, projections and LM head. A frozen base still passes input gradients.
+    /// Quantized bases (ggml-block embedding and projections, NF4) stay frozen.
     pub fn set_base_trainable(&mut self, trainable: bool) {
-        self.embed_tokens.set_trainable(trainable);
+        if let Some(e) = self.embed_tokens.dense_mut() {
+            e.set_trainable(trainable);
+        }
         self.norm.set_trainable(trainable);
         for layer in &mut self.layers {
             for (_, norm) in layer.norms_mut() {
@@ -388,7 +392,9 @@ impl LlamaModel {
 
     /// Sets every gradient buffer to zero (backward passes accumulate).
     pub fn zero_grad(&mut self) {
-        self.embed_tokens.zero_grad();
+        if let Some(e) = self.embed_tokens.dense_mut() {
+            e.zero_grad();
+        }
         self.norm.zero_grad();
         for layer in &mut self.layers {
             for (_, norm) in layer.norms_mut() {
@@ -446,7 +452,10 @@ impl LlamaModel {
         mut f: impl FnMut(&str, ParamMut<'_>) -> Result<()>,
     ) -> Result<()> {
         let name = "model.embed_tokens.weight";
-        f(name, self.embed_tokens.as_param_mut(name)?)?;
+        // A ggml-block embedding is frozen, like a quantized projection base: not visited.
+        if let Some(e) = self.embed_tokens.dense_mut() {
+            f(name, e.as_param_mut(name)?)?;
+        }
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (norm_name, norm) in layer.norms_mut() {
                 let name = format!("model.layers.{i}.{norm_name}.weight");

@@ -52,6 +52,21 @@ impl QatState {
         module: &str,
         file: &Path,
     ) -> Result<Array2<f32>> {
+        let mut layer = self.layer(weight, adapter, lora, module, file)?;
+        layer.set_fake_quant(true);
+        Ok(layer.effective_weight()?)
+    }
+
+    /// The LoRA-QAT layer `module` trained as: base `weight`, the saved adapter and the
+    /// saved quantizer steps.
+    pub(crate) fn layer(
+        &self,
+        weight: Array2<f32>,
+        adapter: &peft::AdapterWeights,
+        lora: &LoraConfig,
+        module: &str,
+        file: &Path,
+    ) -> Result<LoraQatLinear> {
         let options = AdapterOptions::from_config(lora, module);
         let adapter = LoraAdapter::from_weights(
             adapter.a.clone(),
@@ -64,8 +79,7 @@ impl QatState {
         let mut layer =
             LoraQatLinear::with_adapter(weight, None, adapter, &self.config, self.mode, module)?;
         self.copy_steps(&mut layer, module, file)?;
-        layer.set_fake_quant(true);
-        Ok(layer.effective_weight()?)
+        Ok(layer)
     }
 
     /// Replaces `layer`'s quantizer steps with the stored ones of `module`.

@@ -49,6 +49,10 @@ pub enum RopeScaling {
         high_freq_factor: f32,
         original_max: usize,
     },
+    /// Explicit per-frequency divisors, `inv_freq[i] = 1/(θ^(2i/d)·factors[i])`: a GGUF file's
+    /// `rope_freqs` tensor (what llama.cpp computes with) when no Llama 3 parameters
+    /// regenerate it bit for bit ([`factors::recover_llama3`]). No config spells this type.
+    Factors { factors: Vec<f32> },
 }
 
 /// One rotary embedding: base θ, rotated dimensions and scaling.
@@ -187,6 +191,14 @@ impl Rope {
                     .collect();
                 (inv_freq, 1.0)
             }
+            RopeScaling::Factors { factors } => (
+                default_inv_freq(theta, dim)
+                    .into_iter()
+                    .zip(factors)
+                    .map(|(f, d)| f / d)
+                    .collect(),
+                1.0,
+            ),
         }
     }
 
@@ -432,6 +444,7 @@ impl Rope {
             RopeScaling::Yarn { .. } => "yarn",
             RopeScaling::LongRope { .. } => "longrope",
             RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::Factors { .. } => "rope_freqs",
         }
     }
 }
@@ -515,6 +528,7 @@ impl RopeTable {
         n_heads: usize,
         inverse: bool,
     ) -> Result<()> {
+        let _timer = crate::profile::scope(crate::profile::Op::Rope);
         let hd = self.head_dim;
         let half = hd / 2;
         if x.ncols() != n_heads * hd || positions.len() != x.nrows() {
@@ -560,5 +574,6 @@ impl RopeTable {
     }
 }
 
+pub mod factors;
 #[cfg(test)]
 mod tests;

@@ -56,6 +56,19 @@ pub trait ModelSource {
         bias: bool,
     ) -> Result<LinearModule>;
 
+    /// The token embedding `name` of shape `(vocab, hidden)`, frozen: a dense `f32` parameter
+    /// unless the source keeps it in its own blocks (a GGUF file read as a quantized base).
+    fn take_embedding(
+        &mut self,
+        name: &str,
+        shape: (usize, usize),
+    ) -> Result<crate::embedding::TokenEmbedding> {
+        let e = take_matrix(self, name, [shape.0, shape.1])?;
+        Ok(crate::embedding::TokenEmbedding::Dense(
+            crate::param::Parameter::new(e),
+        ))
+    }
+
     /// Forgets tensor `name` if the source has it: one the model knows and deliberately does
     /// not use (a rotary `inv_freq` buffer, the copy of a tied `lm_head`).
     fn discard(&mut self, _name: &str) {}

@@ -160,7 +160,7 @@ fn random_init_is_seeded() {
     let a = LlamaModel::random(config.clone(), 1).unwrap();
     assert_eq!(a, LlamaModel::random(config.clone(), 1).unwrap());
     assert_ne!(a, LlamaModel::random(config, 2).unwrap());
-    let e = a.embed_tokens().value();
+    let e = a.embed_tokens().dense().unwrap().value();
     let std = (e.iter().map(|v| v * v).sum::<f32>() / e.len() as f32).sqrt();
     assert!(
         (std - 0.02).abs() < 0.004,

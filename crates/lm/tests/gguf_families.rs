@@ -409,6 +409,151 @@ fn options_llama_cpp_cannot_express_are_refused_by_name() {
     }
 }
 
+/// The largest absolute difference of two arrays' elements.
+fn max_abs_diff(a: &ndarray::Array3<f32>, b: &ndarray::Array3<f32>) -> f32 {
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Phi-3 LongRoPE: the `rope_factors_long/short` tensors, `rope.scaling.attn_factor` and the
+/// original length come back as the same `longrope` parameters (the long factors used past
+/// the original length), so the logits equal the checkpoint's, and the derived config.json
+/// states the same rope.
+#[test]
+fn phi3_longrope_files_load_back_with_their_factors() {
+    let base = edited_base("phi3", "longrope", |c| {
+        c["original_max_position_embeddings"] = 32.into();
+        c["rope_parameters"] = serde_json::json!({
+            "rope_type": "longrope", "rope_theta": 10000.0,
+            "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]});
+    });
+    let path = base.join("m.gguf");
+    export_gguf(&base, None, &path, GgmlType::F32).unwrap();
+    let source = lm::gguf_model::GgufModelFile::open(&path).unwrap();
+    let from_dir = lm::LlamaModel::from_pretrained(&base).unwrap();
+    assert_eq!(
+        source.config().architecture.ropes,
+        from_dir.config().architecture.ropes
+    );
+    assert!(source.explicit_rope_factors().is_none());
+    let mut from_gguf = source.load_dequantized().unwrap();
+    let mut from_dir = from_dir;
+    for len in [12usize, 40] {
+        let ids = ndarray::Array2::from_shape_fn((1, len), |(_, i)| ((i * 7 + 3) % 100) as u32);
+        let a = from_gguf.logits(ids.view(), None).unwrap();
+        let b = from_dir.logits(ids.view(), None).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{len} tokens");
+    }
+    let reparsed = LlamaConfig::from_json_value(source.config_json()).unwrap();
+    assert_eq!(
+        reparsed.architecture.ropes,
+        source.config().architecture.ropes
+    );
+}
+
+/// Llama 3: the `rope_freqs` divisors give back `llama3` rope parameters that regenerate them
+/// bit for bit (the derived config.json states them); divisors no such parameters make are
+/// used as they are ([`lm::rope::RopeScaling::Factors`]), and a config.json of them is refused.
+#[test]
+fn llama3_rope_freqs_become_the_rope_parameters_or_explicit_divisors() {
+    let tmp = temp_dir("llama3-rope");
+    let base = arch_dir("llama3").join("base");
+    let path = tmp.join("m.gguf");
+    export_gguf(&base, None, &path, GgmlType::F32).unwrap();
+    let source = lm::gguf_model::GgufModelFile::open(&path).unwrap();
+    let mut from_dir = lm::LlamaModel::from_pretrained(&base).unwrap();
+    let rope = &from_dir.config().architecture.ropes[0];
+    let stored = GgufFile::open(&path)
+        .unwrap()
+        .read_tensor_f32("rope_freqs.weight")
+        .unwrap();
+    let lm::rope::RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max,
+    } = source.config().architecture.ropes[0].scaling.clone()
+    else {
+        panic!("{:?}", source.config().architecture.ropes[0]);
+    };
+    let regenerated = lm::rope::factors::llama3_rope_freqs(
+        rope.theta,
+        rope.dim,
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max,
+    );
+    assert_eq!(regenerated, stored);
+    let rope_json = &source.config_json()["rope_parameters"];
+    assert_eq!(rope_json["rope_type"], "llama3", "{rope_json}");
+
+    // The same file with one divisor moved: read with the divisors themselves.
+    let edited = tmp.join("edited.gguf");
+    let mut divisors = stored.clone();
+    divisors[1] *= 1.01;
+    rewrite_tensor(&path, &edited, "rope_freqs.weight", &divisors);
+    let odd = lm::gguf_model::GgufModelFile::open(&edited).unwrap();
+    assert_eq!(odd.explicit_rope_factors(), Some(&divisors[..]));
+    assert_eq!(
+        odd.config().architecture.ropes[0].scaling,
+        lm::rope::RopeScaling::Factors {
+            factors: divisors.clone()
+        }
+    );
+    let Err(err) = lm::lazy_checkpoint::LazyCheckpoint::open_gguf(&edited) else {
+        panic!("a config.json cannot state explicit divisors");
+    };
+    let err = err.to_string();
+    assert!(err.contains("rope_freqs.weight"), "{err}");
+
+    let ids = ndarray::Array2::from_shape_fn((1, 40), |(_, i)| ((i * 5 + 1) % 100) as u32);
+    let expected = from_dir.logits(ids.view(), None).unwrap();
+    let same = source
+        .load_dequantized()
+        .unwrap()
+        .logits(ids.view(), None)
+        .unwrap();
+    assert_eq!(max_abs_diff(&same, &expected), 0.0);
+    // With the stored divisors as they are (`llama3_rope_freqs` of the parameters), the
+    // frequencies are llama.cpp's `θ_i / f_i`: within f32 rounding of transformers'.
+    let mut exact = source.config().clone();
+    exact.architecture.ropes[0].scaling = lm::rope::RopeScaling::Factors { factors: stored };
+    let mut by_divisors = lm::LlamaModel::from_source(
+        exact,
+        &mut lm::gguf_model::GgufSource {
+            file: &source,
+            base: lm::gguf_model::GgufBase::Dequantized,
+        },
+    )
+    .unwrap();
+    let near = by_divisors.logits(ids.view(), None).unwrap();
+    let err = max_abs_diff(&near, &expected);
+    assert!(err <= 1e-4, "explicit divisors: logits differ by {err}");
+    let odd_logits = odd
+        .load_dequantized()
+        .unwrap()
+        .logits(ids.view(), None)
+        .unwrap();
+    assert!(max_abs_diff(&odd_logits, &expected) > 0.0);
+}
+
+/// `src` with tensor `name` (F32) holding `values`, written to `dst`.
+fn rewrite_tensor(src: &Path, dst: &Path, name: &str, values: &[f32]) {
+    let file = GgufFile::open(src).unwrap();
+    let info = file.tensor(name).unwrap();
+    assert_eq!(info.ty, GgmlType::F32);
+    let mut bytes = std::fs::read(src).unwrap();
+    let start = (file.data_offset + info.offset) as usize;
+    for (i, v) in values.iter().enumerate() {
+        bytes[start + 4 * i..start + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(dst, bytes).unwrap();
+}
+
 /// The exporter and the GGUF model reader (`lm::gguf_model`) through the one table: every
 /// family's exported f32 file loads back as a model computing the checkpoint's logits.
 #[test]
@@ -422,15 +567,7 @@ fn exported_files_load_back_as_the_same_model() {
         let path = tmp.join(format!("{family}.gguf"));
         export_gguf(&base, None, &path, GgmlType::F32).unwrap();
         let loaded = lm::gguf_model::GgufModelFile::open(&path).and_then(|f| f.load_dequantized());
-        let mut from_gguf = match loaded {
-            Ok(model) => model,
-            // The reader does not rebuild a Llama 3 rope from `rope_freqs` yet; it must say so.
-            Err(e) if family == "llama3" && e.to_string().contains("rope_freqs") => {
-                eprintln!("{family}: the GGUF reader refuses: {e}");
-                continue;
-            }
-            Err(e) => panic!("{family}: {e}"),
-        };
+        let mut from_gguf = loaded.unwrap_or_else(|e| panic!("{family}: {e}"));
         let mut from_dir = lm::LlamaModel::from_pretrained(&base).unwrap();
         let a = from_gguf.logits(ids.view(), None).unwrap();
         let b = from_dir.logits(ids.view(), None).unwrap();

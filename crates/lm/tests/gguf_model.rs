@@ -257,7 +257,13 @@ fn llama_from_gguf_equals_the_directory() {
 
 /// A Llama with rows of 256 (one K super-block), so every type holds whole blocks.
 fn wide_llama(dir: &Path) {
-    let config = lm::LlamaConfig::new(64, 256, 256, 1, 4, 2).unwrap();
+    wide_llama_tied(dir, false)
+}
+
+/// [`wide_llama`] with the LM head tied to the embedding or not.
+fn wide_llama_tied(dir: &Path, tied: bool) {
+    let mut config = lm::LlamaConfig::new(64, 256, 256, 1, 4, 2).unwrap();
+    config.tie_word_embeddings = tied;
     LlamaModel::random(config, 11)
         .unwrap()
         .save_pretrained(dir)
@@ -376,7 +382,7 @@ fn bad_files_are_refused_naming_the_key_or_tensor() {
         "{err}"
     );
 
-    // Llama 3's frequency factors are refused by name.
+    // A `rope_freqs` tensor whose values are not divisors (here: other bytes) is refused by name.
     let llama3 = tmp.join("llama3.gguf");
     write_gguf(
         &arch_dir("llama3").join("base"),
@@ -471,8 +477,6 @@ fn real_model_gguf_logits_equal_the_transformers_directory() {
 fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
     use lora_core::{LoraConfig, QatMode};
     let tmp = temp_dir("quantized");
-    let dir = tmp.join("wide");
-    wide_llama(&dir);
     let ids = Array2::from_shape_vec((1, 6), vec![3u32, 17, 5, 9, 22, 1]).unwrap();
     let labels = ids.mapv(i64::from);
     let targets = [
@@ -484,8 +488,15 @@ fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
         "up_proj",
         "down_proj",
     ];
-    for ty in quant_core::ggml::ALL_TYPES {
-        let path = tmp.join(format!("{}.gguf", ty.name()));
+    for (ty, tied) in quant_core::ggml::ALL_TYPES
+        .into_iter()
+        .flat_map(|ty| [(ty, false), (ty, true)])
+    {
+        let dir = tmp.join(format!("wide-tied-{tied}"));
+        if !dir.exists() {
+            wide_llama_tied(&dir, tied);
+        }
+        let path = tmp.join(format!("{}-tied-{tied}.gguf", ty.name()));
         write_gguf(&dir, &path, ty, &[]);
         let source = GgufModelFile::open(&path).unwrap();
         let mut quantized = source.load_quantized().unwrap();
@@ -501,12 +512,29 @@ fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
         let err = max_abs_diff(&a, &b.into_dyn());
         assert!(err <= 1e-5 * scale.max(1.0), "{ty}: logits differ by {err}");
 
-        // Resident bytes: projections (and the untied head) as stored in the file.
-        let projection_bytes: u64 = source
+        // The embedding stays in its blocks; a lookup decodes exactly the rows of the
+        // dequantized matrix (bit for bit), and the tied head (above: logits) is their product.
+        assert_eq!(quantized.embed_tokens().dense(), None, "{ty}");
+        let lookup = [63u32, 0, 17, 17, 40];
+        let rows = quantized.embed_tokens().gather(&lookup, None).unwrap();
+        let dense_e = dense.embed_tokens().dense().unwrap().value();
+        for (r, &id) in lookup.iter().enumerate() {
+            let same = rows
+                .row(r)
+                .iter()
+                .zip(dense_e.row(id as usize))
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty}: embedding row {id}");
+        }
+        assert!(quantized.embed_tokens().gather(&[64], None).is_err());
+
+        // Resident bytes: every matrix (embedding, projections, the untied head) as stored in
+        // the file; only the norms stay f32.
+        let matrix_bytes: u64 = source
             .gguf()
             .tensors
             .iter()
-            .filter(|t| t.shape.len() == 2 && t.name != "token_embd.weight")
+            .filter(|t| t.shape.len() == 2)
             .map(|t| t.size)
             .sum();
         let report = quantized.memory_report();
@@ -516,7 +544,14 @@ fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
             .filter(|(k, _)| k.starts_with("ggml"))
             .map(|(_, b)| *b)
             .sum();
-        assert_eq!(ggml_bytes as u64, projection_bytes, "{ty}: {report}");
+        assert_eq!(ggml_bytes as u64, matrix_bytes, "{ty}: {report}");
+        let norm_bytes = source.tensor_bytes() - matrix_bytes;
+        assert_eq!(
+            report.base_bytes() as u64,
+            source.tensor_bytes(),
+            "{ty}: {report}"
+        );
+        assert!(norm_bytes > 0);
 
         for (kind, dora) in [("LoRA", false), ("DoRA", true)] {
             let mut lora = LoraConfig::new(4, 8.0, &targets);

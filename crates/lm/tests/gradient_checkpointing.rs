@@ -53,7 +53,7 @@ fn grads_after(
     let mut grads = Vec::new();
     model
         .visit_trainable_parameters(|name, p| {
-            grads.push((name.to_string(), p.grad.unwrap().iter().copied().collect()));
+            grads.push((name.to_string(), p.grad.unwrap().to_vec()));
             Ok(())
         })
         .unwrap();

@@ -44,6 +44,7 @@ fn uniform3_lsq() -> QatConfig {
         symmetric: true,
         incoherence: None,
         init: InitMethod::MseClipSearch,
+        double_quant: false,
     }
 }
 

@@ -36,6 +36,7 @@ fn qat_model(mode: QatMode) -> LlamaModel {
         symmetric: true,
         incoherence: None,
         init: InitMethod::MseClipSearch,
+        double_quant: false,
     };
     model
         .inject_qat_adapters(&lora, &qat, mode, "default", 3)

@@ -123,11 +123,22 @@ impl LoraError {
 }
 
 /// Errors naming the first non-finite element of `values` (flat, logical order), if any.
-pub(crate) fn check_finite<'a>(
-    context: impl FnOnce() -> String,
-    values: impl IntoIterator<Item = &'a f32>,
-) -> Result<()> {
-    match values.into_iter().enumerate().find(|(_, v)| !v.is_finite()) {
+pub(crate) fn check_finite<'a, I>(context: impl FnOnce() -> String, values: I) -> Result<()>
+where
+    I: IntoIterator<Item = &'a f32>,
+    I::IntoIter: Clone,
+{
+    let values = values.into_iter();
+    // Every layer input and output gradient passes here: a fold without early exit (ndarray's
+    // iterators fold a contiguous view as a slice) vectorises; the index of a bad value is
+    // searched for only when there is one.
+    let all_finite = values
+        .clone()
+        .fold(true, |ok, v| ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000));
+    if all_finite {
+        return Ok(());
+    }
+    match values.enumerate().find(|(_, v)| !v.is_finite()) {
         Some((index, &value)) => Err(LoraError::NonFinite {
             context: context(),
             index,

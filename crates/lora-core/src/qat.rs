@@ -88,7 +88,10 @@ impl Grid {
                 config.ste,
                 config.pi_k.unwrap_or_default(),
             )?),
-            QuantizerKind::Nf4 => Grid::Nf4(Nf4GridQuantizer::new(config.granularity, config.ste)?),
+            QuantizerKind::Nf4 => Grid::Nf4(
+                Nf4GridQuantizer::new(config.granularity, config.ste)?
+                    .with_double_quant(config.double_quant),
+            ),
             other => {
                 return Err(LoraError::option(
                     "quantizer",

@@ -42,6 +42,7 @@ fn config(kind: QuantizerKind, ste: Ste) -> QatConfig {
         symmetric: true,
         incoherence: None,
         init: InitMethod::MseClipSearch,
+        double_quant: false,
     }
 }
 

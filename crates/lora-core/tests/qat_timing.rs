@@ -48,6 +48,7 @@ fn quantizer_and_gemm_breakdown() {
             symmetric: true,
             incoherence: None,
             init: InitMethod::Absmax,
+            double_quant: false,
         };
         let mut q = config.build().unwrap();
         q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();

@@ -150,6 +150,13 @@ pub struct QatConfig {
     /// How steps/scales are initialised from the weights (default MSE clip search).
     #[serde(default = "default_init")]
     pub init: InitMethod,
+    /// NF4 grid only: the forward quantizes with the double-quantized absmax (bitsandbytes'
+    /// `compress_statistics`: 8-bit codes of `absmax − mean` in blocks of 256), the
+    /// f32 absmax training through it as through a straight-through estimator, so that a
+    /// bitsandbytes 4-bit export stores exactly the scales training used. Needs per-block
+    /// granularity (bitsandbytes' blocks). Default false.
+    #[serde(default)]
+    pub double_quant: bool,
 }
 
 fn default_symmetric() -> bool {
@@ -173,6 +180,7 @@ impl QatConfig {
             symmetric: true,
             incoherence: None,
             init: InitMethod::MseClipSearch,
+            double_quant: false,
         }
     }
 
@@ -215,6 +223,7 @@ impl QatConfig {
             symmetric: !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K),
             incoherence: None,
             init: InitMethod::Absmax,
+            double_quant: false,
         })
     }
 
@@ -269,6 +278,29 @@ impl QatConfig {
     /// assert!(err.contains("bits") || err.contains("pi_k"), "{err}");
     /// ```
     pub fn validate(&self) -> Result<()> {
+        if self.double_quant {
+            if self.quantizer != QuantizerKind::Nf4 {
+                return Err(QuantError::invalid(
+                    "double_quant",
+                    true,
+                    format!(
+                        "only the nf4 grid double-quantizes its scales, not {:?}",
+                        self.quantizer
+                    ),
+                ));
+            }
+            if !matches!(self.granularity, Granularity::PerBlock { .. }) {
+                return Err(QuantError::invalid(
+                    "double_quant",
+                    true,
+                    format!(
+                        "bitsandbytes double-quantizes the absmax of blocks: the granularity \
+                         must be per_block, not {:?}",
+                        self.granularity
+                    ),
+                ));
+            }
+        }
         if let Some(ty) = self.quantizer.ggml_type() {
             return self.validate_ggml(ty);
         }
@@ -444,7 +476,10 @@ impl QatConfig {
                 self.ste,
                 self.pi_k.unwrap_or_default(),
             )?),
-            QuantizerKind::Nf4 => Box::new(Nf4GridQuantizer::new(self.granularity, self.ste)?),
+            QuantizerKind::Nf4 => Box::new(
+                Nf4GridQuantizer::new(self.granularity, self.ste)?
+                    .with_double_quant(self.double_quant),
+            ),
             other => Box::new(GgmlQatQuantizer::new(
                 other
                     .ggml_type()

@@ -41,6 +41,7 @@ use rayon::prelude::*;
 
 use crate::codebook::NF4_CODE;
 use crate::error::{check_finite, QuantError, Result};
+use crate::nf4::{check_blocksize, BlockScales, DoubleQuantAbsmax, FourBitTensor, FourBitType};
 use crate::quantizer::{DifferentiableQuantizer, InitMethod, QuantizerGrads, QuantizerOutput};
 use crate::ste::{GridPoint, Ste};
 use crate::uniform::{
@@ -118,7 +119,10 @@ pub struct Nf4GridQuantizer {
     clip_search: ClipSearch,
     layout: Option<GroupLayout>,
     scales: Vec<f32>,
-    /// Last forward input (row-major) and the scales it was quantized with.
+    /// Quantize with the double-quantized scales ([`Nf4GridQuantizer::with_double_quant`]).
+    double_quant: bool,
+    /// Last forward input (row-major) and the scales it was quantized with (the effective,
+    /// double-quantized ones with double quantization).
     last_forward: Option<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -133,8 +137,109 @@ impl Nf4GridQuantizer {
             clip_search: ClipSearch::default(),
             layout: None,
             scales: Vec::new(),
+            double_quant: false,
             last_forward: None,
         })
+    }
+
+    /// With `enabled`, every forward quantizes with the scales bitsandbytes would store for
+    /// the learned ones under double quantization ([`DoubleQuantAbsmax`]: `absmax − mean` in
+    /// 8-bit codes, blocks of 256) instead of the learned `f32` scales themselves; the
+    /// backward treats that rounding of the scales as the identity (straight through), so the
+    /// learned scales still train. A bitsandbytes export then holds exactly the codes and
+    /// scales training computed with ([`Nf4GridQuantizer::export_bnb4`]).
+    pub fn with_double_quant(mut self, enabled: bool) -> Self {
+        self.double_quant = enabled;
+        self.last_forward = None;
+        self
+    }
+
+    /// Whether the forward uses double-quantized scales.
+    pub fn double_quant(&self) -> bool {
+        self.double_quant
+    }
+
+    /// The scales the forward quantizes with: the learned ones, or with double
+    /// quantization their bitsandbytes double-quantized values (and that form itself).
+    fn effective_scales(&self) -> Result<(Vec<f32>, Option<DoubleQuantAbsmax>)> {
+        if !self.double_quant {
+            return Ok((self.scales.clone(), None));
+        }
+        let dq = DoubleQuantAbsmax::quantize(&self.scales)?;
+        let scales = dq.decode()?;
+        if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(QuantError::invalid(
+                format!("double-quantized scale[{i}]"),
+                scales[i],
+                format!(
+                    "must be finite and positive (learned scale {}, mean of the scales {}): \
+                     the scales are too spread for 8-bit codes around their mean",
+                    self.scales[i], dq.offset
+                ),
+            ));
+        }
+        Ok((scales, Some(dq)))
+    }
+
+    /// The NF4 codes and scales the forward computes with for `w`, as bitsandbytes stores a
+    /// 4-bit weight ([`FourBitTensor`]: codes two a byte over the row-major weight, blocks of
+    /// the granularity's size, the scales double-quantized when the quantizer is): dequantized,
+    /// it is the forward's output bit for bit. Needs per-block granularity with a block size
+    /// bitsandbytes supports (a power of two, 32..=4096) that divides the rows, so that the
+    /// blocks along each row are bitsandbytes' blocks over the flattened weight; anything else
+    /// is an error naming it.
+    ///
+    /// ```
+    /// use ndarray::Array2;
+    /// use quant_core::nf4_grid::Nf4GridQuantizer;
+    /// use quant_core::quantizer::{DifferentiableQuantizer, InitMethod};
+    /// use quant_core::ste::Ste;
+    /// use quant_core::uniform::Granularity;
+    /// let w = Array2::from_shape_fn((4, 64), |(i, j)| ((i * 64 + j) as f32 * 0.37).sin());
+    /// let mut q = Nf4GridQuantizer::new(Granularity::PerBlock { size: 32 }, Ste::Lsq)
+    ///     .unwrap()
+    ///     .with_double_quant(true);
+    /// q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+    /// let forward = q.forward(w.view()).unwrap().dequantized;
+    /// let stored = q.export_bnb4(w.view()).unwrap();
+    /// assert_eq!(stored.dequantize().into_raw_vec_and_offset().0,
+    ///            forward.into_raw_vec_and_offset().0);
+    /// ```
+    pub fn export_bnb4(&mut self, w: ArrayView2<'_, f32>) -> Result<FourBitTensor> {
+        let (rows, cols) = w.dim();
+        let blocksize = match self.granularity {
+            Granularity::PerBlock { size } if cols % size == 0 && check_blocksize(size).is_ok() => {
+                size
+            }
+            other => {
+                return Err(QuantError::invalid(
+                    "granularity of the nf4 grid (bitsandbytes export)",
+                    format!("{other:?} on rows of {cols}"),
+                    "bitsandbytes stores blocks of a power of two 32..=4096 values over the \
+                     flattened weight: train per_block with such a size dividing the rows",
+                ))
+            }
+        };
+        let (_, dq) = self.effective_scales()?;
+        let out = self.forward(w)?;
+        let codes: Vec<u8> = out.codes.iter().copied().collect();
+        let packed: Vec<u8> = codes
+            .chunks(2)
+            .map(|pair| {
+                (pair[0] << 4) | pair.get(1).copied().unwrap_or(FourBitType::Nf4.zero_code())
+            })
+            .collect();
+        let scales = match dq {
+            Some(dq) => BlockScales::DoubleQuant(dq),
+            None => BlockScales::Plain(self.scales.clone()),
+        };
+        FourBitTensor::from_parts(
+            vec![rows, cols],
+            blocksize,
+            FourBitType::Nf4,
+            packed,
+            scales,
+        )
     }
 
     /// Uses `search` for [`InitMethod::MseClipSearch`].
@@ -213,6 +318,7 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
                 "must be finite and positive (an optimizer update may have pushed it there)",
             ));
         }
+        let (effective, _) = self.effective_scales()?;
         // Reuse the previous forward's buffer (no fresh weight-sized allocation).
         let reused = self.last_forward.take().map(|(buffer, _)| buffer);
         let data = row_major_into(w, reused.unwrap_or_default());
@@ -220,7 +326,7 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
         let (rows, cols) = w.dim();
         let mut codes = vec![0u8; data.len()];
         let mut dequantized = vec![0.0f32; data.len()];
-        let scales = &self.scales;
+        let scales = &effective;
         codes
             .par_chunks_mut(cols)
             .zip(dequantized.par_chunks_mut(cols))
@@ -235,7 +341,7 @@ impl DifferentiableQuantizer for Nf4GridQuantizer {
                     }
                 }
             });
-        self.last_forward = Some((data, self.scales.clone()));
+        self.last_forward = Some((data, effective));
         Ok(QuantizerOutput {
             codes: shaped(rows, cols, codes)?,
             dequantized: shaped(rows, cols, dequantized)?,

@@ -237,7 +237,10 @@ pub fn check_exportable(config: &LlamaConfig) -> Result<()> {
             (RopeScaling::Default, _) => true,
             (RopeScaling::Linear { .. }, Family::Gemma2) => false,
             (RopeScaling::Linear { .. }, _) => global,
-            (RopeScaling::Llama3 { .. }, Family::Llama | Family::Mistral) => true,
+            (
+                RopeScaling::Llama3 { .. } | RopeScaling::Factors { .. },
+                Family::Llama | Family::Mistral,
+            ) => true,
             (RopeScaling::LongRope { .. }, Family::Phi3) => true,
             (
                 RopeScaling::Yarn {
@@ -374,7 +377,10 @@ pub fn model_metadata(config: &LlamaConfig, name: &str, ty: GgmlType) -> Vec<(St
             put(ROPE_SCALING_ATTN_FACTOR, GgufValue::F32(*attention_factor));
             put(ROPE_SCALING_ORIG_CTX_LEN, u(*original_max));
         }
-        RopeScaling::Default | RopeScaling::Llama3 { .. } | RopeScaling::Dynamic { .. } => {}
+        RopeScaling::Default
+        | RopeScaling::Llama3 { .. }
+        | RopeScaling::Factors { .. }
+        | RopeScaling::Dynamic { .. } => {}
     }
     if family == Family::Phi3 && !matches!(global.scaling, RopeScaling::LongRope { .. }) {
         let orig = original_context(config).unwrap_or(config.max_position_embeddings as u64);

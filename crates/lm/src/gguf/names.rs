@@ -204,7 +204,7 @@ impl ExtraTensor {
                     high_freq_factor,
                     original_max,
                 },
-            ) => Some(llama3_rope_freqs(
+            ) => Some(crate::rope::factors::llama3_rope_freqs(
                 rope.theta,
                 rope.dim,
                 *factor,
@@ -212,6 +212,9 @@ impl ExtraTensor {
                 *high_freq_factor,
                 *original_max,
             )),
+            (ExtraSource::Llama3RopeFreqs, RopeScaling::Factors { factors }) => {
+                Some(factors.clone())
+            }
             (ExtraSource::LongRopeLong, RopeScaling::LongRope { long_factor, .. }) => {
                 Some(long_factor.clone())
             }
@@ -221,41 +224,6 @@ impl ExtraTensor {
             _ => None,
         }
     }
-}
-
-/// The divisors llama.cpp applies to `1/θ^(2i/d)` for a Llama 3.1 rope (the converter's
-/// `rope_freqs`), computed in f64 as the converter's Python floats, stored as f32.
-fn llama3_rope_freqs(
-    theta: f32,
-    dim: usize,
-    factor: f32,
-    low_freq_factor: f32,
-    high_freq_factor: f32,
-    original_max: usize,
-) -> Vec<f32> {
-    let (factor, low, high) = (
-        factor as f64,
-        low_freq_factor as f64,
-        high_freq_factor as f64,
-    );
-    let old = original_max as f64;
-    let (low_wavelen, high_wavelen) = (old / low, old / high);
-    (0..dim / 2)
-        .map(|i| {
-            // The converter computes the frequency in float32 (torch.arange … float32).
-            let freq = 1.0f32 / theta.powf((2 * i) as f32 / dim as f32);
-            let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
-            let f = if wavelen < high_wavelen {
-                1.0
-            } else if wavelen > low_wavelen {
-                factor
-            } else {
-                let smooth = (old / wavelen - low) / (high - low);
-                1.0 / ((1.0 - smooth) / factor + smooth)
-            };
-            f as f32
-        })
-        .collect()
 }
 
 /// A family's part of the table.

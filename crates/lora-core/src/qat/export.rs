@@ -4,6 +4,7 @@
 use ndarray::Array2;
 use quant_core::ggml::GgmlType;
 use quant_core::io::OwnedTensor;
+use quant_core::nf4::FourBitTensor;
 use quant_core::packed_layout;
 use quant_core::quantizer::DifferentiableQuantizer;
 use quant_core::uniform::{GridKind, TensorQuantSpec};
@@ -61,6 +62,45 @@ impl LoraQatLinear {
                 format!("quantizer of {}", self.context),
                 format!("{:?}", self.config.quantizer),
                 "only a ggml grid (q4_0 … q6_k) exports GGUF blocks",
+            )),
+        }
+    }
+
+    /// The NF4 grid's trained weight as bitsandbytes stores a 4-bit weight: the codes of
+    /// `Q(W + s·B·A)` (merged mode) or `Q(W)` (frozen mode) under the trained absmax scales —
+    /// double-quantized when the config says `double_quant`, as the forward used them — in
+    /// the grid's blocks. Dequantizing it gives [`LoraQatLinear::effective_weight`] bit for
+    /// bit (merged mode). Another grid, or a granularity that is not bitsandbytes' blocks,
+    /// is an error naming it.
+    ///
+    /// ```
+    /// use lora_core::qat::{LoraQatLinear, QatMode};
+    /// use lora_core::{config::InitLoraWeights, AdapterOptions};
+    /// use quant_core::config::{QatConfig, QuantizerKind};
+    /// use quant_core::uniform::Granularity;
+    /// use ndarray::Array2;
+    /// let w = Array2::from_shape_fn((4, 64), |(i, j)| ((i * 64 + j) as f32 * 0.3).sin());
+    /// let mut options = AdapterOptions::new(2, 4.0);
+    /// options.init = InitLoraWeights::Random;
+    /// let config = QatConfig {
+    ///     quantizer: QuantizerKind::Nf4, bits: 4, pi_k: None,
+    ///     granularity: Granularity::PerBlock { size: 64 }, double_quant: true,
+    ///     ..QatConfig::piq3()
+    /// };
+    /// let mut layer = LoraQatLinear::new(w, None, &options, &config,
+    ///                                    QatMode::QuantizeMerged, 7, "q_proj").unwrap();
+    /// let stored = layer.export_bnb4().unwrap();
+    /// assert_eq!(stored.dequantize().into_raw_vec_and_offset().0,
+    ///            layer.effective_weight().unwrap().into_raw_vec_and_offset().0);
+    /// ```
+    pub fn export_bnb4(&mut self) -> Result<FourBitTensor> {
+        let target = self.export_target()?;
+        match &mut self.grid {
+            Grid::Nf4(q) => Ok(q.export_bnb4(target.view())?),
+            _ => Err(LoraError::option(
+                format!("quantizer of {}", self.context),
+                format!("{:?}", self.config.quantizer),
+                "only the nf4 grid exports a bitsandbytes 4-bit weight",
             )),
         }
     }

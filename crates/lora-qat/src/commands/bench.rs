@@ -231,6 +231,7 @@ fn bench_layer(args: &BenchLayerArgs) -> CliResult {
         symmetric: true,
         incoherence: None,
         init: InitMethod::MseClipSearch,
+        double_quant: false,
     };
     let mut qat = LoraQatLinear::new(
         weight,

@@ -15,7 +15,9 @@ use super::{CliError, CliResult};
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
-    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs"}.
+    /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs",
+    /// "cpu_ms_per_step", "batch", "seq", "gradient_checkpointing", "peak_rss_bytes"}
+    /// (+ "profile_ms_per_step" with --profile).
     #[arg(long)]
     pub json: bool,
     /// Sequences per step.
@@ -67,6 +69,11 @@ pub struct BenchTrainArgs {
     /// With --model: decode the projections to dense f32 first (the f32 figure to compare).
     #[arg(long, requires = "model")]
     pub dequantize_base: bool,
+    /// Also print the wall time of each kind of operation per timed step (GEMM-backed
+    /// projections, attention, RMSNorm, RoPE, SwiGLU, LM head, loss, ...; see `lm::profile`)
+    /// and what is left (residual additions, copies, allocation, checks).
+    #[arg(long)]
+    pub profile: bool,
     /// Gradient checkpointing: keep only each decoder layer's input in the forward and
     /// recompute the layer in backward (the bench name gets `_ckpt`).
     #[arg(long)]
@@ -79,6 +86,22 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Mean milliseconds per step of every `lm::profile` kind, then the rest of the step.
+fn profile_rows(times: &[f64], runs: usize) -> Vec<(String, f64)> {
+    let runs = runs.max(1) as f64;
+    let mut rows: Vec<(String, f64)> = lm::profile::take()
+        .into_iter()
+        .map(|(op, d)| (op.label().to_string(), d.as_secs_f64() * 1e3 / runs))
+        .collect();
+    let step = times.iter().sum::<f64>() / runs;
+    let timed: f64 = rows.iter().map(|(_, ms)| ms).sum();
+    rows.push((
+        "other (residuals, copies, allocs, checks)".into(),
+        (step - timed).max(0.0),
+    ));
+    rows
 }
 
 /// The measured sizes, after `--small`.
@@ -187,9 +210,20 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
     step()?;
-    let mut times = (0..args.runs)
+    lm::profile::set_enabled(args.profile);
+    let _ = lm::profile::take();
+    let cpu_before = super::bench::process_cpu_ns();
+    let times = (0..args.runs)
         .map(|_| step())
-        .collect::<CliResult<Vec<f64>>>()?;
+        .collect::<CliResult<Vec<f64>>>();
+    lm::profile::set_enabled(false);
+    // CPU time of all threads per step: unlike the wall time, it does not grow while the
+    // process waits for a core on a shared machine.
+    let cpu_ms_per_step = cpu_before
+        .zip(super::bench::process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / args.runs as f64);
+    let mut times = times?;
+    let profile = profile_rows(&times, args.runs);
     times.sort_by(f64::total_cmp);
     let ms_per_step = times[times.len() / 2];
     let tokens_per_s = (s.batch * s.seq) as f64 / (ms_per_step / 1e3);
@@ -216,6 +250,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "tokens_per_s": tokens_per_s,
             "ms_per_step": ms_per_step,
             "runs": args.runs,
+            "cpu_ms_per_step": cpu_ms_per_step,
             "batch": s.batch,
             "seq": s.seq,
             "gradient_checkpointing": args.gradient_checkpointing,
@@ -223,6 +258,14 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         });
         if let Some(bytes) = qlora_bytes {
             record["bytes_per_quantized_parameter"] = serde_json::json!(bytes);
+        }
+        if args.profile {
+            record["profile_ms_per_step"] = serde_json::Value::Object(
+                profile
+                    .iter()
+                    .map(|(k, v)| (k.clone(), (*v).into()))
+                    .collect(),
+            );
         }
         if let Some(file) = gguf_bytes {
             record["base_bytes"] = serde_json::json!(memory.base_bytes());
@@ -232,13 +275,27 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         println!("{record}");
     } else {
         println!(
-            "{:<18} {:>14} {:>12} {:>6}",
-            "bench", "tokens/s", "ms/step", "runs"
+            "{:<18} {:>14} {:>12} {:>6} {:>16}",
+            "bench", "tokens/s", "ms/step", "runs", "cpu ms/step"
         );
         println!(
-            "{:<18} {:>14.1} {:>12.2} {:>6}",
-            bench, tokens_per_s, ms_per_step, args.runs
+            "{:<18} {:>14.1} {:>12.2} {:>6} {:>16}",
+            bench,
+            tokens_per_s,
+            ms_per_step,
+            args.runs,
+            cpu_ms_per_step.map_or("-".into(), |c| format!("{c:.1}"))
         );
+        if args.profile {
+            let total: f64 = times.iter().sum::<f64>() / args.runs as f64;
+            println!(
+                "{:<34} {:>10} {:>7}",
+                "operation (mean of the timed steps)", "ms/step", "share"
+            );
+            for (label, ms) in &profile {
+                println!("{label:<34} {ms:>10.2} {:>6.1}%", 100.0 * ms / total);
+            }
+        }
         if let (Some(path), Some(file)) = (&args.model, gguf_bytes) {
             let c = model.config();
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);

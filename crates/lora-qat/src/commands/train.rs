@@ -155,6 +155,12 @@ pub struct TrainArgs {
     /// exactly the trained blocks.
     #[arg(long, value_enum, default_value_t = QuantizerArg::Nf4)]
     pub quantizer: QuantizerArg,
+    /// lora-qat with --quantizer nf4: train the NF4 grid in bitsandbytes' 4-bit layout —
+    /// absmax per block of 64 values along each row (rows must be a multiple of 64) and
+    /// double-quantized absmax in the forward — so that `merge --quantize nf4` writes
+    /// exactly the trained codes and scales as a transformers bitsandbytes checkpoint.
+    #[arg(long)]
+    pub bnb_layout: bool,
     /// Straight-through estimator of the quantizer's backward (lora-qat): lsq (learned step
     /// size, step gradient scaled by 1/√(N·Qp)), ewgs (element-wise gradient scaling,
     /// δ = 0.2), clipped (identity inside the range, zero outside), standard (identity).
@@ -275,6 +281,9 @@ fn lora_config(args: &TrainArgs) -> LoraConfig {
 /// The quantizer `--quantizer`, `--bits` and `--ste` describe (per output channel,
 /// symmetric, MSE clip-search init), or a ggml grid (`QatConfig::ggml`, which fixes the
 /// others: a `--bits` or `--ste` that disagrees is an error naming it).
+/// The block size of `--bnb-layout`: bitsandbytes' and QLoRA's default.
+const BNB_LAYOUT_BLOCKSIZE: usize = 64;
+
 fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
     let ggml = match args.quantizer {
         QuantizerArg::Uniform | QuantizerArg::Pi | QuantizerArg::Nf4 => None,
@@ -286,6 +295,21 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
         QuantizerArg::Q4K => Some(GgmlType::Q4_K),
         QuantizerArg::Q6K => Some(GgmlType::Q6_K),
     };
+    if args.bnb_layout && (args.adapter_type != AdapterType::LoraQat || args.init_adapter.is_some())
+    {
+        return Err(CliError::Usage(
+            "--bnb-layout sets the grid of a fresh LoRA-QAT adapter (--adapter-type lora-qat \
+             without --init-adapter, whose saved state fixes its grid); a qlora base is \
+             bitsandbytes' layout already"
+                .into(),
+        ));
+    }
+    if args.bnb_layout && args.quantizer != QuantizerArg::Nf4 {
+        return Err(CliError::Usage(format!(
+            "--bnb-layout: bitsandbytes' 4-bit layout is the nf4 grid's, not --quantizer {:?}",
+            args.quantizer
+        )));
+    }
     if let Some(ty) = ggml {
         let config = QatConfig::ggml(ty)
             .map_err(|e| CliError::Usage(format!("--quantizer {}: {e}", ty.name())))?;
@@ -318,9 +342,16 @@ fn qat_config(args: &TrainArgs) -> CliResult<QatConfig> {
     let config = QatConfig {
         quantizer,
         bits: args.bits.unwrap_or(4),
-        granularity: Granularity::PerChannel,
+        granularity: if args.bnb_layout {
+            Granularity::PerBlock {
+                size: BNB_LAYOUT_BLOCKSIZE,
+            }
+        } else {
+            Granularity::PerChannel
+        },
         ste,
         pi_k,
+        double_quant: args.bnb_layout,
         ..QatConfig::piq3()
     };
     config

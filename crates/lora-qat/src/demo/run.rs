@@ -86,6 +86,7 @@ impl DemoSettings {
                 symmetric: true,
                 incoherence: None,
                 init: InitMethod::MseClipSearch,
+                double_quant: false,
             },
             lora_rank: 8,
             lora_alpha: 16.0,
