@@ -80,19 +80,22 @@ def main():
     # Our side's weights of the merged directory: lora-qat reads the same file; the Rust
     # test proves those are the trained ones, so here: transformers' decoded vs the file's.
     ids_t = torch.from_numpy(np.ascontiguousarray(ids))
+    nested = all(m.weight.quant_state.nested for _, m in four_bit)
+    # Decoded before bnb's own forward, which replaces a nested state by its decoded absmax.
+    decoded = {name: decoded_weight(module) for name, module in four_bit}
     with torch.no_grad():
         bnb_forward = model(input_ids=ids_t).logits.numpy()
         for name, module in four_bit:
             dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = decoded_weight(module)
+            dense.weight.data = decoded[name]
             if module.bias is not None:
                 dense.bias.data = module.bias.data.float()
             parent = model.get_submodule(name.rsplit(".", 1)[0])
             setattr(parent, name.rsplit(".", 1)[1], dense)
         decoded_forward = model(input_ids=ids_t).logits.numpy()
     row("transformers loads our LoRA-QAT NF4 export as bitsandbytes 4-bit", len(four_bit), 0.0, 0,
-        note="Linear4bit modules with nested (double-quant) state" if all(
-            m.weight.quant_state.nested for _, m in four_bit) else "some states not nested")
+        note="Linear4bit modules with nested (double-quant) state" if nested
+        else "some states not nested")
     bnb_err = max_abs(bnb_forward, got)
     row("LoRA-QAT NF4 export: transformers logits (4-bit decoded from bnb's state) vs ours", 1,
         max_abs(decoded_forward, got), TOL,
