@@ -442,10 +442,48 @@ fn rope_scaling(m: &Meta<'_>) -> Result<Option<Value>> {
                 .ok_or_else(|| gguf_err(m.file, &factor_key, "missing for linear scaling"))?;
             Ok(Some(json!({"rope_type": "linear", "factor": factor})))
         }
+        "yarn" => {
+            // What the exporter (and llama.cpp's converter) writes for YaRN: the factor, the
+            // original context, and beta fast/slow (llama.cpp's defaults 32 and 1 when absent).
+            // An attention factor is written only when it differs from YaRN's default
+            // `0.1·ln(factor) + 1`, which transformers then computes itself.
+            let factor_key = m.key("rope.scaling.factor");
+            let factor = m
+                .opt_f64(&factor_key)?
+                .ok_or_else(|| gguf_err(m.file, &factor_key, "missing for yarn scaling"))?;
+            let original_key = m.key("rope.scaling.original_context_length");
+            let original = m
+                .opt_usize(&original_key)?
+                .ok_or_else(|| gguf_err(m.file, &original_key, "missing for yarn scaling"))?;
+            let beta_fast = m
+                .opt_f64(&m.key("rope.scaling.yarn_beta_fast"))?
+                .unwrap_or(32.0);
+            let beta_slow = m
+                .opt_f64(&m.key("rope.scaling.yarn_beta_slow"))?
+                .unwrap_or(1.0);
+            let mut rope = json!({
+                "rope_type": "yarn",
+                "factor": factor,
+                "original_max_position_embeddings": original,
+                "beta_fast": beta_fast,
+                "beta_slow": beta_slow,
+            });
+            if let Some(attention) = m.opt_f64(&m.key("rope.scaling.attn_factor"))? {
+                let default = if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * factor.ln() + 1.0
+                };
+                if (attention - default).abs() > 1e-6 {
+                    rope["attention_factor"] = json!(attention);
+                }
+            }
+            Ok(Some(rope))
+        }
         other => Err(gguf_err(
             m.file,
             &key,
-            format!("{other:?} is not implemented for GGUF sources (none, linear)"),
+            format!("{other:?} is not implemented for GGUF sources (none, linear, yarn)"),
         )),
     }
 }

@@ -580,3 +580,47 @@ fn exported_files_load_back_as_the_same_model() {
         assert!(err <= 1e-5, "{family}: logits differ by {err}");
     }
 }
+
+#[test]
+fn yarn_files_load_back_as_the_same_model() {
+    // YaRN is what llama.cpp's converter writes for Qwen2/Qwen3 long-context configs: the
+    // factor, the original context and beta fast/slow; reading it back gives the same rope.
+    let tmp = temp_dir("yarn");
+    let ids =
+        ndarray::Array2::from_shape_vec((1, 40), (0..40u32).map(|i| (i * 7 + 3) % 101).collect())
+            .unwrap();
+    for family in ["qwen2", "qwen3"] {
+        let base = edited_base(family, &format!("yarn-{family}"), |c| {
+            c["rope_parameters"] = serde_json::json!({
+                "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 1000000.0
+            });
+        });
+        let path = tmp.join(format!("{family}.gguf"));
+        export_gguf(&base, None, &path, GgmlType::F32).unwrap();
+        let source = lm::gguf_model::GgufModelFile::open(&path).unwrap();
+        let rope_json = &source.config_json()["rope_parameters"];
+        assert_eq!(rope_json["rope_type"], "yarn", "{family}: {rope_json}");
+        assert_eq!(
+            rope_json["original_max_position_embeddings"], 16,
+            "{family}"
+        );
+        let vocab = source.config().vocab_size as u32;
+        let ids = ids.mapv(|i| i % vocab);
+        let mut from_gguf = source.load_dequantized().unwrap();
+        let mut from_dir = lm::LlamaModel::from_pretrained(&base).unwrap();
+        assert_eq!(
+            from_gguf.config().architecture.ropes[0].scaling,
+            from_dir.config().architecture.ropes[0].scaling,
+            "{family}"
+        );
+        let a = from_gguf.logits(ids.view(), None).unwrap();
+        let b = from_dir.logits(ids.view(), None).unwrap();
+        let err = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{family}: logits differ by {err}");
+    }
+}
