@@ -132,9 +132,9 @@ where
     // Every layer input and output gradient passes here: a fold without early exit (ndarray's
     // iterators fold a contiguous view as a slice) vectorises; the index of a bad value is
     // searched for only when there is one.
-    let all_finite = values
-        .clone()
-        .fold(true, |ok, v| ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000));
+    let all_finite = values.clone().fold(true, |ok, v| {
+        ok & (v.to_bits() & 0x7f80_0000 != 0x7f80_0000)
+    });
     if all_finite {
         return Ok(());
     }

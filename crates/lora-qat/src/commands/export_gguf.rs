@@ -102,8 +102,12 @@ pub fn run(args: &ExportGgufArgs) -> CliResult {
     );
     if !report.f16_fallbacks.is_empty() {
         println!(
-            "another type than {} (rows not whole blocks of it): {}",
+            "another type than {} ({}): {}",
             ty.name(),
+            match args.type_mix {
+                MixArg::Pure => "rows not whole blocks of it",
+                MixArg::LlamaCpp => "llama.cpp's type mix, or rows not whole blocks of it",
+            },
             report.f16_fallbacks.join(", ")
         );
     }
