@@ -38,6 +38,7 @@ fn qat_config(kind: QuantizerKind) -> QatConfig {
         symmetric: true,
         incoherence: None,
         init: InitMethod::MseClipSearch,
+        double_quant: false,
     }
 }
 

@@ -9,18 +9,29 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
 * training on the SmolLM2-135M shape (LoRA r=8 on 7 projections, batch 4×128): PyTorch+PEFT
   f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
   `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
-  small).
+  small), and `lora-qat bench train --compute-dtype bf16` against the bf16 autocast row;
+* gradient checkpointing (row group `ckpt`; `python bench_compare.py ckpt` runs only it):
+  LoRA r=8 on the SmolLM2-135M shape at batch 1 × seq 2048, with and without it — tokens/s
+  and peak resident memory of ours (`bench train --gradient-checkpointing`) against
+  PyTorch+PEFT with `model.gradient_checkpointing_enable()` (non-reentrant, the inputs made to
+  require grad as PEFT needs), each PyTorch run in a fresh process so that its peak RSS is its
+  own.
 
 BENCH_ROWS (comma-separated, default all) picks groups of rows so one change can be re-measured
-without the whole run: layer, gemm, train (f32 vs PEFT f32 and bf16 autocast), qlora (ours vs
+without the whole run: layer, gemm, train (f32 vs PEFT f32 and bf16 autocast), bf16 (ours
+--compute-dtype bf16 vs PEFT bf16 autocast), qlora (ours vs
 bnb), gguf (ours over the GGUF Q4_1 blocks of LORA_QAT_REAL_MODEL_GGUF, when set, against PEFT
-f32 on the SmolLM2 shape). Every row of ours also reports the CPU time per step in its note
-when the binary prints it (a shared machine inflates wall time, not CPU time).
+f32 on the SmolLM2 shape), ckpt (gradient checkpointing). Every row of ours also reports the CPU
+time per step in its note when the binary prints it (a shared machine inflates wall time, not
+CPU time).
 """
 
 import json
 import math
+import multiprocessing
 import os
+import resource
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +43,7 @@ from common import BIN, log, ours, ours_help
 torch.set_num_threads(2)
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
 TRAIN_RUNS = int(os.environ.get("BENCH_TRAIN_RUNS", "3"))
-ROWS = set(os.environ.get("BENCH_ROWS", "layer,gemm,train,qlora,gguf").split(","))
+ROWS = set(os.environ.get("BENCH_ROWS", "layer,gemm,train,bf16,qlora,gguf,ckpt").split(","))
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -150,11 +161,83 @@ def torch_train(mode):
     return 4 * 128 / (median_ms(step, TRAIN_RUNS) / 1e3)
 
 
+CKPT_RUNS = int(os.environ.get("BENCH_CKPT_RUNS", "2"))
+CKPT_SEQ = int(os.environ.get("BENCH_CKPT_SEQ", "2048"))
+
+
+def _torch_ckpt_child(checkpointing, queue):
+    """In a fresh process: tokens/s and peak RSS of PEFT LoRA training at 1 x CKPT_SEQ."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(SMOLLM2, max_position_embeddings=max(2048, CKPT_SEQ)))
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (1, CKPT_SEQ))
+
+    def step():
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    tps = CKPT_SEQ / (median_ms(step, CKPT_RUNS) / 1e3)
+    queue.put((tps, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def torch_ckpt(checkpointing):
+    """(tokens/s, peak RSS bytes) of PyTorch+PEFT, measured in a child process."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_torch_ckpt_child, args=(checkpointing, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def ours_ckpt(checkpointing):
+    """(tokens/s, peak RSS bytes) of `lora-qat bench train` at 1 x CKPT_SEQ."""
+    args = ["bench", "train", "--json", "--batch", 1, "--seq", CKPT_SEQ, "--hidden", 576,
+            "--intermediate", 1536, "--layers", 30, "--heads", 9, "--kv-heads", 3,
+            "--vocab", 49152, "--rank", 8, "--runs", CKPT_RUNS]
+    if checkpointing:
+        args.append("--gradient-checkpointing")
+    row = ours_json(*args)[0]
+    return row["tokens_per_s"], row.get("peak_rss_bytes")
+
+
+def emit_ckpt():
+    if "--gradient-checkpointing" not in ours_help("bench", "train"):
+        log("bench-compare: this lora-qat has no --gradient-checkpointing; rows skipped")
+        return
+    mib = lambda b: None if b is None else round(b / 2**20, 1)
+    for checkpointing in (True, False):
+        label = "with" if checkpointing else "without"
+        ours_tps, ours_rss = ours_ckpt(checkpointing)
+        torch_tps, torch_rss = torch_ckpt(checkpointing)
+        shape = f"LoRA r=8 x7, batch 1x{CKPT_SEQ}"
+        emit(f"train SmolLM2-135M shape {label} gradient checkpointing: tokens/s", ours_tps,
+             torch_tps, "tokens/s", shape)
+        print(json.dumps({"work": f"train SmolLM2-135M shape {label} gradient checkpointing: "
+                          "peak resident", "ours": mib(ours_rss), "pytorch": mib(torch_rss),
+                          "unit": "MiB", "speed": None,
+                          "note": shape + "; process peak RSS (VmHWM / ru_maxrss)"}), flush=True)
+
+
 def ours_json(*args):
     return [json.loads(l) for l in ours(*args).splitlines() if l.startswith("{")]
 
 
-def ours_train(qlora, gguf=None):
+def ours_train(qlora, gguf=None, dtype="f32"):
     """(tokens/s, CPU ms per step or None) of `lora-qat bench train` on the SmolLM2 shape."""
     if gguf:
         args = ["bench", "train", "--json", "--batch", 4, "--seq", 128, "--rank", 8,
@@ -167,6 +250,10 @@ def ours_train(qlora, gguf=None):
             args += ["--kv-heads", 3]
         if qlora:
             args.append("--qlora")
+    if dtype != "f32":
+        if "--compute-dtype" not in ours_help("bench", "train"):
+            return None, None
+        args += ["--compute-dtype", dtype]
     record = ours_json(*args)[0]
     return record["tokens_per_s"], record.get("cpu_ms_per_step")
 
@@ -177,6 +264,9 @@ def cpu_note(cpu_ms):
 
 if __name__ == "__main__":
     log(f"bench-compare: {BIN}, torch {torch.__version__} on {torch.get_num_threads()} threads")
+    if sys.argv[1:] == ["ckpt"]:
+        emit_ckpt()
+        sys.exit(0)
     if "layer" in ROWS:
         layer_ours = {r["bench"]: r["ms"] for r in ours_json("bench", "layer", "--json", "--runs", RUNS)}
         layer_torch = torch_layer()
@@ -198,8 +288,17 @@ if __name__ == "__main__":
         f32_ours, cpu = ours_train(qlora=False)
         emit("train SmolLM2-135M shape: ours f32 vs PEFT f32 eager", f32_ours, peft_f32, "tokens/s",
              "LoRA r=8 x7, batch 4x128" + kv_note + cpu_note(cpu))
-        emit("train SmolLM2-135M shape: ours f32 vs PEFT bf16 autocast", f32_ours, torch_train("bf16"),
+    if "train" in ROWS or "bf16" in ROWS:
+        peft_bf16 = torch_train("bf16")
+    if "train" in ROWS:
+        emit("train SmolLM2-135M shape: ours f32 vs PEFT bf16 autocast", f32_ours, peft_bf16,
              "tokens/s", "LoRA r=8 x7, batch 4x128" + kv_note + cpu_note(cpu))
+    if "bf16" in ROWS:
+        bf16_ours, cpu = ours_train(qlora=False, dtype="bf16")
+        emit("train SmolLM2-135M shape: ours --compute-dtype bf16 vs PEFT bf16 autocast", bf16_ours,
+             peft_bf16, "tokens/s",
+             "LoRA r=8 x7, batch 4x128; bf16 operands, f32 sums and master weights" + kv_note
+             + cpu_note(cpu))
     if "qlora" in ROWS:
         try:
             bnb_tps = torch_train("qlora")
@@ -214,3 +313,5 @@ if __name__ == "__main__":
         ours_g, cpu = ours_train(qlora=False, gguf=gguf)
         emit("train SmolLM2-135M: ours over GGUF Q4_1 blocks vs PEFT f32 eager", ours_g, peft_f32,
              "tokens/s", "LoRA r=8 on every projection, batch 4x128" + cpu_note(cpu))
+    if "ckpt" in ROWS:
+        emit_ckpt()

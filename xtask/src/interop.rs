@@ -14,8 +14,9 @@ use serde_json::Value;
 use crate::{run, workspace_root};
 
 /// The checks in the order the table lists them: (name for `--only`, script).
-const CHECKS: [(&str, &str); 6] = [
+const CHECKS: [(&str, &str); 7] = [
     ("bnb4", "check_bnb4.py"),
+    ("qat-bnb", "check_qat_bnb.py"),
     ("peft", "check_peft.py"),
     ("families", "check_families.py"),
     ("llama-cpp", "check_llama_cpp.py"),

@@ -9,7 +9,7 @@
 //! its last row can see, which skips most of the masked upper triangle.
 
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayViewMut2, Axis};
-use quant_core::linalg::gemm;
+use quant_core::linalg::{gemm_in, ComputeDtype};
 use rayon::prelude::*;
 
 use crate::error::{LmError, Result};
@@ -33,6 +33,9 @@ pub struct AttentionOptions<'a> {
     pub scale: f32,
     pub softcap: Option<f32>,
     pub mask: AttentionMask<'a>,
+    /// The precision of the `q·kᵀ` and `P·v` products and their backward (bf16: operands
+    /// rounded, sums in `f32`); the softmax is `f32` either way.
+    pub compute_dtype: ComputeDtype,
 }
 
 impl AttentionOptions<'_> {
@@ -42,6 +45,7 @@ impl AttentionOptions<'_> {
             scale: 1.0 / (head_dim as f32).sqrt(),
             softcap: None,
             mask: AttentionMask::default(),
+            compute_dtype: ComputeDtype::F32,
         }
     }
 }
@@ -163,7 +167,8 @@ pub(crate) fn attend_head(
         let mut block = probs.slice_mut(s![r0..r1, ..]);
         block.slice_mut(s![.., key_end..]).fill(0.0);
         let mut scores = block.slice_mut(s![.., ..key_end]);
-        gemm(
+        gemm_in(
+            options.compute_dtype,
             options.scale,
             q.slice(s![r0..r1, ..]),
             k.slice(s![..key_end, ..]).t(),
@@ -194,7 +199,8 @@ pub(crate) fn attend_head(
             let inv = 1.0 / sum;
             row.mapv_inplace(|p| p * inv);
         }
-        gemm(
+        gemm_in(
+            options.compute_dtype,
             1.0,
             scores.view(),
             v.slice(s![..key_end, ..]),
@@ -380,9 +386,23 @@ pub fn attention_backward(
                     let d_o = d_o_head.slice(s![r0..r1, ..]);
                     let mut ds = ds_buf.slice_mut(s![..r1 - r0, ..r1]);
                     // dV += Pᵀ·dO
-                    gemm(1.0, p.t(), d_o, 1.0, gv.slice_mut(s![..r1, ..]))?;
+                    gemm_in(
+                        options.compute_dtype,
+                        1.0,
+                        p.t(),
+                        d_o,
+                        1.0,
+                        gv.slice_mut(s![..r1, ..]),
+                    )?;
                     // dP = dO·Vᵀ, then dS = P⊙(dP − rowsum(dP⊙P)) in place.
-                    gemm(1.0, d_o, vj.slice(s![..r1, ..]).t(), 0.0, ds.view_mut())?;
+                    gemm_in(
+                        options.compute_dtype,
+                        1.0,
+                        d_o,
+                        vj.slice(s![..r1, ..]).t(),
+                        0.0,
+                        ds.view_mut(),
+                    )?;
                     for (mut dsr, pr) in ds.axis_iter_mut(Axis(0)).zip(p.axis_iter(Axis(0))) {
                         let dot: f32 = dsr.iter().zip(pr.iter()).map(|(a, b)| a * b).sum();
                         for (d, &pv) in dsr.iter_mut().zip(pr.iter()) {
@@ -392,7 +412,8 @@ pub fn attention_backward(
                     if let Some(cap) = options.softcap {
                         // d score = d capped · (1 − tanh²(score/cap)).
                         let mut t = capped_buf.slice_mut(s![..r1 - r0, ..r1]);
-                        gemm(
+                        gemm_in(
+                            options.compute_dtype,
                             scale,
                             q_head.slice(s![r0..r1, ..]),
                             kj.slice(s![..r1, ..]).t(),
@@ -405,14 +426,16 @@ pub fn attention_backward(
                         });
                     }
                     // dQ = scale·dS·K, dK += scale·dSᵀ·Q
-                    gemm(
+                    gemm_in(
+                        options.compute_dtype,
                         scale,
                         ds.view(),
                         kj.slice(s![..r1, ..]),
                         0.0,
                         gq.slice_mut(s![r0..r1, g * head_dim..(g + 1) * head_dim]),
                     )?;
-                    gemm(
+                    gemm_in(
+                        options.compute_dtype,
                         scale,
                         ds.t(),
                         q_head.slice(s![r0..r1, ..]),

@@ -150,6 +150,8 @@ impl LlamaModel {
         )?;
 
         let tables = self.rope_tables(0, pass.rope_len, pass.rope_len)?;
+        // The precision of the pass's products (the modules carry the same one).
+        let dtype = self.compute_dtype;
         let shape = AttentionShape {
             batch,
             seq,
@@ -191,6 +193,7 @@ impl LlamaModel {
                 pass.normed_final.view(),
                 grad_logits,
                 grad_normed.view_mut(),
+                dtype,
             )?,
         }
         let residual_final = pass.residuals.pop().ok_or_else(|| LmError::Backward {
@@ -224,7 +227,7 @@ impl LlamaModel {
             let x_in = pass.residuals.pop().ok_or_else(|| LmError::Backward {
                 reason: "forward pass has fewer residual streams than layers".into(),
             })?;
-            let ctx = Self::layer_context(&c, i, &pass.positions, &tables);
+            let ctx = Self::layer_context(&c, i, &pass.positions, &tables, dtype);
             match saved {
                 SavedLayer::Stored(acts) => {
                     layer_backward(layer, &ctx, shape, &x_in, *acts, &mut grad_x)?

@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use lora_core::{FrozenBase, GgmlBase, Nf4Base};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Ix1, Ix2};
+use quant_core::linalg::{gemm_in, ComputeDtype};
 
 use crate::error::Result;
 use crate::param::Parameter;
@@ -38,6 +39,8 @@ pub struct DenseLinear {
     pub(crate) weight: Parameter<Ix2>,
     /// `y = x·Wᵀ + b` (Qwen2's q/k/v); trains with the weight in full fine-tuning.
     pub(crate) bias: Option<Parameter<Ix1>>,
+    /// The precision of the products' operands (`f32` weight and gradient either way).
+    pub(crate) compute_dtype: ComputeDtype,
 }
 
 impl DenseLinear {
@@ -46,6 +49,7 @@ impl DenseLinear {
         DenseLinear {
             weight: Parameter::new(weight),
             bias: None,
+            compute_dtype: ComputeDtype::F32,
         }
     }
 
@@ -148,7 +152,14 @@ impl LinearBase {
         match self {
             LinearBase::Dense(d) => {
                 let beta = if accumulate { 1.0 } else { 0.0 };
-                quant_core::linalg::gemm(1.0, x, d.weight.value().t(), beta, out.view_mut())?;
+                gemm_in(
+                    d.compute_dtype,
+                    1.0,
+                    x,
+                    d.weight.value().t(),
+                    beta,
+                    out.view_mut(),
+                )?;
             }
             _ if accumulate => {
                 let mut y = Array2::zeros(out.dim());
@@ -203,7 +214,7 @@ impl FrozenBase for LinearBase {
     ) -> lora_core::Result<()> {
         match self {
             LinearBase::Dense(d) => {
-                quant_core::linalg::gemm(1.0, x, d.weight.value().t(), 0.0, y)?;
+                gemm_in(d.compute_dtype, 1.0, x, d.weight.value().t(), 0.0, y)?;
                 Ok(())
             }
             LinearBase::Nf4(b) => b.matmul_into(x, y),
@@ -218,7 +229,7 @@ impl FrozenBase for LinearBase {
     ) -> lora_core::Result<()> {
         match self {
             LinearBase::Dense(d) => {
-                quant_core::linalg::gemm(1.0, dy, d.weight.value().view(), beta, dx)?;
+                gemm_in(d.compute_dtype, 1.0, dy, d.weight.value().view(), beta, dx)?;
                 Ok(())
             }
             LinearBase::Nf4(b) => b.matmul_transposed_into(dy, beta, dx),
@@ -267,6 +278,20 @@ impl FrozenBase for LinearBase {
             LinearBase::Dense(_) => "f32",
             LinearBase::Nf4(b) => b.storage_kind(),
             LinearBase::Ggml(b) => b.storage_kind(),
+        }
+    }
+    fn compute_dtype(&self) -> ComputeDtype {
+        match self {
+            LinearBase::Dense(d) => d.compute_dtype,
+            LinearBase::Nf4(b) => b.compute_dtype(),
+            LinearBase::Ggml(b) => b.compute_dtype(),
+        }
+    }
+    fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        match self {
+            LinearBase::Dense(d) => d.compute_dtype = dtype,
+            LinearBase::Nf4(b) => b.set_compute_dtype(dtype),
+            LinearBase::Ggml(b) => b.set_compute_dtype(dtype),
         }
     }
 }

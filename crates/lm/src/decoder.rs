@@ -9,6 +9,7 @@
 //! mirror in the other); splitting them would separate what must change together.
 
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, Ix1};
+use quant_core::linalg::ComputeDtype;
 use rayon::prelude::*;
 
 use crate::attention::{
@@ -190,6 +191,8 @@ pub(crate) struct LayerContext<'a> {
     pub positions: &'a [usize],
     pub rope: &'a RopeTable,
     pub sliding_window: Option<usize>,
+    /// The precision of attention's products (the projections carry their own).
+    pub compute_dtype: ComputeDtype,
 }
 
 impl LayerContext<'_> {
@@ -210,6 +213,7 @@ impl LayerContext<'_> {
                 sliding_window: self.sliding_window,
                 ..mask
             },
+            compute_dtype: self.compute_dtype,
         }
     }
 }

@@ -23,6 +23,7 @@
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
 
 use lora_core::{FrozenBase, GgmlBase};
+use quant_core::linalg::ComputeDtype;
 
 use crate::error::{LmError, Result};
 use crate::memory::MemoryReport;
@@ -115,15 +116,25 @@ impl TokenEmbedding {
         Ok(x)
     }
 
-    /// The tied LM head: `logits = x·Eᵀ` (`x: (n, hidden)`, `logits: (n, vocab)`).
+    /// Sets the precision of a ggml embedding's tied-head products (a dense embedding's
+    /// products take the model's precision as an argument).
+    pub(crate) fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        if let TokenEmbedding::Ggml(b) = self {
+            b.set_compute_dtype(dtype);
+        }
+    }
+
+    /// The tied LM head: `logits = x·Eᵀ` (`x: (n, hidden)`, `logits: (n, vocab)`), the dense
+    /// product with `dtype` operands.
     pub(crate) fn head_forward(
         &self,
         x: ArrayView2<'_, f32>,
         logits: ArrayViewMut2<'_, f32>,
+        dtype: ComputeDtype,
     ) -> Result<()> {
         match self {
             TokenEmbedding::Dense(p) => {
-                quant_core::linalg::gemm(1.0, x, p.value().t(), 0.0, logits)?
+                quant_core::linalg::gemm_in(dtype, 1.0, x, p.value().t(), 0.0, logits)?
             }
             TokenEmbedding::Ggml(b) => b.matmul_into(x, logits)?,
         }
@@ -137,13 +148,14 @@ impl TokenEmbedding {
         x: ArrayView2<'_, f32>,
         grad_logits: ArrayView2<'_, f32>,
         grad_x: ArrayViewMut2<'_, f32>,
+        dtype: ComputeDtype,
     ) -> Result<()> {
         match self {
             TokenEmbedding::Dense(p) => {
                 let (embed, embed_grad) = p.value_and_grad_mut();
-                quant_core::linalg::gemm(1.0, grad_logits, embed.view(), 0.0, grad_x)?;
+                quant_core::linalg::gemm_in(dtype, 1.0, grad_logits, embed.view(), 0.0, grad_x)?;
                 if let Some(g) = embed_grad {
-                    quant_core::linalg::gemm(1.0, grad_logits.t(), x, 1.0, g.view_mut())?;
+                    quant_core::linalg::gemm_in(dtype, 1.0, grad_logits.t(), x, 1.0, g.view_mut())?;
                 }
             }
             TokenEmbedding::Ggml(b) => b.matmul_transposed_into(grad_logits, 0.0, grad_x)?,

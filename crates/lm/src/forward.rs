@@ -311,6 +311,7 @@ impl LlamaModel {
         i: usize,
         positions: &'a [usize],
         tables: &'a [RopeTable],
+        compute_dtype: quant_core::linalg::ComputeDtype,
     ) -> LayerContext<'a> {
         let arch = &config.architecture;
         let layer = &arch.layers[i];
@@ -325,6 +326,7 @@ impl LlamaModel {
             positions,
             rope: &tables[layer.rope],
             sliding_window: layer.sliding_window,
+            compute_dtype,
         }
     }
 
@@ -358,9 +360,11 @@ impl LlamaModel {
         let cap = c.architecture.final_softcap;
         match &mut self.lm_head {
             Some(head) => head.forward(normed.view(), logits.view_mut(), false)?,
-            None => self
-                .embed_tokens
-                .head_forward(normed.view(), logits.view_mut())?,
+            None => self.embed_tokens.head_forward(
+                normed.view(),
+                logits.view_mut(),
+                self.compute_dtype,
+            )?,
         }
         if let Some(cap) = cap {
             logits.mapv_inplace(|l| cap * (l / cap).tanh());
@@ -398,6 +402,8 @@ impl LlamaModel {
         let rope_len = positions.iter().copied().max().unwrap_or(0) + 1;
         self.passes.0 += 1;
         let serial = self.passes.0;
+        self.sync_compute_dtype();
+        let dtype = self.compute_dtype;
         let c = self.config.clone();
         let tables = self.rope_tables(0, rope_len, rope_len)?;
         let shape = AttentionShape {
@@ -419,7 +425,7 @@ impl LlamaModel {
         let mut recorded = Vec::new();
         let checkpointing = keep_activations && self.gradient_checkpointing;
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let ctx = Self::layer_context(&c, i, &positions, &tables);
+            let ctx = Self::layer_context(&c, i, &positions, &tables, dtype);
             let checkpoint = checkpointing.then(|| layer.checkpoint(i)).transpose()?;
             let (x_out, acts) = layer_forward(layer, &ctx, &x, KeysFrom::Batch { shape, mask })?;
             let x_in = std::mem::replace(&mut x, x_out);

@@ -149,8 +149,10 @@ impl LlamaModel {
         // transformers' cached generation (earlier keys keep the rotation they were cached with).
         let tables = self.rope_tables(offset, n, total)?;
         let mut x = self.embed(tokens)?;
+        self.sync_compute_dtype();
+        let dtype = self.compute_dtype;
         for (l, layer) in self.layers.iter_mut().enumerate() {
-            let ctx = Self::layer_context(&c, l, &positions, &tables);
+            let ctx = Self::layer_context(&c, l, &positions, &tables, dtype);
             let keys = KeysFrom::Cache {
                 keys: &mut cache.keys[l],
                 values: &mut cache.values[l],

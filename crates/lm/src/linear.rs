@@ -20,6 +20,7 @@ use std::borrow::Cow;
 
 use lora_core::{FrozenBase, GgmlBase, LoraLinear, Nf4Base};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, CowArray, Ix2};
+use quant_core::linalg::{gemm_in, ComputeDtype};
 
 pub use crate::adapted::{peft_parameter_name, AdaptedLayer};
 pub use crate::base::{DenseLinear, LinearBase};
@@ -249,7 +250,9 @@ impl LinearModule {
         let beta = if accumulate_input { 1.0 } else { 0.0 };
         let layer: &mut dyn AdaptedLayer = match self {
             LinearModule::Base(LinearBase::Dense(d)) => {
-                quant_core::linalg::gemm(
+                let dtype = d.compute_dtype;
+                gemm_in(
+                    dtype,
                     1.0,
                     grad_output,
                     d.weight.value().view(),
@@ -257,7 +260,7 @@ impl LinearModule {
                     grad_input,
                 )?;
                 if let Some(gw) = d.weight.grad_mut() {
-                    quant_core::linalg::gemm(1.0, grad_output.t(), x, 1.0, gw.view_mut())?;
+                    gemm_in(dtype, 1.0, grad_output.t(), x, 1.0, gw.view_mut())?;
                 }
                 if let Some(gb) = d.bias.as_mut().and_then(|b| b.grad_mut()) {
                     *gb += &grad_output.sum_axis(Axis(0));
@@ -286,6 +289,31 @@ impl LinearModule {
             grad_input.assign(&dx);
         }
         Ok(())
+    }
+
+    /// The precision of the module's products (see [`LinearModule::set_compute_dtype`]).
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        match self {
+            LinearModule::Base(b) => b.compute_dtype(),
+            LinearModule::Lora(l) => l.compute_dtype(),
+            LinearModule::Qat(q) => q.layer().compute_dtype(),
+        }
+    }
+
+    /// Sets the precision of every product of the module — base, adapters, LoRA-QAT's
+    /// fake-quantized weight; forward, input gradient and weight gradients — to `dtype`
+    /// (bf16: operands rounded to bf16, sums in `f32`). Weights, gradients and outputs stay
+    /// `f32`; a quantized base decodes each tile to `f32`, then rounds it.
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        if self.compute_dtype() == dtype {
+            // Unchanged: a LoRA-QAT layer keeps the forward its backward needs.
+            return;
+        }
+        match self {
+            LinearModule::Base(b) => b.set_compute_dtype(dtype),
+            LinearModule::Lora(l) => l.set_compute_dtype(dtype),
+            LinearModule::Qat(q) => q.layer_mut().set_compute_dtype(dtype),
+        }
     }
 
     /// Makes the base weight trainable (allocating its gradient) or frozen (dropping it).

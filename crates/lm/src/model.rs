@@ -9,6 +9,7 @@ use std::path::Path;
 use lora_core::LoraConfig;
 
 use ndarray::{Array1, Array2, Ix1};
+use quant_core::linalg::ComputeDtype;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -59,6 +60,8 @@ pub struct LlamaModel {
     pub(crate) active_adapters: Vec<String>,
     /// Training mode: adapter dropout is drawn in [`LlamaModel::forward`].
     pub(crate) training: bool,
+    /// The precision of every linear and attention product ([`LlamaModel::set_compute_dtype`]).
+    pub(crate) compute_dtype: ComputeDtype,
     pub(crate) passes: PassCounter,
     /// Gradient checkpointing ([`LlamaModel::set_gradient_checkpointing`]): the training
     /// forward keeps only each decoder layer's input and backward recomputes the layer.
@@ -178,6 +181,7 @@ impl LlamaModel {
             adapter_configs: BTreeMap::new(),
             active_adapters: Vec::new(),
             training: true,
+            compute_dtype: ComputeDtype::F32,
             passes: PassCounter::default(),
             gradient_checkpointing: false,
         };
@@ -238,6 +242,7 @@ impl LlamaModel {
             adapter_configs: BTreeMap::new(),
             active_adapters: Vec::new(),
             training: true,
+            compute_dtype: ComputeDtype::F32,
             passes: PassCounter::default(),
             gradient_checkpointing: false,
         })
@@ -366,6 +371,44 @@ impl LlamaModel {
         }
         if let Some(head) = &mut self.lm_head {
             head.set_base_trainable(trainable);
+        }
+    }
+
+    /// The precision of the model's products (`f32` unless set).
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+
+    /// Sets the precision of every matrix product of the forward and backward passes: the
+    /// projections (dense, NF4 and ggml bases after decoding each tile, LoRA's `A` and `B`,
+    /// LoRA-QAT's fake-quantized weight), the tied LM head and attention's `q·kᵀ` and `P·v`.
+    /// bf16 rounds the operands to bf16 and sums in `f32` (PyTorch's CPU autocast
+    /// arithmetic); weights, gradients, optimizer state, norms, softmax and the loss stay
+    /// `f32`. Adapters injected or loaded later compute in the same precision.
+    ///
+    /// ```
+    /// use quant_core::linalg::ComputeDtype;
+    /// let config = lm::LlamaConfig::new(32, 16, 32, 2, 4, 2).unwrap();
+    /// let mut model = lm::LlamaModel::random(config, 7).unwrap();
+    /// let ids = ndarray::array![[1u32, 5, 9, 3]];
+    /// let full = model.logits(ids.view(), None).unwrap();
+    /// model.set_compute_dtype(ComputeDtype::Bf16);
+    /// let bf16 = model.logits(ids.view(), None).unwrap();
+    /// let worst = full.iter().zip(bf16.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    /// assert!(worst > 0.0 && worst < 1e-2, "{worst}");
+    /// ```
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
+        self.sync_compute_dtype();
+    }
+
+    /// Gives every linear module the model's precision (a module injected since the last
+    /// pass starts in `f32`); a module already in it is left alone. Called by every pass.
+    pub(crate) fn sync_compute_dtype(&mut self) {
+        let dtype = self.compute_dtype;
+        self.embed_tokens.set_compute_dtype(dtype);
+        for (_, module) in self.linear_modules_mut() {
+            module.set_compute_dtype(dtype);
         }
     }
 

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use lora_core::peft;
 use lora_core::{AdapterOptions, LoraAdapter, LoraQatLinear};
 use ndarray::{Array2, ArrayView2};
-use quant_core::linalg::gemm;
+use quant_core::linalg::gemm_in;
 
 use crate::adapted::AdaptedLayer;
 
@@ -122,7 +122,7 @@ impl AdaptedLayer for QatLayer {
         }
         let w = self.layer.weight();
         let mut y = Array2::zeros((x.nrows(), w.nrows()));
-        gemm(1.0, x, w.t(), 0.0, y.view_mut())?;
+        gemm_in(self.layer.compute_dtype(), 1.0, x, w.t(), 0.0, y.view_mut())?;
         if let Some(b) = self.layer.bias() {
             y += &b;
         }
@@ -134,7 +134,14 @@ impl AdaptedLayer for QatLayer {
             Some(false) => {
                 let w = self.layer.weight();
                 let mut dx = Array2::zeros((dy.nrows(), w.ncols()));
-                gemm(1.0, dy, w.view(), 0.0, dx.view_mut())?;
+                gemm_in(
+                    self.layer.compute_dtype(),
+                    1.0,
+                    dy,
+                    w.view(),
+                    0.0,
+                    dx.view_mut(),
+                )?;
                 Ok(dx)
             }
             None => Err(lora_core::LoraError::state(

@@ -5,7 +5,7 @@
 //! `x·Wᵀ`, so the same code runs over an `f32`, NF4 or fake-quantized base.
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
-use quant_core::linalg::{gemm, matmul};
+use quant_core::linalg::{gemm, gemm_in, ComputeDtype};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -151,6 +151,9 @@ pub struct LoraAdapter {
     scale: f32,
     rng: ChaCha8Rng,
     cache: Option<AdapterCache>,
+    /// The precision of the forward and backward products (`x·Aᵀ`, `h·Bᵀ` and their
+    /// gradients); `A`, `B` and their gradients stay `f32` (master weights).
+    compute_dtype: ComputeDtype,
 }
 
 impl LoraAdapter {
@@ -297,6 +300,7 @@ impl LoraAdapter {
             options: options.clone(),
             rng,
             cache: None,
+            compute_dtype: ComputeDtype::F32,
         })
     }
 
@@ -327,6 +331,17 @@ impl LoraAdapter {
                 .sum::<f64>()
                 .sqrt() as f32
         }))
+    }
+
+    /// The precision of this adapter's forward and backward products.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+
+    /// Sets the precision of the forward and backward products (bf16: operands rounded,
+    /// sums in `f32`). `ΔW` for merging and DoRA's norm is always formed in `f32`.
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
     }
 
     /// `ΔW = s·B·A`, `(out, in)`. Used for merging and DoRA's norm, never in the LoRA forward.

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
-use quant_core::linalg::gemm;
+use quant_core::linalg::{gemm_in, ComputeDtype};
 
 use crate::error::{check_finite, LoraError, Result};
 
@@ -41,6 +41,12 @@ pub trait FrozenBase {
     fn storage_bytes(&self) -> usize;
     /// A short name of the storage (`"f32"`, `"nf4"`, ...), used in summaries.
     fn storage_kind(&self) -> &'static str;
+    /// The precision of the products' operands (sums are `f32` either way); a quantized
+    /// base decodes its tile to `f32` and then rounds it like a dense one.
+    fn compute_dtype(&self) -> ComputeDtype;
+    /// Sets the precision of [`FrozenBase::matmul_into`] and
+    /// [`FrozenBase::matmul_transposed_into`].
+    fn set_compute_dtype(&mut self, dtype: ComputeDtype);
 }
 
 /// A dense `f32` base weight `(out, in)` and optional bias `(out)`.
@@ -57,6 +63,7 @@ pub trait FrozenBase {
 pub struct DenseBase {
     weight: Array2<f32>,
     bias: Option<Array1<f32>>,
+    compute_dtype: ComputeDtype,
 }
 
 impl DenseBase {
@@ -80,7 +87,11 @@ impl DenseBase {
             }
             check_finite(|| format!("base bias of {context}"), b.iter())?;
         }
-        Ok(DenseBase { weight, bias })
+        Ok(DenseBase {
+            weight,
+            bias,
+            compute_dtype: ComputeDtype::F32,
+        })
     }
 
     /// A base from a weight as stored on disk: `(in, out)` when `fan_in_fan_out` (GPT-2's
@@ -113,7 +124,7 @@ impl FrozenBase for DenseBase {
         self.weight.ncols()
     }
     fn matmul_into(&self, x: ArrayView2<'_, f32>, y: ArrayViewMut2<'_, f32>) -> Result<()> {
-        gemm(1.0, x, self.weight.t(), 0.0, y)?;
+        gemm_in(self.compute_dtype, 1.0, x, self.weight.t(), 0.0, y)?;
         Ok(())
     }
     fn matmul_transposed_into(
@@ -122,7 +133,7 @@ impl FrozenBase for DenseBase {
         beta: f32,
         dx: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        gemm(1.0, dy, self.weight.view(), beta, dx)?;
+        gemm_in(self.compute_dtype, 1.0, dy, self.weight.view(), beta, dx)?;
         Ok(())
     }
     fn dense_weight(&self) -> Result<Cow<'_, Array2<f32>>> {
@@ -142,5 +153,11 @@ impl FrozenBase for DenseBase {
     }
     fn storage_kind(&self) -> &'static str {
         "f32"
+    }
+    fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+    fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
     }
 }

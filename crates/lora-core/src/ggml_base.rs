@@ -33,6 +33,7 @@ use std::borrow::Cow;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use quant_core::ggml::{self, GgmlType};
+use quant_core::linalg::ComputeDtype;
 
 use crate::base::FrozenBase;
 use crate::error::{check_finite, LoraError, Result};
@@ -55,6 +56,8 @@ pub struct GgmlBase {
     bias: Option<Array1<f32>>,
     tile: usize,
     parallel_tiles: bool,
+    /// The precision of the products on each decoded tile.
+    compute_dtype: ComputeDtype,
     context: String,
 }
 
@@ -128,6 +131,7 @@ impl GgmlBase {
             bias,
             tile: DEFAULT_TILE,
             parallel_tiles: true,
+            compute_dtype: ComputeDtype::F32,
             context: context.to_string(),
         };
         base.check_decoded_finite()?;
@@ -195,6 +199,7 @@ impl GgmlBase {
         let mut base = GgmlBase::quantize(weight, self.bias.clone(), self.ty, &self.context)?;
         base.tile = self.tile;
         base.parallel_tiles = self.parallel_tiles;
+        base.compute_dtype = self.compute_dtype;
         Ok(base)
     }
 
@@ -269,7 +274,14 @@ impl FrozenBase for GgmlBase {
 
     /// `y[:, rows] = x · W[rows, :]ᵀ` one band of rows of `W` at a time.
     fn matmul_into(&self, x: ArrayView2<'_, f32>, y: ArrayViewMut2<'_, f32>) -> Result<()> {
-        tiled_matmul(self, x, y, self.tile, self.parallel_tiles)
+        tiled_matmul(
+            self,
+            x,
+            y,
+            self.tile,
+            self.parallel_tiles,
+            self.compute_dtype,
+        )
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one band of whole-block columns of `W`
@@ -280,7 +292,15 @@ impl FrozenBase for GgmlBase {
         beta: f32,
         dx: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        tiled_matmul_transposed(self, dy, beta, dx, self.tile, self.parallel_tiles)
+        tiled_matmul_transposed(
+            self,
+            dy,
+            beta,
+            dx,
+            self.tile,
+            self.parallel_tiles,
+            self.compute_dtype,
+        )
     }
 
     /// Decodes the whole weight (not used by forward or backward).
@@ -329,6 +349,12 @@ impl FrozenBase for GgmlBase {
             GgmlType::Q5_K => "ggml-q5_k",
             GgmlType::Q6_K => "ggml-q6_k",
         }
+    }
+    fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+    fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
     }
 }
 

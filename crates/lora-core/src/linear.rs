@@ -1,6 +1,7 @@
 //! [`LoraLinear`]: a frozen base linear with any number of named adapters.
 
 use ndarray::{Array1, Array2, ArrayView2, Axis, Zip};
+use quant_core::linalg::ComputeDtype;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -93,6 +94,37 @@ impl<B: FrozenBase> LoraLinear<B> {
     /// The frozen base.
     pub fn base(&self) -> &B {
         &self.base
+    }
+
+    /// The precision of the layer's products (the base's and every adapter's).
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.base.compute_dtype()
+    }
+
+    /// Sets the precision of every product of the layer — the base's `x·Wᵀ` and `dy·W` and
+    /// each adapter's low-rank products, forward and backward — and of adapters added
+    /// later. Weights, gradients and outputs stay `f32`; merging forms `ΔW` in `f32`.
+    ///
+    /// ```
+    /// use lora_core::{AdapterOptions, LoraLinear};
+    /// use ndarray::Array2;
+    /// use quant_core::linalg::ComputeDtype;
+    /// let w = Array2::from_shape_fn((8, 16), |(i, j)| ((i * 16 + j) as f32 * 0.37).sin());
+    /// let mut layer = LoraLinear::dense(w, None, "q_proj").unwrap();
+    /// layer.add_adapter("default", &AdapterOptions::new(4, 8.0), 0).unwrap();
+    /// let x = Array2::from_shape_fn((3, 16), |(i, j)| ((i + 2 * j) as f32 * 0.11).cos());
+    /// let full = layer.forward(x.view()).unwrap();
+    /// layer.set_compute_dtype(ComputeDtype::Bf16);
+    /// let bf16 = layer.forward(x.view()).unwrap();
+    /// // bf16 operands (8 significant bits), f32 sums: close, but not equal.
+    /// assert!(full.iter().zip(bf16.iter()).all(|(a, b)| (a - b).abs() < 2e-2));
+    /// assert_ne!(full, bf16);
+    /// ```
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.base.set_compute_dtype(dtype);
+        for (_, adapter) in &mut self.adapters {
+            adapter.set_compute_dtype(dtype);
+        }
     }
 
     /// The name used in error messages (the module path).
@@ -210,7 +242,9 @@ impl<B: FrozenBase> LoraLinear<B> {
         Ok(())
     }
 
-    fn insert(&mut self, name: &str, adapter: LoraAdapter) {
+    fn insert(&mut self, name: &str, mut adapter: LoraAdapter) {
+        // A new adapter computes in the layer's precision.
+        adapter.set_compute_dtype(self.base.compute_dtype());
         self.adapters.push((name.to_string(), adapter));
         if self.adapters.len() == 1 {
             self.active = vec![name.to_string()];

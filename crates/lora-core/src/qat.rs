@@ -28,7 +28,7 @@
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 use quant_core::config::{QatConfig, QuantizerKind};
 use quant_core::ggml::qat::GgmlQatQuantizer;
-use quant_core::linalg::gemm;
+use quant_core::linalg::{gemm, gemm_in, ComputeDtype};
 use quant_core::nf4_grid::Nf4GridQuantizer;
 use quant_core::pi::PiQuantizer;
 use quant_core::quantizer::{DifferentiableQuantizer, InitMethod};
@@ -178,6 +178,9 @@ pub struct LoraQatLinear {
     /// Weight-sized scratch reused across steps (`W + s·B·A` in forward, `dŴ` in backward):
     /// refilling warm memory is a copy, a fresh allocation adds a page fault per 4 KiB.
     scratch: Option<Array2<f32>>,
+    /// The precision of the products with the (fake-quantized) weight and of the
+    /// gradient products; `W + s·B·A` itself is formed in `f32`.
+    compute_dtype: ComputeDtype,
     context: String,
 }
 
@@ -248,6 +251,7 @@ impl LoraQatLinear {
             cache: None,
             scratch: None,
             training: true,
+            compute_dtype: ComputeDtype::F32,
             context: context.to_string(),
         };
         layer.recalibrate(config.init)?;
@@ -287,7 +291,9 @@ impl LoraQatLinear {
                 let q = self.grid.get_mut();
                 q.init_from_weights(self.base.weight().view(), method)?;
                 let quantized = q.forward(self.base.weight().view())?.dequantized;
-                self.frozen = Some(DenseBase::new(quantized, None, &self.context)?);
+                let mut frozen = DenseBase::new(quantized, None, &self.context)?;
+                frozen.set_compute_dtype(self.compute_dtype);
+                self.frozen = Some(frozen);
             }
         }
         // θ exists only once the quantizer is initialised; its gradient follows its length.
@@ -323,6 +329,23 @@ impl LoraQatLinear {
             self.cache = None;
         }
         self.fake_quant = enabled;
+    }
+
+    /// The precision of the layer's products.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+
+    /// Sets the precision of every product of the layer (bf16: operands rounded to bf16,
+    /// sums in `f32`): `x·Ŵᵀ`, `dy·Ŵ`, `dyᵀ·x` and the adapter's gradient products. The
+    /// weight `W + s·B·A`, the quantizer and every gradient stay `f32`.
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
+        self.base.set_compute_dtype(dtype);
+        if let Some(frozen) = &mut self.frozen {
+            frozen.set_compute_dtype(dtype);
+        }
+        self.adapter.set_compute_dtype(dtype);
     }
 
     /// Whether the layer computes with the quantized weight.
@@ -474,6 +497,7 @@ impl LoraQatLinear {
         };
         // The last forward's buffers are refilled instead of reallocated (a fresh
         // weight-sized array costs a page fault per 4 KiB on first touch).
+        let dtype = self.compute_dtype;
         let (old_input, old_weight) = match self.cache.take() {
             Some(cache) => (Some(cache.input), cache.merged),
             None => (None, None),
@@ -482,7 +506,7 @@ impl LoraQatLinear {
             Some(frozen) => {
                 // Fake quantization off: the adapter over the unquantized W.
                 let base = if self.fake_quant { frozen } else { &self.base };
-                gemm(1.0, x, base.weight().t(), beta, y.view_mut())?;
+                gemm_in(dtype, 1.0, x, base.weight().t(), beta, y.view_mut())?;
                 self.adapter
                     .forward_into(base, x, None, self.training, y.view_mut())?;
                 None
@@ -511,7 +535,7 @@ impl LoraQatLinear {
                 } else {
                     merged
                 };
-                gemm(1.0, x, used.t(), beta, y.view_mut())?;
+                gemm_in(dtype, 1.0, x, used.t(), beta, y.view_mut())?;
                 Some(used)
             }
         };
@@ -555,20 +579,28 @@ impl LoraQatLinear {
         }
         check_finite(|| format!("backward dy of {}", self.context), dy.iter())?;
         let mut dx = Array2::<f32>::zeros((tokens, in_features));
+        let dtype = self.compute_dtype;
         match (&self.frozen, &cache.merged) {
             (Some(frozen), _) => {
                 let base = if cache.quantized { frozen } else { &self.base };
-                gemm(1.0, dy, base.weight().view(), 0.0, dx.view_mut())?;
+                gemm_in(dtype, 1.0, dy, base.weight().view(), 0.0, dx.view_mut())?;
                 self.adapter
                     .backward_into(base, cache.input.view(), dy, dx.view_mut(), true)?;
             }
             (None, Some(used)) => {
-                gemm(1.0, dy, used.view(), 0.0, dx.view_mut())?;
+                gemm_in(dtype, 1.0, dy, used.view(), 0.0, dx.view_mut())?;
                 let mut grad_w = self
                     .scratch
                     .take()
                     .unwrap_or_else(|| Array2::zeros((out_features, in_features)));
-                gemm(1.0, dy.t(), cache.input.view(), 0.0, grad_w.view_mut())?;
+                gemm_in(
+                    dtype,
+                    1.0,
+                    dy.t(),
+                    cache.input.view(),
+                    0.0,
+                    grad_w.view_mut(),
+                )?;
                 // dV: through the quantizer's STE with fake quantization on; the identity
                 // (V itself was the weight) with it off.
                 if cache.quantized {
@@ -583,8 +615,8 @@ impl LoraQatLinear {
                 let (a, b) = (self.adapter.a().clone(), self.adapter.b().clone());
                 let (grad_a, grad_b) = self.adapter.grads_mut();
                 // dA = s·Bᵀ·dV (r, in); dB = s·dV·Aᵀ (out, r).
-                gemm(scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
-                gemm(scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
+                gemm_in(dtype, scale, b.t(), grad_v.view(), 1.0, grad_a.view_mut())?;
+                gemm_in(dtype, scale, grad_v.view(), a.t(), 1.0, grad_b.view_mut())?;
                 if self.scratch.is_none() {
                     self.scratch = Some(grad_v);
                 }

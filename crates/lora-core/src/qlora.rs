@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
-use quant_core::linalg::gemm;
+use quant_core::linalg::{gemm, ComputeDtype};
 use quant_core::nf4::bnb_layout::{from_safetensors, to_bnb_tensors, BnbTensor};
 use quant_core::nf4::{check_blocksize, FourBitTensor, FourBitType};
 use safetensors::SafeTensors;
@@ -96,6 +96,8 @@ pub struct Nf4Base {
     in_features: usize,
     bias: Option<Array1<f32>>,
     options: Nf4Options,
+    /// The precision of the products on each dequantized tile.
+    compute_dtype: ComputeDtype,
     context: String,
 }
 
@@ -173,6 +175,7 @@ impl Nf4Base {
             in_features,
             bias,
             options,
+            compute_dtype: ComputeDtype::F32,
             context: context.to_string(),
         })
     }
@@ -282,7 +285,7 @@ impl FrozenBase for Nf4Base {
             parallel_tiles,
             ..
         } = self.options;
-        tiled_matmul(self, x, y, tile, parallel_tiles)
+        tiled_matmul(self, x, y, tile, parallel_tiles, self.compute_dtype)
     }
 
     /// `dx[:, cols] = dy · W[:, cols] + β·dx[:, cols]` one tile of columns of `W` at a time:
@@ -298,7 +301,7 @@ impl FrozenBase for Nf4Base {
             parallel_tiles,
             ..
         } = self.options;
-        tiled_matmul_transposed(self, dy, beta, dx, tile, parallel_tiles)
+        tiled_matmul_transposed(self, dy, beta, dx, tile, parallel_tiles, self.compute_dtype)
     }
 
     /// Dequantizes the whole weight (not used by forward or backward).
@@ -329,6 +332,12 @@ impl FrozenBase for Nf4Base {
     }
     fn storage_kind(&self) -> &'static str {
         "nf4"
+    }
+    fn compute_dtype(&self) -> ComputeDtype {
+        self.compute_dtype
+    }
+    fn set_compute_dtype(&mut self, dtype: ComputeDtype) {
+        self.compute_dtype = dtype;
     }
 }
 

@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut2, Axis};
-use quant_core::linalg::gemm;
+use quant_core::linalg::{gemm_in, ComputeDtype};
 use rayon::prelude::*;
 
 use crate::error::{LoraError, Result};
@@ -64,6 +64,7 @@ pub(crate) fn tiled_matmul(
     y: ArrayViewMut2<'_, f32>,
     tile: usize,
     parallel: bool,
+    dtype: ComputeDtype,
 ) -> Result<()> {
     let (out_features, cols) = weight.dims();
     check_dims(weight, "x·Wᵀ", x.dim(), cols, y.dim(), out_features)?;
@@ -74,7 +75,7 @@ pub(crate) fn tiled_matmul(
         weight.decode_rows(row_start..row_start + rows, buffer)?;
         let w_tile = ArrayView2::from_shape((rows, cols), &buffer[..])
             .map_err(|e| LoraError::shape("row tile of W", rows * cols, e))?;
-        gemm(1.0, x, w_tile.t(), 0.0, y_tile)?;
+        gemm_in(dtype, 1.0, x, w_tile.t(), 0.0, y_tile)?;
         Ok(())
     };
     for_each_column_tile(y, tile, parallel, run_tile)
@@ -89,6 +90,7 @@ pub(crate) fn tiled_matmul_transposed(
     dx: ArrayViewMut2<'_, f32>,
     tile: usize,
     parallel: bool,
+    dtype: ComputeDtype,
 ) -> Result<()> {
     let (rows, in_features) = weight.dims();
     check_dims(weight, "dy·W", dy.dim(), rows, dx.dim(), in_features)?;
@@ -101,7 +103,7 @@ pub(crate) fn tiled_matmul_transposed(
         weight.decode_columns(col_start..col_start + width, buffer)?;
         let w_tile = ArrayView2::from_shape((rows, width), &buffer[..])
             .map_err(|e| LoraError::shape("column tile of W", rows * width, e))?;
-        gemm(1.0, dy, w_tile, beta, dx_tile)?;
+        gemm_in(dtype, 1.0, dy, w_tile, beta, dx_tile)?;
         Ok(())
     };
     for_each_column_tile(dx, tile, parallel, run_tile)

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use quant_core::linalg::ComputeDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -215,6 +216,10 @@ pub struct TrainConfig {
     pub early_stopping: Option<EarlyStopping>,
     /// Save a checkpoint every this many optimizer steps (when the run has a checkpoint path).
     pub checkpoint_every: Option<u64>,
+    /// The precision of the student's and the teacher's matrix products: `"f32"` (default)
+    /// or `"bf16"` (operands rounded to bf16, sums in `f32`, as PyTorch's CPU autocast);
+    /// master weights, gradients, optimizer state, norms, softmax and losses stay `f32`.
+    pub compute_dtype: ComputeDtype,
     /// Gradient checkpointing: keep only each decoder layer's input in the forward and
     /// recompute the layer in backward (bit-identical gradients, one layer's activations held
     /// at a time, about one more forward per step). Default off.
@@ -241,6 +246,7 @@ impl Default for TrainConfig {
             eval_every: None,
             early_stopping: None,
             checkpoint_every: None,
+            compute_dtype: ComputeDtype::F32,
             gradient_checkpointing: false,
         }
     }

@@ -232,6 +232,7 @@ impl Trainer {
             ));
         }
         student.set_training(true);
+        student.set_compute_dtype(config.compute_dtype);
         student.set_gradient_checkpointing(config.gradient_checkpointing);
         let quant_layers = student
             .linear_modules_mut()
@@ -240,6 +241,7 @@ impl Trainer {
         if let Some(t) = teacher.as_mut() {
             t.set_training(false);
             t.set_base_trainable(false);
+            t.set_compute_dtype(config.compute_dtype);
         }
         let loader = DataLoader::new(train, batch_config(&config, config.shuffle))?;
         let micro_batches = config

@@ -20,7 +20,7 @@ use crate::error::{QuantError, Result};
 
 mod bf16;
 
-pub use bf16::Bf16Kernel;
+pub use bf16::{Bf16Kernel, BF16_KERNEL_ENV};
 
 /// The precision a product's operands are rounded to; sums are `f32` either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,7 +86,8 @@ pub fn gemm(
 }
 
 /// `C ← α·A·B + β·C` with the operands rounded to `dtype` (bf16: the fastest
-/// [`Bf16Kernel`] this CPU has). Same shapes, strides and `β = 0` rule as [`gemm`].
+/// [`Bf16Kernel`] this CPU has, or the one [`BF16_KERNEL_ENV`] names, see
+/// [`Bf16Kernel::selected`]). Same shapes, strides and `β = 0` rule as [`gemm`].
 ///
 /// ```
 /// use ndarray::array;
@@ -113,7 +114,7 @@ pub fn gemm_in(
             }
             Ok(())
         }
-        ComputeDtype::Bf16 => gemm_bf16_with(Bf16Kernel::detect(), alpha, a, b, beta, c),
+        ComputeDtype::Bf16 => gemm_bf16_with(Bf16Kernel::selected()?, alpha, a, b, beta, c),
     }
 }
 

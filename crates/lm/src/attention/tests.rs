@@ -263,6 +263,7 @@ fn softcap_window_and_segments_backward_match_finite_differences() {
             segments: Some(&segments),
             sliding_window: Some(2),
         },
+        compute_dtype: quant_core::linalg::ComputeDtype::F32,
     };
     let forward = |q: &Array2<f32>, k: &Array2<f32>, v: &Array2<f32>| {
         let mut probs = Array3::zeros((4, 6, 6));

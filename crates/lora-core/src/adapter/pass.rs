@@ -42,10 +42,19 @@ impl LoraAdapter {
             (None, None)
         };
         let xd = x_dropped.as_ref().map_or(x, |v| v.view());
-        let hidden = matmul(xd, self.a.t())?;
+        let dtype = self.compute_dtype;
+        let mut hidden = Array2::zeros((tokens, self.a.nrows()));
+        gemm_in(dtype, 1.0, xd, self.a.t(), 0.0, hidden.view_mut())?;
         let dora = match &self.magnitude {
             None => {
-                gemm(self.scale, hidden.view(), self.b.t(), 1.0, y.view_mut())?;
+                gemm_in(
+                    dtype,
+                    self.scale,
+                    hidden.view(),
+                    self.b.t(),
+                    1.0,
+                    y.view_mut(),
+                )?;
                 None
             }
             Some(magnitude) => {
@@ -70,7 +79,8 @@ impl LoraAdapter {
                     }
                 };
                 let mut scaled_lora = Array2::zeros((tokens, self.b.nrows()));
-                gemm(
+                gemm_in(
+                    dtype,
                     self.scale,
                     hidden.view(),
                     self.b.t(),
@@ -175,7 +185,9 @@ impl LoraAdapter {
             }
             None => dy,
         };
-        gemm(
+        let dtype = self.compute_dtype;
+        gemm_in(
+            dtype,
             self.scale,
             dy_lora.t(),
             cache.hidden.view(),
@@ -183,8 +195,15 @@ impl LoraAdapter {
             self.grad_b.view_mut(),
         )?;
         let mut d_hidden = Array2::zeros(cache.hidden.dim());
-        gemm(self.scale, dy_lora, self.b.view(), 0.0, d_hidden.view_mut())?;
-        gemm(1.0, d_hidden.t(), xd, 1.0, self.grad_a.view_mut())?;
+        gemm_in(
+            dtype,
+            self.scale,
+            dy_lora,
+            self.b.view(),
+            0.0,
+            d_hidden.view_mut(),
+        )?;
+        gemm_in(dtype, 1.0, d_hidden.t(), xd, 1.0, self.grad_a.view_mut())?;
         if let Some(d) = &cache.dora {
             // ∂y/∂m_j = (x_d·W'ᵀ)_j / ‖W'_j‖ with W' = W + s·B·A.
             if let Some(grad_m) = self.grad_magnitude.as_mut() {
@@ -207,10 +226,18 @@ impl LoraAdapter {
             .as_ref()
             .filter(|_| !(dora_base_term_folded && cache.mask.is_none()));
         if cache.mask.is_none() && base_term.is_none() {
-            gemm(1.0, d_hidden.view(), self.a.view(), 1.0, dx)?;
+            gemm_in(dtype, 1.0, d_hidden.view(), self.a.view(), 1.0, dx)?;
             return Ok(());
         }
-        let mut dx_dropped = matmul(d_hidden.view(), self.a.view())?;
+        let mut dx_dropped = Array2::zeros((tokens, self.a.ncols()));
+        gemm_in(
+            dtype,
+            1.0,
+            d_hidden.view(),
+            self.a.view(),
+            0.0,
+            dx_dropped.view_mut(),
+        )?;
         if let Some(d) = base_term {
             let ratio_minus_one = d.ratio.mapv(|g| g - 1.0).insert_axis(Axis(0));
             let dy_base = &dy * &ratio_minus_one;

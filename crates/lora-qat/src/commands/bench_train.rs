@@ -16,7 +16,8 @@ use super::{CliError, CliResult};
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
     /// Print one JSON object per line: {"bench", "tokens_per_s", "ms_per_step", "runs",
-    /// "cpu_ms_per_step", "batch", "seq", "gradient_checkpointing", "peak_rss_bytes"}
+    /// "cpu_ms_per_step", "batch", "seq", "gradient_checkpointing", "compute_dtype",
+    /// "peak_rss_bytes"}
     /// (+ "profile_ms_per_step" with --profile).
     #[arg(long)]
     pub json: bool,
@@ -78,6 +79,11 @@ pub struct BenchTrainArgs {
     /// recompute the layer in backward (the bench name gets `_ckpt`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32; the bench
+    /// name gets `_bf16`).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
 
 /// The process's peak resident set (`VmHWM` of /proc/self/status), where the OS reports it.
@@ -200,6 +206,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     let lora = LoraConfig::new(s.rank, 2.0 * s.rank as f64, &targets);
     model.inject_adapters(&lora, "default", 0)?;
     model.set_gradient_checkpointing(args.gradient_checkpointing);
+    model.set_compute_dtype(args.compute_dtype);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
@@ -233,8 +240,13 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         (None, _) if args.qlora => "qlora",
         (None, _) => "lora",
     };
+    // f32 rows keep their names; bf16 rows get `_bf16`.
+    let dtype_suffix = match args.compute_dtype {
+        quant_core::linalg::ComputeDtype::F32 => String::new(),
+        dtype => format!("_{}", dtype.name()),
+    };
     let bench = format!(
-        "train_{kind}_r{}{}",
+        "train_{kind}_r{}{}{dtype_suffix}",
         s.rank,
         if args.gradient_checkpointing {
             "_ckpt"
@@ -254,6 +266,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             "batch": s.batch,
             "seq": s.seq,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "compute_dtype": args.compute_dtype.name(),
             "peak_rss_bytes": peak_rss_bytes(),
         });
         if let Some(bytes) = qlora_bytes {
@@ -332,7 +345,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         }
         println!(
             "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
-             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}; forward + loss + \
+             batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}{}; forward + loss + \
              backward, median step)",
             s.hidden,
             s.layers,
@@ -348,6 +361,10 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
                 "; gradient checkpointing"
             } else {
                 ""
+            },
+            match args.compute_dtype {
+                quant_core::linalg::ComputeDtype::F32 => String::new(),
+                dtype => format!("; {} products", dtype.name()),
             }
         );
         println!(

@@ -49,6 +49,11 @@ pub struct EvalArgs {
     /// Tokens per chunk of the KL-divergence comparison (llama.cpp's -c; default 512).
     #[arg(long, value_name = "N", default_value_t = 512, requires = "reference")]
     pub ctx: usize,
+    /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32), of the
+    /// model and of --reference alike.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
 
 /// The token stream of `path` for the KL-divergence comparison and the bos id to put at each
@@ -87,6 +92,8 @@ fn compare(args: &EvalArgs, model_dir: &Path, reference: &Path) -> CliResult {
     let (tokens, bos) = token_stream(&args.data, model_dir)?;
     let mut quantized = load_model(model_dir, args.adapter.as_deref())?;
     let mut reference_model = load_model(&reference_dir, None)?;
+    quantized.set_compute_dtype(args.compute_dtype);
+    reference_model.set_compute_dtype(args.compute_dtype);
     let r = qat_train::quality::compare_models(
         &mut quantized,
         &mut reference_model,
@@ -146,6 +153,7 @@ pub fn run(args: &EvalArgs) -> CliResult {
     let data = examples_from_file(&args.data, || ModelText::load(&model_dir))?;
     let dataset = data.dataset;
     let mut model = load_model(&model_dir, args.adapter.as_deref())?;
+    model.set_compute_dtype(args.compute_dtype);
     let ppl = perplexity(&mut model, dataset.examples(), args.batch_size)?;
     println!(
         "perplexity {:.4} (mean cross-entropy {:.4} nats over {} labelled tokens of {} examples)",

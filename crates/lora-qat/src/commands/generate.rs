@@ -75,6 +75,10 @@ pub struct GenerateArgs {
     /// Do not stop at an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
 
 fn sampling_config(args: &GenerateArgs) -> CliResult<SamplingConfig> {
@@ -101,6 +105,7 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     let model_path = resolve_model_arg(&args.model, args.revision.as_deref())?;
     let mut sampler = LogitsSampler::new(sampling_config(args)?)?;
     let mut model = load_model(&model_path, args.adapter.as_deref())?;
+    model.set_compute_dtype(args.compute_dtype);
     let text = match &args.prompt {
         Some(_) => Some(ModelText::load(&model_path)?),
         None => None,

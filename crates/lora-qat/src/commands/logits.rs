@@ -38,6 +38,10 @@ pub struct LogitsArgs {
     /// cross-entropy over labelled positions) when the tokens file has `labels`.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Precision of the matrix products: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, as PyTorch's CPU autocast; weights, norms, softmax and loss stay f32).
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
 }
 
 /// Token ids and optional labels as read from a tokens file.
@@ -180,6 +184,7 @@ pub fn write_f32_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 pub fn run(args: &LogitsArgs) -> CliResult {
     let model_dir = super::resolve_model_arg(&args.model, args.revision.as_deref())?;
     let mut model = load_model(&model_dir, args.adapter.as_deref())?;
+    model.set_compute_dtype(args.compute_dtype);
     let tokens = read_tokens(&args.tokens)?;
     let logits = model.logits(tokens.input_ids.view(), None)?;
     let mut out = vec![(

@@ -34,7 +34,10 @@ pub struct MergeArgs {
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
     /// Re-quantize the layers' projections to NF4 (blocksize 64, double quant) in the
-    /// bitsandbytes layout transformers loads.
+    /// bitsandbytes layout transformers loads. With a LoRA-QAT adapter trained on the NF4
+    /// grid in that layout (`train --adapter-type lora-qat --quantizer nf4 --bnb-layout`)
+    /// its projections are written as trained — its codes and double-quantized absmax, not
+    /// a re-quantization; any other LoRA-QAT adapter is refused with the reason.
     #[arg(long, value_name = "KIND")]
     pub quantize: Option<String>,
     /// Largest safetensors shard (e.g. 2GB, 500MB); past it the output is sharded with a

@@ -56,6 +56,12 @@ impl From<quant_core::FormatError> for CliError {
 
 pub type CliResult<T = ()> = Result<T, CliError>;
 
+/// `--compute-dtype f32|bf16`: the precision of a model's matrix products
+/// (`lm::LlamaModel::set_compute_dtype`); any other name is refused with the supported ones.
+pub fn parse_compute_dtype(name: &str) -> Result<quant_core::linalg::ComputeDtype, String> {
+    quant_core::linalg::ComputeDtype::from_name(name).map_err(|e| e.to_string())
+}
+
 /// The one resolver of every `--model`: a path as it is, else a hub id in the local Hugging
 /// Face cache (`lora_qat::text::hub`).
 pub fn resolve_model_arg(

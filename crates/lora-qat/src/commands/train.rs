@@ -211,6 +211,12 @@ pub struct TrainArgs {
     /// Element type of the saved adapter tensors (f32, f16 or bf16; LoRA-QAT: f32 only).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_save_dtype)]
     pub save_dtype: lora_core::peft::SaveDtype,
+    /// Precision of the matrix products of the student (and teacher): f32, or bf16 (operands
+    /// rounded to bf16, sums in f32, as PyTorch's CPU autocast; master weights, gradients,
+    /// optimizer state, norms, softmax and loss stay f32). Overrides the config's
+    /// `compute_dtype` (default f32).
+    #[arg(long, value_name = "f32|bf16", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: Option<quant_core::linalg::ComputeDtype>,
 }
 
 fn parse_save_dtype(name: &str) -> Result<lora_core::peft::SaveDtype, String> {
@@ -252,6 +258,9 @@ fn effective_config(args: &TrainArgs) -> CliResult<TrainConfig> {
     }
     if let Some(n) = args.max_seq_len {
         config.max_len = Some(n);
+    }
+    if let Some(dtype) = args.compute_dtype {
+        config.compute_dtype = dtype;
     }
     if args.gradient_checkpointing {
         config.gradient_checkpointing = true;

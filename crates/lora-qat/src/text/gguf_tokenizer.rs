@@ -38,7 +38,13 @@ fn pre_tokenizer_patterns(pre: &str) -> Option<(Vec<&'static str>, bool)> {
     Some(match pre {
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => (vec![LLAMA3_PATTERN], true),
         "dbrx" | "smaug-bpe" => (vec![LLAMA3_PATTERN], false),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+        // SmolLM's own tokenizer.json is plain byte-level (GPT-2's expression) and its
+        // vocabulary has no multi-digit tokens, so digits come out one by one without
+        // llama.cpp's extra `\p{N}` split — which would also cut a run of spaces before a
+        // digit differently ("   4": transformers `ĠĠ`,`Ġ`,`4`; the split `ĠĠĠ`,`4`).
+        // transformers' tokenization is the one the model was trained on.
+        "smollm" => (vec![GPT2_PATTERN], false),
+        "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
             (vec![r"\p{N}", GPT2_PATTERN], false)
         }
         "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion" => (vec![GPT2_PATTERN], false),
@@ -408,10 +414,10 @@ pub fn tokenizer_from_json(doc: &Value, source_name: &str) -> TextResult<Tokeniz
 /// each written atomically. Returns the files written: none when the file has no tokenizer
 /// (no `tokenizer.ggml.model`).
 ///
-/// The pre-tokenizer is llama.cpp's split for `tokenizer.ggml.pre` (the text the model was
-/// trained on was split that way), where transformers' own GGUF conversion uses plain
-/// byte-level splitting; the two agree except where llama.cpp's expressions split further
-/// (SmolLM's single digits, for instance).
+/// The pre-tokenizer is the split of `tokenizer.ggml.pre` (llama.cpp's expressions, except
+/// `smollm`, whose own tokenizer.json is plain byte-level: see `pre_tokenizer_patterns`), where
+/// transformers' own GGUF conversion always uses plain byte-level splitting; the two can differ
+/// where a `pre`'s expressions split further than byte-level does (digit groups).
 pub fn write_tokenizer_files(path: &Path, out_dir: &Path) -> TextResult<Vec<std::path::PathBuf>> {
     let file = GgufFile::open(path)?;
     if file.metadata("tokenizer.ggml.model").is_none() {

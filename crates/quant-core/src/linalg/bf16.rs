@@ -17,6 +17,10 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::error::{QuantError, Result};
 
+/// The environment variable that forces a bf16 kernel for the whole process
+/// ([`Bf16Kernel::selected`]).
+pub const BF16_KERNEL_ENV: &str = "LORA_QAT_BF16_KERNEL";
+
 /// Which bf16 kernel runs a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Bf16Kernel {
@@ -34,6 +38,42 @@ impl Bf16Kernel {
         } else {
             Self::Portable
         }
+    }
+
+    /// The kernel [`super::gemm_in`] runs: [`Bf16Kernel::detect`]'s, unless the environment
+    /// variable [`BF16_KERNEL_ENV`] names one (`portable` or `avx512bf16`) — how a test or a
+    /// benchmark runs a whole model on the portable kernel of an AVX512-BF16 machine. Read
+    /// once per process. An unknown name, or a kernel the CPU lacks, is an error naming it.
+    pub fn selected() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<Result<Bf16Kernel>> = std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| Self::from_env_value(std::env::var(BF16_KERNEL_ENV).ok().as_deref()))
+            .clone()
+    }
+
+    /// The kernel a value of [`BF16_KERNEL_ENV`] asks for (`None`: unset, the fastest).
+    fn from_env_value(value: Option<&str>) -> Result<Self> {
+        let Some(name) = value else {
+            return Ok(Self::detect());
+        };
+        let kernel = [Self::Avx512Bf16, Self::Portable]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| {
+                QuantError::invalid(
+                    BF16_KERNEL_ENV,
+                    name,
+                    "supported: avx512bf16, portable (or unset: the fastest this CPU has)",
+                )
+            })?;
+        if !kernel.is_available() {
+            return Err(QuantError::invalid(
+                BF16_KERNEL_ENV,
+                name,
+                "this CPU lacks AVX512-BF16",
+            ));
+        }
+        Ok(kernel)
     }
 
     /// Whether this CPU can run the kernel.
@@ -509,6 +549,25 @@ mod tests {
             let v = f32::from_bits(bits);
             prop_assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits() as u32);
         }
+    }
+
+    #[test]
+    fn the_environment_chooses_a_kernel_by_name() {
+        assert_eq!(
+            Bf16Kernel::from_env_value(None).unwrap(),
+            Bf16Kernel::detect()
+        );
+        assert_eq!(
+            Bf16Kernel::from_env_value(Some("portable")).unwrap(),
+            Bf16Kernel::Portable
+        );
+        let e = Bf16Kernel::from_env_value(Some("amx")).unwrap_err();
+        assert!(
+            e.to_string().contains(BF16_KERNEL_ENV) && e.to_string().contains("amx"),
+            "{e}"
+        );
+        let avx = Bf16Kernel::from_env_value(Some("avx512bf16"));
+        assert_eq!(avx.is_ok(), Bf16Kernel::Avx512Bf16.is_available());
     }
 
     #[test]
