@@ -217,25 +217,27 @@ fn check_args(args: &QatArgs) -> CliResult {
 
 /// The training configuration: KD only at `--temperature`, AdamW, warm-up + cosine.
 fn train_config(args: &QatArgs) -> CliResult<TrainConfig> {
-    let mut config = TrainConfig::default();
-    config.seed = args.seed;
-    config.max_steps = Some(args.steps);
-    config.batch_size = args.batch_size;
-    config.max_len = Some(args.seq_len);
+    let mut config = TrainConfig {
+        seed: args.seed,
+        max_steps: Some(args.steps),
+        batch_size: args.batch_size,
+        max_len: Some(args.seq_len),
+        schedule: LrSchedule::WarmupCosine {
+            warmup_steps: 3.min(args.steps),
+            total_steps: args.steps,
+            min_ratio: 0.1,
+        },
+        checkpoint_every: Some(10),
+        ..TrainConfig::default()
+    };
     config.optimizer.lr = args.lr;
     config.optimizer.quantizer_lr = Some(args.quantizer_lr);
-    config.schedule = LrSchedule::WarmupCosine {
-        warmup_steps: 3.min(args.steps),
-        total_steps: args.steps,
-        min_ratio: 0.1,
-    };
     config.loss.weights = Some(CompositeWeights {
         task: 0.0,
         kd: 1.0,
         reasoning: 0.0,
         temperature: args.temperature,
     });
-    config.checkpoint_every = Some(10);
     config.validate()?;
     Ok(config)
 }

@@ -11,7 +11,7 @@ use qat_train::data_free::{teacher_sequence, DataFreeConfig};
 
 use super::{file_error, progress_bar, QatArgs, RunFiles};
 use crate::commands::train::read_dataset;
-use crate::commands::CliResult;
+use crate::commands::{CliError, CliResult};
 
 /// Writes `sequences` as pre-tokenized JSONL (`{"input_ids": [...]}` per line), atomically.
 fn save_sequences(path: &Path, sequences: &[Vec<u32>]) -> CliResult {
@@ -117,7 +117,7 @@ pub(super) fn run_data(
             )?;
             let held = if args.heldout.is_none() {
                 // Another seed: none of these sequences is trained on.
-                let seed = args.seed ^ 0x5EED_0F_4E1D_0u64;
+                let seed = args.seed ^ 0x05EE_D0F4_E1D0_u64;
                 let n = (2 * args.ctx).div_ceil(args.seq_len).max(16);
                 Some(teacher_dataset(
                     teacher,
@@ -155,7 +155,12 @@ pub(super) fn run_data(
             };
             (ids, source, None)
         }
-        (None, None) => unreachable!("held-out examples exist whenever --heldout is absent"),
+        // Held-out examples are made above whenever --heldout is absent.
+        (None, None) => {
+            return Err(CliError::Usage(
+                "no held-out text: give --heldout FILE".into(),
+            ))
+        }
     };
     Ok(RunData {
         train,
@@ -164,4 +169,3 @@ pub(super) fn run_data(
         bos,
     })
 }
-
