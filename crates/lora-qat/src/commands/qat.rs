@@ -109,6 +109,10 @@ pub struct QatArgs {
     /// Seed of the adapter init, data order, and data-free generation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Products of the student and the teacher in f32 or bf16 (f32 accumulation, f32 master
+    /// weights and optimizer state): qat-train's `compute_dtype`.
+    #[arg(long, value_name = "f32|bf16", default_value = "f32", value_parser = super::parse_compute_dtype)]
+    pub compute_dtype: quant_core::linalg::ComputeDtype,
     /// Comma-separated projections to train.
     #[arg(
         long,
@@ -228,6 +232,7 @@ fn train_config(args: &QatArgs) -> CliResult<TrainConfig> {
             min_ratio: 0.1,
         },
         checkpoint_every: Some(10),
+        compute_dtype: args.compute_dtype,
         ..TrainConfig::default()
     };
     config.optimizer.lr = args.lr;
