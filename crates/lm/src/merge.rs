@@ -49,6 +49,21 @@ pub struct MergedSource {
 }
 
 impl MergedSource {
+    /// The frozen weight `name` (`MODULE.weight`) of an adapted module, as the `(out, in)`
+    /// matrix its adapter's `B·A` has: what the exports of trained codes (GGUF blocks,
+    /// bitsandbytes 4-bit) run the LoRA-QAT layer on again. `what` names the export in errors.
+    pub(crate) fn adapted_base_weight(
+        &self,
+        name: &str,
+        weights: &lora_core::peft::AdapterWeights,
+        what: &str,
+    ) -> Result<Array2<f32>> {
+        let (rows, cols) = (weights.b.nrows(), weights.a.ncols());
+        let values = self.checkpoint.read_f32(name)?;
+        Array2::from_shape_vec((rows, cols), values)
+            .map_err(|e| LmError::shape(format!("{name} ({what})"), format!("({rows}, {cols})"), e))
+    }
+
     /// Opens `model_dir` lazily and reads the adapter in `adapter_dir` (small: loaded whole),
     /// checking that every module it targets exists in the model with its shape; a
     /// [`QAT_STATE_FILE`] beside it is read too.

@@ -15,7 +15,6 @@
 //! mode keeps its adapter beside `Q(W)`. FP4 has no trainable grid here.
 
 use lora_core::QatMode;
-use ndarray::Array2;
 use quant_core::config::QuantizerKind;
 use quant_core::nf4::FourBitTensor;
 
@@ -63,15 +62,7 @@ pub fn trained_bnb4_tensor(source: &MergedSource, name: &str) -> Result<Option<F
             config.granularity
         )));
     }
-    let (rows, cols) = (weights.b.nrows(), weights.a.ncols());
-    let values = source.checkpoint.read_f32(name)?;
-    let w = Array2::from_shape_vec((rows, cols), values).map_err(|e| {
-        LmError::shape(
-            format!("{name} (bitsandbytes export)"),
-            format!("({rows}, {cols})"),
-            e,
-        )
-    })?;
+    let w = source.adapted_base_weight(name, weights, "bitsandbytes export")?;
     let mut layer = state.layer(w, weights, &adapter.config, module, file)?;
     Ok(Some(layer.export_bnb4()?))
 }

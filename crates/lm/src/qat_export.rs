@@ -84,15 +84,7 @@ pub fn trained_gguf_blocks(
     let Some(weights) = adapter.modules.get(module) else {
         return Ok(None);
     };
-    let (rows, cols) = (weights.b.nrows(), weights.a.ncols());
-    let values = source.checkpoint.read_f32(name)?;
-    let w = Array2::from_shape_vec((rows, cols), values).map_err(|e| {
-        LmError::shape(
-            format!("{name} (QAT export)"),
-            format!("({rows}, {cols})"),
-            e,
-        )
-    })?;
+    let w = source.adapted_base_weight(name, weights, "QAT export")?;
     let Some((trained, blocks)) =
         state.quantized_blocks(w, weights, &adapter.config, module, file)?
     else {
@@ -112,7 +104,9 @@ pub fn trained_gguf_blocks(
     }
     Ok(Some(match transform {
         Transform::Identity => blocks,
-        Transform::RopeRows(group) => permute_block_rows(&blocks, rows, group.count(heads), name)?,
+        Transform::RopeRows(group) => {
+            permute_block_rows(&blocks, weights.b.nrows(), group.count(heads), name)?
+        }
         Transform::PlusOne => {
             return Err(LmError::AdapterState {
                 operation: format!("exporting the trained blocks of {name}"),
