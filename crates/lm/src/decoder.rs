@@ -10,11 +10,9 @@
 
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayViewMut2, Axis, Ix1};
 use quant_core::linalg::ComputeDtype;
-use rayon::prelude::*;
 
 use crate::attention::{
-    attend_head, attention_backward, attention_forward, split_chunks, AttentionMask,
-    AttentionOptions, AttentionShape,
+    attention_backward, attention_forward, AttentionMask, AttentionOptions, AttentionShape,
 };
 use crate::error::{LmError, Result};
 use crate::family::{Architecture, NormKind};
@@ -27,6 +25,9 @@ use crate::param::Parameter;
 use crate::rope::RopeTable;
 
 pub use crate::family::LAYER_LINEAR_NAMES;
+
+mod cached;
+pub(crate) use cached::CachedSequence;
 
 /// One decoder layer: pre-norm attention and pre-norm gated MLP, each with a residual, plus
 /// what a family adds (Gemma's post-norms, q/k head norms). The HF names of the norms:
@@ -226,13 +227,10 @@ pub(crate) enum KeysFrom<'a> {
         shape: AttentionShape,
         mask: AttentionMask<'a>,
     },
-    /// One sequence decoded step by step: the rows' keys and values are appended to the
-    /// cache (row-major `(len, kv_width)`), queries sit at `offset ..`.
-    Cache {
-        keys: &'a mut Vec<f32>,
-        values: &'a mut Vec<f32>,
-        offset: usize,
-    },
+    /// Sequences decoded step by step, each against its own cache: their rows come one
+    /// sequence after another, and each sequence's keys and values are appended to its cache
+    /// ([`cached::attend`]).
+    Caches(Vec<CachedSequence<'a>>),
 }
 
 /// What one layer's forward keeps for its backward. The norms' outputs (from their input and
@@ -246,6 +244,7 @@ pub(crate) struct LayerActivations {
     rstd_k: Vec<f32>,
     /// `q | k | v` after the head norms and RoPE, `(tokens, (heads + 2·kv_heads)·head_dim)`.
     qkv: Array2<f32>,
+    /// Attention probabilities (empty in the cached decoder).
     probs: Array3<f32>,
     attn_out: Array2<f32>,
     /// Gemma: the o projection's output before its post-norm, and that norm's `rstd`.
@@ -404,7 +403,7 @@ pub(crate) fn layer_forward(
     keys: KeysFrom<'_>,
 ) -> Result<(Array2<f32>, LayerActivations)> {
     let n = x_in.nrows();
-    let (q_width, kv_width, hd) = (ctx.q_width(), ctx.kv_width(), ctx.head_dim);
+    let (q_width, kv_width) = (ctx.q_width(), ctx.kv_width());
     let kind = ctx.norm_kind();
     let (normed_attn, rstd_attn) = norm(kind, x_in.view(), &layer.input_layernorm, ctx.eps)?;
     let mut qkv = Array2::<f32>::zeros((n, q_width + 2 * kv_width));
@@ -451,40 +450,10 @@ pub(crate) fn layer_forward(
             )?;
             probs
         }
-        KeysFrom::Cache {
-            keys,
-            values,
-            offset,
-        } => {
-            for row in qkv.axis_iter(Axis(0)) {
-                keys.extend(row.slice(s![q_width..q_width + kv_width]).iter());
-                values.extend(row.slice(s![q_width + kv_width..]).iter());
-            }
-            let total = offset + n;
-            let k_all = ArrayView2::from_shape((total, kv_width), &keys[..])
-                .map_err(|e| LmError::shape("cached keys", format!("{total}×{kv_width}"), e))?;
-            let v_all = ArrayView2::from_shape((total, kv_width), &values[..])
-                .map_err(|e| LmError::shape("cached values", format!("{total}×{kv_width}"), e))?;
-            let group = ctx.heads / ctx.kv_heads;
-            let options = ctx.options(AttentionMask::default());
-            let mut probs = Array3::<f32>::zeros((ctx.heads, n, total));
-            split_chunks(attn_out.view_mut(), Axis(1), hd)
-                .into_par_iter()
-                .zip(probs.outer_iter_mut().into_par_iter())
-                .enumerate()
-                .try_for_each(|(h, (out, p))| {
-                    let kv = h / group;
-                    attend_head(
-                        qkv.slice(s![.., h * hd..(h + 1) * hd]),
-                        k_all.slice(s![.., kv * hd..(kv + 1) * hd]),
-                        v_all.slice(s![.., kv * hd..(kv + 1) * hd]),
-                        &options,
-                        offset,
-                        p,
-                        out,
-                    )
-                })?;
-            probs
+        KeysFrom::Caches(sequences) => {
+            cached::attend(ctx, sequences, qkv.view(), attn_out.view_mut())?;
+            // The cached decoder keeps no activations.
+            Array3::zeros((0, 0, 0))
         }
     };
 

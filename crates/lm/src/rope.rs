@@ -6,7 +6,7 @@
 //! Everything is computed in `f32` as transformers computes it (float32 `pow`, products and
 //! `where`s), so the tables agree with its buffers to the last bit or two.
 
-use ndarray::{s, Array2, ArrayViewMut2, Axis};
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
@@ -514,6 +514,29 @@ impl RopeTable {
             first_position,
             cos,
             sin,
+        })
+    }
+
+    /// Several runs' tables stacked and indexed by row, not position: run `(first, len,
+    /// seq_len)` contributes [`RopeTable::for_rope`]`(rope, first, len, seq_len)`, and row `r`
+    /// of `x` is rotated by [`RopeTable::apply`] with position `r`. The batched cached decoder
+    /// rotates sequences at different positions and lengths (dynamic and LongRoPE scaling
+    /// depend on each one's) in one pass.
+    pub(crate) fn stacked(rope: &Rope, runs: &[(usize, usize, usize)]) -> Result<Self> {
+        let tables = runs
+            .iter()
+            .map(|&(first, len, seq_len)| Self::for_rope(rope, first, len, seq_len))
+            .collect::<Result<Vec<_>>>()?;
+        let stack = |part: fn(&RopeTable) -> ArrayView2<'_, f32>| {
+            let views: Vec<_> = tables.iter().map(part).collect();
+            ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| LmError::shape("stacked RoPE tables", "(rows, head_dim/2)", e))
+        };
+        Ok(RopeTable {
+            head_dim: rope.dim,
+            first_position: 0,
+            cos: stack(|t| t.cos.view())?,
+            sin: stack(|t| t.sin.view())?,
         })
     }
 
