@@ -12,7 +12,9 @@
 //!
 //! Every random choice comes from the caller's seed: sequence `i` uses its own ChaCha8
 //! stream derived from `(seed, i)`, so the set is the same whatever order or subset of
-//! sequences is generated.
+//! sequences is generated. The teacher writes [`DataFreeConfig::batch`] sequences at once
+//! (one cached pass feeds each its next token); the set does not depend on the batch size
+//! beyond rounding.
 //!
 //! ```
 //! use lm::{LlamaConfig, LlamaModel};
@@ -28,7 +30,8 @@
 //! ```
 
 use lm::sampling::{LogitsSampler, SamplingConfig};
-use lm::LlamaModel;
+use lm::{KvCache, LlamaModel};
+use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -56,11 +59,15 @@ pub struct DataFreeConfig {
     pub exclude_start: Vec<u32>,
     /// A sequence ends after this token when the teacher produces it.
     pub eos: Option<u32>,
+    /// Sequences the teacher writes at once (each pass feeds all of them their next token, so
+    /// the projections are products of `batch` rows rather than matrix-vector products). The
+    /// sequences do not depend on it beyond rounding.
+    pub batch: usize,
 }
 
 impl DataFreeConfig {
     /// LLM-QAT's defaults: 64 sequences of 128 tokens, 4 greedy continuations, temperature 1,
-    /// no prefix, no excluded start token, no end token.
+    /// no prefix, no excluded start token, no end token; written 16 at a time.
     pub fn new(seed: u64) -> Self {
         Self {
             sequences: 64,
@@ -72,6 +79,7 @@ impl DataFreeConfig {
             prefix: Vec::new(),
             exclude_start: Vec::new(),
             eos: None,
+            batch: 16,
         }
     }
 
@@ -83,6 +91,13 @@ impl DataFreeConfig {
                 "data_free.sequences",
                 0,
                 "at least one sequence is needed",
+            ));
+        }
+        if self.batch == 0 {
+            return Err(TrainError::invalid(
+                "data_free.batch",
+                0,
+                "at least one sequence at a time",
             ));
         }
         if self.seq_len < self.prefix.len() + 2 {
@@ -160,80 +175,149 @@ fn sequence_seed(seed: u64, index: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One sequence being written: its tokens so far, how many of them the cache holds, and its
+/// two samplers (both seeded from the sequence's own stream).
+struct Writer {
+    index: usize,
+    ids: Vec<u32>,
+    fed: usize,
+    cache: KvCache,
+    greedy: LogitsSampler,
+    sampled: LogitsSampler,
+}
+
+impl Writer {
+    /// The prefix and a uniformly drawn start token of sequence `index`.
+    fn new(teacher: &LlamaModel, config: &DataFreeConfig, index: usize) -> Result<Self> {
+        let vocab = teacher.config().vocab_size;
+        let mut rng = ChaCha8Rng::seed_from_u64(sequence_seed(config.seed, index));
+        // Rejection keeps the draw uniform over the allowed ids; validate() left at least one.
+        let start = loop {
+            let id = rng.random_range(0..vocab as u32);
+            if !config.exclude_start.contains(&id) {
+                break id;
+            }
+        };
+        let greedy = LogitsSampler::new(SamplingConfig::greedy())?;
+        let sampled = LogitsSampler::new(SamplingConfig {
+            do_sample: true,
+            temperature: config.temperature,
+            top_p: config.top_p,
+            seed: rng.random(),
+            ..SamplingConfig::greedy()
+        })?;
+        let mut ids = config.prefix.clone();
+        ids.push(start);
+        Ok(Writer {
+            index,
+            ids,
+            fed: 0,
+            cache: teacher.new_kv_cache(),
+            greedy,
+            sampled,
+        })
+    }
+
+    /// Appends the token chosen from the last row of `logits` (the logits of the tokens just
+    /// fed); true when the sequence is complete.
+    fn extend(&mut self, logits: &Array2<f32>, config: &DataFreeConfig) -> Result<bool> {
+        self.fed = self.ids.len();
+        let mut last = logits.row(logits.nrows().saturating_sub(1)).to_vec();
+        let continuation = self.ids.len() - config.prefix.len() - 1;
+        let next = if continuation < config.greedy_tokens {
+            self.greedy.next_token(&mut last, &self.ids)?
+        } else {
+            self.sampled.next_token(&mut last, &self.ids)?
+        };
+        self.ids.push(next);
+        Ok(self.ids.len() >= config.seq_len || Some(next) == config.eos)
+    }
+}
+
+/// Sequences `indices` written by `teacher`, up to `config.batch` at a time: every pass feeds
+/// each unfinished sequence its newest token(s) ([`LlamaModel::forward_cached_batch`]); a
+/// finished one leaves the batch (`on_sequence(index, ids)`) and the next index takes its
+/// place. Returned in the order of `indices`.
+fn write_sequences(
+    teacher: &mut LlamaModel,
+    config: &DataFreeConfig,
+    indices: &[usize],
+    on_sequence: &mut dyn FnMut(usize, &[u32]),
+) -> Result<Vec<Vec<u32>>> {
+    config.validate(
+        teacher.config().vocab_size,
+        teacher.config().max_position_embeddings,
+    )?;
+    let training = teacher.is_training();
+    teacher.set_training(false);
+    let mut done: Vec<Option<Vec<u32>>> = vec![None; indices.len()];
+    let result = (|| -> Result<()> {
+        let mut pending = indices.iter().copied().enumerate();
+        // (slot in `indices`, writer)
+        let mut active: Vec<(usize, Writer)> = Vec::with_capacity(config.batch);
+        loop {
+            while active.len() < config.batch {
+                match pending.next() {
+                    Some((slot, index)) => {
+                        active.push((slot, Writer::new(teacher, config, index)?))
+                    }
+                    None => break,
+                }
+            }
+            if active.is_empty() {
+                return Ok(());
+            }
+            let (tokens, mut caches): (Vec<&[u32]>, Vec<&mut KvCache>) = active
+                .iter_mut()
+                .map(|(_, w)| (&w.ids[w.fed..], &mut w.cache))
+                .unzip();
+            let logits = teacher.forward_cached_batch(&tokens, &mut caches)?;
+            let mut finished = Vec::with_capacity(active.len());
+            for ((_, w), logits) in active.iter_mut().zip(&logits) {
+                finished.push(w.extend(logits, config)?);
+            }
+            let mut unfinished = Vec::with_capacity(active.len());
+            for ((slot, w), finished) in active.drain(..).zip(finished) {
+                if finished {
+                    on_sequence(w.index, &w.ids);
+                    done[slot] = Some(w.ids);
+                } else {
+                    unfinished.push((slot, w));
+                }
+            }
+            active = unfinished;
+        }
+    })();
+    teacher.set_training(training);
+    result?;
+    Ok(done.into_iter().flatten().collect())
+}
+
 /// One sequence written by `teacher` (see the module docs): the prefix, a uniformly drawn
-/// start token, `greedy_tokens` greedy continuations, then sampled ones.
+/// start token, `greedy_tokens` greedy continuations, then sampled ones. Equal (up to
+/// rounding) to sequence `index` of [`teacher_sequences`].
 pub fn teacher_sequence(
     teacher: &mut LlamaModel,
     config: &DataFreeConfig,
     index: usize,
 ) -> Result<Vec<u32>> {
-    let vocab = teacher.config().vocab_size;
-    config.validate(vocab, teacher.config().max_position_embeddings)?;
-    let seed = sequence_seed(config.seed, index);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    // Rejection keeps the draw uniform over the allowed ids; validate() left at least one.
-    let start = loop {
-        let id = rng.random_range(0..vocab as u32);
-        if !config.exclude_start.contains(&id) {
-            break id;
-        }
-    };
-    let mut greedy = LogitsSampler::new(SamplingConfig::greedy())?;
-    let mut sampled = LogitsSampler::new(SamplingConfig {
-        do_sample: true,
-        temperature: config.temperature,
-        top_p: config.top_p,
-        seed: rng.random(),
-        ..SamplingConfig::greedy()
-    })?;
-    let mut ids = config.prefix.clone();
-    ids.push(start);
-    let training = teacher.is_training();
-    teacher.set_training(false);
-    let mut cache = teacher.new_kv_cache();
-    let mut fed = 0;
-    let result = (|| -> Result<()> {
-        while ids.len() < config.seq_len {
-            let logits = teacher.forward_cached(&ids[fed..], &mut cache)?;
-            fed = ids.len();
-            let mut last = logits.row(logits.nrows() - 1).to_vec();
-            let continuation = ids.len() - config.prefix.len() - 1;
-            let next = if continuation < config.greedy_tokens {
-                greedy.next_token(&mut last, &ids)?
-            } else {
-                sampled.next_token(&mut last, &ids)?
-            };
-            ids.push(next);
-            if Some(next) == config.eos {
-                break;
-            }
-        }
-        Ok(())
-    })();
-    teacher.set_training(training);
-    result?;
-    Ok(ids)
+    let mut ids = write_sequences(teacher, config, &[index], &mut |_, _| {})?;
+    ids.pop()
+        .ok_or_else(|| TrainError::invalid("data_free sequence", index, "the teacher wrote none"))
 }
 
-/// `config.sequences` sequences written by `teacher`, as a dataset of plain examples (the
-/// distillation loss reads every position). `on_sequence(index, ids)` is called after each
-/// one (progress, saving).
+/// `config.sequences` sequences written by `teacher`, `config.batch` at a time, as a dataset
+/// of plain examples (the distillation loss reads every position), in index order.
+/// `on_sequence(index, ids)` is called as each one is finished (progress, saving) — not
+/// necessarily in index order, as a sequence that ends early leaves its batch first.
 pub fn teacher_sequences(
     teacher: &mut LlamaModel,
     config: &DataFreeConfig,
     on_sequence: &mut dyn FnMut(usize, &[u32]),
 ) -> Result<Dataset> {
-    config.validate(
-        teacher.config().vocab_size,
-        teacher.config().max_position_embeddings,
-    )?;
-    let mut examples = Vec::with_capacity(config.sequences);
-    for index in 0..config.sequences {
-        let ids = teacher_sequence(teacher, config, index)?;
-        on_sequence(index, &ids);
-        examples.push(Example::new(ids));
-    }
-    Dataset::new(examples)
+    let indices: Vec<usize> = (0..config.sequences).collect();
+    let sequences = write_sequences(teacher, config, &indices, on_sequence)?;
+    Dataset::new(sequences.into_iter().map(Example::new).collect())
 }
 
 #[cfg(test)]
@@ -328,6 +412,59 @@ mod tests {
     }
 
     #[test]
+    fn the_batch_size_does_not_change_the_sequences() {
+        let mut t = teacher();
+        let base = DataFreeConfig {
+            sequences: 7,
+            seq_len: 16,
+            batch: 1,
+            ..DataFreeConfig::new(3)
+        };
+        let plain = teacher_sequences(&mut t, &base, &mut |_, _| {}).unwrap();
+        // An end token some sequences produce early, so they leave their batch first.
+        let eos = plain.examples()[1].input_ids[9];
+        let with_eos = DataFreeConfig {
+            eos: Some(eos),
+            ..base.clone()
+        };
+        let one = teacher_sequences(&mut t, &with_eos, &mut |_, _| {}).unwrap();
+        assert!(
+            one.examples().iter().any(|e| e.input_ids.len() < 16),
+            "some sequence ends early"
+        );
+        for batch in [4, 16] {
+            let mut seen = Vec::new();
+            let batched = teacher_sequences(
+                &mut t,
+                &DataFreeConfig {
+                    batch,
+                    ..with_eos.clone()
+                },
+                &mut |i, ids| seen.push((i, ids.len())),
+            )
+            .unwrap();
+            assert_eq!(batched, one, "batch {batch}");
+            seen.sort_unstable();
+            let expected: Vec<(usize, usize)> = one
+                .examples()
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (i, e.input_ids.len()))
+                .collect();
+            assert_eq!(seen, expected, "every sequence reported once");
+            let no_eos = DataFreeConfig {
+                batch,
+                ..base.clone()
+            };
+            assert_eq!(
+                teacher_sequences(&mut t, &no_eos, &mut |_, _| {}).unwrap(),
+                plain
+            );
+        }
+        assert!(t.is_training(), "the teacher's mode is restored");
+    }
+
+    #[test]
     fn refused_settings_are_named() {
         let mut t = teacher();
         for (config, field) in [
@@ -351,6 +488,13 @@ mod tests {
                     ..DataFreeConfig::new(0)
                 },
                 "seq_len",
+            ),
+            (
+                DataFreeConfig {
+                    batch: 0,
+                    ..DataFreeConfig::new(0)
+                },
+                "batch",
             ),
             (
                 DataFreeConfig {
