@@ -103,6 +103,10 @@ pub struct QatArgs {
     /// Data-free: continuations taken greedily after the random start token (LLM-QAT: 3–5).
     #[arg(long, default_value_t = 4)]
     pub greedy_tokens: usize,
+    /// Data-free: sequences the model writes at once (one cached pass feeds each its next
+    /// token; the sequences do not depend on it beyond rounding).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub teacher_batch: usize,
     /// Context of the held-out evaluation (second half of each chunk scored).
     #[arg(long, default_value_t = 128)]
     pub ctx: usize,
@@ -207,6 +211,9 @@ fn check_args(args: &QatArgs) -> CliResult {
             "--seq-len {}: at least 4 tokens",
             args.seq_len
         )));
+    }
+    if args.teacher_batch == 0 {
+        return Err(CliError::Usage("--teacher-batch 0: at least one".into()));
     }
     if args.sequences == Some(0) {
         return Err(CliError::Usage("--sequences 0: at least one".into()));

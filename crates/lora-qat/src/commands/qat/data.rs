@@ -7,7 +7,7 @@ use std::path::Path;
 use lm::LlamaModel;
 use lora_qat::text::ModelText;
 use qat_train::data::Dataset;
-use qat_train::data_free::{teacher_sequence, DataFreeConfig};
+use qat_train::data_free::{teacher_sequences, DataFreeConfig};
 
 use super::{file_error, progress_bar, QatArgs, RunFiles};
 use crate::commands::train::read_dataset;
@@ -49,19 +49,16 @@ pub(super) fn teacher_dataset(
         return Ok(data);
     }
     let bar = progress_bar(config.sequences as u64, quiet, what)?;
-    let mut sequences = Vec::with_capacity(config.sequences);
-    for index in 0..config.sequences {
-        sequences.push(teacher_sequence(teacher, config, index)?);
-        bar.inc(1);
-    }
+    // The teacher writes `config.batch` sequences at once; the bar moves as each finishes.
+    let data = teacher_sequences(teacher, config, &mut |_, _| bar.inc(1))?;
     bar.finish_and_clear();
+    let sequences: Vec<Vec<u32>> = data
+        .examples()
+        .iter()
+        .map(|e| e.input_ids.clone())
+        .collect();
     save_sequences(path, &sequences)?;
-    Ok(Dataset::new(
-        sequences
-            .into_iter()
-            .map(qat_train::data::Example::new)
-            .collect(),
-    )?)
+    Ok(data)
 }
 
 /// The run's training data and held-out tokens (with the BOS the evaluation puts first).
@@ -83,6 +80,7 @@ pub(super) fn run_data(
         sequences,
         seq_len: args.seq_len,
         greedy_tokens: args.greedy_tokens,
+        batch: args.teacher_batch,
         seed,
         // Control tokens are no start of text; the model's end token closes a sequence.
         exclude_start: tc
