@@ -37,18 +37,6 @@ const AUTOCAST_LOSS_TOL: f32 = 2e-3;
 /// Relative Frobenius error of each adapter gradient against autocast's, and bf16 against f32.
 const AUTOCAST_GRAD_TOL: f32 = 1e-1;
 
-fn relative_error(ours: &ArrayD<f32>, reference: &ArrayD<f32>) -> f32 {
-    assert_eq!(ours.shape(), reference.shape());
-    let norm = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
-    let err = ours
-        .iter()
-        .zip(reference.iter())
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f32>()
-        .sqrt();
-    err / norm.max(f32::MIN_POSITIVE)
-}
-
 fn max_abs(a: impl IntoIterator<Item = f32>, b: impl IntoIterator<Item = f32>) -> f32 {
     a.into_iter()
         .zip(b)
@@ -139,7 +127,7 @@ fn bf16_logits_and_lora_gradients_match_pytorch_autocast() {
     let grads_vs_emulated = bf16_step
         .grads
         .iter()
-        .map(|(key, grad)| relative_error(grad, &reference[&format!("emulated_grad.{key}")]))
+        .map(|(key, grad)| common::relative(grad, &reference[&format!("emulated_grad.{key}")]))
         .fold(0.0, f32::max);
     eprintln!(
         "against the torch emulation of bf16 operands + f32 sums: max |logits| {logits_vs_emulated:.3e}, \
@@ -159,9 +147,9 @@ fn bf16_logits_and_lora_gradients_match_pytorch_autocast() {
     let (mut worst, mut worst_f32) = (0.0f32, 0.0f32);
     for ((key, grad), (_, grad_f32)) in bf16_step.grads.iter().zip(&f32_step.grads) {
         let expected = &reference[&format!("grad.{key}")];
-        let relative = relative_error(grad, expected);
+        let relative = common::relative(grad, expected);
         worst = worst.max(relative);
-        worst_f32 = worst_f32.max(relative_error(grad_f32, expected));
+        worst_f32 = worst_f32.max(common::relative(grad_f32, expected));
         assert!(
             relative <= AUTOCAST_GRAD_TOL,
             "{key}: relative error against autocast {relative}"
@@ -186,7 +174,7 @@ fn bf16_against_f32(mut model: LlamaModel, adapter: &str) -> (f32, f32) {
         .zip(&f32_step.grads)
         .map(|((k, a), (k2, b))| {
             assert_eq!(k, k2);
-            relative_error(a, b)
+            common::relative(a, b)
         })
         .fold(0.0, f32::max);
     assert!(loss <= AUTOCAST_LOSS_TOL, "loss moved by {loss}");
@@ -194,19 +182,7 @@ fn bf16_against_f32(mut model: LlamaModel, adapter: &str) -> (f32, f32) {
 }
 
 fn lora(r: usize) -> LoraConfig {
-    let mut config = LoraConfig::new(
-        r,
-        2.0 * r as f64,
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    );
+    let mut config = LoraConfig::new(r, 2.0 * r as f64, &common::PROJECTIONS);
     config.init_lora_weights = InitLoraWeights::Random;
     config
 }

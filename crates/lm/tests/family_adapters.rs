@@ -44,15 +44,7 @@ fn targets(family: &str) -> Vec<&'static str> {
     if family == "phi3" {
         vec!["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     } else {
-        vec![
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
+        common::PROJECTIONS.to_vec()
     }
 }
 

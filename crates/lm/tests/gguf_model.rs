@@ -479,15 +479,7 @@ fn quantized_base_of_every_type_computes_as_the_dequantized_one() {
     let tmp = temp_dir("quantized");
     let ids = Array2::from_shape_vec((1, 6), vec![3u32, 17, 5, 9, 22, 1]).unwrap();
     let labels = ids.mapv(i64::from);
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = common::PROJECTIONS;
     for (ty, tied) in quant_core::ggml::ALL_TYPES
         .into_iter()
         .flat_map(|ty| [(ty, false), (ty, true)])

@@ -4,6 +4,8 @@
 //! (the recomputation must draw the forward's masks, over several steps), padding masks,
 //! packed segments and extra hidden-state gradients.
 
+mod common;
+
 use lm::{LinearModule, LlamaConfig, LlamaModel};
 use lora_core::{GgmlBase, LoraConfig, Nf4Options, QatMode};
 use ndarray::{array, Array2};
@@ -11,15 +13,7 @@ use quant_core::config::{QatConfig, QuantizerKind};
 use quant_core::ggml::GgmlType;
 use quant_core::uniform::Granularity;
 
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use common::PROJECTIONS as TARGETS;
 
 /// A tiny GQA model whose widths divide into NF4 and ggml blocks (32, 64).
 fn tiny_model(tied: bool) -> LlamaModel {

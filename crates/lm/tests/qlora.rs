@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{data_dir, io_ids, max_abs_diff, read_f32s};
+use common::{data_dir, io_ids, max_abs_diff, read_f32s, relative};
 use std::path::PathBuf;
 
 use lm::{cross_entropy, LlamaConfig, LlamaModel, LmError};
@@ -84,14 +84,7 @@ fn qlora_matches_peft_on_the_bnb4_base() {
     for (key, grad) in &ours {
         let reference = &expected[key];
         assert_eq!(grad.shape(), reference.shape(), "{key}");
-        let norm = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
-        let err = grad
-            .iter()
-            .zip(reference.iter())
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
-        let relative = err / norm.max(f32::MIN_POSITIVE);
+        let relative = relative(grad, reference);
         worst = worst.max(relative);
         assert!(relative <= 1e-3, "{key}: relative error {relative}");
     }

@@ -169,19 +169,7 @@ fn ggml_q8_0_model_matches_its_dequantized_twin_with_lora_and_dora() {
     for (use_dora, name) in [(false, "lora"), (true, "dora")] {
         let mut ggml = ggml_model(&dir, GgmlType::Q8_0);
         let mut dense = dequantized_twin(&ggml, &dir);
-        let mut config = LoraConfig::new(
-            4,
-            8.0,
-            &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        );
+        let mut config = LoraConfig::new(4, 8.0, &common::PROJECTIONS);
         config.init_lora_weights = InitLoraWeights::Random;
         config.use_dora = use_dora;
         for model in [&mut ggml, &mut dense] {

@@ -8,6 +8,18 @@ use std::path::PathBuf;
 use ndarray::{Array2, Array3, ArrayD, IxDyn};
 use safetensors::SafeTensors;
 
+/// Every projection of a decoder layer (Llama's names): the `target_modules` of the tests that
+/// adapt them all.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// `tests/data/llama`: copies of the project's golden Llama checkpoints and adapters.
 pub fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llama")
