@@ -438,15 +438,7 @@ fn lora_step_overhead_against_the_frozen_base() {
     };
     let mut model = LlamaModel::random(config, 0).unwrap();
     let base_ms = time_steps(&mut model);
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = common::PROJECTIONS;
     model
         .inject_adapters(&LoraConfig::new(16, 32.0, &targets), "default", 0)
         .unwrap();

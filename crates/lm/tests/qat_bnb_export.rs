@@ -6,6 +6,8 @@
 //! saved for the same model (`tests/data/llama/base_bnb4`); adapters it cannot export so are
 //! refused by name.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -18,15 +20,6 @@ use quant_core::uniform::Granularity;
 use safetensors::SafeTensors;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/llama");
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lm-qat-bnb-{tag}-{}", std::process::id()));
@@ -51,7 +44,7 @@ fn nf4_bnb(double_quant: bool, granularity: Granularity) -> QatConfig {
 /// initial absmax (as training moves them), saved as a LoRA-QAT directory in `dir`.
 fn trained_adapter(qat: &QatConfig, mode: QatMode, dir: &Path) -> LlamaModel {
     let mut model = LlamaModel::from_pretrained(format!("{DATA}/base")).unwrap();
-    let mut lora = LoraConfig::new(4, 8.0, &TARGETS);
+    let mut lora = LoraConfig::new(4, 8.0, &common::PROJECTIONS);
     lora.init_lora_weights = InitLoraWeights::Random;
     model
         .inject_qat_adapters(&lora, qat, mode, "default", 11)

@@ -200,19 +200,7 @@ fn qlora_memory_is_at_most_0_6_bytes_per_base_parameter() {
     let mut model = LlamaModel::random(config, 5).unwrap();
     let quantized = model.quantize_linears_nf4(&Nf4Options::default()).unwrap();
     assert_eq!(quantized, 14);
-    let lora = LoraConfig::new(
-        8,
-        16.0,
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    );
+    let lora = LoraConfig::new(8, 16.0, &common::PROJECTIONS);
     model.inject_adapters(&lora, "default", 0).unwrap();
     let report = model.memory_report();
     let figure = report.qlora_bytes_per_parameter().unwrap();
