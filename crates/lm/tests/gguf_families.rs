@@ -571,11 +571,7 @@ fn exported_files_load_back_as_the_same_model() {
         let mut from_dir = lm::LlamaModel::from_pretrained(&base).unwrap();
         let a = from_gguf.logits(ids.view(), None).unwrap();
         let b = from_dir.logits(ids.view(), None).unwrap();
-        let err = a
-            .iter()
-            .zip(b.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let err = max_abs_diff(&a, &b);
         // Gemma's norms come back as (w + 1) − 1 in f32 (within 2^-23); the rest exactly.
         assert!(err <= 1e-5, "{family}: logits differ by {err}");
     }
@@ -616,11 +612,7 @@ fn yarn_files_load_back_as_the_same_model() {
         );
         let a = from_gguf.logits(ids.view(), None).unwrap();
         let b = from_dir.logits(ids.view(), None).unwrap();
-        let err = a
-            .iter()
-            .zip(b.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let err = max_abs_diff(&a, &b);
         assert!(err <= 1e-5, "{family}: logits differ by {err}");
     }
 }
