@@ -1,10 +1,11 @@
 //! Vectorised row kernels for softmax-like passes over long rows (the 49152-wide logits of
 //! SmolLM2's vocabulary): the row maximum with a finiteness check, and `e^(z − max)` written
-//! out and summed; and the SwiGLU gate (`silu(g)·u`) with its backward, one `σ` per element. The bodies are plain loops over 16 lanes that the compiler vectorises; with
-//! AVX-512F (detected at run time) the same bodies are compiled for 16-wide registers, else
-//! for the target's baseline (SSE2 on x86-64). Both paths compute every element with the same
-//! operations in the same order (no fused multiply-add), so written values are bit-identical;
-//! only the order of the sums' lanes differs.
+//! out and summed; and the SwiGLU gate (`silu(g)·u`) with its backward, one `σ` per element.
+//! The bodies are plain loops over 16 lanes that the compiler vectorises, compiled three
+//! times and chosen at run time: for AVX-512F (16-wide registers), for AVX2 (8-wide; the
+//! machines without AVX-512), and for the target's baseline (SSE2 on x86-64). Every path
+//! computes each element with the same operations in the same order (no fused multiply-add
+//! is enabled), so written values are bit-identical; only the order of the sums' lanes differs.
 
 /// Lanes per accumulator: one AVX-512 register of `f32`.
 const LANES: usize = 16;
@@ -17,6 +18,9 @@ const CHUNK: usize = 256;
 pub(crate) enum RowKernel {
     /// The target's baseline vector width.
     Portable,
+    /// 8-wide AVX2 registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// 16-wide AVX-512F registers.
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -29,15 +33,26 @@ impl RowKernel {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return RowKernel::Avx512;
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return RowKernel::Avx2;
+        }
         RowKernel::Portable
     }
 
     /// Every kernel this CPU runs (for tests).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Self> {
+        #[allow(unused_mut)] // only x86-64 has more than the portable kernel
         let mut kernels = vec![RowKernel::Portable];
-        if RowKernel::detect() != RowKernel::Portable {
-            kernels.push(RowKernel::detect());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                kernels.push(RowKernel::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(RowKernel::Avx512);
+            }
         }
         kernels
     }
@@ -46,7 +61,11 @@ impl RowKernel {
     pub(crate) fn max_finite(self, z: &[f32]) -> (f32, bool) {
         match self {
             RowKernel::Portable => max_finite_body(z),
-            // SAFETY: `detect` returned this kernel only after seeing AVX-512F on this CPU.
+            // SAFETY: `detect` (or `available`) returned this kernel only after seeing its
+            // feature (AVX2, AVX-512F) on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            RowKernel::Avx2 => unsafe { max_finite_avx2(z) },
+            // SAFETY: as in `max_finite`.
             #[cfg(target_arch = "x86_64")]
             RowKernel::Avx512 => unsafe { max_finite_avx512(z) },
         }
@@ -59,6 +78,9 @@ impl RowKernel {
             RowKernel::Portable => exp_sum_in_place_body(row, shift),
             // SAFETY: as in `max_finite`.
             #[cfg(target_arch = "x86_64")]
+            RowKernel::Avx2 => unsafe { exp_sum_in_place_avx2(row, shift) },
+            // SAFETY: as in `max_finite`.
+            #[cfg(target_arch = "x86_64")]
             RowKernel::Avx512 => unsafe { exp_sum_in_place_avx512(row, shift) },
         }
     }
@@ -67,6 +89,9 @@ impl RowKernel {
     pub(crate) fn silu_gate(self, g: &[f32], u: &[f32], out: &mut [f32]) {
         match self {
             RowKernel::Portable => silu_gate_body(g, u, out),
+            // SAFETY: as in `max_finite`.
+            #[cfg(target_arch = "x86_64")]
+            RowKernel::Avx2 => unsafe { silu_gate_avx2(g, u, out) },
             // SAFETY: as in `max_finite`.
             #[cfg(target_arch = "x86_64")]
             RowKernel::Avx512 => unsafe { silu_gate_avx512(g, u, out) },
@@ -86,6 +111,9 @@ impl RowKernel {
             RowKernel::Portable => silu_gate_backward_body(g, u, d, dg, du),
             // SAFETY: as in `max_finite`.
             #[cfg(target_arch = "x86_64")]
+            RowKernel::Avx2 => unsafe { silu_gate_backward_avx2(g, u, d, dg, du) },
+            // SAFETY: as in `max_finite`.
+            #[cfg(target_arch = "x86_64")]
             RowKernel::Avx512 => unsafe { silu_gate_backward_avx512(g, u, d, dg, du) },
         }
     }
@@ -98,6 +126,12 @@ unsafe fn silu_gate_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn silu_gate_avx2(g: &[f32], u: &[f32], out: &mut [f32]) {
+    silu_gate_body(g, u, out)
+}
+
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn silu_gate_backward_avx512(
     g: &[f32],
@@ -106,6 +140,12 @@ unsafe fn silu_gate_backward_avx512(
     dg: &mut [f32],
     du: &mut [f32],
 ) {
+    silu_gate_backward_body(g, u, d, dg, du)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn silu_gate_backward_avx2(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
     silu_gate_backward_body(g, u, d, dg, du)
 }
 
@@ -145,6 +185,12 @@ unsafe fn max_finite_avx512(z: &[f32]) -> (f32, bool) {
     max_finite_body(z)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_finite_avx2(z: &[f32]) -> (f32, bool) {
+    max_finite_body(z)
+}
+
 #[inline(always)]
 fn max_finite_body(z: &[f32]) -> (f32, bool) {
     let mut max = [f32::NEG_INFINITY; LANES];
@@ -176,6 +222,12 @@ fn max_finite_body(z: &[f32]) -> (f32, bool) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_sum_in_place_avx512(row: &mut [f32], shift: f32) -> f64 {
+    exp_sum_in_place_body(row, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_sum_in_place_avx2(row: &mut [f32], shift: f32) -> f64 {
     exp_sum_in_place_body(row, shift)
 }
 
