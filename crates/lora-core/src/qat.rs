@@ -527,10 +527,13 @@ impl LoraQatLinear {
                 )?;
                 let used = if self.fake_quant {
                     let mut w_q = old_weight.unwrap_or_default();
-                    self.grid
-                        .get_mut()
-                        .forward_dequantized_into(merged.view(), &mut w_q)?;
-                    self.scratch = Some(merged);
+                    // The quantizer keeps `merged` as its backward input (no copy) and hands
+                    // back its previous input buffer as the next scratch.
+                    self.scratch = Some(
+                        self.grid
+                            .get_mut()
+                            .forward_dequantized_owned(merged, &mut w_q)?,
+                    );
                     w_q
                 } else {
                     merged

@@ -87,6 +87,19 @@ pub trait DifferentiableQuantizer: QuantizerClone + Send + Sync + std::fmt::Debu
         Ok(())
     }
 
+    /// [`Self::forward_dequantized_into`] on an owned `w`, which the quantizer may keep as
+    /// the input its backward reads instead of copying it (one weight-sized copy less per
+    /// step); returns a buffer of `w`'s shape for the caller to reuse (the previous input, or
+    /// `w` itself when the quantizer keeps a copy). Same `ŵ` bit for bit. The default copies.
+    fn forward_dequantized_owned(
+        &mut self,
+        w: Array2<f32>,
+        out: &mut Array2<f32>,
+    ) -> Result<Array2<f32>> {
+        self.forward_dequantized_into(w.view(), out)?;
+        Ok(w)
+    }
+
     /// [`Self::backward`] in place: `grad` holds `∂L/∂ŵ` on entry and `∂L/∂w` on return
     /// (replaced by a fresh array if the quantizer cannot write it in place); returns
     /// `∂L/∂θ`. Same numbers bit for bit. The default calls `backward`.

@@ -65,6 +65,8 @@ use crate::quantizer::{DifferentiableQuantizer, InitMethod, QuantizerGrads, Quan
 use crate::rounding::{fake_quant_scalar, quantize_scalar, round_half_even};
 use crate::ste::{lsq_grad_scale, Ste};
 
+mod segment;
+
 /// Which values share one scale (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1073,53 +1075,75 @@ impl UniformQuantizer {
         codes: Option<&mut [u8]>,
         dequantized: &mut [f32],
     ) -> Result<()> {
-        let layout = self.checked_layout(w.dim())?;
+        self.checked_layout(w.dim())?;
         self.check_steps()?;
         // Reuse the previous forward's buffer: refilling warm pages costs a copy, a fresh
         // weight-sized allocation costs a page fault per 4 KiB on top.
         let reused = self.last_forward.take().map(|(buffer, _)| buffer);
         let data = row_major_into(w, reused.unwrap_or_default());
-        check_finite("uniform quantizer input", &data)?;
-        let cols = w.ncols();
+        self.quantize_kept(w.dim(), data, codes, dequantized)
+    }
+
+    /// [`Self::run_forward`] on `data`, the row-major input of shape `dim`, which is kept for
+    /// backward. The finiteness check rides along the quantization pass (one pass over the
+    /// weight instead of two); only when it finds a bad value is `data` searched for the first
+    /// one, for the error.
+    fn quantize_kept(
+        &mut self,
+        dim: (usize, usize),
+        data: Vec<f32>,
+        codes: Option<&mut [u8]>,
+        dequantized: &mut [f32],
+    ) -> Result<()> {
+        let layout = self.checked_layout(dim)?;
+        self.check_steps()?;
+        let cols = dim.1;
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (steps, zps) = (&self.steps, &self.zero_points);
+        let kernel = segment::Kernel::detect();
         let quantize_row =
-            |r: usize, code_row: Option<&mut [u8]>, deq_row: &mut [f32], row: &[f32]| {
+            |r: usize, code_row: Option<&mut [u8]>, deq_row: &mut [f32], row: &[f32]| -> bool {
                 let mut code_row = code_row;
+                let mut finite = true;
                 for (g, range) in layout.row_segments(r) {
                     let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
                     let deq = &mut deq_row[range.clone()];
                     match code_row.as_deref_mut() {
                         Some(code_row) => {
                             let codes = &mut code_row[range.clone()];
-                            for ((code, out), &x) in
-                                codes.iter_mut().zip(deq.iter_mut()).zip(&row[range])
+                            for ((code, out), &x) in codes
+                                .iter_mut()
+                                .zip(deq.iter_mut())
+                                .zip(&row[range.clone()])
                             {
                                 let (_, q) = grid.locate(x);
                                 *code = (q + grid.code_offset) as u8;
                                 *out = q * grid.step;
                             }
+                            finite &= segment::all_finite(&row[range]);
                         }
-                        None => {
-                            for (out, &x) in deq.iter_mut().zip(&row[range]) {
-                                *out = grid.locate(x).1 * grid.step;
-                            }
-                        }
+                        None => finite &= kernel.fake_quant(grid, &row[range], deq),
                     }
                 }
+                finite
             };
-        match codes {
+        let finite = match codes {
             Some(codes) => codes
                 .par_chunks_mut(cols)
                 .zip(dequantized.par_chunks_mut(cols))
                 .zip(data.par_chunks(cols))
                 .enumerate()
-                .for_each(|(r, ((c, d), x))| quantize_row(r, Some(c), d, x)),
+                .map(|(r, ((c, d), x))| quantize_row(r, Some(c), d, x))
+                .reduce(|| true, |a, b| a & b),
             None => dequantized
                 .par_chunks_mut(cols)
                 .zip(data.par_chunks(cols))
                 .enumerate()
-                .for_each(|(r, (d, x))| quantize_row(r, None, d, x)),
+                .map(|(r, (d, x))| quantize_row(r, None, d, x))
+                .reduce(|| true, |a, b| a & b),
+        };
+        if !finite {
+            check_finite("uniform quantizer input", &data)?;
         }
         self.last_forward = Some((data, self.steps.clone()));
         Ok(())
@@ -1134,11 +1158,11 @@ impl UniformQuantizer {
         grad_input: &mut [f32],
     ) -> Result<Vec<f32>> {
         let (data, steps) = self.backward_state(dim)?;
-        check_finite("uniform quantizer grad_output", grad)?;
         let layout = self.checked_layout(dim)?;
         let cols = dim.1;
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (zps, ste) = (&self.zero_points, self.ste);
+        let kernel = segment::Kernel::detect();
         let partials: Vec<Vec<(usize, f64)>> = grad_input
             .par_chunks_mut(cols)
             .zip(data.par_chunks(cols))
@@ -1151,11 +1175,16 @@ impl UniformQuantizer {
                         let grid = SegmentGrid::new(steps[g], zps[g], qmin, qmax);
                         let gin = &mut gin_row[range.clone()];
                         let (x, up) = (&row[range.clone()], &g_row[range]);
-                        (g, backward_segment(ste, grid, x, up, gin))
+                        (g, kernel.backward(ste, grid, x, up, gin))
                     })
                     .collect()
             })
             .collect();
+        // A partial is finite exactly when its gradients are: the check costs no pass of
+        // its own unless there is a bad value to find.
+        if partials.iter().flatten().any(|(_, p)| !p.is_finite()) {
+            check_finite("uniform quantizer grad_output", grad)?;
+        }
         Ok(self.step_grads(&layout, partials))
     }
 
@@ -1164,12 +1193,15 @@ impl UniformQuantizer {
     /// the incoming gradient (one group's width) is all the scratch it needs.
     fn run_backward_in_place(&self, grad: &mut [f32], dim: (usize, usize)) -> Result<Vec<f32>> {
         let (data, steps) = self.backward_state(dim)?;
-        check_finite("uniform quantizer grad_output", grad)?;
         let layout = self.checked_layout(dim)?;
         let cols = dim.1;
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (zps, ste) = (&self.zero_points, self.ste);
-        let partials: Vec<Vec<(usize, f64)>> = grad
+        let kernel = segment::Kernel::detect();
+        // Per segment: (group, step partial, the first non-finite gradient as (flat index,
+        // value), found in the segment's copy when the partial says there is one).
+        type Partial = (usize, f64, Option<(usize, f32)>);
+        let partials: Vec<Vec<Partial>> = grad
             .par_chunks_mut(cols)
             .zip(data.par_chunks(cols))
             .enumerate()
@@ -1181,13 +1213,32 @@ impl UniformQuantizer {
                         upstream.clear();
                         upstream.extend_from_slice(&g_row[range.clone()]);
                         let x = &row[range.clone()];
-                        (
-                            g,
-                            backward_segment(ste, grid, x, upstream, &mut g_row[range]),
-                        )
+                        let start = r * cols + range.start;
+                        let partial = kernel.backward(ste, grid, x, upstream, &mut g_row[range]);
+                        let bad = (!partial.is_finite())
+                            .then(|| upstream.iter().position(|v| !v.is_finite()))
+                            .flatten()
+                            .map(|i| (start + i, upstream[i]));
+                        (g, partial, bad)
                     })
                     .collect()
             })
+            .collect();
+        if let Some((index, value)) = partials
+            .iter()
+            .flatten()
+            .filter_map(|p| p.2)
+            .min_by_key(|b| b.0)
+        {
+            return Err(QuantError::NonFinite {
+                context: "uniform quantizer grad_output".to_string(),
+                index,
+                value,
+            });
+        }
+        let partials = partials
+            .into_iter()
+            .map(|row| row.into_iter().map(|(g, p, _)| (g, p)).collect())
             .collect();
         Ok(self.step_grads(&layout, partials))
     }
@@ -1306,6 +1357,36 @@ impl DifferentiableQuantizer for UniformQuantizer {
         self.run_forward(w, None, out)
     }
 
+    fn forward_dequantized_owned(
+        &mut self,
+        w: Array2<f32>,
+        out: &mut Array2<f32>,
+    ) -> Result<Array2<f32>> {
+        if !w.is_standard_layout() {
+            self.forward_dequantized_into(w.view(), out)?;
+            return Ok(w);
+        }
+        let dim = w.dim();
+        self.checked_layout(dim)?;
+        if out.dim() != dim || !out.is_standard_layout() {
+            *out = Array2::zeros(dim);
+        }
+        let out = out
+            .as_slice_mut()
+            .ok_or_else(|| QuantError::shape("uniform quantizer output", "row-major", "strided"))?;
+        // `w` itself becomes the kept input; the previous one goes back to the caller.
+        let previous = self.last_forward.take().map(|(buffer, _)| buffer);
+        // A standard-layout array is contiguous from its first element, at `offset`.
+        let (mut data, offset) = w.into_raw_vec_and_offset();
+        data.drain(..offset.unwrap_or(0));
+        data.truncate(dim.0 * dim.1);
+        self.quantize_kept(dim, data, None, out)?;
+        Ok(match previous {
+            Some(buffer) if buffer.len() == dim.0 * dim.1 => shaped(dim.0, dim.1, buffer)?,
+            _ => Array2::zeros(dim),
+        })
+    }
+
     fn backward(&mut self, grad_output: ArrayView2<'_, f32>) -> Result<QuantizerGrads> {
         let (rows, cols) = grad_output.dim();
         let mut grad_input = vec![0.0f32; rows * cols];
@@ -1378,8 +1459,10 @@ impl SegmentGrid {
 
 /// Writes `∂L/∂x` of one group into `grad_input` and returns the group's unscaled step
 /// gradient `Σ g·∂v̂/∂s` (LSQ's derivative, in step units). One monomorphic, branch-free loop
-/// per estimator; the sum runs in eight `f64` lanes so that it vectorizes.
-fn backward_segment(
+/// per estimator; the sum runs in eight `f64` lanes so that it vectorizes. Runs through
+/// [`segment::Kernel::backward`], which compiles it for the CPU's vector width.
+#[inline(always)]
+fn backward_segment_body(
     ste: Ste,
     grid: SegmentGrid,
     x: &[f32],
@@ -1521,9 +1604,63 @@ mod tests {
                         bits_of(&strided.as_standard_layout().into_owned()),
                         bits_of(&want.input)
                     );
+                    // The owned forward keeps `w` itself (no copy) and gives the same bits,
+                    // then the same backward.
+                    let mut c = a.clone();
+                    let mut out = Array2::zeros((1, 1));
+                    let spare = c.forward_dequantized_owned(w.clone(), &mut out).unwrap();
+                    assert_eq!(spare.dim(), w.dim());
+                    assert_eq!(
+                        bits_of(&out),
+                        bits_of(&a.forward(w.view()).unwrap().dequantized)
+                    );
+                    let mut in_place = g.clone();
+                    assert_eq!(c.backward_in_place(&mut in_place).unwrap(), want.params);
+                    assert_eq!(bits_of(&in_place), bits_of(&want.input));
                 }
             }
         }
+    }
+
+    /// The finiteness checks ride along the quantization passes; they still name the first
+    /// bad element of the input or of the gradient, in every path.
+    #[test]
+    fn non_finite_inputs_and_gradients_name_the_first_bad_index() {
+        let (rows, cols) = (6, 40);
+        let w = Array2::from_shape_fn((rows, cols), |(i, j)| ((i * cols + j) as f32).sin());
+        let mut q = UniformQuantizer::new(3, true, Granularity::PerChannel, Ste::Lsq).unwrap();
+        q.init_from_weights(w.view(), InitMethod::Absmax).unwrap();
+        let first_bad = |e: QuantError| match e {
+            QuantError::NonFinite { index, .. } => index,
+            other => panic!("unexpected {other}"),
+        };
+        let mut bad_w = w.clone();
+        bad_w[[4, 3]] = f32::INFINITY;
+        bad_w[[2, 7]] = f32::NAN;
+        let mut out = Array2::zeros((1, 1));
+        let e = q
+            .forward_dequantized_into(bad_w.view(), &mut out)
+            .unwrap_err();
+        assert_eq!(first_bad(e), 2 * cols + 7);
+        let e = q
+            .clone()
+            .forward_dequantized_owned(bad_w.clone(), &mut out)
+            .unwrap_err();
+        assert_eq!(first_bad(e), 2 * cols + 7);
+        assert_eq!(
+            first_bad(q.forward(bad_w.view()).unwrap_err()),
+            2 * cols + 7
+        );
+        q.forward(w.view()).unwrap();
+        let mut g = Array2::<f32>::ones((rows, cols));
+        g[[5, 0]] = f32::NEG_INFINITY;
+        g[[1, 39]] = f32::NAN;
+        assert_eq!(first_bad(q.backward(g.view()).unwrap_err()), 39 + cols);
+        let mut in_place = g.clone();
+        assert_eq!(
+            first_bad(q.backward_in_place(&mut in_place).unwrap_err()),
+            39 + cols
+        );
     }
 
     /// The branch-free kernels agree bit for bit with the scalar definitions
@@ -1560,7 +1697,7 @@ mod tests {
                         }
                         for ste in stes {
                             let mut gin = vec![0.0f32; values.len()];
-                            let sum = backward_segment(ste, seg, &values, &grads, &mut gin);
+                            let sum = backward_segment_body(ste, seg, &values, &grads, &mut gin);
                             let mut want_sum = 0.0f64;
                             for (i, &x) in values.iter().enumerate() {
                                 let u = x / s;
