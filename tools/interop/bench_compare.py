@@ -7,9 +7,12 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
   over bnb NF4 (blocksize 64, double quant), LoRA-QAT 3-bit LSQ per-channel on W + s·B·A;
 * GEMM 512×2048×2048 in f32 and bf16 (`lora-qat bench gemm`);
 * training on the SmolLM2-135M shape (LoRA r=8 on 7 projections, batch 4×128): PyTorch+PEFT
-  f32 eager, bf16 autocast, bnb NF4 QLoRA (forward + loss + backward + AdamW step) against
-  `lora-qat bench train` (forward + loss + backward; its AdamW step over the adapters is
-  small), and `lora-qat bench train --compute-dtype bf16` against the bf16 autocast row;
+  f32 eager, bf16 autocast, bnb NF4 QLoRA against `lora-qat bench train` (both sides:
+  forward + loss + backward + AdamW step), and `lora-qat bench train --compute-dtype bf16`
+  against the bf16 autocast row;
+* training on the bench model (row group `model`: `lora-qat bench train`'s default shape,
+  width 512, 8 layers, 8 heads, MLP 1408, vocab 4096, LoRA r=16 on 7 projections, batch
+  4×256) against PyTorch+PEFT f32 eager on the same Llama;
 * gradient checkpointing (row group `ckpt`; `python bench_compare.py ckpt` runs only it):
   LoRA r=8 on the SmolLM2-135M shape at batch 1 × seq 2048, with and without it — tokens/s
   and peak resident memory of ours (`bench train --gradient-checkpointing`) against
@@ -20,7 +23,7 @@ same shapes, in one run, on 2 threads. Prints one JSON row per line:
 BENCH_ROWS (comma-separated, default all) picks groups of rows so one change can be re-measured
 without the whole run: layer, gemm, train (f32 vs PEFT f32 and bf16 autocast), bf16 (ours
 --compute-dtype bf16 vs PEFT bf16 autocast), qlora (ours vs
-bnb), gguf (ours over the GGUF Q4_1 blocks of LORA_QAT_REAL_MODEL_GGUF, when set, against PEFT
+bnb), model (the bench model, f32), gguf (ours over the GGUF Q4_1 blocks of LORA_QAT_REAL_MODEL_GGUF, when set, against PEFT
 f32 on the SmolLM2 shape), ckpt (gradient checkpointing). Every row of ours also reports the CPU
 time per step in its note when the binary prints it (a shared machine inflates wall time, not
 CPU time).
@@ -43,10 +46,15 @@ from common import BIN, log, ours, ours_help
 torch.set_num_threads(2)
 RUNS = int(os.environ.get("BENCH_RUNS", "10"))
 TRAIN_RUNS = int(os.environ.get("BENCH_TRAIN_RUNS", "3"))
-ROWS = set(os.environ.get("BENCH_ROWS", "layer,gemm,train,bf16,qlora,gguf,ckpt").split(","))
+ROWS = set(os.environ.get("BENCH_ROWS", "layer,gemm,train,bf16,qlora,model,gguf,ckpt").split(","))
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+# `lora-qat bench train` with no size options (its `rms_norm_eps`, `rope_theta` and untied head
+# are `lm::LlamaConfig::new`'s defaults), trained at batch 4 × 256 with LoRA r=16, alpha 32.
+BENCH_MODEL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+                   rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
 
 
 def median_ms(fn, runs):
@@ -127,12 +135,12 @@ def ours_gemm():
     return rows.get("f32_x_b"), max(bf16) if bf16 else None
 
 
-def torch_train(mode):
-    """tokens/s of PyTorch+PEFT on the SmolLM2-135M shape; mode f32 | bf16 | qlora."""
+def torch_train(mode, shape=SMOLLM2, batch=4, seq=128, rank=8):
+    """tokens/s of PyTorch+PEFT on the SmolLM2-135M shape (or `shape`); mode f32 | bf16 | qlora."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SMOLLM2)
+    config = LlamaConfig(**shape)
     torch.manual_seed(0)
     if mode == "qlora":  # bnb quantizes while loading: the real model, or a saved random one
         path = Path(os.environ.get("LORA_QAT_REAL_MODEL_HF", "-"))
@@ -146,10 +154,10 @@ def torch_train(mode):
     else:
         model = LlamaForCausalLM(config)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, config.vocab_size, (4, 128))
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
 
     def step():
         opt.zero_grad()
@@ -158,7 +166,7 @@ def torch_train(mode):
         loss.backward()
         opt.step()
 
-    return 4 * 128 / (median_ms(step, TRAIN_RUNS) / 1e3)
+    return batch * seq / (median_ms(step, TRAIN_RUNS) / 1e3)
 
 
 CKPT_RUNS = int(os.environ.get("BENCH_CKPT_RUNS", "2"))
@@ -308,6 +316,13 @@ if __name__ == "__main__":
         ours_q, cpu = ours_train(qlora=True)
         emit("train SmolLM2-135M shape: ours QLoRA vs bnb QLoRA", ours_q, bnb_tps,
              "tokens/s", (note or "NF4 blocksize 64 + double quant") + kv_note + cpu_note(cpu))
+    if "model" in ROWS:
+        theirs = torch_train("f32", shape=BENCH_MODEL, batch=4, seq=256, rank=16)
+        record = ours_json("bench", "train", "--json", "--runs", TRAIN_RUNS)[0]
+        emit("train bench model (bench train defaults): ours f32 vs PEFT f32 eager",
+             record["tokens_per_s"], theirs, "tokens/s",
+             "width 512, 8 layers, vocab 4096, LoRA r=16 x7, batch 4x256"
+             + cpu_note(record.get("cpu_ms_per_step")))
     gguf = os.environ.get("LORA_QAT_REAL_MODEL_GGUF")
     if "gguf" in ROWS and gguf and Path(gguf).is_file():
         ours_g, cpu = ours_train(qlora=False, gguf=gguf)

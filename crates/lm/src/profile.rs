@@ -50,11 +50,14 @@ pub enum Op {
     HeadBackward,
     /// Softmax cross-entropy over the vocabulary and its gradient.
     Loss,
+    /// The optimizer's update of the trainable tensors (opened by the caller that steps it,
+    /// e.g. `lora-qat bench train`).
+    Optimizer,
 }
 
 impl Op {
     /// Every kind, in the order of a step.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::Embedding,
         Op::ProjectionForward,
         Op::AttentionForward,
@@ -66,6 +69,7 @@ impl Op {
         Op::HeadBackward,
         Op::ProjectionBackward,
         Op::AttentionBackward,
+        Op::Optimizer,
     ];
 
     /// A short label for tables.
@@ -82,6 +86,7 @@ impl Op {
             Op::HeadForward => "final norm + LM head fwd",
             Op::HeadBackward => "LM head + final norm bwd",
             Op::Loss => "softmax cross-entropy",
+            Op::Optimizer => "optimizer step (AdamW)",
         }
     }
 

@@ -1,4 +1,5 @@
-//! `lora-qat bench train`: forward + backward training throughput of LoRA on a random Llama,
+//! `lora-qat bench train`: training throughput of LoRA (forward, loss, backward and the AdamW
+//! step, as PyTorch's `opt.step()` in `tools/interop/bench_compare.py`) on a random Llama,
 //! or (`--model FILE.gguf`) on a llama.cpp model over its quantized blocks (`--dequantize-base`:
 //! over its weights decoded to f32), with the resident memory.
 
@@ -8,6 +9,8 @@ use clap::Args;
 use lm::{LlamaConfig, LlamaModel};
 use lora_core::LoraConfig;
 use ndarray::Array2;
+use qat_train::optim::{AdamW, AdamWConfig, Optimizer, ParamGroups};
+use qat_train::trainer::TrainableParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -210,10 +213,15 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let ids = Array2::from_shape_simple_fn((s.batch, s.seq), || rng.random_range(0..vocab as u32));
     let labels = ids.mapv(i64::from);
+    // The optimizer PyTorch's side runs (lr 1e-4, no weight decay), so a step is the same work.
+    let mut optimizer = AdamW::new(AdamWConfig::default(), ParamGroups::single(1e-4, 0.0)?)?;
     let mut step = || -> CliResult<f64> {
         let start = Instant::now();
         model.zero_grad();
         model.loss_and_backward(ids.view(), labels.view(), None)?;
+        let timer = lm::profile::scope(lm::profile::Op::Optimizer);
+        optimizer.step(&mut TrainableParams(&mut model), 1.0)?;
+        drop(timer);
         Ok(start.elapsed().as_secs_f64() * 1e3)
     };
     step()?;
@@ -314,7 +322,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
             let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
             println!(
                 "({}: {} {} layers, width {}; batch {} × seq {}; LoRA r={} on every \
-                 projection{}{}; forward + loss + backward, median step)",
+                 projection{}{}; forward + loss + backward + AdamW step, median step)",
                 path.display(),
                 c.family(),
                 c.num_hidden_layers,
@@ -346,7 +354,7 @@ pub fn run(args: &BenchTrainArgs) -> CliResult {
         println!(
             "(random Llama: width {}, {} layers, {} heads ({} key/value), MLP {}, vocab {}; \
              batch {} × seq {}; LoRA r={} on q/k/v/o/gate/up/down{}{}{}; forward + loss + \
-             backward, median step)",
+             backward + AdamW step, median step)",
             s.hidden,
             s.layers,
             s.heads,
