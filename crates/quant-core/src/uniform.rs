@@ -1,3 +1,7 @@
+//! Long because it holds one grid's whole story — the grid, its initialisation (with the
+//! MSE clip search), the stored form and the learned-step quantizer, and their unit tests;
+//! the per-group training loops live in `uniform/segment.rs`.
+//!
 //! Uniform integer grids: symmetric and zero-point quantization of 2-D tensors at tensor,
 //! channel, token or block granularity, their initialisation (absmax and an MSE-optimal clip
 //! search), the stored form [`UniformQuantized`], and the learned-step differentiable
@@ -1075,29 +1079,27 @@ impl UniformQuantizer {
         codes: Option<&mut [u8]>,
         dequantized: &mut [f32],
     ) -> Result<()> {
-        self.checked_layout(w.dim())?;
+        let layout = self.checked_layout(w.dim())?;
         self.check_steps()?;
         // Reuse the previous forward's buffer: refilling warm pages costs a copy, a fresh
         // weight-sized allocation costs a page fault per 4 KiB on top.
         let reused = self.last_forward.take().map(|(buffer, _)| buffer);
         let data = row_major_into(w, reused.unwrap_or_default());
-        self.quantize_kept(w.dim(), data, codes, dequantized)
+        self.quantize_kept(layout, data, codes, dequantized)
     }
 
-    /// [`Self::run_forward`] on `data`, the row-major input of shape `dim`, which is kept for
-    /// backward. The finiteness check rides along the quantization pass (one pass over the
-    /// weight instead of two); only when it finds a bad value is `data` searched for the first
-    /// one, for the error.
+    /// [`Self::run_forward`] on `data`, the row-major input of `layout`'s shape (checked, with
+    /// the steps, by the caller), which is kept for backward. The finiteness check rides
+    /// along the quantization pass (one pass over the weight instead of two); only when it
+    /// finds a bad value is `data` searched for the first one, for the error.
     fn quantize_kept(
         &mut self,
-        dim: (usize, usize),
+        layout: GroupLayout,
         data: Vec<f32>,
         codes: Option<&mut [u8]>,
         dequantized: &mut [f32],
     ) -> Result<()> {
-        let layout = self.checked_layout(dim)?;
-        self.check_steps()?;
-        let cols = dim.1;
+        let cols = layout.shape().1;
         let (qmin, qmax) = (self.grid.qmin(), self.grid.qmax());
         let (steps, zps) = (&self.steps, &self.zero_points);
         let kernel = segment::Kernel::detect();
@@ -1367,7 +1369,8 @@ impl DifferentiableQuantizer for UniformQuantizer {
             return Ok(w);
         }
         let dim = w.dim();
-        self.checked_layout(dim)?;
+        let layout = self.checked_layout(dim)?;
+        self.check_steps()?;
         if out.dim() != dim || !out.is_standard_layout() {
             *out = Array2::zeros(dim);
         }
@@ -1380,7 +1383,7 @@ impl DifferentiableQuantizer for UniformQuantizer {
         let (mut data, offset) = w.into_raw_vec_and_offset();
         data.drain(..offset.unwrap_or(0));
         data.truncate(dim.0 * dim.1);
-        self.quantize_kept(dim, data, None, out)?;
+        self.quantize_kept(layout, data, None, out)?;
         Ok(match previous {
             Some(buffer) if buffer.len() == dim.0 * dim.1 => shaped(dim.0, dim.1, buffer)?,
             _ => Array2::zeros(dim),
